@@ -1,0 +1,316 @@
+//! The `.tcc` artifact format: one file, memory-mapped at load.
+//!
+//! ```text
+//! 0   magic        8 bytes  "TCC\0ART\x01"
+//! 8   version      u32 LE   FORMAT_VERSION
+//! 12  flags        u32 LE   0
+//! 16  checksum     u64 LE   xxh3-64 of every byte from offset 24 to the end
+//! 24  header_len   u64 LE
+//! 32  header       JSON: the plan, the section table, the build report
+//! ..  sections     each at a 64-byte aligned offset: "weights" (a safetensors blob, its
+//!                  tensors at 8-byte aligned offsets), "tokenizer" (tokenizer.json bytes)
+//! ```
+//!
+//! The version is checked before the checksum, so a file from a newer tcc says so. The checksum
+//! covers everything after itself, so any flipped byte or truncation is caught before the plan
+//! or a weight is read; section bounds and the plan are then validated as untrusted data.
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::tensor::{Bytes, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+pub const MAGIC: &[u8; 8] = b"TCC\0ART\x01";
+/// Bumped whenever the layout or the plan's meaning changes.
+pub const FORMAT_VERSION: u32 = 1;
+const FIXED: usize = 32;
+const ALIGN: usize = 64;
+
+/// Where a section lies in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Section {
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// The JSON header.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Header {
+    /// The tcc version that wrote the file.
+    pub producer: String,
+    pub plan: Plan,
+    pub sections: BTreeMap<String, Section>,
+    /// The build report (passes, statistics), free-form JSON for `tcc inspect`.
+    #[serde(default)]
+    pub report: serde_json::Value,
+}
+
+/// What the compiler hands to [`write`].
+pub struct ArtifactContents<'a> {
+    pub plan: &'a Plan,
+    pub weights: &'a [(String, Tensor)],
+    pub tokenizer: Option<&'a [u8]>,
+    pub report: serde_json::Value,
+}
+
+fn pad_to(v: &mut Vec<u8>, align: usize, fill: u8) {
+    while v.len() % align != 0 {
+        v.push(fill);
+    }
+}
+
+/// Serializes tensors in safetensors layout, sorted by alignment so every tensor starts at an
+/// offset that is a multiple of its element size.
+fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<Vec<u8>> {
+    let mut order: Vec<&(String, Tensor)> = weights.iter().collect();
+    order.sort_by(|a, b| b.1.dtype().size().cmp(&a.1.dtype().size()).then(a.0.cmp(&b.0)));
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    let mut datas = Vec::with_capacity(order.len());
+    for (name, t) in order {
+        let bytes = t.to_le_bytes();
+        let dtype = match t.dtype() {
+            DType::F32 => "F32",
+            DType::I64 => "I64",
+            DType::I32 => "I32",
+            DType::I8 => "I8",
+            DType::U8 => "U8",
+            DType::Bool => "BOOL",
+        };
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": t.shape(), "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+        datas.push(bytes);
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::Artifact(e.to_string()))?;
+    // Pad the header so that the data starts 8-byte aligned (as safetensors does).
+    while (8 + h.len()) % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + offset);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    for d in datas {
+        out.extend_from_slice(&d);
+    }
+    Ok(out)
+}
+
+/// Writes an artifact to `path` (through a temporary file renamed into place).
+pub fn write(path: &Path, contents: &ArtifactContents) -> Result<u64> {
+    let weights = safetensors_blob(contents.weights)?;
+    let mut sections: Vec<(&str, &[u8])> = vec![("weights", &weights)];
+    if let Some(t) = contents.tokenizer {
+        sections.push(("tokenizer", t));
+    }
+    // The header's length depends on the section offsets, which depend on the header's length:
+    // reserve room generously, then lay out.
+    let mut header = Header {
+        producer: format!("tcc {}", env!("CARGO_PKG_VERSION")),
+        plan: contents.plan.clone(),
+        sections: BTreeMap::new(),
+        report: contents.report.clone(),
+    };
+    let mut header_len = serde_json::to_vec(&header).map_err(|e| Error::Artifact(e.to_string()))?.len() + 256;
+    let bytes = loop {
+        let mut offset = (FIXED + header_len).div_ceil(ALIGN) * ALIGN;
+        header.sections.clear();
+        for (name, data) in &sections {
+            header.sections.insert(name.to_string(), Section { offset: offset as u64, len: data.len() as u64 });
+            offset = (offset + data.len()).div_ceil(ALIGN) * ALIGN;
+        }
+        let h = serde_json::to_vec(&header).map_err(|e| Error::Artifact(e.to_string()))?;
+        if h.len() > header_len {
+            header_len = h.len() + 256;
+            continue;
+        }
+        let mut out = Vec::with_capacity(offset);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&(header_len as u64).to_le_bytes());
+        out.extend_from_slice(&h);
+        out.resize(FIXED + header_len, b' ');
+        for (name, data) in &sections {
+            pad_to(&mut out, ALIGN, 0);
+            debug_assert_eq!(out.len() as u64, header.sections[*name].offset);
+            out.extend_from_slice(data);
+        }
+        break out;
+    };
+    let mut bytes = bytes;
+    let sum = xxhash_rust::xxh3::xxh3_64(&bytes[24..]);
+    bytes[16..24].copy_from_slice(&sum.to_le_bytes());
+    let tmp = path.with_extension("tcc.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(bytes.len() as u64)
+}
+
+/// A loaded, verified artifact: its header, weights (borrowed from the mapping) and sections.
+pub struct Artifact {
+    pub header: Header,
+    pub weights: HashMap<String, Tensor>,
+    pub tokenizer: Option<Vec<u8>>,
+    /// File size in bytes.
+    pub size: u64,
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Maps and verifies an artifact file.
+pub fn load(path: &Path) -> Result<Artifact> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the mapping is read-only and private to this process. If another process
+    // truncates or rewrites the file while it is mapped, reads may fault or see new bytes;
+    // like every memory-mapped model loader, tcc documents that artifacts must not be modified
+    // while loaded. All bytes are verified (checksum, bounds) before use.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let map: Arc<memmap2::Mmap> = Arc::new(map);
+    from_bytes(map.clone() as Bytes)
+}
+
+/// Verifies and parses artifact bytes.
+pub fn from_bytes(bytes: Bytes) -> Result<Artifact> {
+    let b: &[u8] = (*bytes).as_ref();
+    let bad = |m: String| Error::Artifact(m);
+    if b.len() < FIXED || &b[..8] != MAGIC {
+        return Err(bad("not a tcc artifact (bad magic number)".into()));
+    }
+    let version = u32_at(b, 8);
+    if version != FORMAT_VERSION {
+        return Err(bad(format!(
+            "format version {version}, this tcc reads version {FORMAT_VERSION}{}",
+            if version > FORMAT_VERSION { ": rebuild it or upgrade tcc" } else { ": rebuild it" }
+        )));
+    }
+    let flags = u32_at(b, 12);
+    if flags != 0 {
+        return Err(bad(format!("unknown flags {flags:#x}: written by a newer tcc?")));
+    }
+    let want = u64_at(b, 16);
+    let got = xxhash_rust::xxh3::xxh3_64(&b[24..]);
+    if want != got {
+        return Err(bad(format!("checksum mismatch (file is corrupt or truncated: stored {want:016x}, computed {got:016x})")));
+    }
+    let hlen = u64_at(b, 24);
+    let hend = (FIXED as u64).checked_add(hlen).filter(|&e| e <= b.len() as u64).ok_or_else(|| bad("header runs past the end".into()))?;
+    let header: Header = serde_json::from_slice(trim_end(&b[FIXED..hend as usize])).map_err(|e| bad(format!("header: {e}")))?;
+    let section = |name: &str| -> Result<Option<(usize, usize)>> {
+        let Some(s) = header.sections.get(name) else { return Ok(None) };
+        let end = s.offset.checked_add(s.len).filter(|&e| e <= b.len() as u64 && s.offset >= hend);
+        match end {
+            Some(e) => Ok(Some((s.offset as usize, e as usize))),
+            None => Err(bad(format!("section `{name}` lies outside the file"))),
+        }
+    };
+    let (ws, we) = section("weights")?.ok_or_else(|| bad("no weights section".into()))?;
+    let weights = read_safetensors(&bytes, ws, we)?;
+    let tokenizer = section("tokenizer")?.map(|(s, e)| b[s..e].to_vec());
+    Ok(Artifact { header, weights, tokenizer, size: b.len() as u64 })
+}
+
+fn trim_end(b: &[u8]) -> &[u8] {
+    let mut e = b.len();
+    while e > 0 && b[e - 1] == b' ' {
+        e -= 1;
+    }
+    &b[..e]
+}
+
+/// Reads the safetensors blob at `start..end` of `bytes` without copying aligned tensors.
+fn read_safetensors(bytes: &Bytes, start: usize, end: usize) -> Result<HashMap<String, Tensor>> {
+    let b: &[u8] = (**bytes).as_ref();
+    let st = safetensors::SafeTensors::deserialize(&b[start..end]).map_err(|e| Error::Artifact(format!("weights: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let dtype = DType::from_safetensors(view.dtype())
+            .ok_or_else(|| Error::Artifact(format!("weight `{name}` has unsupported dtype {:?}", view.dtype())))?;
+        let data = view.data();
+        let offset = data.as_ptr() as usize - b.as_ptr() as usize;
+        let t = Tensor::from_shared_bytes(dtype, view.shape().to_vec(), bytes.clone(), offset, data.len())
+            .map_err(|e| Error::Artifact(format!("weight `{name}`: {e}")))?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dim::Dim;
+    use crate::op::{Binary, BinaryKind};
+    use crate::plan::{Constant, Input, Output, Step};
+
+    fn tiny() -> (Plan, Vec<(String, Tensor)>) {
+        let plan = Plan {
+            inputs: vec![Input { name: "x".into(), dtype: DType::F32, shape: vec![Dim::sym("n")], slot: 0 }],
+            outputs: vec![Output { name: "y".into(), slot: 2, dtype: DType::F32, shape: vec![Dim::sym("n")] }],
+            constants: vec![Constant { slot: 1, weight: "b".into() }],
+            steps: vec![Step { op: Binary::new(BinaryKind::Add).into(), inputs: vec![Some(0), Some(1)], outputs: vec![2], name: "add".into() }],
+            slots: 3,
+        };
+        (plan, vec![("b".into(), Tensor::new(vec![1], vec![1.5f32]).unwrap())])
+    }
+
+    fn write_tiny(dir: &Path) -> std::path::PathBuf {
+        let (plan, weights) = tiny();
+        let path = dir.join("t.tcc");
+        write(&path, &ArtifactContents { plan: &plan, weights: &weights, tokenizer: Some(b"{}"), report: serde_json::json!({}) }).unwrap();
+        path
+    }
+
+    fn tmpdir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("tcc-artifact-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = tmpdir("rt");
+        let a = load(&write_tiny(&d)).unwrap();
+        assert_eq!(a.header.plan, tiny().0);
+        assert_eq!(a.weights["b"].as_slice::<f32>().unwrap(), &[1.5]);
+        assert_eq!(a.tokenizer.as_deref(), Some(&b"{}"[..]));
+    }
+
+    #[test]
+    fn every_flipped_byte_and_truncation_is_caught() {
+        let d = tmpdir("flip");
+        let good = std::fs::read(write_tiny(&d)).unwrap();
+        for i in 0..good.len() {
+            let mut b = good.clone();
+            b[i] ^= 0x20;
+            assert!(from_bytes(Arc::new(b)).is_err(), "flipped byte {i} went unnoticed");
+        }
+        for n in [0, 7, 31, good.len() / 2, good.len() - 1] {
+            assert!(from_bytes(Arc::new(good[..n].to_vec())).is_err(), "truncation to {n}");
+        }
+    }
+
+    #[test]
+    fn a_future_version_says_so() {
+        let d = tmpdir("ver");
+        let mut b = std::fs::read(write_tiny(&d)).unwrap();
+        b[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        let e = from_bytes(Arc::new(b)).err().unwrap().to_string();
+        assert!(e.contains("upgrade tcc"), "{e}");
+    }
+}

@@ -1,0 +1,30 @@
+//! tcc-runtime: loads a compiled `.tcc` artifact and runs it.
+//!
+//! This crate owns everything a deployed model needs and nothing else: tensors, the op
+//! vocabulary with its reference semantics ([`op`]), the artifact format ([`artifact`]), the
+//! execution plan and its executor ([`Model`]), and tensor file I/O ([`io`]).
+//!
+//! Architecture invariants:
+//! - depends on no other tcc crate, and never on egg or the ONNX parser;
+//! - never panics on a loaded artifact or on user inputs: every problem is an [`Error`].
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("tcc stores tensors little-endian and reads them in place: big-endian targets are not supported");
+
+pub mod artifact;
+pub mod cpu;
+pub mod dim;
+pub mod dtype;
+pub mod error;
+pub mod io;
+mod model;
+pub mod op;
+pub mod plan;
+pub mod tensor;
+
+pub use dim::Dim;
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use model::Model;
+pub use op::{EvalContext, Fact, Op, OpDef, SymTensor};
+pub use tensor::{Bytes, Element, Tensor};

@@ -1,0 +1,149 @@
+//! The execution plan: what the compiler lowers a graph to and the runtime executes.
+//!
+//! A plan is a list of steps in execution order over numbered value slots. Slots are filled by
+//! the model's inputs, by constants (weights in the artifact) and by step outputs; each slot is
+//! written exactly once, before it is read. [`Plan::validate`] checks all of this, and runs
+//! symbolic type inference over the steps, so that a loaded plan cannot index outside its
+//! slots or feed an op inputs of the wrong type.
+
+use crate::dim::Dim;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::op::{Fact, Op};
+use crate::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// A slot number.
+pub type Slot = u32;
+
+/// A model input: name, dtype and symbolic shape, and the slot it fills.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Input {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+    pub slot: Slot,
+}
+
+/// A model output: name and the slot it is read from, with its inferred dtype and shape.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Output {
+    pub name: String,
+    pub slot: Slot,
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+}
+
+/// A constant slot filled from a weight of the artifact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Constant {
+    pub slot: Slot,
+    pub weight: String,
+}
+
+/// One op application.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub op: Op,
+    /// `None` for an omitted optional input.
+    pub inputs: Vec<Option<Slot>>,
+    pub outputs: Vec<Slot>,
+    /// The node name in the source model, for error messages.
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub inputs: Vec<Input>,
+    pub outputs: Vec<Output>,
+    pub constants: Vec<Constant>,
+    pub steps: Vec<Step>,
+    /// Number of slots.
+    pub slots: u32,
+}
+
+/// Largest number of slots or steps a plan may declare.
+const MAX_SLOTS: u32 = 1 << 24;
+
+impl Plan {
+    /// Checks the plan's structure against the weights it will run with, and infers every
+    /// slot's fact. Returns the facts, indexed by slot.
+    pub fn validate(&self, weights: &HashMap<String, Tensor>) -> Result<Vec<Option<Fact>>> {
+        let bad = |m: String| Error::Artifact(format!("plan: {m}"));
+        if self.slots > MAX_SLOTS || self.steps.len() > MAX_SLOTS as usize {
+            return Err(bad(format!("{} slots and {} steps is too many", self.slots, self.steps.len())));
+        }
+        let mut facts: Vec<Option<Fact>> = vec![None; self.slots as usize];
+        let define = |facts: &mut Vec<Option<Fact>>, slot: Slot, fact: Fact, what: &str| -> Result<()> {
+            let cell = facts.get_mut(slot as usize).ok_or_else(|| bad(format!("{what} writes slot {slot} out of range")))?;
+            if cell.is_some() {
+                return Err(bad(format!("{what} writes slot {slot}, which is already written")));
+            }
+            *cell = Some(fact);
+            Ok(())
+        };
+        let mut names = std::collections::HashSet::new();
+        for i in &self.inputs {
+            if !names.insert(&i.name) {
+                return Err(bad(format!("input `{}` is declared twice", i.name)));
+            }
+            define(&mut facts, i.slot, Fact::new(i.dtype, i.shape.clone()), &format!("input `{}`", i.name))?;
+        }
+        for c in &self.constants {
+            let w = weights.get(&c.weight).ok_or_else(|| bad(format!("weight `{}` is missing", c.weight)))?;
+            define(&mut facts, c.slot, Fact::of_tensor(w), &format!("weight `{}`", c.weight))?;
+        }
+        for (n, step) in self.steps.iter().enumerate() {
+            let what = || format!("step {n} ({} `{}`)", step.op.name(), step.name);
+            let ins: Vec<Option<&Fact>> = step
+                .inputs
+                .iter()
+                .map(|s| match s {
+                    None => Ok(None),
+                    Some(s) => match facts.get(*s as usize) {
+                        Some(Some(f)) => Ok(Some(f)),
+                        _ => Err(bad(format!("{} reads slot {s} before it is written", what()))),
+                    },
+                })
+                .collect::<Result<_>>()?;
+            if step.outputs.len() != step.op.num_outputs() {
+                return Err(bad(format!("{} has {} outputs, the op makes {}", what(), step.outputs.len(), step.op.num_outputs())));
+            }
+            let outs = step.op.infer(&ins).map_err(|e| bad(format!("{}: {e}", what())))?;
+            for (slot, fact) in step.outputs.iter().zip(outs) {
+                define(&mut facts, *slot, fact, &what())?;
+            }
+        }
+        for o in &self.outputs {
+            match facts.get(o.slot as usize) {
+                Some(Some(_)) => {}
+                _ => return Err(bad(format!("output `{}` reads slot {}, which is never written", o.name, o.slot))),
+            }
+        }
+        Ok(facts)
+    }
+
+    /// For each slot, the index of the last step that reads it (`None` if no step does).
+    pub fn last_uses(&self) -> Vec<Option<usize>> {
+        let mut last = vec![None; self.slots as usize];
+        for (n, step) in self.steps.iter().enumerate() {
+            for s in step.inputs.iter().flatten() {
+                if let Some(cell) = last.get_mut(*s as usize) {
+                    *cell = Some(n);
+                }
+            }
+        }
+        last
+    }
+
+    /// How many times each op name occurs.
+    pub fn op_counts(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for s in &self.steps {
+            *m.entry(s.op.name().to_string()).or_insert(0) += 1;
+        }
+        m
+    }
+}
