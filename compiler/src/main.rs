@@ -1,1 +1,411 @@
-fn main() {}
+//! The `tcc` command.
+
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+use tcc_compiler::driver::{self, BuildOptions, Summary};
+use tcc_runtime::{io, Model, Tensor};
+
+#[derive(Parser)]
+#[command(
+    name = "tcc",
+    version,
+    about = "tcc, a Transformer compression compiler: ONNX in, a compiled artifact out."
+)]
+struct Cli {
+    /// More logging (-v info, -vv debug); TCC_LOG=filter overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile an ONNX model into a .tcc artifact.
+    Build {
+        /// The ONNX model.
+        model: PathBuf,
+        /// Where to write the artifact.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// A tokenizer.json to embed, so that `tcc run --text` works.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// The pass pipeline, e.g. "fold,dce" (see --list-passes).
+        #[arg(long, default_value = tcc_passes::DEFAULT_PIPELINE)]
+        passes: String,
+        /// Print the IR after this pass (repeatable).
+        #[arg(long, value_name = "PASS")]
+        print_after: Vec<String>,
+        /// Print the IR after every pass.
+        #[arg(long)]
+        print_ir_after_all: bool,
+        /// Write the build report as JSON to this file.
+        #[arg(long, value_name = "FILE")]
+        report_json: Option<PathBuf>,
+    },
+    /// Run an artifact on inputs from a file or on text.
+    Run {
+        /// The .tcc artifact.
+        model: PathBuf,
+        /// Inputs: .npz or .json with arrays named like the model's inputs.
+        #[arg(long, short, conflicts_with = "text")]
+        input: Option<PathBuf>,
+        /// Text to tokenize with the embedded tokenizer (repeat for a batch).
+        #[arg(long)]
+        text: Vec<String>,
+        /// Write outputs to this .npz or .json file.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Threads for intra-op parallelism (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Describe an ONNX model or a .tcc artifact.
+    Inspect {
+        /// An .onnx or .tcc file.
+        model: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the passes a pipeline can name.
+    Passes,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TCC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Build {
+            model,
+            output,
+            tokenizer,
+            passes,
+            mut print_after,
+            print_ir_after_all,
+            report_json,
+        } => {
+            if print_ir_after_all {
+                print_after.push("*".into());
+            }
+            let opts = BuildOptions {
+                pipeline: passes,
+                tokenizer,
+                print_after,
+                progress: true,
+            };
+            let report = driver::build(&model, &output, &opts)?;
+            print_build_report(&report, &output);
+            if let Some(p) = report_json {
+                std::fs::write(&p, serde_json::to_string_pretty(&report)?)
+                    .map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+            Ok(())
+        }
+        Command::Run {
+            model,
+            input,
+            text,
+            output,
+            threads,
+        } => {
+            if let Some(n) = threads {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n.max(1))
+                    .build_global()
+                    .map_err(|e| e.to_string())?;
+            }
+            let m = Model::load(&model)?;
+            let inputs: Vec<(String, Tensor)> = match (&input, text.is_empty()) {
+                (Some(p), _) => read_inputs(p, &m)?,
+                (None, false) => {
+                    let texts: Vec<&str> = text.iter().map(String::as_str).collect();
+                    m.encode(&texts)?
+                }
+                (None, true) => return Err("give inputs with --input FILE or --text TEXT".into()),
+            };
+            let t0 = Instant::now();
+            let outputs = m.run(&inputs)?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            match &output {
+                Some(p) => {
+                    write_outputs(p, &outputs)?;
+                    eprintln!(
+                        "wrote {} output(s) to {} ({ms:.1} ms)",
+                        outputs.len(),
+                        p.display()
+                    );
+                }
+                None => {
+                    for (name, t) in &outputs {
+                        println!("{name}: {}", head(t));
+                    }
+                    eprintln!("({ms:.1} ms)");
+                }
+            }
+            Ok(())
+        }
+        Command::Inspect { model, json } => inspect(&model, json),
+        Command::Passes => {
+            for (name, about) in tcc_passes::Registry::builtin().describe() {
+                println!("{name:12} {about}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn ext(p: &Path) -> String {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase()
+}
+
+fn read_inputs(p: &Path, m: &Model) -> Result<Vec<(String, Tensor)>> {
+    match ext(p).as_str() {
+        "npz" => Ok(io::read_npz(p)?),
+        "json" => {
+            let dtype_of = |n: &str| m.inputs().iter().find(|i| i.name == n).map(|i| i.dtype);
+            Ok(io::read_json(p, &dtype_of)?)
+        }
+        e => Err(format!("{}: inputs must be .npz or .json, not .{e}", p.display()).into()),
+    }
+}
+
+fn write_outputs(p: &Path, outputs: &[(String, Tensor)]) -> Result<()> {
+    match ext(p).as_str() {
+        "npz" => Ok(io::write_npz(p, outputs)?),
+        "json" => Ok(io::write_json(p, outputs)?),
+        e => Err(format!("{}: outputs must be .npz or .json, not .{e}", p.display()).into()),
+    }
+}
+
+/// `f32[1, 9, 384] [0.0123, -0.4561, ...]`.
+fn head(t: &Tensor) -> String {
+    let vals: Vec<String> = match t.dtype() {
+        tcc_runtime::DType::F32 => t
+            .as_slice::<f32>()
+            .unwrap_or_default()
+            .iter()
+            .take(6)
+            .map(|v| format!("{v:.4}"))
+            .collect(),
+        _ => t
+            .to_i64s()
+            .unwrap_or_default()
+            .iter()
+            .take(6)
+            .map(|v| v.to_string())
+            .collect(),
+    };
+    format!(
+        "{}{:?} [{}{}]",
+        t.dtype(),
+        t.shape(),
+        vals.join(", "),
+        if t.len() > 6 { ", ..." } else { "" }
+    )
+}
+
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn mb(bytes: f64) -> String {
+    format!("{:.1} MB", bytes / 1e6)
+}
+
+fn print_summary(s: &Summary) {
+    println!("inputs:");
+    for (n, t) in &s.inputs {
+        println!("  {n:28} {t}");
+    }
+    println!("outputs:");
+    for (n, t) in &s.outputs {
+        println!("  {n:28} {t}");
+    }
+    let heads: Vec<String> = s.attention_heads.iter().map(|h| h.to_string()).collect();
+    println!(
+        "layers: {}   attention heads per layer: [{}]",
+        s.layers,
+        heads.join(", ")
+    );
+    println!(
+        "parameters: {}   weights: {}",
+        thousands(s.parameters),
+        mb(s.weight_bytes as f64)
+    );
+    println!("ops ({} nodes):", s.op_counts.values().sum::<usize>());
+    let mut counts: Vec<(&String, &usize)> = s.op_counts.iter().collect();
+    counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    for (op, n) in counts {
+        println!("  {op:24} {n:>6}");
+    }
+}
+
+fn print_build_report(r: &driver::BuildReport, out: &Path) {
+    println!("built {} from {} ({})", out.display(), r.source, r.producer);
+    println!(
+        "  import     {:>8.1} ms   {} ONNX nodes -> {} tcc nodes",
+        r.import_ms,
+        r.source_op_counts.values().sum::<usize>(),
+        r.nodes_imported
+    );
+    for p in &r.passes {
+        let stats: Vec<String> = p
+            .stats
+            .iter()
+            .filter(|(_, v)| **v != 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "  {:10} {:>8.1} ms   {} -> {} nodes  {}",
+            p.pass,
+            p.ms,
+            p.nodes_before,
+            p.nodes_after,
+            stats.join(" ")
+        );
+    }
+    println!("  lower      {:>8.1} ms", r.lower_ms);
+    println!(
+        "  write      {:>8.1} ms   {}{}",
+        r.write_ms,
+        mb(r.artifact_bytes as f64),
+        if r.tokenizer { " (with tokenizer)" } else { "" }
+    );
+    println!("  total      {:>8.1} ms", r.total_ms);
+    let s = &r.summary;
+    println!(
+        "  {} layers, {} parameters, {} ops",
+        s.layers,
+        thousands(s.parameters),
+        s.op_counts.values().sum::<usize>()
+    );
+}
+
+fn inspect(path: &Path, json: bool) -> Result<()> {
+    if ext(path) == "tcc" {
+        let m = Model::load(path)?;
+        let summary: Option<Summary> = m
+            .report()
+            .get("summary")
+            .and_then(|s| serde_json::from_value(s.clone()).ok());
+        let mut s = summary.ok_or("the artifact has no summary in its report")?;
+        // What the artifact runs is the plan: count its ops.
+        s.op_counts = m.plan().op_counts();
+        if json {
+            let v = serde_json::json!({
+                "format": "tcc",
+                "producer": m.producer(),
+                "bytes": m.size(),
+                "op_counts": s.op_counts,
+                "layers": s.layers,
+                "attention_heads": s.attention_heads,
+                "parameters": m.parameters(),
+                "inputs": s.inputs,
+                "outputs": s.outputs,
+                "tokenizer": m.has_tokenizer(),
+                "load_ms": m.load_ms,
+                "report": m.report(),
+            });
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!(
+                "{}: tcc artifact, {} ({}), loaded in {:.1} ms{}",
+                path.display(),
+                mb(m.size() as f64),
+                m.producer(),
+                m.load_ms,
+                if m.has_tokenizer() {
+                    ", with tokenizer"
+                } else {
+                    ""
+                }
+            );
+            print_summary(&s);
+        }
+        return Ok(());
+    }
+    let opts = BuildOptions {
+        progress: !json,
+        ..Default::default()
+    };
+    let pb = indicatif::ProgressBar::hidden();
+    let (_, report) = driver::compile(path, &opts, &pb)?;
+    let s = &report.summary;
+    if json {
+        let v = serde_json::json!({
+            "format": "onnx",
+            "producer": report.producer,
+            "opsets": report.opsets,
+            "bytes": std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            "op_counts": s.op_counts,
+            "source_op_counts": report.source_op_counts,
+            "layers": s.layers,
+            "attention_heads": s.attention_heads,
+            "parameters": s.parameters,
+            "inputs": s.inputs,
+            "outputs": s.outputs,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let opsets: Vec<String> = report
+            .opsets
+            .iter()
+            .map(|(d, v)| {
+                format!(
+                    "{}{v}",
+                    if d.is_empty() {
+                        "ai.onnx ".to_string()
+                    } else {
+                        format!("{d} ")
+                    }
+                )
+            })
+            .collect();
+        println!(
+            "{}: ONNX ({}; {}), {} nodes",
+            path.display(),
+            report.producer,
+            opsets.join(", "),
+            report.source_op_counts.values().sum::<usize>()
+        );
+        print_summary(s);
+    }
+    Ok(())
+}

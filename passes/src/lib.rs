@@ -1,1 +1,22 @@
-//! placeholder
+//! tcc-passes: the pass manager and tcc's passes over [`tcc_ir::Graph`].
+//!
+//! A [`Pass`] transforms a graph and says what it changed. Passes are registered by name in a
+//! [`Registry`]; a pipeline is text (`"fold,dce"`, `"canon"`, options as `pass{key=value}`),
+//! parsed by [`Pipeline::parse`] and run by [`PassManager`], which verifies the graph after
+//! every pass, times it, collects its statistics and can print the IR after it.
+//!
+//! Architecture invariants:
+//! - a pass leaves a graph that passes [`tcc_ir::verify`] (the manager checks);
+//! - passes never change what a graph computes beyond float rounding, except passes whose
+//!   documentation says they approximate (none yet), which report it.
+
+mod fold;
+mod manager;
+
+pub use fold::{DeadCode, FoldConstants};
+pub use manager::{
+    Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry,
+};
+
+/// The pipeline `tcc build` runs by default.
+pub const DEFAULT_PIPELINE: &str = "canon";

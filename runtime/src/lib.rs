@@ -28,3 +28,11 @@ pub use error::{Error, Result};
 pub use model::Model;
 pub use op::{EvalContext, Fact, Op, OpDef, SymTensor};
 pub use tensor::{Bytes, Element, Tensor};
+
+/// Checks that bytes are a `tokenizer.json` the embedded tokenizer can load.
+#[cfg(feature = "tokenizer")]
+pub fn tokenizer_check(bytes: &[u8]) -> std::result::Result<(), String> {
+    tokenizers::Tokenizer::from_bytes(bytes)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

@@ -6,13 +6,11 @@
 //! load it once and run it from many threads.
 
 use crate::artifact::{self, Artifact};
-use crate::dim::Dim;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::op::{EvalContext, Fact};
-use crate::plan::{Input, Output, Plan, Slot};
+use crate::plan::{find_input as find, Input, Output, Plan, Slot};
 use crate::tensor::Tensor;
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -27,7 +25,8 @@ pub struct Model {
     size: u64,
     parameters: usize,
     #[cfg(feature = "tokenizer")]
-    tokenizer: Option<tokenizers::Tokenizer>,
+    /// The embedded tokenizer (its own padding disabled) and its padding id.
+    tokenizer: Option<(tokenizers::Tokenizer, u32)>,
     /// Milliseconds spent loading (mapping, verifying, validating).
     pub load_ms: f64,
 }
@@ -49,9 +48,21 @@ impl Model {
         let constants: Vec<(Slot, Tensor)> = plan
             .constants
             .iter()
-            .map(|c| (c.slot, a.weights.get(&c.weight).cloned().expect("validated: every constant's weight exists")))
+            .map(|c| {
+                (
+                    c.slot,
+                    a.weights
+                        .get(&c.weight)
+                        .cloned()
+                        .expect("validated: every constant's weight exists"),
+                )
+            })
             .collect();
-        let parameters = constants.iter().filter(|(_, t)| t.dtype() != DType::I64).map(|(_, t)| t.len()).sum();
+        let parameters = constants
+            .iter()
+            .filter(|(_, t)| t.dtype() != DType::I64)
+            .map(|(_, t)| t.len())
+            .sum();
         let last_use = plan.last_uses();
         let mut keep = vec![false; plan.slots as usize];
         for o in &plan.outputs {
@@ -60,7 +71,15 @@ impl Model {
         #[cfg(feature = "tokenizer")]
         let tokenizer = match &a.tokenizer {
             None => None,
-            Some(b) => Some(tokenizers::Tokenizer::from_bytes(b).map_err(|e| Error::Tokenizer(format!("embedded tokenizer: {e}")))?),
+            Some(b) => {
+                let mut t = tokenizers::Tokenizer::from_bytes(b)
+                    .map_err(|e| Error::Tokenizer(format!("embedded tokenizer: {e}")))?;
+                // Padding is done here, to the longest text of a batch: a tokenizer.json that
+                // pads every text to a fixed length would only make single texts slower.
+                let pad_id = t.get_padding().map(|p| p.pad_id).unwrap_or(0);
+                t.with_padding(None);
+                Some((t, pad_id))
+            }
         };
         Ok(Model {
             plan,
@@ -114,67 +133,9 @@ impl Model {
         self.parameters
     }
 
-    /// Checks inputs against the declarations and binds the symbols.
-    fn bind(&self, inputs: &[(String, Tensor)]) -> Result<BTreeMap<String, i64>> {
-        let mut symbols: BTreeMap<String, i64> = BTreeMap::new();
-        for (name, _) in inputs {
-            if !self.plan.inputs.iter().any(|i| &i.name == name) {
-                let known: Vec<&str> = self.plan.inputs.iter().map(|i| i.name.as_str()).collect();
-                return Err(Error::Input(format!("`{name}` is not an input of this model (inputs: {})", known.join(", "))));
-            }
-        }
-        // Single-symbol dims bind first; expressions are checked after.
-        let mut later = Vec::new();
-        for spec in &self.plan.inputs {
-            let t = find(inputs, &spec.name)?;
-            if t.dtype() != spec.dtype {
-                return Err(Error::Input(format!("`{}` must be {}, got {}", spec.name, spec.dtype, t.dtype())));
-            }
-            if t.rank() != spec.shape.len() {
-                return Err(Error::Input(format!(
-                    "`{}` must have rank {} ({}), got shape {:?}",
-                    spec.name,
-                    spec.shape.len(),
-                    fmt_dims(&spec.shape),
-                    t.shape()
-                )));
-            }
-            for (axis, (d, &n)) in spec.shape.iter().zip(t.shape()).enumerate() {
-                if n == 0 {
-                    return Err(Error::Input(format!("`{}` has size 0 on axis {axis} ({d})", spec.name)));
-                }
-                let syms = d.symbols();
-                if let Some(c) = d.as_const() {
-                    if c != n as i64 {
-                        return Err(Error::Input(format!("`{}` axis {axis} must be {c}, got {n}", spec.name)));
-                    }
-                } else if syms.len() == 1 && *d == Dim::sym(&syms[0]) {
-                    let prev = *symbols.entry(syms[0].to_string()).or_insert(n as i64);
-                    if prev != n as i64 {
-                        return Err(Error::Input(format!(
-                            "`{}` axis {axis} is `{d}` = {n}, but another input has `{d}` = {prev}",
-                            spec.name
-                        )));
-                    }
-                } else {
-                    later.push((spec, axis, d, n));
-                }
-            }
-        }
-        for (spec, axis, d, n) in later {
-            let env = |s: &str| symbols.get(s).copied();
-            match d.eval(&env) {
-                Some(v) if v == n as i64 => {}
-                Some(v) => return Err(Error::Input(format!("`{}` axis {axis} must be {d} = {v}, got {n}", spec.name))),
-                None => return Err(Error::Input(format!("`{}` axis {axis} is `{d}`, which no input determines", spec.name))),
-            }
-        }
-        Ok(symbols)
-    }
-
     /// Runs the model. Inputs are given by name; outputs come back in declaration order.
     pub fn run(&self, inputs: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
-        let symbols = self.bind(inputs)?;
+        let symbols = crate::plan::bind_symbols(&self.plan.inputs, inputs)?;
         let ctx = EvalContext { symbols };
         let mut slots: Vec<Option<Tensor>> = vec![None; self.plan.slots as usize];
         for (s, t) in &self.constants {
@@ -185,21 +146,33 @@ impl Model {
         }
         for (n, step) in self.plan.steps.iter().enumerate() {
             let outs = {
-                let ins: Vec<Option<&Tensor>> = step
-                    .inputs
-                    .iter()
-                    .map(|s| match s {
-                        None => Ok(None),
-                        Some(s) => slots[*s as usize].as_ref().map(Some).ok_or_else(|| Error::Artifact(format!("slot {s} read after release"))),
-                    })
-                    .collect::<Result<_>>()?;
+                let ins: Vec<Option<&Tensor>> =
+                    step.inputs
+                        .iter()
+                        .map(|s| match s {
+                            None => Ok(None),
+                            Some(s) => slots[*s as usize].as_ref().map(Some).ok_or_else(|| {
+                                Error::Artifact(format!("slot {s} read after release"))
+                            }),
+                        })
+                        .collect::<Result<_>>()?;
                 step.op.eval(&ctx, &ins).map_err(|e| match e {
-                    Error::Op { op, message } => Error::Op { op: format!("{op} `{}`", step.name), message },
+                    Error::Op { op, message } => Error::Op {
+                        op: format!("{op} `{}`", step.name),
+                        message,
+                    },
                     e => e,
                 })?
             };
             if outs.len() != step.outputs.len() {
-                return Err(Error::op(step.op.name(), format!("made {} outputs, expected {}", outs.len(), step.outputs.len())));
+                return Err(Error::op(
+                    step.op.name(),
+                    format!(
+                        "made {} outputs, expected {}",
+                        outs.len(),
+                        step.outputs.len()
+                    ),
+                ));
             }
             for (s, t) in step.outputs.iter().zip(outs) {
                 slots[*s as usize] = Some(t);
@@ -214,7 +187,9 @@ impl Model {
             .outputs
             .iter()
             .map(|o| {
-                let t = slots[o.slot as usize].clone().ok_or_else(|| Error::Artifact(format!("output `{}` was not computed", o.name)))?;
+                let t = slots[o.slot as usize].clone().ok_or_else(|| {
+                    Error::Artifact(format!("output `{}` was not computed", o.name))
+                })?;
                 Ok((o.name.clone(), t))
             })
             .collect()
@@ -233,15 +208,27 @@ impl Model {
     /// positions `0..sequence` for the inputs that have those roles.
     #[cfg(feature = "tokenizer")]
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<(String, Tensor)>> {
-        let tk = self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("this artifact has no tokenizer (build with --tokenizer)".into()))?;
+        let (tk, pad_id) = self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Tokenizer("this artifact has no tokenizer (build with --tokenizer)".into())
+        })?;
         if texts.is_empty() {
             return Err(Error::Input("no text to encode".into()));
         }
-        let encs: Vec<tokenizers::Encoding> =
-            texts.iter().map(|t| tk.encode(*t, true).map_err(|e| Error::Tokenizer(e.to_string()))).collect::<Result<_>>()?;
-        let seq = encs.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
+        let encs: Vec<tokenizers::Encoding> = texts
+            .iter()
+            .map(|t| {
+                tk.encode(*t, true)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))
+            })
+            .collect::<Result<_>>()?;
+        let seq = encs
+            .iter()
+            .map(|e| e.get_ids().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let b = texts.len();
-        let pad = tk.get_padding().map(|p| p.pad_id as i64).unwrap_or(0);
+        let pad = *pad_id as i64;
         let mut ids = vec![pad; b * seq];
         let mut mask = vec![0i64; b * seq];
         for (i, e) in encs.iter().enumerate() {
@@ -253,7 +240,10 @@ impl Model {
         let mut out = Vec::new();
         for spec in &self.plan.inputs {
             let n = spec.name.to_ascii_lowercase();
-            let v = if n.contains("input_ids") || n == "ids" || n.ends_with("_ids") && n.contains("input") {
+            let v = if n.contains("input_ids")
+                || n == "ids"
+                || n.ends_with("_ids") && n.contains("input")
+            {
                 ids.clone()
             } else if n.contains("mask") {
                 mask.clone()
@@ -262,7 +252,10 @@ impl Model {
             } else if n.contains("position") {
                 (0..b).flat_map(|_| 0..seq as i64).collect()
             } else {
-                return Err(Error::Input(format!("cannot fill input `{}` from text", spec.name)));
+                return Err(Error::Input(format!(
+                    "cannot fill input `{}` from text",
+                    spec.name
+                )));
             };
             let t = Tensor::new(vec![b, seq], v)?;
             out.push((spec.name.clone(), crate::op::cast_tensor(&t, spec.dtype)?));
@@ -271,18 +264,11 @@ impl Model {
     }
 }
 
-fn find<'a>(inputs: &'a [(String, Tensor)], name: &str) -> Result<&'a Tensor> {
-    inputs.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| Error::Input(format!("input `{name}` is missing")))
-}
-
-fn fmt_dims(d: &[Dim]) -> String {
-    format!("[{}]", d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::artifact::ArtifactContents;
+    use crate::dim::Dim;
     use crate::op::{Binary, BinaryKind};
     use crate::plan::{Constant, Step};
 
@@ -290,21 +276,57 @@ mod tests {
         let n = Dim::sym("n");
         let plan = Plan {
             inputs: vec![
-                Input { name: "x".into(), dtype: DType::F32, shape: vec![n.clone()], slot: 0 },
-                Input { name: "y".into(), dtype: DType::F32, shape: vec![n.clone()], slot: 3 },
+                Input {
+                    name: "x".into(),
+                    dtype: DType::F32,
+                    shape: vec![n.clone()],
+                    slot: 0,
+                },
+                Input {
+                    name: "y".into(),
+                    dtype: DType::F32,
+                    shape: vec![n.clone()],
+                    slot: 3,
+                },
             ],
-            outputs: vec![Output { name: "z".into(), slot: 4, dtype: DType::F32, shape: vec![n.clone()] }],
-            constants: vec![Constant { slot: 1, weight: "b".into() }],
+            outputs: vec![Output {
+                name: "z".into(),
+                slot: 4,
+                dtype: DType::F32,
+                shape: vec![n.clone()],
+            }],
+            constants: vec![Constant {
+                slot: 1,
+                weight: "b".into(),
+            }],
             steps: vec![
-                Step { op: Binary::new(BinaryKind::Add).into(), inputs: vec![Some(0), Some(1)], outputs: vec![2], name: "a".into() },
-                Step { op: Binary::new(BinaryKind::Mul).into(), inputs: vec![Some(2), Some(3)], outputs: vec![4], name: "m".into() },
+                Step {
+                    op: Binary::new(BinaryKind::Add).into(),
+                    inputs: vec![Some(0), Some(1)],
+                    outputs: vec![2],
+                    name: "a".into(),
+                },
+                Step {
+                    op: Binary::new(BinaryKind::Mul).into(),
+                    inputs: vec![Some(2), Some(3)],
+                    outputs: vec![4],
+                    name: "m".into(),
+                },
             ],
             slots: 5,
         };
         let weights = vec![("b".to_string(), Tensor::new(vec![1], vec![1f32]).unwrap())];
         let p = std::env::temp_dir().join(format!("tcc-model-{}.tcc", std::process::id()));
-        artifact::write(&p, &ArtifactContents { plan: &plan, weights: &weights, tokenizer: None, report: serde_json::Value::Null })
-            .unwrap();
+        artifact::write(
+            &p,
+            &ArtifactContents {
+                plan: &plan,
+                weights: &weights,
+                tokenizer: None,
+                report: serde_json::Value::Null,
+            },
+        )
+        .unwrap();
         Model::load(&p).unwrap()
     }
 
@@ -315,14 +337,27 @@ mod tests {
     #[test]
     fn runs_and_checks_inputs() {
         let m = model();
-        let out = m.run(&[("x".into(), f(&[1., 2.])), ("y".into(), f(&[3., 4.]))]).unwrap();
+        let out = m
+            .run(&[("x".into(), f(&[1., 2.])), ("y".into(), f(&[3., 4.]))])
+            .unwrap();
         assert_eq!(out[0].1.as_slice::<f32>().unwrap(), &[6., 12.]);
         let err = |ins: &[(String, Tensor)]| m.run(ins).unwrap_err().to_string();
         assert!(err(&[("x".into(), f(&[1.]))]).contains("`y` is missing"));
-        assert!(err(&[("x".into(), f(&[1.])), ("y".into(), f(&[1., 2.]))]).contains("another input"));
-        assert!(err(&[("x".into(), f(&[1.])), ("y".into(), Tensor::new(vec![1], vec![1i64]).unwrap())]).contains("must be f32"));
+        assert!(
+            err(&[("x".into(), f(&[1.])), ("y".into(), f(&[1., 2.]))]).contains("another input")
+        );
+        assert!(err(&[
+            ("x".into(), f(&[1.])),
+            ("y".into(), Tensor::new(vec![1], vec![1i64]).unwrap())
+        ])
+        .contains("must be f32"));
         assert!(err(&[("x".into(), f(&[])), ("y".into(), f(&[]))]).contains("size 0"));
-        assert!(err(&[("x".into(), f(&[1.])), ("y".into(), f(&[1.])), ("w".into(), f(&[1.]))]).contains("not an input"));
+        assert!(err(&[
+            ("x".into(), f(&[1.])),
+            ("y".into(), f(&[1.])),
+            ("w".into(), f(&[1.]))
+        ])
+        .contains("not an input"));
     }
 
     #[test]

@@ -1,0 +1,288 @@
+//! The build driver: ONNX -> IR -> passes -> plan -> artifact, with a report of each step.
+
+use crate::onnx::{self, ImportError};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tcc_ir::{analysis, Def, Graph, ValueId};
+use tcc_passes::{PassContext, PassManager, PassReport, Pipeline, Registry};
+use tcc_runtime::artifact::{self, ArtifactContents};
+use tcc_runtime::plan::{Constant, Input, Output, Plan, Step};
+use tcc_runtime::Tensor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    #[error(transparent)]
+    Pass(#[from] tcc_passes::PassError),
+    #[error(transparent)]
+    Ir(#[from] tcc_ir::Error),
+    #[error(transparent)]
+    Runtime(#[from] tcc_runtime::Error),
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+}
+
+/// What `tcc build` is asked to do.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    /// The pass pipeline, as text.
+    pub pipeline: String,
+    /// A `tokenizer.json` to embed.
+    pub tokenizer: Option<PathBuf>,
+    /// Print the IR after these passes (`*` for every pass) to stderr.
+    pub print_after: Vec<String>,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions {
+            pipeline: tcc_passes::DEFAULT_PIPELINE.into(),
+            tokenizer: None,
+            print_after: Vec::new(),
+            progress: false,
+        }
+    }
+}
+
+/// A summary of a graph, as `tcc inspect` prints it.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct Summary {
+    pub inputs: Vec<(String, String)>,
+    pub outputs: Vec<(String, String)>,
+    pub op_counts: BTreeMap<String, usize>,
+    pub layers: usize,
+    pub attention_heads: Vec<usize>,
+    pub parameters: usize,
+    pub weight_bytes: usize,
+}
+
+pub fn summarize(g: &Graph) -> Summary {
+    let heads = analysis::attention_heads(g);
+    Summary {
+        inputs: g
+            .inputs
+            .iter()
+            .map(|&v| (g.value(v).name.clone(), g.fact(v).to_string()))
+            .collect(),
+        outputs: g
+            .outputs
+            .iter()
+            .map(|o| (o.name.clone(), g.fact(o.value).to_string()))
+            .collect(),
+        op_counts: g.op_counts(),
+        layers: heads.len(),
+        attention_heads: heads,
+        parameters: analysis::parameters(g),
+        weight_bytes: analysis::weight_bytes(g),
+    }
+}
+
+/// The build report, stored in the artifact and printed by `tcc build`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BuildReport {
+    pub source: String,
+    pub producer: String,
+    pub opsets: BTreeMap<String, i64>,
+    pub source_op_counts: BTreeMap<String, usize>,
+    pub import_ms: f64,
+    pub passes: Vec<PassReport>,
+    pub lower_ms: f64,
+    pub write_ms: f64,
+    pub total_ms: f64,
+    pub nodes_imported: usize,
+    pub summary: Summary,
+    pub artifact_bytes: u64,
+    pub tokenizer: bool,
+}
+
+fn spinner(progress: bool, len: u64) -> ProgressBar {
+    if !progress {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})")
+            .expect("valid template"),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(120));
+    pb
+}
+
+/// Imports and optimizes a model. Returns the graph and the report so far.
+pub fn compile(
+    source: &Path,
+    opts: &BuildOptions,
+    pb: &ProgressBar,
+) -> Result<(Graph, BuildReport), BuildError> {
+    let t0 = Instant::now();
+    pb.set_message(format!("importing {}", source.display()));
+    let imported = onnx::import_file(source)?;
+    let import_ms = t0.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(
+        ms = import_ms,
+        nodes = imported.graph.nodes.len(),
+        "imported"
+    );
+    pb.inc(1);
+    let mut g = imported.graph;
+    let nodes_imported = g.nodes.len();
+    pb.set_message(format!("running passes: {}", opts.pipeline));
+    let registry = Registry::builtin();
+    let pipeline = Pipeline::parse(&opts.pipeline, &registry)?;
+    let mut pm = PassManager::new(&pipeline, &registry)?;
+    pm.print_after = opts.print_after.clone();
+    let pb2 = pb.clone();
+    pm.printer = Box::new(move |name, g| {
+        pb2.suspend(|| eprintln!("// IR after {name}\n{}", tcc_ir::text::print(&g.compact())));
+    });
+    let mut cx = PassContext {
+        cpu_features: tcc_runtime::cpu::host()
+            .map(|c| c.features)
+            .unwrap_or_default(),
+    };
+    let passes = pm.run(&mut g, &mut cx)?;
+    pb.inc(1);
+    let g = g.compact();
+    let report = BuildReport {
+        source: source.display().to_string(),
+        producer: imported.producer,
+        opsets: imported.opsets,
+        source_op_counts: imported.source_op_counts,
+        import_ms,
+        passes,
+        lower_ms: 0.0,
+        write_ms: 0.0,
+        total_ms: 0.0,
+        nodes_imported,
+        summary: summarize(&g),
+        artifact_bytes: 0,
+        tokenizer: false,
+    };
+    Ok((g, report))
+}
+
+/// Lowers a verified graph to a plan and its weights.
+pub fn lower(g: &Graph) -> Result<(Plan, Vec<(String, Tensor)>), BuildError> {
+    tcc_ir::verify(g)?;
+    let mut slot_of: BTreeMap<ValueId, u32> = BTreeMap::new();
+    let mut next = 0u32;
+    let mut slot = |v: ValueId| -> u32 {
+        *slot_of.entry(v).or_insert_with(|| {
+            next += 1;
+            next - 1
+        })
+    };
+    let inputs: Vec<Input> = g
+        .inputs
+        .iter()
+        .map(|&v| Input {
+            name: g.value(v).name.clone(),
+            dtype: g.fact(v).dtype,
+            shape: g.fact(v).shape.clone(),
+            slot: slot(v),
+        })
+        .collect();
+    let mut weights = Vec::new();
+    let mut constants = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    for v in g.used_consts() {
+        let Def::Const(t) = &g.value(v).def else {
+            continue;
+        };
+        let base = g.value(v).name.clone();
+        let mut name = if base.is_empty() {
+            format!("const{}", v.0)
+        } else {
+            base.clone()
+        };
+        let mut k = 1;
+        while !names.insert(name.clone()) {
+            name = format!("{base}~{k}");
+            k += 1;
+        }
+        constants.push(Constant {
+            slot: slot(v),
+            weight: name.clone(),
+        });
+        weights.push((name, t.clone()));
+    }
+    let steps: Vec<Step> = g
+        .nodes
+        .iter()
+        .map(|n| Step {
+            op: n.op.clone(),
+            inputs: n.inputs.iter().map(|i| i.map(&mut slot)).collect(),
+            outputs: n.outputs.iter().map(|&o| slot(o)).collect(),
+            name: n.name.clone(),
+        })
+        .collect();
+    let outputs: Vec<Output> = g
+        .outputs
+        .iter()
+        .map(|o| Output {
+            name: o.name.clone(),
+            slot: slot(o.value),
+            dtype: g.fact(o.value).dtype,
+            shape: g.fact(o.value).shape.clone(),
+        })
+        .collect();
+    let plan = Plan {
+        inputs,
+        outputs,
+        constants,
+        steps,
+        slots: next,
+    };
+    Ok((plan, weights))
+}
+
+/// Builds `source` into an artifact at `out`.
+pub fn build(source: &Path, out: &Path, opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+    let t0 = Instant::now();
+    let pb = spinner(opts.progress, 3);
+    let tokenizer = match &opts.tokenizer {
+        None => None,
+        Some(p) => {
+            let bytes = std::fs::read(p).map_err(|e| BuildError::Tokenizer {
+                path: p.clone(),
+                message: e.to_string(),
+            })?;
+            tcc_runtime::tokenizer_check(&bytes).map_err(|e| BuildError::Tokenizer {
+                path: p.clone(),
+                message: e,
+            })?;
+            Some(bytes)
+        }
+    };
+    let (g, mut report) = compile(source, opts, &pb)?;
+    pb.set_message("lowering");
+    let t1 = Instant::now();
+    let (plan, weights) = lower(&g)?;
+    report.lower_ms = t1.elapsed().as_secs_f64() * 1e3;
+    pb.set_message(format!("writing {}", out.display()));
+    let t2 = Instant::now();
+    report.tokenizer = tokenizer.is_some();
+    report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let json = serde_json::to_value(&report).unwrap_or_default();
+    let bytes = artifact::write(
+        out,
+        &ArtifactContents {
+            plan: &plan,
+            weights: &weights,
+            tokenizer: tokenizer.as_deref(),
+            report: json,
+        },
+    )?;
+    report.write_ms = t2.elapsed().as_secs_f64() * 1e3;
+    report.artifact_bytes = bytes;
+    report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    pb.inc(1);
+    pb.finish_and_clear();
+    Ok(report)
+}

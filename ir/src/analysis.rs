@@ -1,0 +1,63 @@
+//! Facts about a whole graph for reports: parameters, transformer layers and heads.
+
+use crate::graph::{Def, Graph};
+use tcc_runtime::DType;
+
+/// Number of weight elements: float and 8-bit constants (index tensors excluded).
+pub fn parameters(g: &Graph) -> usize {
+    g.used_consts()
+        .into_iter()
+        .filter_map(|v| match &g.value(v).def {
+            Def::Const(t) if matches!(t.dtype(), DType::F32 | DType::I8 | DType::U8) => {
+                Some(t.len())
+            }
+            _ => None,
+        })
+        .sum()
+}
+
+/// Bytes of constant data.
+pub fn weight_bytes(g: &Graph) -> usize {
+    g.used_consts()
+        .into_iter()
+        .filter_map(|v| g.const_of(v))
+        .map(|t| t.len() * t.dtype().size())
+        .sum()
+}
+
+/// The attention blocks found in the graph, in order, with their number of heads.
+///
+/// An attention block is a fused `Attention` op or, before fusion, a `Softmax` over the last
+/// axis of a rank-4 `[batch, heads, query, key]` tensor; its head count is that tensor's second
+/// dim (0 when it is not known statically).
+pub fn attention_heads(g: &Graph) -> Vec<usize> {
+    let mut heads = Vec::new();
+    for node in &g.nodes {
+        match node.op.name() {
+            "Softmax" => {
+                let Some(Some(x)) = node.inputs.first() else {
+                    continue;
+                };
+                let f = g.fact(*x);
+                let last_axis = matches!(
+                    node.op.attrs().get("axis").and_then(|a| a.as_i64()),
+                    Some(-1) | Some(3)
+                );
+                if f.rank() == 4 && last_axis {
+                    heads.push(f.shape[1].as_const().map(|h| h as usize).unwrap_or(0));
+                }
+            }
+            "Attention" => {
+                heads.push(
+                    node.op
+                        .attrs()
+                        .get("heads")
+                        .and_then(|h| h.as_u64())
+                        .unwrap_or(0) as usize,
+                );
+            }
+            _ => {}
+        }
+    }
+    heads
+}

@@ -1,0 +1,343 @@
+//! The pass trait, the registry, textual pipelines and the manager that runs them.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+use tcc_ir::Graph;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("pipeline: {0}")]
+    Pipeline(String),
+    #[error("pass `{pass}`: {source}")]
+    Failed {
+        pass: String,
+        #[source]
+        source: tcc_ir::Error,
+    },
+    #[error("pass `{pass}` left an invalid graph: {source}")]
+    Invalid {
+        pass: String,
+        #[source]
+        source: tcc_ir::Error,
+    },
+}
+
+/// What a pass may consult: the target CPU, statistics shared between passes.
+#[derive(Clone, Debug, Default)]
+pub struct PassContext {
+    /// Features of the CPU the artifact is built for (Cranelift names, `has_avx2`...).
+    pub cpu_features: Vec<String>,
+}
+
+/// What a pass did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PassOutcome {
+    pub changed: bool,
+    /// Named counters (`folded`, `removed`...), shown in the build report.
+    pub stats: BTreeMap<String, i64>,
+}
+
+impl PassOutcome {
+    pub fn stat(&mut self, name: &str, n: i64) {
+        *self.stats.entry(name.to_string()).or_insert(0) += n;
+        if n != 0 {
+            self.changed = true;
+        }
+    }
+}
+
+/// A transformation of a graph.
+pub trait Pass {
+    /// The name used in pipelines and reports.
+    fn name(&self) -> &'static str;
+    fn run(&mut self, g: &mut Graph, cx: &mut PassContext) -> tcc_ir::Result<PassOutcome>;
+}
+
+type Factory = Box<dyn Fn(&BTreeMap<String, String>) -> Result<Box<dyn Pass>, String>>;
+
+/// Passes by name, and named pipelines (aliases).
+pub struct Registry {
+    passes: BTreeMap<String, (String, Factory)>,
+    aliases: BTreeMap<String, String>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::builtin()
+    }
+}
+
+impl Registry {
+    pub fn empty() -> Registry {
+        Registry {
+            passes: BTreeMap::new(),
+            aliases: BTreeMap::new(),
+        }
+    }
+
+    /// tcc's own passes and pipelines.
+    pub fn builtin() -> Registry {
+        let mut r = Registry::empty();
+        r.register(
+            "fold",
+            "evaluate constant computations; fold shape computations to their symbolic values",
+            |o| {
+                no_options("fold", o)?;
+                Ok(Box::new(crate::FoldConstants::default()))
+            },
+        );
+        r.register("dce", "remove nodes whose results are unused", |o| {
+            no_options("dce", o)?;
+            Ok(Box::new(crate::DeadCode))
+        });
+        r.alias("canon", "fold,dce");
+        r
+    }
+
+    /// Registers a pass under `name`, built from its options by `factory`.
+    pub fn register(
+        &mut self,
+        name: &str,
+        about: &str,
+        factory: impl Fn(&BTreeMap<String, String>) -> Result<Box<dyn Pass>, String> + 'static,
+    ) {
+        self.passes
+            .insert(name.to_string(), (about.to_string(), Box::new(factory)));
+    }
+
+    /// Names a pipeline so that it can be used as one step.
+    pub fn alias(&mut self, name: &str, pipeline: &str) {
+        self.aliases.insert(name.to_string(), pipeline.to_string());
+    }
+
+    /// `(name, description)` of every pass, then every alias.
+    pub fn describe(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .passes
+            .iter()
+            .map(|(n, (a, _))| (n.clone(), a.clone()))
+            .collect();
+        v.extend(
+            self.aliases
+                .iter()
+                .map(|(n, p)| (n.clone(), format!("= {p}"))),
+        );
+        v
+    }
+
+    fn make(&self, step: &Step) -> Result<Box<dyn Pass>, PassError> {
+        let (_, f) = self.passes.get(&step.name).ok_or_else(|| {
+            let known: Vec<&str> = self
+                .passes
+                .keys()
+                .chain(self.aliases.keys())
+                .map(String::as_str)
+                .collect();
+            PassError::Pipeline(format!(
+                "unknown pass `{}` (known: {})",
+                step.name,
+                known.join(", ")
+            ))
+        })?;
+        f(&step.options).map_err(|e| PassError::Pipeline(format!("{}: {e}", step.name)))
+    }
+}
+
+fn no_options(pass: &str, o: &BTreeMap<String, String>) -> Result<(), String> {
+    match o.keys().next() {
+        Some(k) => Err(format!("`{pass}` takes no option `{k}`")),
+        None => Ok(()),
+    }
+}
+
+/// One step of a pipeline: a pass name and its options.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Step {
+    pub name: String,
+    pub options: BTreeMap<String, String>,
+}
+
+/// A parsed pipeline: `pass, pass{key=value, key=value}, alias`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pipeline {
+    pub steps: Vec<Step>,
+}
+
+impl Pipeline {
+    /// Parses pipeline text, expanding aliases from `registry`.
+    pub fn parse(text: &str, registry: &Registry) -> Result<Pipeline, PassError> {
+        let mut steps = Vec::new();
+        Self::parse_into(text, registry, &mut steps, 0)?;
+        if steps.is_empty() {
+            return Err(PassError::Pipeline("the pipeline is empty".into()));
+        }
+        Ok(Pipeline { steps })
+    }
+
+    fn parse_into(
+        text: &str,
+        registry: &Registry,
+        steps: &mut Vec<Step>,
+        depth: usize,
+    ) -> Result<(), PassError> {
+        if depth > 8 {
+            return Err(PassError::Pipeline("aliases nest too deeply".into()));
+        }
+        let bad = |m: String| PassError::Pipeline(m);
+        let mut rest = text.trim();
+        while !rest.is_empty() {
+            let end = rest.find([',', '{']).unwrap_or(rest.len());
+            let name = rest[..end].trim().to_string();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(bad(format!("bad pass name `{name}` in `{text}`")));
+            }
+            rest = &rest[end..];
+            let mut options = BTreeMap::new();
+            if let Some(r) = rest.strip_prefix('{') {
+                let close = r
+                    .find('}')
+                    .ok_or_else(|| bad(format!("missing `}}` after `{name}{{`")))?;
+                for kv in r[..close]
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                {
+                    let (k, v) = kv.split_once('=').ok_or_else(|| {
+                        bad(format!("option `{kv}` of `{name}` is not key=value"))
+                    })?;
+                    options.insert(k.trim().to_string(), v.trim().to_string());
+                }
+                rest = &r[close + 1..];
+            }
+            rest = rest.trim_start();
+            if let Some(r) = rest.strip_prefix(',') {
+                rest = r.trim_start();
+            } else if !rest.is_empty() {
+                return Err(bad(format!("expected `,` before `{rest}`")));
+            }
+            match registry.aliases.get(&name) {
+                Some(p) if options.is_empty() => Self::parse_into(p, registry, steps, depth + 1)?,
+                Some(_) => return Err(bad(format!("pipeline `{name}` takes no options"))),
+                None => steps.push(Step { name, options }),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.steps.iter().map(|s| s.name.as_str()).collect()
+    }
+}
+
+/// The time, statistics and size change of one pass, for the build report.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PassReport {
+    pub pass: String,
+    pub ms: f64,
+    pub changed: bool,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub stats: BTreeMap<String, i64>,
+}
+
+/// Runs a pipeline, verifying after each pass.
+pub struct PassManager {
+    passes: Vec<Box<dyn Pass>>,
+    /// Print the IR after passes with these names (`"*"` for all) through `printer`.
+    pub print_after: Vec<String>,
+    pub printer: Box<dyn FnMut(&str, &Graph)>,
+}
+
+impl PassManager {
+    pub fn new(pipeline: &Pipeline, registry: &Registry) -> Result<PassManager, PassError> {
+        let passes = pipeline
+            .steps
+            .iter()
+            .map(|s| registry.make(s))
+            .collect::<Result<_, _>>()?;
+        Ok(PassManager {
+            passes,
+            print_after: Vec::new(),
+            printer: Box::new(|_, _| {}),
+        })
+    }
+
+    /// A manager over passes built by the caller (a user's own passes included).
+    pub fn from_passes(passes: Vec<Box<dyn Pass>>) -> PassManager {
+        PassManager {
+            passes,
+            print_after: Vec::new(),
+            printer: Box::new(|_, _| {}),
+        }
+    }
+
+    pub fn run(
+        &mut self,
+        g: &mut Graph,
+        cx: &mut PassContext,
+    ) -> Result<Vec<PassReport>, PassError> {
+        let mut reports = Vec::new();
+        for pass in &mut self.passes {
+            let name = pass.name().to_string();
+            let before = g.nodes.len();
+            let t0 = Instant::now();
+            let outcome = pass.run(g, cx).map_err(|e| PassError::Failed {
+                pass: name.clone(),
+                source: e,
+            })?;
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            tcc_ir::verify(g).map_err(|e| PassError::Invalid {
+                pass: name.clone(),
+                source: e,
+            })?;
+            tracing::info!(pass = %name, ms, nodes = g.nodes.len(), changed = outcome.changed, "pass done");
+            if self.print_after.iter().any(|p| p == "*" || *p == name) {
+                (self.printer)(&name, g);
+            }
+            reports.push(PassReport {
+                pass: name,
+                ms,
+                changed: outcome.changed,
+                nodes_before: before,
+                nodes_after: g.nodes.len(),
+                stats: outcome.stats,
+            });
+        }
+        Ok(reports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipelines_parse_with_options_and_aliases() {
+        let r = Registry::builtin();
+        let p = Pipeline::parse("canon, dce", &r).unwrap();
+        assert_eq!(p.names(), vec!["fold", "dce", "dce"]);
+        let mut r = Registry::builtin();
+        r.register("eqsat", "test", |_| Ok(Box::new(crate::DeadCode)));
+        let p = Pipeline::parse("fold,eqsat{iters=8, nodes=100000}", &r).unwrap();
+        assert_eq!(
+            p.steps[1].options.get("iters").map(String::as_str),
+            Some("8")
+        );
+        for bad in [
+            "",
+            "fold,,",
+            "nope",
+            "fold{x=1}",
+            "eqsat{iters}",
+            "fold dce",
+            "canon{a=1}",
+        ] {
+            let e = Pipeline::parse(bad, &r).and_then(|p| PassManager::new(&p, &r).map(|_| ()));
+            assert!(e.is_err(), "{bad:?} should not parse");
+        }
+    }
+}
