@@ -49,9 +49,7 @@ pub struct Fixtures {
 
 impl Fixtures {
     pub fn model(&self, name: &str) -> &ModelFixture {
-        self.models
-            .get(name)
-            .unwrap_or_else(|| panic!("fixture `{name}` is missing from {}", self.root.display()))
+        self.models.get(name).unwrap_or_else(|| panic!("fixture `{name}` is missing from {}", self.root.display()))
     }
 
     /// The Python interpreter of the fixtures' venv (with onnxruntime).
@@ -69,31 +67,50 @@ fn repo_root() -> PathBuf {
 }
 
 pub fn fixtures_dir() -> PathBuf {
-    std::env::var_os("TCC_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(std::env::temp_dir);
-            home.join(".cache/tcc-fixtures")
-        })
+    std::env::var_os("TCC_FIXTURES").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        home.join(".cache/tcc-fixtures")
+    })
 }
 
-/// Runs the fetch script once (under a lock shared by concurrent test processes) and parses the
-/// manifest.
+/// The fixture set version the fetch script builds (its `VERSION = N` line).
+fn wanted_version() -> i64 {
+    let script = std::fs::read_to_string(repo_root().join("tests/fixtures/fetch.py")).expect("fetch.py");
+    script.lines().find_map(|l| l.strip_prefix("VERSION = ")).and_then(|v| v.trim().parse().ok()).expect("VERSION line")
+}
+
+/// Whether the cached fixtures are complete and of the wanted version.
+fn up_to_date(root: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(root.join("manifest.json")) else { return false };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+    if v["version"].as_i64() != Some(wanted_version()) || v["centroids"].is_null() {
+        return false;
+    }
+    let files = v["models"]
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+        .flat_map(|m| ["path", "inputs", "outputs"].map(|k| m[k].clone()));
+    files
+        .chain(["tokenizer", "queries", "centroids", "centroids_int8"].map(|k| v[k].clone()))
+        .all(|p| p.as_str().is_some_and(|p| Path::new(p).exists()))
+}
+
+/// Runs the fetch script once when the cache is not complete (under a lock shared by
+/// concurrent test processes) and parses the manifest.
 pub fn fixtures() -> &'static Fixtures {
     static F: OnceLock<Fixtures> = OnceLock::new();
     F.get_or_init(|| {
         let root = fixtures_dir();
+        if up_to_date(&root) {
+            return parse_manifest(&root);
+        }
         std::fs::create_dir_all(&root).expect("fixtures dir");
         let lock = root.join(".lock");
         let t0 = std::time::Instant::now();
         while std::fs::create_dir(&lock).is_err() {
             if t0.elapsed().as_secs() > 3600 {
-                panic!(
-                    "waited an hour for {}; remove it if no fetch is running",
-                    lock.display()
-                );
+                panic!("waited an hour for {}; remove it if no fetch is running", lock.display());
             }
             std::thread::sleep(std::time::Duration::from_millis(500));
         }
@@ -109,12 +126,7 @@ pub fn fixtures() -> &'static Fixtures {
 fn parse_manifest(root: &Path) -> Fixtures {
     let text = std::fs::read_to_string(root.join("manifest.json")).expect("manifest.json");
     let v: serde_json::Value = serde_json::from_str(&text).expect("manifest is JSON");
-    let s = |k: &str| {
-        PathBuf::from(
-            v[k].as_str()
-                .unwrap_or_else(|| panic!("manifest lacks {k}")),
-        )
-    };
+    let s = |k: &str| PathBuf::from(v[k].as_str().unwrap_or_else(|| panic!("manifest lacks {k}")));
     let models = v["models"]
         .as_object()
         .expect("models")
@@ -130,12 +142,7 @@ fn parse_manifest(root: &Path) -> Fixtures {
                 outputs: p("outputs"),
                 attention_heads: m["attention_heads"]
                     .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x.as_u64())
-                            .map(|x| x as usize)
-                            .collect()
-                    })
+                    .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect())
                     .unwrap_or_default(),
                 trace: m["trace"].as_str().map(PathBuf::from),
             };
@@ -151,11 +158,7 @@ fn parse_manifest(root: &Path) -> Fixtures {
         centroids_int8: s("centroids_int8"),
         sentences: v["sentences"]
             .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
             .unwrap_or_default(),
     }
 }
@@ -165,16 +168,9 @@ fn parse_manifest(root: &Path) -> Fixtures {
 pub fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
     assert_eq!(got.shape(), want.shape(), "shapes differ");
     if want.dtype() != DType::F32 {
-        return if got.to_i64s().unwrap() == want.to_i64s().unwrap() {
-            0.0
-        } else {
-            1.0
-        };
+        return if got.to_i64s().unwrap() == want.to_i64s().unwrap() { 0.0 } else { 1.0 };
     }
-    let (a, b) = (
-        got.as_slice::<f32>().unwrap(),
-        want.as_slice::<f32>().unwrap(),
-    );
+    let (a, b) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
     let scale = b.iter().fold(0f64, |m, x| m.max((*x as f64).abs()));
     let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| {
         if x.is_nan() != y.is_nan() {
@@ -197,10 +193,7 @@ pub fn worst_rel_err(got: &[(String, Tensor)], want: &[(String, Tensor)]) -> (f6
     assert_eq!(got.len(), want.len(), "number of outputs");
     let mut worst = (0.0, String::new());
     for (w_name, w) in want {
-        let (_, g) = got
-            .iter()
-            .find(|(n, _)| n == w_name)
-            .unwrap_or_else(|| panic!("output `{w_name}` missing"));
+        let (_, g) = got.iter().find(|(n, _)| n == w_name).unwrap_or_else(|| panic!("output `{w_name}` missing"));
         assert_eq!(g.dtype(), w.dtype(), "dtype of `{w_name}`");
         assert_eq!(g.shape(), w.shape(), "shape of `{w_name}`");
         let e = rel_err(g, w);

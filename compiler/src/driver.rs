@@ -65,16 +65,8 @@ pub struct Summary {
 pub fn summarize(g: &Graph) -> Summary {
     let heads = analysis::attention_heads(g);
     Summary {
-        inputs: g
-            .inputs
-            .iter()
-            .map(|&v| (g.value(v).name.clone(), g.fact(v).to_string()))
-            .collect(),
-        outputs: g
-            .outputs
-            .iter()
-            .map(|o| (o.name.clone(), g.fact(o.value).to_string()))
-            .collect(),
+        inputs: g.inputs.iter().map(|&v| (g.value(v).name.clone(), g.fact(v).to_string())).collect(),
+        outputs: g.outputs.iter().map(|o| (o.name.clone(), g.fact(o.value).to_string())).collect(),
         op_counts: g.op_counts(),
         layers: heads.len(),
         attention_heads: heads,
@@ -106,29 +98,18 @@ fn spinner(progress: bool, len: u64) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})")
-            .expect("valid template"),
-    );
+    pb.set_style(ProgressStyle::with_template("{spinner} [{pos}/{len}] {msg} ({elapsed})").expect("valid template"));
     pb.enable_steady_tick(std::time::Duration::from_millis(120));
     pb
 }
 
 /// Imports and optimizes a model. Returns the graph and the report so far.
-pub fn compile(
-    source: &Path,
-    opts: &BuildOptions,
-    pb: &ProgressBar,
-) -> Result<(Graph, BuildReport), BuildError> {
+pub fn compile(source: &Path, opts: &BuildOptions, pb: &ProgressBar) -> Result<(Graph, BuildReport), BuildError> {
     let t0 = Instant::now();
     pb.set_message(format!("importing {}", source.display()));
     let imported = onnx::import_file(source)?;
     let import_ms = t0.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(
-        ms = import_ms,
-        nodes = imported.graph.nodes.len(),
-        "imported"
-    );
+    tracing::info!(ms = import_ms, nodes = imported.graph.nodes.len(), "imported");
     pb.inc(1);
     let mut g = imported.graph;
     let nodes_imported = g.nodes.len();
@@ -141,11 +122,7 @@ pub fn compile(
     pm.printer = Box::new(move |name, g| {
         pb2.suspend(|| eprintln!("// IR after {name}\n{}", tcc_ir::text::print(&g.compact())));
     });
-    let mut cx = PassContext {
-        cpu_features: tcc_runtime::cpu::host()
-            .map(|c| c.features)
-            .unwrap_or_default(),
-    };
+    let mut cx = PassContext { cpu_features: tcc_runtime::cpu::host().map(|c| c.features).unwrap_or_default() };
     let passes = pm.run(&mut g, &mut cx)?;
     pb.inc(1);
     let g = g.compact();
@@ -196,20 +173,13 @@ pub fn lower(g: &Graph) -> Result<(Plan, Vec<(String, Tensor)>), BuildError> {
             continue;
         };
         let base = g.value(v).name.clone();
-        let mut name = if base.is_empty() {
-            format!("const{}", v.0)
-        } else {
-            base.clone()
-        };
+        let mut name = if base.is_empty() { format!("const{}", v.0) } else { base.clone() };
         let mut k = 1;
         while !names.insert(name.clone()) {
             name = format!("{base}~{k}");
             k += 1;
         }
-        constants.push(Constant {
-            slot: slot(v),
-            weight: name.clone(),
-        });
+        constants.push(Constant { slot: slot(v), weight: name.clone() });
         weights.push((name, t.clone()));
     }
     let steps: Vec<Step> = g
@@ -232,13 +202,7 @@ pub fn lower(g: &Graph) -> Result<(Plan, Vec<(String, Tensor)>), BuildError> {
             shape: g.fact(o.value).shape.clone(),
         })
         .collect();
-    let plan = Plan {
-        inputs,
-        outputs,
-        constants,
-        steps,
-        slots: next,
-    };
+    let plan = Plan { inputs, outputs, constants, steps, slots: next };
     Ok((plan, weights))
 }
 
@@ -249,14 +213,9 @@ pub fn build(source: &Path, out: &Path, opts: &BuildOptions) -> Result<BuildRepo
     let tokenizer = match &opts.tokenizer {
         None => None,
         Some(p) => {
-            let bytes = std::fs::read(p).map_err(|e| BuildError::Tokenizer {
-                path: p.clone(),
-                message: e.to_string(),
-            })?;
-            tcc_runtime::tokenizer_check(&bytes).map_err(|e| BuildError::Tokenizer {
-                path: p.clone(),
-                message: e,
-            })?;
+            let bytes =
+                std::fs::read(p).map_err(|e| BuildError::Tokenizer { path: p.clone(), message: e.to_string() })?;
+            tcc_runtime::tokenizer_check(&bytes).map_err(|e| BuildError::Tokenizer { path: p.clone(), message: e })?;
             Some(bytes)
         }
     };
@@ -272,12 +231,7 @@ pub fn build(source: &Path, out: &Path, opts: &BuildOptions) -> Result<BuildRepo
     let json = serde_json::to_value(&report).unwrap_or_default();
     let bytes = artifact::write(
         out,
-        &ArtifactContents {
-            plan: &plan,
-            weights: &weights,
-            tokenizer: tokenizer.as_deref(),
-            report: json,
-        },
+        &ArtifactContents { plan: &plan, weights: &weights, tokenizer: tokenizer.as_deref(), report: json },
     )?;
     report.write_ms = t2.elapsed().as_secs_f64() * 1e3;
     report.artifact_bytes = bytes;

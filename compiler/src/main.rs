@@ -8,11 +8,7 @@ use tcc_compiler::driver::{self, BuildOptions, Summary};
 use tcc_runtime::{io, Model, Tensor};
 
 #[derive(Parser)]
-#[command(
-    name = "tcc",
-    version,
-    about = "tcc, a Transformer compression compiler: ONNX in, a compiled artifact out."
-)]
+#[command(name = "tcc", version, about = "tcc, a Transformer compression compiler: ONNX in, a compiled artifact out.")]
 struct Cli {
     /// More logging (-v info, -vv debug); TCC_LOG=filter overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -73,6 +69,8 @@ enum Command {
     },
     /// List the passes a pipeline can name.
     Passes,
+    /// List the ONNX operators tcc imports.
+    Ops,
 }
 
 fn main() -> ExitCode {
@@ -84,10 +82,7 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TCC_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -101,24 +96,11 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn run(cmd: Command) -> Result<()> {
     match cmd {
-        Command::Build {
-            model,
-            output,
-            tokenizer,
-            passes,
-            mut print_after,
-            print_ir_after_all,
-            report_json,
-        } => {
+        Command::Build { model, output, tokenizer, passes, mut print_after, print_ir_after_all, report_json } => {
             if print_ir_after_all {
                 print_after.push("*".into());
             }
-            let opts = BuildOptions {
-                pipeline: passes,
-                tokenizer,
-                print_after,
-                progress: true,
-            };
+            let opts = BuildOptions { pipeline: passes, tokenizer, print_after, progress: true };
             let report = driver::build(&model, &output, &opts)?;
             print_build_report(&report, &output);
             if let Some(p) = report_json {
@@ -127,18 +109,9 @@ fn run(cmd: Command) -> Result<()> {
             }
             Ok(())
         }
-        Command::Run {
-            model,
-            input,
-            text,
-            output,
-            threads,
-        } => {
+        Command::Run { model, input, text, output, threads } => {
             if let Some(n) = threads {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n.max(1))
-                    .build_global()
-                    .map_err(|e| e.to_string())?;
+                rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().map_err(|e| e.to_string())?;
             }
             let m = Model::load(&model)?;
             let inputs: Vec<(String, Tensor)> = match (&input, text.is_empty()) {
@@ -155,11 +128,7 @@ fn run(cmd: Command) -> Result<()> {
             match &output {
                 Some(p) => {
                     write_outputs(p, &outputs)?;
-                    eprintln!(
-                        "wrote {} output(s) to {} ({ms:.1} ms)",
-                        outputs.len(),
-                        p.display()
-                    );
+                    eprintln!("wrote {} output(s) to {} ({ms:.1} ms)", outputs.len(), p.display());
                 }
                 None => {
                     for (name, t) in &outputs {
@@ -171,6 +140,12 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Ops => {
+            for (domain, op) in tcc_compiler::onnx::SUPPORTED_OPS {
+                println!("{}{op}", if domain.is_empty() { String::new() } else { format!("{domain}::") });
+            }
+            Ok(())
+        }
         Command::Passes => {
             for (name, about) in tcc_passes::Registry::builtin().describe() {
                 println!("{name:12} {about}");
@@ -181,10 +156,7 @@ fn run(cmd: Command) -> Result<()> {
 }
 
 fn ext(p: &Path) -> String {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase()
+    p.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase()
 }
 
 fn read_inputs(p: &Path, m: &Model) -> Result<Vec<(String, Tensor)>> {
@@ -209,35 +181,19 @@ fn write_outputs(p: &Path, outputs: &[(String, Tensor)]) -> Result<()> {
 /// `f32[1, 9, 384] [0.0123, -0.4561, ...]`.
 fn head(t: &Tensor) -> String {
     let vals: Vec<String> = match t.dtype() {
-        tcc_runtime::DType::F32 => t
-            .as_slice::<f32>()
-            .unwrap_or_default()
-            .iter()
-            .take(6)
-            .map(|v| format!("{v:.4}"))
-            .collect(),
-        _ => t
-            .to_i64s()
-            .unwrap_or_default()
-            .iter()
-            .take(6)
-            .map(|v| v.to_string())
-            .collect(),
+        tcc_runtime::DType::F32 => {
+            t.as_slice::<f32>().unwrap_or_default().iter().take(6).map(|v| format!("{v:.4}")).collect()
+        }
+        _ => t.to_i64s().unwrap_or_default().iter().take(6).map(|v| v.to_string()).collect(),
     };
-    format!(
-        "{}{:?} [{}{}]",
-        t.dtype(),
-        t.shape(),
-        vals.join(", "),
-        if t.len() > 6 { ", ..." } else { "" }
-    )
+    format!("{}{:?} [{}{}]", t.dtype(), t.shape(), vals.join(", "), if t.len() > 6 { ", ..." } else { "" })
 }
 
 fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -259,16 +215,8 @@ fn print_summary(s: &Summary) {
         println!("  {n:28} {t}");
     }
     let heads: Vec<String> = s.attention_heads.iter().map(|h| h.to_string()).collect();
-    println!(
-        "layers: {}   attention heads per layer: [{}]",
-        s.layers,
-        heads.join(", ")
-    );
-    println!(
-        "parameters: {}   weights: {}",
-        thousands(s.parameters),
-        mb(s.weight_bytes as f64)
-    );
+    println!("layers: {}   attention heads per layer: [{}]", s.layers, heads.join(", "));
+    println!("parameters: {}   weights: {}", thousands(s.parameters), mb(s.weight_bytes as f64));
     println!("ops ({} nodes):", s.op_counts.values().sum::<usize>());
     let mut counts: Vec<(&String, &usize)> = s.op_counts.iter().collect();
     counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
@@ -286,12 +234,7 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
         r.nodes_imported
     );
     for p in &r.passes {
-        let stats: Vec<String> = p
-            .stats
-            .iter()
-            .filter(|(_, v)| **v != 0)
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let stats: Vec<String> = p.stats.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
         println!(
             "  {:10} {:>8.1} ms   {} -> {} nodes  {}",
             p.pass,
@@ -321,10 +264,7 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
 fn inspect(path: &Path, json: bool) -> Result<()> {
     if ext(path) == "tcc" {
         let m = Model::load(path)?;
-        let summary: Option<Summary> = m
-            .report()
-            .get("summary")
-            .and_then(|s| serde_json::from_value(s.clone()).ok());
+        let summary: Option<Summary> = m.report().get("summary").and_then(|s| serde_json::from_value(s.clone()).ok());
         let mut s = summary.ok_or("the artifact has no summary in its report")?;
         // What the artifact runs is the plan: count its ops.
         s.op_counts = m.plan().op_counts();
@@ -351,20 +291,13 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
                 mb(m.size() as f64),
                 m.producer(),
                 m.load_ms,
-                if m.has_tokenizer() {
-                    ", with tokenizer"
-                } else {
-                    ""
-                }
+                if m.has_tokenizer() { ", with tokenizer" } else { "" }
             );
             print_summary(&s);
         }
         return Ok(());
     }
-    let opts = BuildOptions {
-        progress: !json,
-        ..Default::default()
-    };
+    let opts = BuildOptions { progress: !json, ..Default::default() };
     let pb = indicatif::ProgressBar::hidden();
     let (_, report) = driver::compile(path, &opts, &pb)?;
     let s = &report.summary;
@@ -387,16 +320,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         let opsets: Vec<String> = report
             .opsets
             .iter()
-            .map(|(d, v)| {
-                format!(
-                    "{}{v}",
-                    if d.is_empty() {
-                        "ai.onnx ".to_string()
-                    } else {
-                        format!("{d} ")
-                    }
-                )
-            })
+            .map(|(d, v)| format!("{}{v}", if d.is_empty() { "ai.onnx ".to_string() } else { format!("{d} ") }))
             .collect();
         println!(
             "{}: ONNX ({}; {}), {} nodes",

@@ -8,9 +8,7 @@ pub fn parameters(g: &Graph) -> usize {
     g.used_consts()
         .into_iter()
         .filter_map(|v| match &g.value(v).def {
-            Def::Const(t) if matches!(t.dtype(), DType::F32 | DType::I8 | DType::U8) => {
-                Some(t.len())
-            }
+            Def::Const(t) if matches!(t.dtype(), DType::F32 | DType::I8 | DType::U8) => Some(t.len()),
             _ => None,
         })
         .sum()
@@ -18,11 +16,7 @@ pub fn parameters(g: &Graph) -> usize {
 
 /// Bytes of constant data.
 pub fn weight_bytes(g: &Graph) -> usize {
-    g.used_consts()
-        .into_iter()
-        .filter_map(|v| g.const_of(v))
-        .map(|t| t.len() * t.dtype().size())
-        .sum()
+    g.used_consts().into_iter().filter_map(|v| g.const_of(v)).map(|t| t.len() * t.dtype().size()).sum()
 }
 
 /// The attention blocks found in the graph, in order, with their number of heads.
@@ -39,22 +33,13 @@ pub fn attention_heads(g: &Graph) -> Vec<usize> {
                     continue;
                 };
                 let f = g.fact(*x);
-                let last_axis = matches!(
-                    node.op.attrs().get("axis").and_then(|a| a.as_i64()),
-                    Some(-1) | Some(3)
-                );
+                let last_axis = matches!(node.op.attrs().get("axis").and_then(|a| a.as_i64()), Some(-1) | Some(3));
                 if f.rank() == 4 && last_axis {
                     heads.push(f.shape[1].as_const().map(|h| h as usize).unwrap_or(0));
                 }
             }
             "Attention" => {
-                heads.push(
-                    node.op
-                        .attrs()
-                        .get("heads")
-                        .and_then(|h| h.as_u64())
-                        .unwrap_or(0) as usize,
-                );
+                heads.push(node.op.attrs().get("heads").and_then(|h| h.as_u64()).unwrap_or(0) as usize);
             }
             _ => {}
         }

@@ -11,11 +11,7 @@ pub enum Error {
     Verify(String),
     /// An op rejected the types of its inputs.
     #[error("node `{node}` ({op}): {message}")]
-    Infer {
-        node: String,
-        op: String,
-        message: String,
-    },
+    Infer { node: String, op: String, message: String },
     /// The IR text could not be parsed.
     #[error("line {line}: {message}")]
     Parse { line: usize, message: String },
@@ -30,10 +26,6 @@ impl Error {
             tcc_runtime::Error::Op { message, .. } => message,
             e => e.to_string(),
         };
-        Error::Infer {
-            node: node.to_string(),
-            op: op.name().to_string(),
-            message,
-        }
+        Error::Infer { node: node.to_string(), op: op.name().to_string(), message }
     }
 }

@@ -93,10 +93,7 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph {
-            name: name.into(),
-            ..Default::default()
-        }
+        Graph { name: name.into(), ..Default::default() }
     }
 
     pub fn value(&self, v: ValueId) -> &Value {
@@ -118,12 +115,7 @@ impl Graph {
 
     fn push_value(&mut self, name: String, fact: Fact, def: Def) -> ValueId {
         let id = ValueId(self.values.len() as u32);
-        self.values.push(Value {
-            name,
-            fact,
-            quant: None,
-            def,
-        });
+        self.values.push(Value { name, fact, quant: None, def });
         id
     }
 
@@ -154,39 +146,22 @@ impl Graph {
             .into_iter()
             .enumerate()
             .map(|(i, f)| {
-                let vname = if n == 1 {
-                    name.clone()
-                } else {
-                    format!("{name}:{i}")
-                };
+                let vname = if n == 1 { name.clone() } else { format!("{name}:{i}") };
                 self.push_value(vname, f, Def::Computed)
             })
             .collect();
-        self.nodes.push(Node {
-            op,
-            inputs,
-            outputs: ids.clone(),
-            name,
-        });
+        self.nodes.push(Node { op, inputs, outputs: ids.clone(), name });
         Ok(ids)
     }
 
     /// Adds a node with one output and returns it.
-    pub fn add1(
-        &mut self,
-        op: impl Into<Op>,
-        inputs: &[ValueId],
-        name: impl Into<String>,
-    ) -> Result<ValueId> {
+    pub fn add1(&mut self, op: impl Into<Op>, inputs: &[ValueId], name: impl Into<String>) -> Result<ValueId> {
         let outs = self.add_node(op, inputs.iter().map(|&v| Some(v)).collect(), name)?;
         Ok(outs[0])
     }
 
     pub fn add_output(&mut self, name: impl Into<String>, v: ValueId) {
-        self.outputs.push(Output {
-            name: name.into(),
-            value: v,
-        });
+        self.outputs.push(Output { name: name.into(), value: v });
     }
 
     /// For each computed value, the node and output index that produce it.
@@ -279,8 +254,7 @@ impl Graph {
             }
         }
         // Kahn's algorithm, taking ready nodes in their current order (stable).
-        let mut ready: std::collections::BTreeSet<usize> =
-            (0..n).filter(|&i| indegree[i] == 0).collect();
+        let mut ready: std::collections::BTreeSet<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
         let mut order = Vec::with_capacity(n);
         while let Some(i) = ready.pop_first() {
             order.push(i);
@@ -292,22 +266,11 @@ impl Graph {
             }
         }
         if order.len() != n {
-            let stuck = (0..n)
-                .find(|&i| indegree[i] > 0)
-                .map(|i| self.nodes[i].name.clone())
-                .unwrap_or_default();
-            return Err(Error::Verify(format!(
-                "the graph has a cycle through node `{stuck}`"
-            )));
+            let stuck = (0..n).find(|&i| indegree[i] > 0).map(|i| self.nodes[i].name.clone()).unwrap_or_default();
+            return Err(Error::Verify(format!("the graph has a cycle through node `{stuck}`")));
         }
-        let mut old: Vec<Option<Node>> = std::mem::take(&mut self.nodes)
-            .into_iter()
-            .map(Some)
-            .collect();
-        self.nodes = order
-            .into_iter()
-            .map(|i| old[i].take().expect("each node once"))
-            .collect();
+        let mut old: Vec<Option<Node>> = std::mem::take(&mut self.nodes).into_iter().map(Some).collect();
+        self.nodes = order.into_iter().map(|i| old[i].take().expect("each node once")).collect();
         Ok(())
     }
 
@@ -320,21 +283,14 @@ impl Graph {
             used.extend(node.outputs.iter().copied());
         }
         let mut order: Vec<ValueId> = self.inputs.clone();
-        let mut consts: Vec<ValueId> = used
-            .iter()
-            .copied()
-            .filter(|v| matches!(self.value(*v).def, Def::Const(_)))
-            .collect();
+        let mut consts: Vec<ValueId> =
+            used.iter().copied().filter(|v| matches!(self.value(*v).def, Def::Const(_))).collect();
         consts.sort();
         order.extend(consts);
         for node in &self.nodes {
             order.extend(node.outputs.iter().copied());
         }
-        let map: HashMap<ValueId, ValueId> = order
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (v, ValueId(i as u32)))
-            .collect();
+        let map: HashMap<ValueId, ValueId> = order.iter().enumerate().map(|(i, &v)| (v, ValueId(i as u32))).collect();
         let m = |v: &ValueId| map[v];
         Graph {
             name: self.name.clone(),
@@ -350,14 +306,7 @@ impl Graph {
                 })
                 .collect(),
             inputs: self.inputs.iter().map(m).collect(),
-            outputs: self
-                .outputs
-                .iter()
-                .map(|o| Output {
-                    name: o.name.clone(),
-                    value: m(&o.value),
-                })
-                .collect(),
+            outputs: self.outputs.iter().map(|o| Output { name: o.name.clone(), value: m(&o.value) }).collect(),
         }
     }
 
@@ -371,15 +320,8 @@ impl Graph {
         }
         for n in 0..self.nodes.len() {
             let node = &self.nodes[n];
-            let facts: Vec<Option<&Fact>> = node
-                .inputs
-                .iter()
-                .map(|i| i.map(|v| self.fact(v)))
-                .collect();
-            let outs = node
-                .op
-                .infer(&facts)
-                .map_err(|e| Error::infer(&node.name, &node.op, e))?;
+            let facts: Vec<Option<&Fact>> = node.inputs.iter().map(|i| i.map(|v| self.fact(v))).collect();
+            let outs = node.op.infer(&facts).map_err(|e| Error::infer(&node.name, &node.op, e))?;
             if outs.len() != node.outputs.len() {
                 return Err(Error::Verify(format!(
                     "node `{}` has {} outputs, {} makes {}",

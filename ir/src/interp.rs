@@ -15,12 +15,7 @@ pub fn input_specs(g: &Graph) -> Vec<Input> {
         .iter()
         .map(|&v| {
             let val = g.value(v);
-            Input {
-                name: val.name.clone(),
-                dtype: val.fact.dtype,
-                shape: val.fact.shape.clone(),
-                slot: v.0,
-            }
+            Input { name: val.name.clone(), dtype: val.fact.dtype, shape: val.fact.shape.clone(), slot: v.0 }
         })
         .collect()
 }
@@ -71,10 +66,9 @@ pub fn run_observed(
             })
             .collect::<Result<_>>()?;
         let outs = node.op.eval(&ctx, &ins).map_err(|e| match e {
-            tcc_runtime::Error::Op { op, message } => tcc_runtime::Error::Op {
-                op: format!("{op} `{}`", node.name),
-                message,
-            },
+            tcc_runtime::Error::Op { op, message } => {
+                tcc_runtime::Error::Op { op: format!("{op} `{}`", node.name), message }
+            }
             e => e,
         })?;
         if outs.len() != node.outputs.len() {
@@ -100,9 +94,9 @@ pub fn run_observed(
         .map(|o| {
             let t = match &g.value(o.value).def {
                 Def::Const(t) => t.clone(),
-                _ => vals[o.value.index()].clone().ok_or_else(|| {
-                    Error::Verify(format!("output `{}` was not computed", o.name))
-                })?,
+                _ => vals[o.value.index()]
+                    .clone()
+                    .ok_or_else(|| Error::Verify(format!("output `{}` was not computed", o.name)))?,
             };
             Ok((o.name.clone(), t))
         })

@@ -34,10 +34,7 @@ impl Default for PrintOptions {
 }
 
 fn is_plain(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.')
+    !name.is_empty() && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.')
 }
 
 fn quote(name: &str) -> String {
@@ -55,12 +52,7 @@ fn fmt_fact(f: &Fact) -> String {
 fn fmt_data(t: &Tensor) -> String {
     match t.dtype() {
         DType::F32 => {
-            let v: Vec<String> = t
-                .as_slice::<f32>()
-                .unwrap_or_default()
-                .iter()
-                .map(|x| fmt_f32(*x))
-                .collect();
+            let v: Vec<String> = t.as_slice::<f32>().unwrap_or_default().iter().map(|x| fmt_f32(*x)).collect();
             format!("[{}]", v.join(", "))
         }
         _ => format!("{:?}", t.to_i64s().unwrap_or_default()),
@@ -80,11 +72,8 @@ fn fmt_f32(x: f32) -> String {
 }
 
 fn fmt_quant(q: &QuantParams) -> String {
-    let mut s = format!(
-        " quant{{scale={}, zero_point={:?}",
-        serde_json::to_string(&q.scale).unwrap_or_default(),
-        q.zero_point
-    );
+    let mut s =
+        format!(" quant{{scale={}, zero_point={:?}", serde_json::to_string(&q.scale).unwrap_or_default(), q.zero_point);
     if let Some(a) = q.axis {
         let _ = write!(s, ", axis={a}");
     }
@@ -105,17 +94,9 @@ pub fn print_with(g: &Graph, opts: PrintOptions) -> String {
         if let Some(n) = names.get(&v) {
             return n.clone();
         }
-        let base = if base.is_empty() {
-            format!("v{}", v.0)
-        } else {
-            base.to_string()
-        };
+        let base = if base.is_empty() { format!("v{}", v.0) } else { base.to_string() };
         let k = taken.entry(base.clone()).or_insert(0);
-        let n = if *k == 0 {
-            base.clone()
-        } else {
-            format!("{base}~{k}")
-        };
+        let n = if *k == 0 { base.clone() } else { format!("{base}~{k}") };
         *k += 1;
         names.insert(v, n.clone());
         n
@@ -134,12 +115,8 @@ pub fn print_with(g: &Graph, opts: PrintOptions) -> String {
             )
         })
         .collect();
-    let _ = writeln!(
-        out,
-        "graph {}({}) {{",
-        quote(if g.name.is_empty() { "main" } else { &g.name }),
-        params.join(", ")
-    );
+    let _ =
+        writeln!(out, "graph {}({}) {{", quote(if g.name.is_empty() { "main" } else { &g.name }), params.join(", "));
     for v in g.used_consts() {
         let val = g.value(v);
         let Def::Const(t) = &val.def else { continue };
@@ -157,11 +134,8 @@ pub fn print_with(g: &Graph, opts: PrintOptions) -> String {
         );
     }
     for node in &g.nodes {
-        let outs: Vec<String> = node
-            .outputs
-            .iter()
-            .map(|&o| format!("%{}", quote(&name_of(o, &g.value(o).name))))
-            .collect();
+        let outs: Vec<String> =
+            node.outputs.iter().map(|&o| format!("%{}", quote(&name_of(o, &g.value(o).name)))).collect();
         let attrs = match node.op.attrs() {
             serde_json::Value::Object(m) if !m.is_empty() => {
                 let kv: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -181,11 +155,7 @@ pub fn print_with(g: &Graph, opts: PrintOptions) -> String {
             .outputs
             .iter()
             .map(|&o| {
-                format!(
-                    "{}{}",
-                    fmt_fact(g.fact(o)),
-                    g.value(o).quant.as_ref().map(fmt_quant).unwrap_or_default()
-                )
+                format!("{}{}", fmt_fact(g.fact(o)), g.value(o).quant.as_ref().map(fmt_quant).unwrap_or_default())
             })
             .collect();
         let _ = writeln!(
@@ -222,18 +192,11 @@ pub fn parse(text: &str) -> Result<Graph> {
 pub fn parse_with_weights(text: &str, weights: &HashMap<String, Tensor>) -> Result<Graph> {
     let mut g = Graph::default();
     let mut scope: HashMap<String, ValueId> = HashMap::new();
-    let mut lines = text
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l))
-        .filter(|(_, l)| {
-            let t = l.trim();
-            !t.is_empty() && !t.starts_with('#')
-        });
-    let (ln, header) = lines.next().ok_or(Error::Parse {
-        line: 1,
-        message: "empty text".into(),
-    })?;
+    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l)).filter(|(_, l)| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#')
+    });
+    let (ln, header) = lines.next().ok_or(Error::Parse { line: 1, message: "empty text".into() })?;
     let mut c = Cursor::new(header, ln);
     c.keyword("graph")?;
     g.name = c.name()?;
@@ -265,9 +228,7 @@ pub fn parse_with_weights(text: &str, weights: &HashMap<String, Tensor>) -> Resu
         if c.try_keyword("return") {
             loop {
                 let v = c.value_name()?;
-                let id = *scope
-                    .get(&v)
-                    .ok_or_else(|| c.err(format!("unknown value %{v}")))?;
+                let id = *scope.get(&v).ok_or_else(|| c.err(format!("unknown value %{v}")))?;
                 let name = if c.try_keyword("as") { c.name()? } else { v };
                 g.add_output(name, id);
                 if !c.eat(',') {
@@ -285,15 +246,10 @@ pub fn parse_with_weights(text: &str, weights: &HashMap<String, Tensor>) -> Resu
         if c.try_keyword("const") {
             let fact = c.fact()?;
             let quant = c.quant()?;
-            let shape = fact
-                .concrete_shape()
-                .ok_or_else(|| c.err("a constant needs a concrete shape".into()))?;
+            let shape = fact.concrete_shape().ok_or_else(|| c.err("a constant needs a concrete shape".into()))?;
             let t = if c.eat('@') {
                 let wname = c.name()?;
-                let t = weights
-                    .get(&wname)
-                    .ok_or_else(|| c.err(format!("no weight named {wname:?}")))?
-                    .clone();
+                let t = weights.get(&wname).ok_or_else(|| c.err(format!("no weight named {wname:?}")))?.clone();
                 if t.dtype() != fact.dtype || t.shape() != shape.as_slice() {
                     return Err(c.err(format!("weight {wname:?} is {t:?}, declared {fact}")));
                 }
@@ -311,11 +267,7 @@ pub fn parse_with_weights(text: &str, weights: &HashMap<String, Tensor>) -> Resu
             continue;
         }
         let op_name = c.ident()?;
-        let attrs = if c.peek() == Some('{') {
-            c.attrs()?
-        } else {
-            serde_json::Value::Object(Default::default())
-        };
+        let attrs = if c.peek() == Some('{') { c.attrs()? } else { serde_json::Value::Object(Default::default()) };
         let op = Op::from_name(&op_name, attrs).map_err(|e| c.err(e))?;
         c.expect('(')?;
         let mut ins = Vec::new();
@@ -325,11 +277,7 @@ pub fn parse_with_weights(text: &str, weights: &HashMap<String, Tensor>) -> Resu
                     ins.push(None);
                 } else {
                     let v = c.value_name()?;
-                    ins.push(Some(
-                        *scope
-                            .get(&v)
-                            .ok_or_else(|| c.err(format!("unknown value %{v}")))?,
-                    ));
+                    ins.push(Some(*scope.get(&v).ok_or_else(|| c.err(format!("unknown value %{v}")))?));
                 }
                 if c.eat(')') {
                     break;
@@ -348,22 +296,12 @@ pub fn parse_with_weights(text: &str, weights: &HashMap<String, Tensor>) -> Resu
         }
         c.end()?;
         let node_name = outs[0].clone();
-        let ids = g
-            .add_node(op, ins, node_name)
-            .map_err(|e| c.err(e.to_string()))?;
+        let ids = g.add_node(op, ins, node_name).map_err(|e| c.err(e.to_string()))?;
         if ids.len() != outs.len() {
-            return Err(c.err(format!(
-                "the op makes {} outputs, {} are named",
-                ids.len(),
-                outs.len()
-            )));
+            return Err(c.err(format!("the op makes {} outputs, {} are named", ids.len(), outs.len())));
         }
         if !declared.is_empty() && declared.len() != ids.len() {
-            return Err(c.err(format!(
-                "{} types for {} outputs",
-                declared.len(),
-                ids.len()
-            )));
+            return Err(c.err(format!("{} types for {} outputs", declared.len(), ids.len())));
         }
         for (k, (id, n)) in ids.iter().zip(&outs).enumerate() {
             g.value_mut(*id).name = n.clone();
@@ -371,11 +309,7 @@ pub fn parse_with_weights(text: &str, weights: &HashMap<String, Tensor>) -> Resu
                 let have = g.fact(*id);
                 let agree = have.dtype == fact.dtype
                     && have.rank() == fact.rank()
-                    && have
-                        .shape
-                        .iter()
-                        .zip(&fact.shape)
-                        .all(|(a, b)| a == b || a.is_unknown());
+                    && have.shape.iter().zip(&fact.shape).all(|(a, b)| a == b || a.is_unknown());
                 if !agree {
                     return Err(c.err(format!("%{n} is declared {fact}, inferred {have}")));
                 }
@@ -385,10 +319,7 @@ pub fn parse_with_weights(text: &str, weights: &HashMap<String, Tensor>) -> Resu
         }
     }
     if !closed {
-        return Err(Error::Parse {
-            line: text.lines().count(),
-            message: "missing closing `}`".into(),
-        });
+        return Err(Error::Parse { line: text.lines().count(), message: "missing closing `}`".into() });
     }
     Ok(g)
 }
@@ -406,10 +337,7 @@ impl<'a> Cursor<'a> {
     }
 
     fn err(&self, message: String) -> Error {
-        Error::Parse {
-            line: self.line,
-            message,
-        }
+        Error::Parse { line: self.line, message }
     }
 
     fn ws(&mut self) {
@@ -487,8 +415,7 @@ impl<'a> Cursor<'a> {
 
     fn json(&mut self) -> Result<serde_json::Value> {
         self.ws();
-        let mut it =
-            serde_json::Deserializer::from_str(&self.s[self.i..]).into_iter::<serde_json::Value>();
+        let mut it = serde_json::Deserializer::from_str(&self.s[self.i..]).into_iter::<serde_json::Value>();
         let v = it
             .next()
             .ok_or_else(|| self.err("expected a value".into()))?
@@ -516,8 +443,7 @@ impl<'a> Cursor<'a> {
 
     fn fact(&mut self) -> Result<Fact> {
         let dt = self.ident()?;
-        let dtype =
-            DType::from_name(&dt).ok_or_else(|| self.err(format!("unknown dtype `{dt}`")))?;
+        let dtype = DType::from_name(&dt).ok_or_else(|| self.err(format!("unknown dtype `{dt}`")))?;
         self.expect('[')?;
         let mut shape = Vec::new();
         if !self.eat(']') {
@@ -554,9 +480,7 @@ impl<'a> Cursor<'a> {
             return Ok(None);
         }
         let attrs = self.attrs()?;
-        serde_json::from_value(attrs)
-            .map(Some)
-            .map_err(|e| self.err(format!("bad quant parameters: {e}")))
+        serde_json::from_value(attrs).map(Some).map_err(|e| self.err(format!("bad quant parameters: {e}")))
     }
 
     /// `{k=JSON, ...}` as a JSON object.
@@ -580,14 +504,10 @@ impl<'a> Cursor<'a> {
 
     fn tensor(&mut self, dtype: DType, shape: Vec<usize>) -> Result<Tensor> {
         let v = self.json()?;
-        let items = v
-            .as_array()
-            .ok_or_else(|| self.err("constant data must be a flat JSON array".into()))?;
+        let items = v.as_array().ok_or_else(|| self.err("constant data must be a flat JSON array".into()))?;
         let num = |x: &serde_json::Value| -> Result<f64> {
             match x {
-                serde_json::Value::Number(n) => n
-                    .as_f64()
-                    .ok_or_else(|| self.err(format!("bad number {n}"))),
+                serde_json::Value::Number(n) => n.as_f64().ok_or_else(|| self.err(format!("bad number {n}"))),
                 serde_json::Value::String(s) if s == "nan" => Ok(f64::NAN),
                 serde_json::Value::String(s) if s == "inf" => Ok(f64::INFINITY),
                 serde_json::Value::String(s) if s == "-inf" => Ok(f64::NEG_INFINITY),
@@ -596,13 +516,9 @@ impl<'a> Cursor<'a> {
             }
         };
         let t = match dtype {
-            DType::F32 => Tensor::new(
-                shape,
-                items
-                    .iter()
-                    .map(|x| num(x).map(|v| v as f32))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
+            DType::F32 => {
+                Tensor::new(shape, items.iter().map(|x| num(x).map(|v| v as f32)).collect::<Result<Vec<_>>>()?)
+            }
             DType::I64 => Tensor::new(
                 shape,
                 items
@@ -611,10 +527,7 @@ impl<'a> Cursor<'a> {
                     .collect::<Result<Vec<_>>>()?,
             ),
             d => {
-                let v: Vec<i64> = items
-                    .iter()
-                    .map(|x| num(x).map(|v| v as i64))
-                    .collect::<Result<_>>()?;
+                let v: Vec<i64> = items.iter().map(|x| num(x).map(|v| v as i64)).collect::<Result<_>>()?;
                 Tensor::new(shape, v).and_then(|t| tcc_runtime::op::cast_tensor(&t, d))
             }
         };
@@ -650,14 +563,8 @@ mod tests {
     fn parse_errors_name_the_line() {
         let cases = [
             ("graph g() {\n  %y = Nope(%x) : f32[1]\n}", "line 2"),
-            (
-                "graph g(%x: f32[2]) {\n  %y = Neg(%z) : f32[2]\n}",
-                "unknown value",
-            ),
-            (
-                "graph g(%x: f32[2]) {\n  %y = Neg(%x) : i64[2]\n}",
-                "declared",
-            ),
+            ("graph g(%x: f32[2]) {\n  %y = Neg(%z) : f32[2]\n}", "unknown value"),
+            ("graph g(%x: f32[2]) {\n  %y = Neg(%x) : i64[2]\n}", "declared"),
             ("graph g(%x: f32[2]) {\n  return %x\n", "missing closing"),
             ("graph g(%x: f9[2]) {\n}", "unknown dtype"),
         ];

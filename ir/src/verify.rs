@@ -24,10 +24,7 @@ pub fn verify(g: &Graph) -> Result<()> {
     for (i, v) in g.values.iter().enumerate() {
         if let Def::Const(t) = &v.def {
             if t.dtype() != v.fact.dtype || v.fact.concrete_shape().as_deref() != Some(t.shape()) {
-                return bad(format!(
-                    "constant `{}` is {:?} but its fact says {}",
-                    v.name, t, v.fact
-                ));
+                return bad(format!("constant `{}` is {:?} but its fact says {}", v.name, t, v.fact));
             }
             defined.insert(ValueId(i as u32));
         }
@@ -35,12 +32,7 @@ pub fn verify(g: &Graph) -> Result<()> {
     for node in &g.nodes {
         let a = node.op.arity();
         if node.inputs.len() < a.min_inputs || node.inputs.len() > a.max_inputs {
-            return bad(format!(
-                "node `{}` ({}) has {} inputs",
-                node.name,
-                node.op.name(),
-                node.inputs.len()
-            ));
+            return bad(format!("node `{}` ({}) has {} inputs", node.name, node.op.name(), node.inputs.len()));
         }
         if node.outputs.len() != a.outputs {
             return bad(format!(
@@ -53,40 +45,23 @@ pub fn verify(g: &Graph) -> Result<()> {
         }
         for v in node.inputs.iter().flatten() {
             if !valid(*v) || !defined.contains(v) {
-                return bad(format!(
-                    "node `{}` reads {v} before it is defined",
-                    node.name
-                ));
+                return bad(format!("node `{}` reads {v} before it is defined", node.name));
             }
         }
         let facts: Vec<_> = node.inputs.iter().map(|i| i.map(|v| g.fact(v))).collect();
-        let inferred = node
-            .op
-            .infer(&facts)
-            .map_err(|e| Error::infer(&node.name, &node.op, e))?;
+        let inferred = node.op.infer(&facts).map_err(|e| Error::infer(&node.name, &node.op, e))?;
         for (&o, f) in node.outputs.iter().zip(&inferred) {
             if !valid(o) || !matches!(g.value(o).def, Def::Computed) {
-                return bad(format!(
-                    "node `{}` writes {o}, which is not a computed value",
-                    node.name
-                ));
+                return bad(format!("node `{}` writes {o}, which is not a computed value", node.name));
             }
             if !defined.insert(o) {
                 return bad(format!("{o} (`{}`) is produced twice", g.value(o).name));
             }
             let have = g.fact(o);
             let dims_agree = have.shape.len() == f.shape.len()
-                && have
-                    .shape
-                    .iter()
-                    .zip(&f.shape)
-                    .all(|(a, b)| a == b || a.is_unknown() || b.is_unknown());
+                && have.shape.iter().zip(&f.shape).all(|(a, b)| a == b || a.is_unknown() || b.is_unknown());
             if have.dtype != f.dtype || !dims_agree {
-                return bad(format!(
-                    "`{}` is typed {have} but {} infers {f}",
-                    g.value(o).name,
-                    node.op.name()
-                ));
+                return bad(format!("`{}` is typed {have} but {} infers {f}", g.value(o).name, node.op.name()));
             }
         }
     }

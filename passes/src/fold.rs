@@ -8,22 +8,19 @@ use tcc_runtime::EvalContext;
 
 /// Folds, in one sweep in execution order:
 /// - nodes whose inputs are all constants: evaluated now, their outputs become constants
-///   (unless that would grow the model: outputs larger than the inputs plus 4096 elements stay
-///   computed, so an `Expand` of a scalar is not baked into the artifact);
+///   (unless that would grow the model: outputs taking more bytes than the inputs plus 16 KiB
+///   stay computed, so an `Expand` of a scalar or the dequantization of int8 weights is not
+///   baked into the artifact as f32);
 /// - outputs whose value is known symbolically from the input shapes (`Shape -> Gather ->
 ///   Concat` chains): constants when they do not depend on a symbol, else a `DimValue` that
 ///   the runtime evaluates from the bound symbols.
 #[derive(Default)]
 pub struct FoldConstants;
 
-const GROWTH: usize = 4096;
+const GROWTH_BYTES: usize = 16 << 10;
 
 fn input_symbols(g: &Graph) -> HashSet<String> {
-    g.inputs
-        .iter()
-        .flat_map(|&v| g.fact(v).shape.iter().flat_map(|d| d.symbols()))
-        .map(|s| s.to_string())
-        .collect()
+    g.inputs.iter().flat_map(|&v| g.fact(v).shape.iter().flat_map(|d| d.symbols())).map(|s| s.to_string()).collect()
 }
 
 impl Pass for FoldConstants {
@@ -36,39 +33,23 @@ impl Pass for FoldConstants {
         let symbols = input_symbols(g);
         let ctx = EvalContext::default();
         let mut dead = vec![false; g.nodes.len()];
+        #[allow(clippy::needless_range_loop)] // `g` is mutated inside.
         for n in 0..g.nodes.len() {
             let node = &g.nodes[n];
-            let all_const = node
-                .inputs
-                .iter()
-                .flatten()
-                .all(|v| g.const_of(*v).is_some());
+            let all_const = node.inputs.iter().flatten().all(|v| g.const_of(*v).is_some());
             let is_dim_value = matches!(node.op, Op::DimValue(_));
-            if all_const
-                && !(is_dim_value && node.inputs.is_empty() && !dim_value_is_const(&node.op))
-            {
-                let in_elems: usize = node
-                    .inputs
-                    .iter()
-                    .flatten()
-                    .filter_map(|v| g.const_of(*v))
-                    .map(|t| t.len())
-                    .sum();
-                let out_elems: Option<usize> = node
+            // A `DimValue` of symbols is what folding produces; one of constants folds further.
+            let foldable = all_const && !matches!(&node.op, Op::DimValue(d) if d.dims.iter().any(|x| !x.is_const()));
+            if foldable {
+                let bytes = |t: &Tensor| t.len() * t.dtype().size();
+                let in_bytes: usize = node.inputs.iter().flatten().filter_map(|v| g.const_of(*v)).map(bytes).sum();
+                let out_bytes: Option<usize> = node
                     .outputs
                     .iter()
-                    .map(|o| {
-                        g.fact(*o)
-                            .concrete_shape()
-                            .map(|s| s.iter().product::<usize>())
-                    })
+                    .map(|o| g.fact(*o).concrete_shape().map(|s| s.iter().product::<usize>() * g.fact(*o).dtype.size()))
                     .sum();
-                if out_elems.is_some_and(|e| e <= in_elems + GROWTH) {
-                    let ins: Vec<Option<&Tensor>> = node
-                        .inputs
-                        .iter()
-                        .map(|i| i.and_then(|v| g.const_of(v)))
-                        .collect();
+                if out_bytes.is_some_and(|b| b <= in_bytes + GROWTH_BYTES) {
+                    let ins: Vec<Option<&Tensor>> = node.inputs.iter().map(|i| i.and_then(|v| g.const_of(v))).collect();
                     let results = node.op.eval(&ctx, &ins).map_err(|e| tcc_ir::Error::Infer {
                         node: node.name.clone(),
                         op: node.op.name().to_string(),
@@ -101,17 +82,10 @@ impl Pass for FoldConstants {
                 out.stat("shapes_to_constants", 1);
             } else if fact.dtype == DType::I64
                 && value.shape.len() <= 1
-                && value
-                    .data
-                    .iter()
-                    .all(|d| d.symbols().iter().all(|s| symbols.contains(s.as_ref())))
+                && value.data.iter().all(|d| d.symbols().iter().all(|s| symbols.contains(s.as_ref())))
             {
                 let node = &mut g.nodes[n];
-                node.op = DimValue {
-                    dims: value.data.clone(),
-                    scalar: value.shape.is_empty(),
-                }
-                .into();
+                node.op = DimValue { dims: value.data.clone(), scalar: value.shape.is_empty() }.into();
                 node.inputs.clear();
                 out.stat("shapes_to_dim_values", 1);
             }
@@ -122,10 +96,6 @@ impl Pass for FoldConstants {
         out.stat("dead_removed", removed as i64);
         Ok(out)
     }
-}
-
-fn dim_value_is_const(op: &Op) -> bool {
-    matches!(op, Op::DimValue(d) if d.dims.iter().all(|x| x.is_const()))
 }
 
 /// Removes nodes whose outputs nothing reads.

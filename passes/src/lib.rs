@@ -14,9 +14,7 @@ mod fold;
 mod manager;
 
 pub use fold::{DeadCode, FoldConstants};
-pub use manager::{
-    Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry,
-};
+pub use manager::{Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry};
 
 /// The pipeline `tcc build` runs by default.
 pub const DEFAULT_PIPELINE: &str = "canon";

@@ -69,23 +69,16 @@ impl Default for Registry {
 
 impl Registry {
     pub fn empty() -> Registry {
-        Registry {
-            passes: BTreeMap::new(),
-            aliases: BTreeMap::new(),
-        }
+        Registry { passes: BTreeMap::new(), aliases: BTreeMap::new() }
     }
 
     /// tcc's own passes and pipelines.
     pub fn builtin() -> Registry {
         let mut r = Registry::empty();
-        r.register(
-            "fold",
-            "evaluate constant computations; fold shape computations to their symbolic values",
-            |o| {
-                no_options("fold", o)?;
-                Ok(Box::new(crate::FoldConstants::default()))
-            },
-        );
+        r.register("fold", "evaluate constant computations; fold shape computations to their symbolic values", |o| {
+            no_options("fold", o)?;
+            Ok(Box::new(crate::FoldConstants))
+        });
         r.register("dce", "remove nodes whose results are unused", |o| {
             no_options("dce", o)?;
             Ok(Box::new(crate::DeadCode))
@@ -101,8 +94,7 @@ impl Registry {
         about: &str,
         factory: impl Fn(&BTreeMap<String, String>) -> Result<Box<dyn Pass>, String> + 'static,
     ) {
-        self.passes
-            .insert(name.to_string(), (about.to_string(), Box::new(factory)));
+        self.passes.insert(name.to_string(), (about.to_string(), Box::new(factory)));
     }
 
     /// Names a pipeline so that it can be used as one step.
@@ -112,32 +104,15 @@ impl Registry {
 
     /// `(name, description)` of every pass, then every alias.
     pub fn describe(&self) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = self
-            .passes
-            .iter()
-            .map(|(n, (a, _))| (n.clone(), a.clone()))
-            .collect();
-        v.extend(
-            self.aliases
-                .iter()
-                .map(|(n, p)| (n.clone(), format!("= {p}"))),
-        );
+        let mut v: Vec<(String, String)> = self.passes.iter().map(|(n, (a, _))| (n.clone(), a.clone())).collect();
+        v.extend(self.aliases.iter().map(|(n, p)| (n.clone(), format!("= {p}"))));
         v
     }
 
     fn make(&self, step: &Step) -> Result<Box<dyn Pass>, PassError> {
         let (_, f) = self.passes.get(&step.name).ok_or_else(|| {
-            let known: Vec<&str> = self
-                .passes
-                .keys()
-                .chain(self.aliases.keys())
-                .map(String::as_str)
-                .collect();
-            PassError::Pipeline(format!(
-                "unknown pass `{}` (known: {})",
-                step.name,
-                known.join(", ")
-            ))
+            let known: Vec<&str> = self.passes.keys().chain(self.aliases.keys()).map(String::as_str).collect();
+            PassError::Pipeline(format!("unknown pass `{}` (known: {})", step.name, known.join(", ")))
         })?;
         f(&step.options).map_err(|e| PassError::Pipeline(format!("{}: {e}", step.name)))
     }
@@ -174,12 +149,7 @@ impl Pipeline {
         Ok(Pipeline { steps })
     }
 
-    fn parse_into(
-        text: &str,
-        registry: &Registry,
-        steps: &mut Vec<Step>,
-        depth: usize,
-    ) -> Result<(), PassError> {
+    fn parse_into(text: &str, registry: &Registry, steps: &mut Vec<Step>, depth: usize) -> Result<(), PassError> {
         if depth > 8 {
             return Err(PassError::Pipeline("aliases nest too deeply".into()));
         }
@@ -188,27 +158,16 @@ impl Pipeline {
         while !rest.is_empty() {
             let end = rest.find([',', '{']).unwrap_or(rest.len());
             let name = rest[..end].trim().to_string();
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
                 return Err(bad(format!("bad pass name `{name}` in `{text}`")));
             }
             rest = &rest[end..];
             let mut options = BTreeMap::new();
             if let Some(r) = rest.strip_prefix('{') {
-                let close = r
-                    .find('}')
-                    .ok_or_else(|| bad(format!("missing `}}` after `{name}{{`")))?;
-                for kv in r[..close]
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                {
-                    let (k, v) = kv.split_once('=').ok_or_else(|| {
-                        bad(format!("option `{kv}` of `{name}` is not key=value"))
-                    })?;
+                let close = r.find('}').ok_or_else(|| bad(format!("missing `}}` after `{name}{{`")))?;
+                for kv in r[..close].split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let (k, v) =
+                        kv.split_once('=').ok_or_else(|| bad(format!("option `{kv}` of `{name}` is not key=value")))?;
                     options.insert(k.trim().to_string(), v.trim().to_string());
                 }
                 rest = &r[close + 1..];
@@ -244,56 +203,37 @@ pub struct PassReport {
     pub stats: BTreeMap<String, i64>,
 }
 
+/// Receives the name of a pass and the graph after it.
+pub type Printer = Box<dyn FnMut(&str, &Graph)>;
+
 /// Runs a pipeline, verifying after each pass.
 pub struct PassManager {
     passes: Vec<Box<dyn Pass>>,
     /// Print the IR after passes with these names (`"*"` for all) through `printer`.
     pub print_after: Vec<String>,
-    pub printer: Box<dyn FnMut(&str, &Graph)>,
+    pub printer: Printer,
 }
 
 impl PassManager {
     pub fn new(pipeline: &Pipeline, registry: &Registry) -> Result<PassManager, PassError> {
-        let passes = pipeline
-            .steps
-            .iter()
-            .map(|s| registry.make(s))
-            .collect::<Result<_, _>>()?;
-        Ok(PassManager {
-            passes,
-            print_after: Vec::new(),
-            printer: Box::new(|_, _| {}),
-        })
+        let passes = pipeline.steps.iter().map(|s| registry.make(s)).collect::<Result<_, _>>()?;
+        Ok(PassManager { passes, print_after: Vec::new(), printer: Box::new(|_, _| {}) })
     }
 
     /// A manager over passes built by the caller (a user's own passes included).
     pub fn from_passes(passes: Vec<Box<dyn Pass>>) -> PassManager {
-        PassManager {
-            passes,
-            print_after: Vec::new(),
-            printer: Box::new(|_, _| {}),
-        }
+        PassManager { passes, print_after: Vec::new(), printer: Box::new(|_, _| {}) }
     }
 
-    pub fn run(
-        &mut self,
-        g: &mut Graph,
-        cx: &mut PassContext,
-    ) -> Result<Vec<PassReport>, PassError> {
+    pub fn run(&mut self, g: &mut Graph, cx: &mut PassContext) -> Result<Vec<PassReport>, PassError> {
         let mut reports = Vec::new();
         for pass in &mut self.passes {
             let name = pass.name().to_string();
             let before = g.nodes.len();
             let t0 = Instant::now();
-            let outcome = pass.run(g, cx).map_err(|e| PassError::Failed {
-                pass: name.clone(),
-                source: e,
-            })?;
+            let outcome = pass.run(g, cx).map_err(|e| PassError::Failed { pass: name.clone(), source: e })?;
             let ms = t0.elapsed().as_secs_f64() * 1e3;
-            tcc_ir::verify(g).map_err(|e| PassError::Invalid {
-                pass: name.clone(),
-                source: e,
-            })?;
+            tcc_ir::verify(g).map_err(|e| PassError::Invalid { pass: name.clone(), source: e })?;
             tracing::info!(pass = %name, ms, nodes = g.nodes.len(), changed = outcome.changed, "pass done");
             if self.print_after.iter().any(|p| p == "*" || *p == name) {
                 (self.printer)(&name, g);
@@ -323,19 +263,8 @@ mod tests {
         let mut r = Registry::builtin();
         r.register("eqsat", "test", |_| Ok(Box::new(crate::DeadCode)));
         let p = Pipeline::parse("fold,eqsat{iters=8, nodes=100000}", &r).unwrap();
-        assert_eq!(
-            p.steps[1].options.get("iters").map(String::as_str),
-            Some("8")
-        );
-        for bad in [
-            "",
-            "fold,,",
-            "nope",
-            "fold{x=1}",
-            "eqsat{iters}",
-            "fold dce",
-            "canon{a=1}",
-        ] {
+        assert_eq!(p.steps[1].options.get("iters").map(String::as_str), Some("8"));
+        for bad in ["", "fold,,", "nope", "fold{x=1}", "eqsat{iters}", "fold dce", "canon{a=1}"] {
             let e = Pipeline::parse(bad, &r).and_then(|p| PassManager::new(&p, &r).map(|_| ()));
             assert!(e.is_err(), "{bad:?} should not parse");
         }

@@ -59,7 +59,7 @@ pub struct ArtifactContents<'a> {
 }
 
 fn pad_to(v: &mut Vec<u8>, align: usize, fill: u8) {
-    while v.len() % align != 0 {
+    while !v.len().is_multiple_of(align) {
         v.push(fill);
     }
 }
@@ -68,12 +68,7 @@ fn pad_to(v: &mut Vec<u8>, align: usize, fill: u8) {
 /// offset that is a multiple of its element size.
 fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let mut order: Vec<&(String, Tensor)> = weights.iter().collect();
-    order.sort_by(|a, b| {
-        b.1.dtype()
-            .size()
-            .cmp(&a.1.dtype().size())
-            .then(a.0.cmp(&b.0))
-    });
+    order.sort_by(|a, b| b.1.dtype().size().cmp(&a.1.dtype().size()).then(a.0.cmp(&b.0)));
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     let mut datas = Vec::with_capacity(order.len());
@@ -94,8 +89,7 @@ fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<Vec<u8>> {
         offset += bytes.len();
         datas.push(bytes);
     }
-    let mut h = serde_json::to_vec(&serde_json::Value::Object(header))
-        .map_err(|e| Error::Artifact(e.to_string()))?;
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::Artifact(e.to_string()))?;
     // Pad the header so that the data starts 8-byte aligned (as safetensors does).
     while (8 + h.len()) % 8 != 0 {
         h.push(b' ');
@@ -124,21 +118,12 @@ pub fn write(path: &Path, contents: &ArtifactContents) -> Result<u64> {
         sections: BTreeMap::new(),
         report: contents.report.clone(),
     };
-    let mut header_len = serde_json::to_vec(&header)
-        .map_err(|e| Error::Artifact(e.to_string()))?
-        .len()
-        + 256;
+    let mut header_len = serde_json::to_vec(&header).map_err(|e| Error::Artifact(e.to_string()))?.len() + 256;
     let bytes = loop {
         let mut offset = (FIXED + header_len).div_ceil(ALIGN) * ALIGN;
         header.sections.clear();
         for (name, data) in &sections {
-            header.sections.insert(
-                name.to_string(),
-                Section {
-                    offset: offset as u64,
-                    len: data.len() as u64,
-                },
-            );
+            header.sections.insert(name.to_string(), Section { offset: offset as u64, len: data.len() as u64 });
             offset = (offset + data.len()).div_ceil(ALIGN) * ALIGN;
         }
         let h = serde_json::to_vec(&header).map_err(|e| Error::Artifact(e.to_string()))?;
@@ -212,39 +197,32 @@ pub fn from_bytes(bytes: Bytes) -> Result<Artifact> {
     if version != FORMAT_VERSION {
         return Err(bad(format!(
             "format version {version}, this tcc reads version {FORMAT_VERSION}{}",
-            if version > FORMAT_VERSION {
-                ": rebuild it or upgrade tcc"
-            } else {
-                ": rebuild it"
-            }
+            if version > FORMAT_VERSION { ": rebuild it or upgrade tcc" } else { ": rebuild it" }
         )));
     }
     let flags = u32_at(b, 12);
     if flags != 0 {
-        return Err(bad(format!(
-            "unknown flags {flags:#x}: written by a newer tcc?"
-        )));
+        return Err(bad(format!("unknown flags {flags:#x}: written by a newer tcc?")));
     }
     let want = u64_at(b, 16);
     let got = xxhash_rust::xxh3::xxh3_64(&b[24..]);
     if want != got {
-        return Err(bad(format!("checksum mismatch (file is corrupt or truncated: stored {want:016x}, computed {got:016x})")));
+        return Err(bad(format!(
+            "checksum mismatch (file is corrupt or truncated: stored {want:016x}, computed {got:016x})"
+        )));
     }
     let hlen = u64_at(b, 24);
     let hend = (FIXED as u64)
         .checked_add(hlen)
         .filter(|&e| e <= b.len() as u64)
         .ok_or_else(|| bad("header runs past the end".into()))?;
-    let header: Header = serde_json::from_slice(trim_end(&b[FIXED..hend as usize]))
-        .map_err(|e| bad(format!("header: {e}")))?;
+    let header: Header =
+        serde_json::from_slice(trim_end(&b[FIXED..hend as usize])).map_err(|e| bad(format!("header: {e}")))?;
     let section = |name: &str| -> Result<Option<(usize, usize)>> {
         let Some(s) = header.sections.get(name) else {
             return Ok(None);
         };
-        let end = s
-            .offset
-            .checked_add(s.len)
-            .filter(|&e| e <= b.len() as u64 && s.offset >= hend);
+        let end = s.offset.checked_add(s.len).filter(|&e| e <= b.len() as u64 && s.offset >= hend);
         match end {
             Some(e) => Ok(Some((s.offset as usize, e as usize))),
             None => Err(bad(format!("section `{name}` lies outside the file"))),
@@ -253,12 +231,7 @@ pub fn from_bytes(bytes: Bytes) -> Result<Artifact> {
     let (ws, we) = section("weights")?.ok_or_else(|| bad("no weights section".into()))?;
     let weights = read_safetensors(&bytes, ws, we)?;
     let tokenizer = section("tokenizer")?.map(|(s, e)| b[s..e].to_vec());
-    Ok(Artifact {
-        header,
-        weights,
-        tokenizer,
-        size: b.len() as u64,
-    })
+    Ok(Artifact { header, weights, tokenizer, size: b.len() as u64 })
 }
 
 fn trim_end(b: &[u8]) -> &[u8] {
@@ -272,26 +245,16 @@ fn trim_end(b: &[u8]) -> &[u8] {
 /// Reads the safetensors blob at `start..end` of `bytes` without copying aligned tensors.
 fn read_safetensors(bytes: &Bytes, start: usize, end: usize) -> Result<HashMap<String, Tensor>> {
     let b: &[u8] = (**bytes).as_ref();
-    let st = safetensors::SafeTensors::deserialize(&b[start..end])
-        .map_err(|e| Error::Artifact(format!("weights: {e}")))?;
+    let st =
+        safetensors::SafeTensors::deserialize(&b[start..end]).map_err(|e| Error::Artifact(format!("weights: {e}")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
-        let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
-            Error::Artifact(format!(
-                "weight `{name}` has unsupported dtype {:?}",
-                view.dtype()
-            ))
-        })?;
+        let dtype = DType::from_safetensors(view.dtype())
+            .ok_or_else(|| Error::Artifact(format!("weight `{name}` has unsupported dtype {:?}", view.dtype())))?;
         let data = view.data();
         let offset = data.as_ptr() as usize - b.as_ptr() as usize;
-        let t = Tensor::from_shared_bytes(
-            dtype,
-            view.shape().to_vec(),
-            bytes.clone(),
-            offset,
-            data.len(),
-        )
-        .map_err(|e| Error::Artifact(format!("weight `{name}`: {e}")))?;
+        let t = Tensor::from_shared_bytes(dtype, view.shape().to_vec(), bytes.clone(), offset, data.len())
+            .map_err(|e| Error::Artifact(format!("weight `{name}`: {e}")))?;
         out.insert(name, t);
     }
     Ok(out)
@@ -306,22 +269,9 @@ mod tests {
 
     fn tiny() -> (Plan, Vec<(String, Tensor)>) {
         let plan = Plan {
-            inputs: vec![Input {
-                name: "x".into(),
-                dtype: DType::F32,
-                shape: vec![Dim::sym("n")],
-                slot: 0,
-            }],
-            outputs: vec![Output {
-                name: "y".into(),
-                slot: 2,
-                dtype: DType::F32,
-                shape: vec![Dim::sym("n")],
-            }],
-            constants: vec![Constant {
-                slot: 1,
-                weight: "b".into(),
-            }],
+            inputs: vec![Input { name: "x".into(), dtype: DType::F32, shape: vec![Dim::sym("n")], slot: 0 }],
+            outputs: vec![Output { name: "y".into(), slot: 2, dtype: DType::F32, shape: vec![Dim::sym("n")] }],
+            constants: vec![Constant { slot: 1, weight: "b".into() }],
             steps: vec![Step {
                 op: Binary::new(BinaryKind::Add).into(),
                 inputs: vec![Some(0), Some(1)],
@@ -330,10 +280,7 @@ mod tests {
             }],
             slots: 3,
         };
-        (
-            plan,
-            vec![("b".into(), Tensor::new(vec![1], vec![1.5f32]).unwrap())],
-        )
+        (plan, vec![("b".into(), Tensor::new(vec![1], vec![1.5f32]).unwrap())])
     }
 
     fn write_tiny(dir: &Path) -> std::path::PathBuf {
@@ -341,12 +288,7 @@ mod tests {
         let path = dir.join("t.tcc");
         write(
             &path,
-            &ArtifactContents {
-                plan: &plan,
-                weights: &weights,
-                tokenizer: Some(b"{}"),
-                report: serde_json::json!({}),
-            },
+            &ArtifactContents { plan: &plan, weights: &weights, tokenizer: Some(b"{}"), report: serde_json::json!({}) },
         )
         .unwrap();
         path
@@ -374,16 +316,10 @@ mod tests {
         for i in 0..good.len() {
             let mut b = good.clone();
             b[i] ^= 0x20;
-            assert!(
-                from_bytes(Arc::new(b)).is_err(),
-                "flipped byte {i} went unnoticed"
-            );
+            assert!(from_bytes(Arc::new(b)).is_err(), "flipped byte {i} went unnoticed");
         }
         for n in [0, 7, 31, good.len() / 2, good.len() - 1] {
-            assert!(
-                from_bytes(Arc::new(good[..n].to_vec())).is_err(),
-                "truncation to {n}"
-            );
+            assert!(from_bytes(Arc::new(good[..n].to_vec())).is_err(), "truncation to {n}");
         }
     }
 

@@ -18,19 +18,12 @@ impl CpuInfo {
 
 /// Detects the host CPU through cranelift-native.
 pub fn host() -> Result<CpuInfo, String> {
-    let builder = cranelift_native::builder()
-        .map_err(|e| format!("this CPU is not supported by the JIT: {e}"))?;
+    let builder = cranelift_native::builder().map_err(|e| format!("this CPU is not supported by the JIT: {e}"))?;
     let flags = cranelift_codegen::settings::Flags::new(cranelift_codegen::settings::builder());
-    let isa = builder
-        .finish(flags)
-        .map_err(|e| format!("this CPU is not supported by the JIT: {e}"))?;
+    let isa = builder.finish(flags).map_err(|e| format!("this CPU is not supported by the JIT: {e}"))?;
     let triple = isa.triple().to_string();
-    let features = isa
-        .isa_flags()
-        .iter()
-        .filter(|v| v.as_bool().unwrap_or(false))
-        .map(|v| v.name.to_string())
-        .collect();
+    let features =
+        isa.isa_flags().iter().filter(|v| v.as_bool().unwrap_or(false)).map(|v| v.name.to_string()).collect();
     Ok(CpuInfo { triple, features })
 }
 
@@ -41,9 +34,6 @@ mod tests {
     fn host_has_sse2_and_a_triple() {
         let cpu = super::host().unwrap();
         assert!(cpu.triple.starts_with("x86_64"), "{}", cpu.triple);
-        assert!(
-            cpu.has("has_sse3") || cpu.has("has_sse41") || !cpu.features.is_empty(),
-            "{cpu:?}"
-        );
+        assert!(cpu.has("has_sse3") || cpu.has("has_sse41") || !cpu.features.is_empty(), "{cpu:?}");
     }
 }

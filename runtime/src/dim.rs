@@ -49,16 +49,12 @@ impl Dim {
         if v == 0 {
             Dim { terms: vec![] }
         } else {
-            Dim {
-                terms: vec![(vec![], v)],
-            }
+            Dim { terms: vec![(vec![], v)] }
         }
     }
 
     pub fn sym(name: &str) -> Dim {
-        Dim {
-            terms: vec![(vec![Atom::Sym(name.into())], 1)],
-        }
+        Dim { terms: vec![(vec![Atom::Sym(name.into())], 1)] }
     }
 
     /// A dimension nothing is known about, distinct from every other (`?N`).
@@ -68,9 +64,7 @@ impl Dim {
     }
 
     fn from_map(map: BTreeMap<Monomial, i64>) -> Dim {
-        Dim {
-            terms: map.into_iter().filter(|(_, c)| *c != 0).collect(),
-        }
+        Dim { terms: map.into_iter().filter(|(_, c)| *c != 0).collect() }
     }
 
     /// The value, when the dim does not depend on any symbol.
@@ -89,11 +83,7 @@ impl Dim {
     /// True when the dim is at least 1 for every value of its symbols (symbols are sizes, and
     /// sizes are at least 1): every term has a positive coefficient and no floor division.
     pub fn is_positive(&self) -> bool {
-        !self.terms.is_empty()
-            && self
-                .terms
-                .iter()
-                .all(|(m, c)| *c > 0 && m.iter().all(|a| matches!(a, Atom::Sym(_))))
+        !self.terms.is_empty() && self.terms.iter().all(|(m, c)| *c > 0 && m.iter().all(|a| matches!(a, Atom::Sym(_))))
     }
 
     /// True when the dim contains a symbol made by [`Dim::unknown`].
@@ -130,9 +120,7 @@ impl Dim {
     }
 
     pub fn neg(&self) -> Dim {
-        Dim {
-            terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect(),
-        }
+        Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect() }
     }
 
     pub fn sub(&self, other: &Dim) -> Dim {
@@ -162,36 +150,26 @@ impl Dim {
         }
         if let Some(v) = self.as_const() {
             let q = v / d;
-            let floor = if v % d != 0 && ((v < 0) != (d < 0)) {
-                q - 1
-            } else {
-                q
-            };
+            let floor = if v % d != 0 && ((v < 0) != (d < 0)) { q - 1 } else { q };
             return Some(Dim::constant(floor));
         }
         if d == 1 {
             return Some(self.clone());
         }
         if self.terms.iter().all(|(_, c)| c % d == 0) {
-            return Some(Dim {
-                terms: self.terms.iter().map(|(m, c)| (m.clone(), c / d)).collect(),
-            });
+            return Some(Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c / d)).collect() });
         }
         if d < 0 {
             return None;
         }
-        Some(Dim {
-            terms: vec![(vec![Atom::FloorDiv(Box::new(self.clone()), d)], 1)],
-        })
+        Some(Dim { terms: vec![(vec![Atom::FloorDiv(Box::new(self.clone()), d)], 1)] })
     }
 
     /// `self / other` when the division is exact as polynomials (`other` a single term).
     pub fn div_exact(&self, other: &Dim) -> Option<Dim> {
         if let Some(k) = other.as_const() {
             if k != 0 && self.terms.iter().all(|(_, c)| c % k == 0) {
-                return Some(Dim {
-                    terms: self.terms.iter().map(|(m, c)| (m.clone(), c / k)).collect(),
-                });
+                return Some(Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c / k)).collect() });
             }
             return None;
         }
@@ -249,10 +227,7 @@ impl Dim {
 
     /// Parses the text form written by `Display` (`batch*sequence`, `(s+1)/2`, `-1`, `384`).
     pub fn parse(s: &str) -> Result<Dim, String> {
-        let mut p = Parser {
-            s: s.as_bytes(),
-            i: 0,
-        };
+        let mut p = Parser { s: s.as_bytes(), i: 0 };
         let d = p.expr()?;
         p.ws();
         if p.i != p.s.len() {
@@ -287,8 +262,7 @@ impl fmt::Display for Dim {
             return f.write_str("0");
         }
         // Symbolic terms first, the constant last: `sequence+1`.
-        let mut terms: Vec<&(Monomial, i64)> =
-            self.terms.iter().filter(|(m, _)| !m.is_empty()).collect();
+        let mut terms: Vec<&(Monomial, i64)> = self.terms.iter().filter(|(m, _)| !m.is_empty()).collect();
         terms.extend(self.terms.iter().filter(|(m, _)| m.is_empty()));
         for (i, (m, c)) in terms.into_iter().enumerate() {
             let c = *c;
@@ -396,9 +370,7 @@ impl Parser<'_> {
                 Some(b'/') => {
                     self.i += 1;
                     let d = self.factor(depth)?;
-                    let k = d
-                        .as_const()
-                        .ok_or("a dimension can only be divided by a constant")?;
+                    let k = d.as_const().ok_or("a dimension can only be divided by a constant")?;
                     acc = acc.floor_div(k).ok_or("division by zero in a dimension")?;
                 }
                 _ => return Ok(acc),
@@ -427,9 +399,7 @@ impl Parser<'_> {
                     self.i += 1;
                 }
                 let t = std::str::from_utf8(&self.s[start..self.i]).map_err(|e| e.to_string())?;
-                t.parse::<i64>()
-                    .map(Dim::constant)
-                    .map_err(|_| format!("dimension `{t}` is too large"))
+                t.parse::<i64>().map(Dim::constant).map_err(|_| format!("dimension `{t}` is too large"))
             }
             Some(c) if is_sym_start(c) => {
                 let start = self.i;
@@ -456,16 +426,7 @@ pub fn is_sym_char(c: u8) -> bool {
 
 /// Turns an arbitrary name (an ONNX `dim_param`) into a valid symbol name.
 pub fn sanitize_symbol(name: &str) -> String {
-    let mut s: String = name
-        .bytes()
-        .map(|c| {
-            if is_sym_char(c) && c != b'?' {
-                c as char
-            } else {
-                '_'
-            }
-        })
-        .collect();
+    let mut s: String = name.bytes().map(|c| if is_sym_char(c) && c != b'?' { c as char } else { '_' }).collect();
     if s.is_empty() || !is_sym_start(s.as_bytes()[0]) {
         s.insert(0, '_');
     }
@@ -492,15 +453,7 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in [
-            "batch*sequence*384",
-            "sequence+1",
-            "(sequence+1)/2",
-            "-1",
-            "0",
-            "12*batch-3",
-            "?4",
-        ] {
+        for s in ["batch*sequence*384", "sequence+1", "(sequence+1)/2", "-1", "0", "12*batch-3", "?4"] {
             let x = d(s);
             assert_eq!(d(&x.to_string()), x, "{s} -> {x}");
         }
@@ -509,14 +462,8 @@ mod tests {
 
     #[test]
     fn exact_division() {
-        assert_eq!(
-            d("batch*sequence*384").div_exact(&d("batch*sequence")),
-            Some(d("384"))
-        );
-        assert_eq!(
-            d("batch*sequence*384").div_exact(&d("12")),
-            Some(d("batch*sequence*32"))
-        );
+        assert_eq!(d("batch*sequence*384").div_exact(&d("batch*sequence")), Some(d("384")));
+        assert_eq!(d("batch*sequence*384").div_exact(&d("12")), Some(d("batch*sequence*32")));
         assert_eq!(d("batch*sequence").div_exact(&d("7")), None);
         assert_eq!(d("batch+1").div_exact(&d("batch")), None);
     }
@@ -550,14 +497,8 @@ mod tests {
 
     #[test]
     fn sanitize_makes_symbols() {
-        assert_eq!(
-            sanitize_symbol("onnx::Shape_422_dim_0"),
-            "onnx__Shape_422_dim_0"
-        );
+        assert_eq!(sanitize_symbol("onnx::Shape_422_dim_0"), "onnx__Shape_422_dim_0");
         assert_eq!(sanitize_symbol("2x"), "_2x");
-        assert_eq!(
-            Dim::parse(&sanitize_symbol("a b")).unwrap(),
-            Dim::sym("a_b")
-        );
+        assert_eq!(Dim::parse(&sanitize_symbol("a b")).unwrap(), Dim::sym("a_b"));
     }
 }

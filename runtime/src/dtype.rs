@@ -16,14 +16,7 @@ pub enum DType {
 }
 
 impl DType {
-    pub const ALL: [DType; 6] = [
-        DType::F32,
-        DType::I64,
-        DType::I32,
-        DType::I8,
-        DType::U8,
-        DType::Bool,
-    ];
+    pub const ALL: [DType; 6] = [DType::F32, DType::I64, DType::I32, DType::I8, DType::U8, DType::Bool];
 
     /// Bytes per element.
     pub fn size(self) -> usize {
@@ -71,9 +64,7 @@ impl DType {
     }
 
     pub fn from_npy_descr(s: &str) -> Option<DType> {
-        DType::ALL
-            .into_iter()
-            .find(|d| d.npy_descr() == s || d.npy_descr().replace('<', "=") == s)
+        DType::ALL.into_iter().find(|d| d.npy_descr() == s || d.npy_descr().replace('<', "=") == s)
     }
 
     pub fn to_safetensors(self) -> safetensors::Dtype {

@@ -35,16 +35,10 @@ pub enum Error {
 
 impl Error {
     pub fn op(op: impl Into<String>, message: impl Into<String>) -> Error {
-        Error::Op {
-            op: op.into(),
-            message: message.into(),
-        }
+        Error::Op { op: op.into(), message: message.into() }
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 }

@@ -26,36 +26,26 @@ pub fn parse_npy(b: &[u8]) -> Result<Tensor> {
         2 | 3 if b.len() >= 12 => (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12),
         v => return Err(bad(format!(".npy version {v} is not supported"))),
     };
-    let end = start
-        .checked_add(hlen)
-        .filter(|&e| e <= b.len())
-        .ok_or_else(|| bad(".npy header runs past the end"))?;
+    let end = start.checked_add(hlen).filter(|&e| e <= b.len()).ok_or_else(|| bad(".npy header runs past the end"))?;
     let header = std::str::from_utf8(&b[start..end]).map_err(|_| bad(".npy header is not text"))?;
     let descr = dict_value(header, "descr").ok_or_else(|| bad(".npy header has no descr"))?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"');
     let dtype = DType::from_npy_descr(descr).ok_or_else(|| {
-        bad(format!("arrays of numpy dtype `{descr}` are not supported (use float32, int64, int32, int8, uint8 or bool)"))
+        bad(format!(
+            "arrays of numpy dtype `{descr}` are not supported (use float32, int64, int32, int8, uint8 or bool)"
+        ))
     })?;
     if dict_value(header, "fortran_order").is_some_and(|v| v.starts_with("True")) {
-        return Err(bad(
-            "Fortran-ordered arrays are not supported (save with np.ascontiguousarray)",
-        ));
+        return Err(bad("Fortran-ordered arrays are not supported (save with np.ascontiguousarray)"));
     }
     let shape_text = dict_value(header, "shape").ok_or_else(|| bad(".npy header has no shape"))?;
-    let inner = shape_text
-        .trim()
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| bad("bad .npy shape"))?;
+    let inner =
+        shape_text.trim().strip_prefix('(').and_then(|s| s.split(')').next()).ok_or_else(|| bad("bad .npy shape"))?;
     let shape: Vec<usize> = inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.trim_end_matches('L')
-                .parse::<usize>()
-                .map_err(|_| bad(format!("bad .npy dimension `{s}`")))
-        })
+        .map(|s| s.trim_end_matches('L').parse::<usize>().map_err(|_| bad(format!("bad .npy dimension `{s}`"))))
         .collect::<Result<_>>()?;
     let n = numel(&shape).ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
     let need = n
@@ -64,19 +54,14 @@ pub fn parse_npy(b: &[u8]) -> Result<Tensor> {
         .ok_or_else(|| bad(format!("shape {shape:?} is too large")))?;
     let data = &b[end..];
     if data.len() < need {
-        return Err(bad(format!(
-            "array of shape {shape:?} needs {need} bytes, the file has {}",
-            data.len()
-        )));
+        return Err(bad(format!("array of shape {shape:?} needs {need} bytes, the file has {}", data.len())));
     }
     Tensor::from_le_bytes(dtype, shape, &data[..need])
 }
 
 /// The text of `key`'s value in a Python dict literal (up to the next top-level comma).
 fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
-    let at = header
-        .find(&format!("'{key}'"))
-        .or_else(|| header.find(&format!("\"{key}\"")))?;
+    let at = header.find(&format!("'{key}'")).or_else(|| header.find(&format!("\"{key}\"")))?;
     let rest = &header[at + key.len() + 2..];
     let rest = rest.trim_start().strip_prefix(':')?.trim_start();
     let mut depth = 0i32;
@@ -95,18 +80,9 @@ fn dict_value<'a>(header: &'a str, key: &str) -> Option<&'a str> {
 pub fn npy_bytes(t: &Tensor) -> Vec<u8> {
     let shape = match t.shape() {
         [d] => format!("({d},)"),
-        s => format!(
-            "({})",
-            s.iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        s => format!("({})", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
     };
-    let mut header = format!(
-        "{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}",
-        t.dtype().npy_descr()
-    );
+    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {shape}, }}", t.dtype().npy_descr());
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -131,14 +107,9 @@ pub fn read_npz_from(r: impl Read + Seek) -> Result<Vec<(String, Tensor)>> {
     let mut z = zip::ZipArchive::new(r).map_err(|e| bad(format!("not an .npz archive: {e}")))?;
     let mut out = Vec::new();
     for i in 0..z.len() {
-        let mut entry = z
-            .by_index(i)
-            .map_err(|e| bad(format!("bad .npz entry: {e}")))?;
-        let name = entry
-            .name()
-            .map_err(|e| bad(format!("bad .npz entry name: {e}")))?
-            .trim_end_matches(".npy")
-            .to_string();
+        let mut entry = z.by_index(i).map_err(|e| bad(format!("bad .npz entry: {e}")))?;
+        let name =
+            entry.name().map_err(|e| bad(format!("bad .npz entry name: {e}")))?.trim_end_matches(".npy").to_string();
         if entry.size() > MAX_ARRAY_BYTES {
             return Err(bad(format!("array `{name}` is too large")));
         }
@@ -158,12 +129,10 @@ pub fn read_npz_from(r: impl Read + Seek) -> Result<Vec<(String, Tensor)>> {
 pub fn write_npz(path: &Path, arrays: &[(String, Tensor)]) -> Result<()> {
     let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut z = zip::ZipWriter::new(std::io::BufWriter::new(f));
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Stored)
-        .large_file(true);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored).large_file(true);
     for (name, t) in arrays {
-        z.start_file(format!("{name}.npy"), opts)
-            .map_err(|e| bad(e.to_string()))?;
+        z.start_file(format!("{name}.npy"), opts).map_err(|e| bad(e.to_string()))?;
         z.write_all(&npy_bytes(t)).map_err(|e| Error::io(path, e))?;
     }
     z.finish().map_err(|e| bad(e.to_string()))?;
@@ -171,10 +140,7 @@ pub fn write_npz(path: &Path, arrays: &[(String, Tensor)]) -> Result<()> {
 }
 
 /// Reads a JSON object of nested arrays, each converted to the dtype `dtype_of(name)` gives.
-pub fn read_json(
-    path: &Path,
-    dtype_of: &dyn Fn(&str) -> Option<DType>,
-) -> Result<Vec<(String, Tensor)>> {
+pub fn read_json(path: &Path, dtype_of: &dyn Fn(&str) -> Option<DType>) -> Result<Vec<(String, Tensor)>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     parse_json(&text, dtype_of).map_err(|e| match e {
         Error::TensorFile(m) => Error::TensorFile(format!("{}: {m}", path.display())),
@@ -182,19 +148,12 @@ pub fn read_json(
     })
 }
 
-pub fn parse_json(
-    text: &str,
-    dtype_of: &dyn Fn(&str) -> Option<DType>,
-) -> Result<Vec<(String, Tensor)>> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("expected a JSON object mapping input names to arrays"))?;
+pub fn parse_json(text: &str, dtype_of: &dyn Fn(&str) -> Option<DType>) -> Result<Vec<(String, Tensor)>> {
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let obj = v.as_object().ok_or_else(|| bad("expected a JSON object mapping input names to arrays"))?;
     let mut out = Vec::new();
     for (name, value) in obj {
-        let dtype =
-            dtype_of(name).ok_or_else(|| bad(format!("`{name}` is not an input of the model")))?;
+        let dtype = dtype_of(name).ok_or_else(|| bad(format!("`{name}` is not an input of the model")))?;
         let mut shape = Vec::new();
         let mut cur = value;
         while let Some(a) = cur.as_array() {
@@ -225,85 +184,45 @@ pub fn parse_json(
     Ok(out)
 }
 
-fn flatten(
-    name: &str,
-    v: &serde_json::Value,
-    shape: &[usize],
-    depth: usize,
-    out: &mut Vec<f64>,
-) -> Result<()> {
+fn flatten(name: &str, v: &serde_json::Value, shape: &[usize], depth: usize, out: &mut Vec<f64>) -> Result<()> {
     if depth == shape.len() {
         let x = match v {
-            serde_json::Value::Number(n) => n
-                .as_f64()
-                .ok_or_else(|| bad(format!("`{name}`: bad number {n}")))?,
+            serde_json::Value::Number(n) => n.as_f64().ok_or_else(|| bad(format!("`{name}`: bad number {n}")))?,
             serde_json::Value::Bool(b) => f64::from(u8::from(*b)),
-            _ => {
-                return Err(bad(format!(
-                    "`{name}` is not a rectangular array of numbers"
-                )))
-            }
+            _ => return Err(bad(format!("`{name}` is not a rectangular array of numbers"))),
         };
         out.push(x);
         return Ok(());
     }
     match v.as_array() {
-        Some(a) if a.len() == shape[depth] => a
-            .iter()
-            .try_for_each(|x| flatten(name, x, shape, depth + 1, out)),
-        _ => Err(bad(format!(
-            "`{name}` is not a rectangular array (shape {shape:?})"
-        ))),
+        Some(a) if a.len() == shape[depth] => a.iter().try_for_each(|x| flatten(name, x, shape, depth + 1, out)),
+        _ => Err(bad(format!("`{name}` is not a rectangular array (shape {shape:?})"))),
     }
 }
 
 /// Nested-array JSON of a tensor (non-finite floats become `null`).
 pub fn tensor_json(t: &Tensor) -> serde_json::Value {
-    fn nest(
-        shape: &[usize],
-        flat: &mut dyn Iterator<Item = serde_json::Value>,
-    ) -> serde_json::Value {
+    fn nest(shape: &[usize], flat: &mut dyn Iterator<Item = serde_json::Value>) -> serde_json::Value {
         match shape {
             [] => flat.next().unwrap_or(serde_json::Value::Null),
             [d, rest @ ..] => serde_json::Value::Array((0..*d).map(|_| nest(rest, flat)).collect()),
         }
     }
     let mut it: Box<dyn Iterator<Item = serde_json::Value>> = match t.dtype() {
-        DType::F32 => Box::new(
-            t.as_slice::<f32>()
-                .unwrap_or_default()
-                .to_vec()
-                .into_iter()
-                .map(|x| {
-                    serde_json::Number::from_f64(x as f64)
-                        .map(serde_json::Value::Number)
-                        .unwrap_or(serde_json::Value::Null)
-                }),
-        ),
-        DType::Bool => Box::new(
-            t.to_i64s()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|x| serde_json::Value::Bool(x != 0)),
-        ),
-        _ => Box::new(
-            t.to_i64s()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|x| serde_json::Value::from(x)),
-        ),
+        DType::F32 => Box::new(t.as_slice::<f32>().unwrap_or_default().to_vec().into_iter().map(|x| {
+            serde_json::Number::from_f64(x as f64).map(serde_json::Value::Number).unwrap_or(serde_json::Value::Null)
+        })),
+        DType::Bool => Box::new(t.to_i64s().unwrap_or_default().into_iter().map(|x| serde_json::Value::Bool(x != 0))),
+        _ => Box::new(t.to_i64s().unwrap_or_default().into_iter().map(serde_json::Value::from)),
     };
     nest(t.shape(), &mut it)
 }
 
 /// Writes tensors as one JSON object of nested arrays.
 pub fn write_json(path: &Path, arrays: &[(String, Tensor)]) -> Result<()> {
-    let obj: serde_json::Map<String, serde_json::Value> = arrays
-        .iter()
-        .map(|(n, t)| (n.clone(), tensor_json(t)))
-        .collect();
-    let text =
-        serde_json::to_string(&serde_json::Value::Object(obj)).map_err(|e| bad(e.to_string()))?;
+    let obj: serde_json::Map<String, serde_json::Value> =
+        arrays.iter().map(|(n, t)| (n.clone(), tensor_json(t))).collect();
+    let text = serde_json::to_string(&serde_json::Value::Object(obj)).map_err(|e| bad(e.to_string()))?;
     std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
@@ -331,14 +250,8 @@ mod tests {
     fn npz_round_trip() {
         let p = std::env::temp_dir().join(format!("tcc-io-{}.npz", std::process::id()));
         let arrays = vec![
-            (
-                "input_ids".to_string(),
-                Tensor::new(vec![1, 3], vec![101i64, 7, 102]).unwrap(),
-            ),
-            (
-                "x".to_string(),
-                Tensor::new(vec![2], vec![0.5f32, 1.5]).unwrap(),
-            ),
+            ("input_ids".to_string(), Tensor::new(vec![1, 3], vec![101i64, 7, 102]).unwrap()),
+            ("x".to_string(), Tensor::new(vec![2], vec![0.5f32, 1.5]).unwrap()),
         ];
         write_npz(&p, &arrays).unwrap();
         let back = read_npz(&p).unwrap();
@@ -354,31 +267,19 @@ mod tests {
             assert!(parse_npy(&good[..n]).is_err(), "truncated to {n}");
         }
         let replace = |from: &str, to: &str| {
-            let at = good
-                .windows(from.len())
-                .position(|w| w == from.as_bytes())
-                .unwrap();
+            let at = good.windows(from.len()).position(|w| w == from.as_bytes()).unwrap();
             let mut b = good[..at].to_vec();
             b.extend_from_slice(to.as_bytes());
             b.extend_from_slice(&good[at + from.len()..]);
             b
         };
-        assert!(parse_npy(&replace("<f4", "<f8"))
-            .unwrap_err()
-            .to_string()
-            .contains("<f8"));
+        assert!(parse_npy(&replace("<f4", "<f8")).unwrap_err().to_string().contains("<f8"));
         let mut huge = b"\x93NUMPY\x01\x00".to_vec();
         let h = "{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999,), }\n";
         huge.extend_from_slice(&(h.len() as u16).to_le_bytes());
         huge.extend_from_slice(h.as_bytes());
-        assert!(parse_npy(&huge)
-            .unwrap_err()
-            .to_string()
-            .contains("too large"));
-        assert!(parse_npy(&replace("False", "True "))
-            .unwrap_err()
-            .to_string()
-            .contains("Fortran"));
+        assert!(parse_npy(&huge).unwrap_err().to_string().contains("too large"));
+        assert!(parse_npy(&replace("False", "True ")).unwrap_err().to_string().contains("Fortran"));
     }
 
     #[test]

@@ -32,7 +32,5 @@ pub use tensor::{Bytes, Element, Tensor};
 /// Checks that bytes are a `tokenizer.json` the embedded tokenizer can load.
 #[cfg(feature = "tokenizer")]
 pub fn tokenizer_check(bytes: &[u8]) -> std::result::Result<(), String> {
-    tokenizers::Tokenizer::from_bytes(bytes)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    tokenizers::Tokenizer::from_bytes(bytes).map(|_| ()).map_err(|e| e.to_string())
 }

@@ -48,21 +48,9 @@ impl Model {
         let constants: Vec<(Slot, Tensor)> = plan
             .constants
             .iter()
-            .map(|c| {
-                (
-                    c.slot,
-                    a.weights
-                        .get(&c.weight)
-                        .cloned()
-                        .expect("validated: every constant's weight exists"),
-                )
-            })
+            .map(|c| (c.slot, a.weights.get(&c.weight).cloned().expect("validated: every constant's weight exists")))
             .collect();
-        let parameters = constants
-            .iter()
-            .filter(|(_, t)| t.dtype() != DType::I64)
-            .map(|(_, t)| t.len())
-            .sum();
+        let parameters = constants.iter().filter(|(_, t)| t.dtype() != DType::I64).map(|(_, t)| t.len()).sum();
         let last_use = plan.last_uses();
         let mut keep = vec![false; plan.slots as usize];
         for o in &plan.outputs {
@@ -146,32 +134,26 @@ impl Model {
         }
         for (n, step) in self.plan.steps.iter().enumerate() {
             let outs = {
-                let ins: Vec<Option<&Tensor>> =
-                    step.inputs
-                        .iter()
-                        .map(|s| match s {
-                            None => Ok(None),
-                            Some(s) => slots[*s as usize].as_ref().map(Some).ok_or_else(|| {
-                                Error::Artifact(format!("slot {s} read after release"))
-                            }),
-                        })
-                        .collect::<Result<_>>()?;
+                let ins: Vec<Option<&Tensor>> = step
+                    .inputs
+                    .iter()
+                    .map(|s| match s {
+                        None => Ok(None),
+                        Some(s) => slots[*s as usize]
+                            .as_ref()
+                            .map(Some)
+                            .ok_or_else(|| Error::Artifact(format!("slot {s} read after release"))),
+                    })
+                    .collect::<Result<_>>()?;
                 step.op.eval(&ctx, &ins).map_err(|e| match e {
-                    Error::Op { op, message } => Error::Op {
-                        op: format!("{op} `{}`", step.name),
-                        message,
-                    },
+                    Error::Op { op, message } => Error::Op { op: format!("{op} `{}`", step.name), message },
                     e => e,
                 })?
             };
             if outs.len() != step.outputs.len() {
                 return Err(Error::op(
                     step.op.name(),
-                    format!(
-                        "made {} outputs, expected {}",
-                        outs.len(),
-                        step.outputs.len()
-                    ),
+                    format!("made {} outputs, expected {}", outs.len(), step.outputs.len()),
                 ));
             }
             for (s, t) in step.outputs.iter().zip(outs) {
@@ -187,9 +169,9 @@ impl Model {
             .outputs
             .iter()
             .map(|o| {
-                let t = slots[o.slot as usize].clone().ok_or_else(|| {
-                    Error::Artifact(format!("output `{}` was not computed", o.name))
-                })?;
+                let t = slots[o.slot as usize]
+                    .clone()
+                    .ok_or_else(|| Error::Artifact(format!("output `{}` was not computed", o.name)))?;
                 Ok((o.name.clone(), t))
             })
             .collect()
@@ -208,25 +190,18 @@ impl Model {
     /// positions `0..sequence` for the inputs that have those roles.
     #[cfg(feature = "tokenizer")]
     pub fn encode(&self, texts: &[&str]) -> Result<Vec<(String, Tensor)>> {
-        let (tk, pad_id) = self.tokenizer.as_ref().ok_or_else(|| {
-            Error::Tokenizer("this artifact has no tokenizer (build with --tokenizer)".into())
-        })?;
+        let (tk, pad_id) = self
+            .tokenizer
+            .as_ref()
+            .ok_or_else(|| Error::Tokenizer("this artifact has no tokenizer (build with --tokenizer)".into()))?;
         if texts.is_empty() {
             return Err(Error::Input("no text to encode".into()));
         }
         let encs: Vec<tokenizers::Encoding> = texts
             .iter()
-            .map(|t| {
-                tk.encode(*t, true)
-                    .map_err(|e| Error::Tokenizer(e.to_string()))
-            })
+            .map(|t| tk.encode(*t, true).map_err(|e| Error::Tokenizer(e.to_string())))
             .collect::<Result<_>>()?;
-        let seq = encs
-            .iter()
-            .map(|e| e.get_ids().len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
+        let seq = encs.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
         let b = texts.len();
         let pad = *pad_id as i64;
         let mut ids = vec![pad; b * seq];
@@ -240,10 +215,7 @@ impl Model {
         let mut out = Vec::new();
         for spec in &self.plan.inputs {
             let n = spec.name.to_ascii_lowercase();
-            let v = if n.contains("input_ids")
-                || n == "ids"
-                || n.ends_with("_ids") && n.contains("input")
-            {
+            let v = if n.contains("input_ids") || n == "ids" || n.ends_with("_ids") && n.contains("input") {
                 ids.clone()
             } else if n.contains("mask") {
                 mask.clone()
@@ -252,10 +224,7 @@ impl Model {
             } else if n.contains("position") {
                 (0..b).flat_map(|_| 0..seq as i64).collect()
             } else {
-                return Err(Error::Input(format!(
-                    "cannot fill input `{}` from text",
-                    spec.name
-                )));
+                return Err(Error::Input(format!("cannot fill input `{}` from text", spec.name)));
             };
             let t = Tensor::new(vec![b, seq], v)?;
             out.push((spec.name.clone(), crate::op::cast_tensor(&t, spec.dtype)?));
@@ -276,29 +245,11 @@ mod tests {
         let n = Dim::sym("n");
         let plan = Plan {
             inputs: vec![
-                Input {
-                    name: "x".into(),
-                    dtype: DType::F32,
-                    shape: vec![n.clone()],
-                    slot: 0,
-                },
-                Input {
-                    name: "y".into(),
-                    dtype: DType::F32,
-                    shape: vec![n.clone()],
-                    slot: 3,
-                },
+                Input { name: "x".into(), dtype: DType::F32, shape: vec![n.clone()], slot: 0 },
+                Input { name: "y".into(), dtype: DType::F32, shape: vec![n.clone()], slot: 3 },
             ],
-            outputs: vec![Output {
-                name: "z".into(),
-                slot: 4,
-                dtype: DType::F32,
-                shape: vec![n.clone()],
-            }],
-            constants: vec![Constant {
-                slot: 1,
-                weight: "b".into(),
-            }],
+            outputs: vec![Output { name: "z".into(), slot: 4, dtype: DType::F32, shape: vec![n.clone()] }],
+            constants: vec![Constant { slot: 1, weight: "b".into() }],
             steps: vec![
                 Step {
                     op: Binary::new(BinaryKind::Add).into(),
@@ -319,12 +270,7 @@ mod tests {
         let p = std::env::temp_dir().join(format!("tcc-model-{}.tcc", std::process::id()));
         artifact::write(
             &p,
-            &ArtifactContents {
-                plan: &plan,
-                weights: &weights,
-                tokenizer: None,
-                report: serde_json::Value::Null,
-            },
+            &ArtifactContents { plan: &plan, weights: &weights, tokenizer: None, report: serde_json::Value::Null },
         )
         .unwrap();
         Model::load(&p).unwrap()
@@ -337,27 +283,15 @@ mod tests {
     #[test]
     fn runs_and_checks_inputs() {
         let m = model();
-        let out = m
-            .run(&[("x".into(), f(&[1., 2.])), ("y".into(), f(&[3., 4.]))])
-            .unwrap();
+        let out = m.run(&[("x".into(), f(&[1., 2.])), ("y".into(), f(&[3., 4.]))]).unwrap();
         assert_eq!(out[0].1.as_slice::<f32>().unwrap(), &[6., 12.]);
         let err = |ins: &[(String, Tensor)]| m.run(ins).unwrap_err().to_string();
         assert!(err(&[("x".into(), f(&[1.]))]).contains("`y` is missing"));
-        assert!(
-            err(&[("x".into(), f(&[1.])), ("y".into(), f(&[1., 2.]))]).contains("another input")
-        );
-        assert!(err(&[
-            ("x".into(), f(&[1.])),
-            ("y".into(), Tensor::new(vec![1], vec![1i64]).unwrap())
-        ])
-        .contains("must be f32"));
+        assert!(err(&[("x".into(), f(&[1.])), ("y".into(), f(&[1., 2.]))]).contains("another input"));
+        assert!(err(&[("x".into(), f(&[1.])), ("y".into(), Tensor::new(vec![1], vec![1i64]).unwrap())])
+            .contains("must be f32"));
         assert!(err(&[("x".into(), f(&[])), ("y".into(), f(&[]))]).contains("size 0"));
-        assert!(err(&[
-            ("x".into(), f(&[1.])),
-            ("y".into(), f(&[1.])),
-            ("w".into(), f(&[1.]))
-        ])
-        .contains("not an input"));
+        assert!(err(&[("x".into(), f(&[1.])), ("y".into(), f(&[1.])), ("w".into(), f(&[1.]))]).contains("not an input"));
     }
 
     #[test]

@@ -73,48 +73,28 @@ impl Plan {
     pub fn validate(&self, weights: &HashMap<String, Tensor>) -> Result<Vec<Option<Fact>>> {
         let bad = |m: String| Error::Artifact(format!("plan: {m}"));
         if self.slots > MAX_SLOTS || self.steps.len() > MAX_SLOTS as usize {
-            return Err(bad(format!(
-                "{} slots and {} steps is too many",
-                self.slots,
-                self.steps.len()
-            )));
+            return Err(bad(format!("{} slots and {} steps is too many", self.slots, self.steps.len())));
         }
         let mut facts: Vec<Option<Fact>> = vec![None; self.slots as usize];
-        let define =
-            |facts: &mut Vec<Option<Fact>>, slot: Slot, fact: Fact, what: &str| -> Result<()> {
-                let cell = facts
-                    .get_mut(slot as usize)
-                    .ok_or_else(|| bad(format!("{what} writes slot {slot} out of range")))?;
-                if cell.is_some() {
-                    return Err(bad(format!(
-                        "{what} writes slot {slot}, which is already written"
-                    )));
-                }
-                *cell = Some(fact);
-                Ok(())
-            };
+        let define = |facts: &mut Vec<Option<Fact>>, slot: Slot, fact: Fact, what: &str| -> Result<()> {
+            let cell =
+                facts.get_mut(slot as usize).ok_or_else(|| bad(format!("{what} writes slot {slot} out of range")))?;
+            if cell.is_some() {
+                return Err(bad(format!("{what} writes slot {slot}, which is already written")));
+            }
+            *cell = Some(fact);
+            Ok(())
+        };
         let mut names = std::collections::HashSet::new();
         for i in &self.inputs {
             if !names.insert(&i.name) {
                 return Err(bad(format!("input `{}` is declared twice", i.name)));
             }
-            define(
-                &mut facts,
-                i.slot,
-                Fact::new(i.dtype, i.shape.clone()),
-                &format!("input `{}`", i.name),
-            )?;
+            define(&mut facts, i.slot, Fact::new(i.dtype, i.shape.clone()), &format!("input `{}`", i.name))?;
         }
         for c in &self.constants {
-            let w = weights
-                .get(&c.weight)
-                .ok_or_else(|| bad(format!("weight `{}` is missing", c.weight)))?;
-            define(
-                &mut facts,
-                c.slot,
-                Fact::of_tensor(w),
-                &format!("weight `{}`", c.weight),
-            )?;
+            let w = weights.get(&c.weight).ok_or_else(|| bad(format!("weight `{}` is missing", c.weight)))?;
+            define(&mut facts, c.slot, Fact::of_tensor(w), &format!("weight `{}`", c.weight))?;
         }
         for (n, step) in self.steps.iter().enumerate() {
             let what = || format!("step {n} ({} `{}`)", step.op.name(), step.name);
@@ -125,10 +105,7 @@ impl Plan {
                     None => Ok(None),
                     Some(s) => match facts.get(*s as usize) {
                         Some(Some(f)) => Ok(Some(f)),
-                        _ => Err(bad(format!(
-                            "{} reads slot {s} before it is written",
-                            what()
-                        ))),
+                        _ => Err(bad(format!("{} reads slot {s} before it is written", what()))),
                     },
                 })
                 .collect::<Result<_>>()?;
@@ -140,10 +117,7 @@ impl Plan {
                     step.op.num_outputs()
                 )));
             }
-            let outs = step
-                .op
-                .infer(&ins)
-                .map_err(|e| bad(format!("{}: {e}", what())))?;
+            let outs = step.op.infer(&ins).map_err(|e| bad(format!("{}: {e}", what())))?;
             for (slot, fact) in step.outputs.iter().zip(outs) {
                 define(&mut facts, *slot, fact, &what())?;
             }
@@ -151,12 +125,7 @@ impl Plan {
         for o in &self.outputs {
             match facts.get(o.slot as usize) {
                 Some(Some(_)) => {}
-                _ => {
-                    return Err(bad(format!(
-                        "output `{}` reads slot {}, which is never written",
-                        o.name, o.slot
-                    )))
-                }
+                _ => return Err(bad(format!("output `{}` reads slot {}, which is never written", o.name, o.slot))),
             }
         }
         Ok(facts)
@@ -192,10 +161,7 @@ pub fn bind_symbols(specs: &[Input], inputs: &[(String, Tensor)]) -> Result<BTre
     for (name, _) in inputs {
         if !specs.iter().any(|i| &i.name == name) {
             let known: Vec<&str> = specs.iter().map(|i| i.name.as_str()).collect();
-            return Err(Error::Input(format!(
-                "`{name}` is not an input of this model (inputs: {})",
-                known.join(", ")
-            )));
+            return Err(Error::Input(format!("`{name}` is not an input of this model (inputs: {})", known.join(", "))));
         }
     }
     // Single-symbol dims bind first; expressions are checked after.
@@ -203,12 +169,7 @@ pub fn bind_symbols(specs: &[Input], inputs: &[(String, Tensor)]) -> Result<BTre
     for spec in specs {
         let t = find_input(inputs, &spec.name)?;
         if t.dtype() != spec.dtype {
-            return Err(Error::Input(format!(
-                "`{}` must be {}, got {}",
-                spec.name,
-                spec.dtype,
-                t.dtype()
-            )));
+            return Err(Error::Input(format!("`{}` must be {}, got {}", spec.name, spec.dtype, t.dtype())));
         }
         if t.rank() != spec.shape.len() {
             return Err(Error::Input(format!(
@@ -221,18 +182,12 @@ pub fn bind_symbols(specs: &[Input], inputs: &[(String, Tensor)]) -> Result<BTre
         }
         for (axis, (d, &n)) in spec.shape.iter().zip(t.shape()).enumerate() {
             if n == 0 {
-                return Err(Error::Input(format!(
-                    "`{}` has size 0 on axis {axis} ({d})",
-                    spec.name
-                )));
+                return Err(Error::Input(format!("`{}` has size 0 on axis {axis} ({d})", spec.name)));
             }
             let syms = d.symbols();
             if let Some(c) = d.as_const() {
                 if c != n as i64 {
-                    return Err(Error::Input(format!(
-                        "`{}` axis {axis} must be {c}, got {n}",
-                        spec.name
-                    )));
+                    return Err(Error::Input(format!("`{}` axis {axis} must be {c}, got {n}", spec.name)));
                 }
             } else if syms.len() == 1 && *d == Dim::sym(&syms[0]) {
                 let prev = *symbols.entry(syms[0].to_string()).or_insert(n as i64);
@@ -251,17 +206,9 @@ pub fn bind_symbols(specs: &[Input], inputs: &[(String, Tensor)]) -> Result<BTre
         let env = |s: &str| symbols.get(s).copied();
         match d.eval(&env) {
             Some(v) if v == n as i64 => {}
-            Some(v) => {
-                return Err(Error::Input(format!(
-                    "`{}` axis {axis} must be {d} = {v}, got {n}",
-                    spec.name
-                )))
-            }
+            Some(v) => return Err(Error::Input(format!("`{}` axis {axis} must be {d} = {v}, got {n}", spec.name))),
             None => {
-                return Err(Error::Input(format!(
-                    "`{}` axis {axis} is `{d}`, which no input determines",
-                    spec.name
-                )))
+                return Err(Error::Input(format!("`{}` axis {axis} is `{d}`, which no input determines", spec.name)))
             }
         }
     }
@@ -278,11 +225,5 @@ pub fn find_input<'a>(inputs: &'a [(String, Tensor)], name: &str) -> Result<&'a 
 }
 
 fn fmt_dims(d: &[Dim]) -> String {
-    format!(
-        "[{}]",
-        d.iter()
-            .map(|x| x.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
+    format!("[{}]", d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
 }

@@ -69,9 +69,7 @@ macro_rules! element {
             fn view(d: &Data) -> Option<&[Self]> {
                 match d {
                     Data::$variant(v) => Some(v),
-                    Data::Borrowed { bytes, offset, len } => {
-                        cast_bytes(&(**bytes).as_ref()[*offset..*offset + *len])
-                    }
+                    Data::Borrowed { bytes, offset, len } => cast_bytes(&(**bytes).as_ref()[*offset..*offset + *len]),
                     _ => None,
                 }
             }
@@ -88,7 +86,7 @@ element!(u8, U8, U8);
 /// Reinterprets little-endian bytes as elements, when their alignment allows it.
 fn cast_bytes<T: Element>(b: &[u8]) -> Option<&[T]> {
     let size = std::mem::size_of::<T>();
-    if b.len() % size != 0 || (b.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !b.len().is_multiple_of(size) || !(b.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return None;
     }
     // SAFETY: the pointer is aligned for T (checked above), the length is a whole number of
@@ -112,25 +110,14 @@ impl Tensor {
     fn with_dtype<T: Element>(dtype: DType, shape: Vec<usize>, data: Vec<T>) -> Result<Tensor> {
         let n = numel(&shape).ok_or_else(|| Error::Shape(format!("shape {shape:?} overflows")))?;
         if n != data.len() {
-            return Err(Error::Shape(format!(
-                "shape {shape:?} needs {n} elements, got {}",
-                data.len()
-            )));
+            return Err(Error::Shape(format!("shape {shape:?} needs {n} elements, got {}", data.len())));
         }
-        Ok(Tensor {
-            dtype,
-            shape,
-            data: Arc::new(T::owned(data)),
-        })
+        Ok(Tensor { dtype, shape, data: Arc::new(T::owned(data)) })
     }
 
     /// A bool tensor; stored as bytes 0/1.
     pub fn from_bools(shape: Vec<usize>, data: Vec<bool>) -> Result<Tensor> {
-        Tensor::with_dtype(
-            DType::Bool,
-            shape,
-            data.into_iter().map(u8::from).collect::<Vec<u8>>(),
-        )
+        Tensor::with_dtype(DType::Bool, shape, data.into_iter().map(u8::from).collect::<Vec<u8>>())
     }
 
     /// A u8 vector reinterpreted as `dtype` bool (values must be 0 or 1).
@@ -163,49 +150,30 @@ impl Tensor {
         len: usize,
     ) -> Result<Tensor> {
         let n = numel(&shape).ok_or_else(|| Error::Shape(format!("shape {shape:?} overflows")))?;
-        let need = n
-            .checked_mul(dtype.size())
-            .ok_or_else(|| Error::Shape(format!("shape {shape:?} overflows")))?;
+        let need = n.checked_mul(dtype.size()).ok_or_else(|| Error::Shape(format!("shape {shape:?} overflows")))?;
         if need != len {
-            return Err(Error::Shape(format!(
-                "{dtype}{shape:?} needs {need} bytes, got {len}"
-            )));
+            return Err(Error::Shape(format!("{dtype}{shape:?} needs {need} bytes, got {len}")));
         }
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| Error::Shape("byte range overflows".into()))?;
+        let end = offset.checked_add(len).ok_or_else(|| Error::Shape("byte range overflows".into()))?;
         let slice = (*bytes).as_ref();
         if end > slice.len() {
-            return Err(Error::Shape(format!(
-                "bytes {offset}..{end} are outside a buffer of {} bytes",
-                slice.len()
-            )));
+            return Err(Error::Shape(format!("bytes {offset}..{end} are outside a buffer of {} bytes", slice.len())));
         }
-        let aligned = (slice[offset..].as_ptr() as usize) % dtype.size() == 0;
+        let aligned = (slice[offset..].as_ptr() as usize).is_multiple_of(dtype.size());
         if !aligned {
             return Tensor::from_le_bytes(dtype, shape, &slice[offset..end]);
         }
-        Ok(Tensor {
-            dtype,
-            shape,
-            data: Arc::new(Data::Borrowed { bytes, offset, len }),
-        })
+        Ok(Tensor { dtype, shape, data: Arc::new(Data::Borrowed { bytes, offset, len }) })
     }
 
     /// A tensor copied from little-endian bytes.
     pub fn from_le_bytes(dtype: DType, shape: Vec<usize>, b: &[u8]) -> Result<Tensor> {
         let n = numel(&shape).ok_or_else(|| Error::Shape(format!("shape {shape:?} overflows")))?;
         if n.checked_mul(dtype.size()) != Some(b.len()) {
-            return Err(Error::Shape(format!(
-                "{dtype}{shape:?} needs {} bytes, got {}",
-                n * dtype.size(),
-                b.len()
-            )));
+            return Err(Error::Shape(format!("{dtype}{shape:?} needs {} bytes, got {}", n * dtype.size(), b.len())));
         }
         fn conv<T, const N: usize>(b: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-            b.chunks_exact(N)
-                .map(|c| f(c.try_into().expect("chunk of N")))
-                .collect()
+            b.chunks_exact(N).map(|c| f(c.try_into().expect("chunk of N"))).collect()
         }
         match dtype {
             DType::F32 => Tensor::new(shape, conv(b, f32::from_le_bytes)),
@@ -213,9 +181,7 @@ impl Tensor {
             DType::I32 => Tensor::new(shape, conv(b, i32::from_le_bytes)),
             DType::I8 => Tensor::new(shape, conv(b, i8::from_le_bytes)),
             DType::U8 => Tensor::new(shape, b.to_vec()),
-            DType::Bool => {
-                Tensor::bool_from_u8(shape, b.iter().map(|&x| u8::from(x != 0)).collect())
-            }
+            DType::Bool => Tensor::bool_from_u8(shape, b.iter().map(|&x| u8::from(x != 0)).collect()),
         }
     }
 
@@ -245,11 +211,7 @@ impl Tensor {
         let ok = T::DTYPE == self.dtype || (T::DTYPE == DType::U8 && self.dtype == DType::Bool);
         match (ok, T::view(&self.data)) {
             (true, Some(s)) => Ok(s),
-            _ => Err(Error::DType(format!(
-                "expected a {} tensor, got {}",
-                T::DTYPE,
-                self.dtype
-            ))),
+            _ => Err(Error::DType(format!("expected a {} tensor, got {}", T::DTYPE, self.dtype))),
         }
     }
 
@@ -261,25 +223,16 @@ impl Tensor {
             Data::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Data::I8(v) => v.iter().map(|&x| x as u8).collect(),
             Data::U8(v) => v.clone(),
-            Data::Borrowed { bytes, offset, len } => {
-                (**bytes).as_ref()[*offset..*offset + *len].to_vec()
-            }
+            Data::Borrowed { bytes, offset, len } => (**bytes).as_ref()[*offset..*offset + *len].to_vec(),
         }
     }
 
     /// The same data under another shape with the same number of elements.
     pub fn reshape(&self, shape: Vec<usize>) -> Result<Tensor> {
         if numel(&shape) != Some(self.len()) {
-            return Err(Error::Shape(format!(
-                "cannot reshape {:?} to {shape:?}",
-                self.shape
-            )));
+            return Err(Error::Shape(format!("cannot reshape {:?} to {shape:?}", self.shape)));
         }
-        Ok(Tensor {
-            dtype: self.dtype,
-            shape,
-            data: self.data.clone(),
-        })
+        Ok(Tensor { dtype: self.dtype, shape, data: self.data.clone() })
     }
 
     /// Integer elements widened to i64 (any integer or bool dtype).
@@ -303,9 +256,7 @@ impl Tensor {
 
     /// True when both tensors have the same dtype, shape and bit-identical elements.
     pub fn bit_eq(&self, other: &Tensor) -> bool {
-        self.dtype == other.dtype
-            && self.shape == other.shape
-            && self.to_le_bytes() == other.to_le_bytes()
+        self.dtype == other.dtype && self.shape == other.shape && self.to_le_bytes() == other.to_le_bytes()
     }
 }
 
@@ -313,20 +264,11 @@ impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}{:?}", self.dtype, self.shape)?;
         let head: Vec<String> = match self.dtype {
-            DType::F32 => self
-                .as_slice::<f32>()
-                .map(|s| s.iter().take(8).map(|x| format!("{x}")).collect()),
-            _ => self
-                .to_i64s()
-                .map(|s| s.iter().take(8).map(|x| format!("{x}")).collect()),
+            DType::F32 => self.as_slice::<f32>().map(|s| s.iter().take(8).map(|x| format!("{x}")).collect()),
+            _ => self.to_i64s().map(|s| s.iter().take(8).map(|x| format!("{x}")).collect()),
         }
         .unwrap_or_default();
-        write!(
-            f,
-            " [{}{}]",
-            head.join(", "),
-            if self.len() > 8 { ", ..." } else { "" }
-        )
+        write!(f, " [{}{}]", head.join(", "), if self.len() > 8 { ", ..." } else { "" })
     }
 }
 

@@ -22,31 +22,23 @@ const MIN_SENTENCE_COSINE: f64 = 0.99;
 
 fn check(name: &str, tol: f64) {
     let f: &ModelFixture = fixtures().model(name);
-    let imported =
-        onnx::import_file(&f.path).unwrap_or_else(|e| panic!("{name}: import failed: {e}"));
+    let imported = onnx::import_file(&f.path).unwrap_or_else(|e| panic!("{name}: import failed: {e}"));
     let mut g = imported.graph;
     tcc_ir::verify(&g).unwrap();
     let inputs = f.inputs();
     let want = f.reference();
 
     // The imported graph, before any pass.
-    let got = tcc_ir::interp::run(&g, &inputs)
-        .unwrap_or_else(|e| panic!("{name}: interpreter failed: {e}"));
+    let got = tcc_ir::interp::run(&g, &inputs).unwrap_or_else(|e| panic!("{name}: interpreter failed: {e}"));
     let (err_import, out) = worst_rel_err(&got, &want);
 
     // After the default pipeline, as `tcc build` compiles it.
     let registry = tcc_passes::Registry::builtin();
     let pipeline = tcc_passes::Pipeline::parse(tcc_passes::DEFAULT_PIPELINE, &registry).unwrap();
-    tcc_passes::PassManager::new(&pipeline, &registry)
-        .unwrap()
-        .run(&mut g, &mut Default::default())
-        .unwrap();
+    tcc_passes::PassManager::new(&pipeline, &registry).unwrap().run(&mut g, &mut Default::default()).unwrap();
     let g = g.compact();
     let summary = driver::summarize(&g);
-    assert_eq!(
-        summary.attention_heads, f.attention_heads,
-        "{name}: attention heads per layer"
-    );
+    assert_eq!(summary.attention_heads, f.attention_heads, "{name}: attention heads per layer");
     let got_passes = tcc_ir::interp::run(&g, &inputs).unwrap();
     let (err_passes, _) = worst_rel_err(&got_passes, &want);
 
@@ -65,23 +57,15 @@ fn check(name: &str, tol: f64) {
     )
     .unwrap();
     let model = Model::load(&art).unwrap();
-    let got_rt = model
-        .run(&inputs)
-        .unwrap_or_else(|e| panic!("{name}: runtime failed: {e}"));
+    let got_rt = model.run(&inputs).unwrap_or_else(|e| panic!("{name}: runtime failed: {e}"));
     let (err_rt, _) = worst_rel_err(&got_rt, &want);
     for ((n, a), (_, b)) in got_rt.iter().zip(&got_passes) {
-        assert!(
-            a.bit_eq(b),
-            "{name}: runtime and interpreter differ on `{n}`"
-        );
+        assert!(a.bit_eq(b), "{name}: runtime and interpreter differ on `{n}`");
     }
     let _ = std::fs::remove_dir_all(&dir);
     if tol.is_nan() {
         let cos = min_sentence_cosine(&got_rt, &want, &inputs);
-        eprintln!(
-            "{name:28} {:44} artifact {err_rt:.2e} (rounding flips), min sentence cosine {cos:.5}",
-            f.family
-        );
+        eprintln!("{name:28} {:44} artifact {err_rt:.2e} (rounding flips), min sentence cosine {cos:.5}", f.family);
         assert!(
             cos >= MIN_SENTENCE_COSINE,
             "{name}: a sentence's output has cosine {cos} < {MIN_SENTENCE_COSINE} to onnxruntime's"
@@ -92,15 +76,8 @@ fn check(name: &str, tol: f64) {
         "{name:28} {:44} import {err_import:.2e}  passes {err_passes:.2e}  artifact {err_rt:.2e}  (worst: `{out}`)",
         f.family
     );
-    for (what, e) in [
-        ("imported graph", err_import),
-        ("after passes", err_passes),
-        ("artifact", err_rt),
-    ] {
-        assert!(
-            e <= tol,
-            "{name}: {what}: relative error {e:.3e} > {tol:e} on `{out}` vs onnxruntime"
-        );
+    for (what, e) in [("imported graph", err_import), ("after passes", err_passes), ("artifact", err_rt)] {
+        assert!(e <= tol, "{name}: {what}: relative error {e:.3e} > {tol:e} on `{out}` vs onnxruntime");
     }
 }
 
@@ -135,16 +112,9 @@ models! {
 /// The smallest cosine between tcc's and onnxruntime's sentence vectors: rank-3 float outputs
 /// (`[batch, sequence, hidden]`) mean-pooled over each sentence's real tokens, rank-2 float
 /// outputs (`[batch, hidden]`) row by row.
-fn min_sentence_cosine(
-    got: &[(String, Tensor)],
-    want: &[(String, Tensor)],
-    inputs: &[(String, Tensor)],
-) -> f64 {
-    let mask = inputs
-        .iter()
-        .find(|(n, _)| n == "attention_mask")
-        .map(|(_, t)| t.to_i64s().unwrap())
-        .expect("attention_mask");
+fn min_sentence_cosine(got: &[(String, Tensor)], want: &[(String, Tensor)], inputs: &[(String, Tensor)]) -> f64 {
+    let mask =
+        inputs.iter().find(|(n, _)| n == "attention_mask").map(|(_, t)| t.to_i64s().unwrap()).expect("attention_mask");
     let mut worst = 1.0f64;
     for (n, w) in want {
         if w.dtype() != DType::F32 || !matches!(w.rank(), 2 | 3) {
@@ -161,10 +131,7 @@ fn min_sentence_cosine(
                     if w.rank() == 3 && mask[s * seq + t] == 0 {
                         continue;
                     }
-                    for (acc, e) in v
-                        .iter_mut()
-                        .zip(&x[(s * seq + t) * hidden..(s * seq + t + 1) * hidden])
-                    {
+                    for (acc, e) in v.iter_mut().zip(&x[(s * seq + t) * hidden..(s * seq + t + 1) * hidden]) {
                         *acc += e;
                     }
                 }
@@ -184,10 +151,7 @@ fn quantization_ops_match_onnxruntime_bit_exactly() {
     let mut checked = 0;
     for f in fx.models.values().filter(|f| f.trace.is_some()) {
         let trace: std::collections::HashMap<String, Tensor> =
-            tcc_runtime::io::read_npz(f.trace.as_ref().unwrap())
-                .unwrap()
-                .into_iter()
-                .collect();
+            tcc_runtime::io::read_npz(f.trace.as_ref().unwrap()).unwrap().into_iter().collect();
         let g = onnx::import_file(&f.path).unwrap().graph;
         let ctx = tcc_runtime::EvalContext::default();
         for node in &g.nodes {
@@ -198,9 +162,7 @@ fn quantization_ops_match_onnxruntime_bit_exactly() {
                 continue;
             }
             let value = |v: tcc_ir::ValueId| -> Option<Tensor> {
-                g.const_of(v)
-                    .cloned()
-                    .or_else(|| trace.get(&g.value(v).name).cloned())
+                g.const_of(v).cloned().or_else(|| trace.get(&g.value(v).name).cloned())
             };
             let ins: Option<Vec<Option<Tensor>>> = node
                 .inputs
@@ -210,29 +172,17 @@ fn quantization_ops_match_onnxruntime_bit_exactly() {
                     Some(v) => value(*v).map(Some),
                 })
                 .collect();
-            let Some(ins) = ins else {
-                panic!("{}: no trace for an input of `{}`", f.name, node.name)
-            };
+            let Some(ins) = ins else { panic!("{}: no trace for an input of `{}`", f.name, node.name) };
             let refs: Vec<Option<&Tensor>> = ins.iter().map(|t| t.as_ref()).collect();
             let outs = node.op.eval(&ctx, &refs).unwrap();
             for (o, t) in node.outputs.iter().zip(&outs) {
                 let name = &g.value(*o).name;
-                let want = trace
-                    .get(name)
-                    .unwrap_or_else(|| panic!("{}: no trace for `{name}`", f.name));
-                assert!(
-                    t.bit_eq(want),
-                    "{}: `{name}` ({}) differs from onnxruntime",
-                    f.name,
-                    node.op.name()
-                );
+                let want = trace.get(name).unwrap_or_else(|| panic!("{}: no trace for `{name}`", f.name));
+                assert!(t.bit_eq(want), "{}: `{name}` ({}) differs from onnxruntime", f.name, node.op.name());
                 checked += 1;
             }
         }
     }
     eprintln!("{checked} quantization outputs bit-exact");
-    assert!(
-        checked > 100,
-        "only {checked} quantization outputs were checked"
-    );
+    assert!(checked > 100, "only {checked} quantization outputs were checked");
 }

@@ -11,8 +11,11 @@
 
 mod ops;
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
+#[rustfmt::skip]
 pub mod proto;
 pub mod tensor;
+
+pub use ops::SUPPORTED as SUPPORTED_OPS;
 
 use prost::Message;
 use proto::{AttributeProto, ModelProto, NodeProto};
@@ -33,20 +36,11 @@ pub enum ImportError {
     #[error("not a valid ONNX model: {0}")]
     Decode(String),
     #[error("unsupported operator {op} (node `{node}`, opset {opset}){hint}")]
-    Unsupported {
-        op: String,
-        node: String,
-        opset: i64,
-        hint: String,
-    },
+    Unsupported { op: String, node: String, opset: i64, hint: String },
     #[error("unsupported opset: {0}")]
     Opset(String),
     #[error("node `{node}` ({op}): {message}")]
-    Node {
-        node: String,
-        op: String,
-        message: String,
-    },
+    Node { node: String, op: String, message: String },
     #[error("tensor `{name}`: {message}")]
     Tensor { name: String, message: String },
     #[error("{0}")]
@@ -75,10 +69,7 @@ pub struct Imported {
 const MAX_MODEL_BYTES: u64 = 4 << 30;
 
 pub fn import_file(path: &Path) -> Result<Imported, ImportError> {
-    let meta = std::fs::metadata(path).map_err(|e| ImportError::Io {
-        path: path.into(),
-        source: e,
-    })?;
+    let meta = std::fs::metadata(path).map_err(|e| ImportError::Io { path: path.into(), source: e })?;
     if meta.len() > MAX_MODEL_BYTES {
         return Err(ImportError::Decode(format!(
             "{} is {} bytes; ONNX files over 4 GiB are not supported",
@@ -86,10 +77,7 @@ pub fn import_file(path: &Path) -> Result<Imported, ImportError> {
             meta.len()
         )));
     }
-    let bytes = std::fs::read(path).map_err(|e| ImportError::Io {
-        path: path.into(),
-        source: e,
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| ImportError::Io { path: path.into(), source: e })?;
     import_bytes(&bytes, Some(path))
 }
 
@@ -113,13 +101,8 @@ fn import_model(mut model: ModelProto, model_path: Option<&Path>) -> Result<Impo
     if model.opset_import.is_empty() {
         return Err(ImportError::Opset("the model declares no opset".into()));
     }
-    let producer = format!("{} {}", model.producer_name(), model.producer_version())
-        .trim()
-        .to_string();
-    let mut graph_proto = model
-        .graph
-        .take()
-        .ok_or_else(|| ImportError::Decode("the model has no graph".into()))?;
+    let producer = format!("{} {}", model.producer_name(), model.producer_version()).trim().to_string();
+    let mut graph_proto = model.graph.take().ok_or_else(|| ImportError::Decode("the model has no graph".into()))?;
     let mut ext = ExternalData::new(model_path);
     let mut g = Graph::new(graph_proto.name().to_string());
     let mut scope: HashMap<String, ValueId> = HashMap::new();
@@ -134,9 +117,7 @@ fn import_model(mut model: ModelProto, model_path: Option<&Path>) -> Result<Impo
         scope.insert(name, v);
     }
     if !graph_proto.sparse_initializer.is_empty() {
-        return Err(ImportError::Model(
-            "sparse initializers are not supported".into(),
-        ));
+        return Err(ImportError::Model("sparse initializers are not supported".into()));
     }
     let mut anon = 0;
     for input in &graph_proto.input {
@@ -144,12 +125,9 @@ fn import_model(mut model: ModelProto, model_path: Option<&Path>) -> Result<Impo
         if scope.contains_key(&name) {
             continue; // An initializer listed as an input (IR < 4): a constant with a default.
         }
-        let Some(proto::type_proto::Value::TensorType(tt)) =
-            input.r#type.as_ref().and_then(|t| t.value.as_ref())
+        let Some(proto::type_proto::Value::TensorType(tt)) = input.r#type.as_ref().and_then(|t| t.value.as_ref())
         else {
-            return Err(ImportError::Model(format!(
-                "input `{name}` is not a tensor"
-            )));
+            return Err(ImportError::Model(format!("input `{name}` is not a tensor")));
         };
         let dtype = tensor::dtype_of(tt.elem_type()).ok_or_else(|| {
             ImportError::Model(format!(
@@ -157,29 +135,23 @@ fn import_model(mut model: ModelProto, model_path: Option<&Path>) -> Result<Impo
                 tensor::elem_type_name(tt.elem_type())
             ))
         })?;
-        let dims = tt
-            .shape
-            .as_ref()
-            .ok_or_else(|| ImportError::Model(format!("input `{name}` has no declared rank")))?;
+        let dims =
+            tt.shape.as_ref().ok_or_else(|| ImportError::Model(format!("input `{name}` has no declared rank")))?;
         let shape: Vec<Dim> = dims
             .dim
             .iter()
             .enumerate()
             .map(|(i, d)| match &d.value {
-                Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)) if *v >= 0 => {
-                    Ok(Dim::constant(*v))
+                Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)) if *v >= 0 => Ok(Dim::constant(*v)),
+                Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)) => {
+                    Err(ImportError::Model(format!("input `{name}` declares dimension {v}")))
                 }
-                Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)) => Err(
-                    ImportError::Model(format!("input `{name}` declares dimension {v}")),
-                ),
                 Some(proto::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => {
                     Ok(Dim::sym(&tcc_runtime::dim::sanitize_symbol(p)))
                 }
                 _ => {
                     anon += 1;
-                    Ok(Dim::sym(&tcc_runtime::dim::sanitize_symbol(&format!(
-                        "{name}_dim{i}"
-                    ))))
+                    Ok(Dim::sym(&tcc_runtime::dim::sanitize_symbol(&format!("{name}_dim{i}"))))
                 }
             })
             .collect::<Result<_, _>>()?;
@@ -203,9 +175,9 @@ fn import_model(mut model: ModelProto, model_path: Option<&Path>) -> Result<Impo
 
     for out in &graph_proto.output {
         let name = out.name();
-        let v = *scope.get(name).ok_or_else(|| {
-            ImportError::Model(format!("output `{name}` is not computed by the graph"))
-        })?;
+        let v = *scope
+            .get(name)
+            .ok_or_else(|| ImportError::Model(format!("output `{name}` is not computed by the graph")))?;
         g.add_output(name, v);
     }
     if g.outputs.is_empty() {
@@ -214,27 +186,17 @@ fn import_model(mut model: ModelProto, model_path: Option<&Path>) -> Result<Impo
     g.remove_dead_nodes();
     g.toposort()?;
     tcc_ir::verify(&g)?;
-    Ok(Imported {
-        graph: g,
-        opsets,
-        producer,
-        source_op_counts,
-    })
+    Ok(Imported { graph: g, opsets, producer, source_op_counts })
 }
 
 /// Node indices in an order where every input is produced before use (ONNX requires the file
 /// order to be one; some tools do not comply).
-fn sort_nodes(
-    nodes: &[NodeProto],
-    defined: &HashMap<String, ValueId>,
-) -> Result<Vec<usize>, ImportError> {
+fn sort_nodes(nodes: &[NodeProto], defined: &HashMap<String, ValueId>) -> Result<Vec<usize>, ImportError> {
     let mut producer: HashMap<&str, usize> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
         for o in n.output.iter().filter(|o| !o.is_empty()) {
             if producer.insert(o, i).is_some() || defined.contains_key(o.as_str()) {
-                return Err(ImportError::Model(format!(
-                    "value `{o}` is defined more than once"
-                )));
+                return Err(ImportError::Model(format!("value `{o}` is defined more than once")));
             }
         }
     }
@@ -254,8 +216,7 @@ fn sort_nodes(
             }
         }
     }
-    let mut ready: std::collections::BTreeSet<usize> =
-        (0..nodes.len()).filter(|&i| indegree[i] == 0).collect();
+    let mut ready: std::collections::BTreeSet<usize> = (0..nodes.len()).filter(|&i| indegree[i] == 0).collect();
     let mut order = Vec::with_capacity(nodes.len());
     while let Some(i) = ready.pop_first() {
         order.push(i);
@@ -283,20 +244,11 @@ fn convert_node(
         "ai.onnx" => "",
         d => d,
     };
-    let node_name = if node.name().is_empty() {
-        node.output.first().cloned().unwrap_or_default()
-    } else {
-        node.name().to_string()
-    };
-    let op_label = if domain.is_empty() {
-        node.op_type().to_string()
-    } else {
-        format!("{domain}::{}", node.op_type())
-    };
+    let node_name =
+        if node.name().is_empty() { node.output.first().cloned().unwrap_or_default() } else { node.name().to_string() };
+    let op_label = if domain.is_empty() { node.op_type().to_string() } else { format!("{domain}::{}", node.op_type()) };
     let opset = *opsets.get(domain).ok_or_else(|| {
-        ImportError::Opset(format!(
-            "node `{node_name}` uses domain `{domain}`, which the model does not import"
-        ))
+        ImportError::Opset(format!("node `{node_name}` uses domain `{domain}`, which the model does not import"))
     })?;
     let range = if domain.is_empty() {
         Some(&ONNX_OPSETS)
@@ -330,27 +282,10 @@ fn convert_node(
         opset,
         hint: String::new(),
     })?;
-    let inputs: Vec<Option<ValueId>> = node
-        .input
-        .iter()
-        .map(|n| {
-            if n.is_empty() {
-                None
-            } else {
-                scope.get(n.as_str()).copied()
-            }
-        })
-        .collect();
+    let inputs: Vec<Option<ValueId>> =
+        node.input.iter().map(|n| if n.is_empty() { None } else { scope.get(n.as_str()).copied() }).collect();
     let before = g.values.len();
-    let mut ctx = Ctx {
-        g,
-        node,
-        name: node_name.clone(),
-        op_label,
-        opset,
-        inputs,
-        ext,
-    };
+    let mut ctx = Ctx { g, node, name: node_name.clone(), op_label, opset, inputs, ext };
     let outs = convert(&mut ctx)?;
     for (i, name) in node.output.iter().enumerate() {
         if name.is_empty() {
@@ -391,11 +326,7 @@ pub type Converted = Result<Vec<Option<ValueId>>, ImportError>;
 
 impl Ctx<'_> {
     pub fn err(&self, message: impl Into<String>) -> ImportError {
-        ImportError::Node {
-            node: self.name.clone(),
-            op: self.op_label.clone(),
-            message: message.into(),
-        }
+        ImportError::Node { node: self.name.clone(), op: self.op_label.clone(), message: message.into() }
     }
 
     /// The ONNX op type.
@@ -412,11 +343,8 @@ impl Ctx<'_> {
         match self.node.input.get(i) {
             None => Err(self.err(format!("input {i} is required"))),
             Some(n) if n.is_empty() => Err(self.err(format!("input {i} is required"))),
-            Some(n) => self.inputs[i].ok_or_else(|| {
-                self.err(format!(
-                    "input `{n}` is not computed (an output tcc does not support?)"
-                ))
-            }),
+            Some(n) => self.inputs[i]
+                .ok_or_else(|| self.err(format!("input `{n}` is not computed (an output tcc does not support?)"))),
         }
     }
 
@@ -466,9 +394,7 @@ impl Ctx<'_> {
     pub fn attr_i(&self, name: &str, default: i64) -> Result<i64, ImportError> {
         match self.attr(name) {
             None => Ok(default),
-            Some(a) => {
-                a.i.ok_or_else(|| self.err(format!("attribute `{name}` must be an int")))
-            }
+            Some(a) => a.i.ok_or_else(|| self.err(format!("attribute `{name}` must be an int"))),
         }
     }
 
@@ -476,8 +402,7 @@ impl Ctx<'_> {
         match self.attr(name) {
             None => Ok(default),
             Some(a) => {
-                a.f.or(a.i.map(|i| i as f32))
-                    .ok_or_else(|| self.err(format!("attribute `{name}` must be a float")))
+                a.f.or(a.i.map(|i| i as f32)).ok_or_else(|| self.err(format!("attribute `{name}` must be a float")))
             }
         }
     }
@@ -506,9 +431,7 @@ impl Ctx<'_> {
         let Some(a) = self.attr(name) else {
             return Ok(None);
         };
-        let mut t =
-            a.t.clone()
-                .ok_or_else(|| self.err(format!("attribute `{name}` must be a tensor")))?;
+        let mut t = a.t.clone().ok_or_else(|| self.err(format!("attribute `{name}` must be a tensor")))?;
         if t.name.is_none() {
             t.name = Some(format!("{}.{name}", self.name));
         }
@@ -549,18 +472,11 @@ impl Ctx<'_> {
         suffix: &str,
     ) -> Result<Vec<ValueId>, ImportError> {
         let name = self.value_name(suffix);
-        self.g
-            .add_node(op, inputs.to_vec(), name)
-            .map_err(|e| self.wrap(e))
+        self.g.add_node(op, inputs.to_vec(), name).map_err(|e| self.wrap(e))
     }
 
     /// Adds a single-output op on required inputs.
-    pub fn op1(
-        &mut self,
-        op: impl Into<Op>,
-        inputs: &[ValueId],
-        suffix: &str,
-    ) -> Result<ValueId, ImportError> {
+    pub fn op1(&mut self, op: impl Into<Op>, inputs: &[ValueId], suffix: &str) -> Result<ValueId, ImportError> {
         let ins: Vec<Option<ValueId>> = inputs.iter().map(|&v| Some(v)).collect();
         Ok(self.op(op, &ins, suffix)?[0])
     }

@@ -45,53 +45,36 @@ pub struct ExternalData {
 impl ExternalData {
     pub fn new(model_path: Option<&Path>) -> ExternalData {
         let base = model_path.map(|p| p.parent().map(Path::to_path_buf).unwrap_or_default());
-        ExternalData {
-            base,
-            maps: HashMap::new(),
-        }
+        ExternalData { base, maps: HashMap::new() }
     }
 
     fn open(&mut self, tensor: &str, location: &str) -> Result<Bytes, ImportError> {
-        let bad = |m: String| ImportError::Tensor {
-            name: tensor.to_string(),
-            message: m,
-        };
-        let base = self
-            .base
-            .clone()
-            .ok_or_else(|| bad("external data needs the model's file path".into()))?;
+        let bad = |m: String| ImportError::Tensor { name: tensor.to_string(), message: m };
+        let base = self.base.clone().ok_or_else(|| bad("external data needs the model's file path".into()))?;
         let rel = Path::new(location);
-        if rel.is_absolute()
-            || rel
-                .components()
-                .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-        {
-            return Err(bad(format!("external data location `{location}` must be a relative path inside the model's folder")));
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_) | Component::CurDir)) {
+            return Err(bad(format!(
+                "external data location `{location}` must be a relative path inside the model's folder"
+            )));
         }
         let path = base.join(rel);
         if let Some(m) = self.maps.get(&path) {
             return Ok(m.clone());
         }
-        let canon_base = std::fs::canonicalize(if base.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            &base
-        })
-        .map_err(|e| bad(format!("model folder: {e}")))?;
-        let canon = std::fs::canonicalize(&path)
-            .map_err(|e| bad(format!("external data file `{}`: {e}", path.display())))?;
+        let canon_base = std::fs::canonicalize(if base.as_os_str().is_empty() { Path::new(".") } else { &base })
+            .map_err(|e| bad(format!("model folder: {e}")))?;
+        let canon =
+            std::fs::canonicalize(&path).map_err(|e| bad(format!("external data file `{}`: {e}", path.display())))?;
         if !canon.starts_with(&canon_base) {
-            return Err(bad(format!(
-                "external data file `{location}` resolves outside the model's folder"
-            )));
+            return Err(bad(format!("external data file `{location}` resolves outside the model's folder")));
         }
-        let file = std::fs::File::open(&canon)
-            .map_err(|e| bad(format!("external data file `{}`: {e}", path.display())))?;
+        let file =
+            std::fs::File::open(&canon).map_err(|e| bad(format!("external data file `{}`: {e}", path.display())))?;
         // SAFETY: read-only private mapping of a file the user gave us; the file must not be
         // modified while the model is being imported (documented; the importer copies nothing
         // it does not need and keeps the mapping only until the artifact is written).
-        let map = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|e| bad(format!("mapping `{}`: {e}", path.display())))?;
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad(format!("mapping `{}`: {e}", path.display())))?;
         let bytes: Bytes = Arc::new(map);
         self.maps.insert(path, bytes.clone());
         Ok(bytes)
@@ -99,24 +82,25 @@ impl ExternalData {
 }
 
 fn conv_err(name: &str, message: impl Into<String>) -> ImportError {
-    ImportError::Tensor {
-        name: name.to_string(),
-        message: message.into(),
-    }
+    ImportError::Tensor { name: name.to_string(), message: message.into() }
 }
 
 /// Converts a `TensorProto`, taking its raw data out of the proto without copying.
 pub fn to_tensor(t: &mut TensorProto, ext: &mut ExternalData) -> Result<Tensor, ImportError> {
     let name = t.name().to_string();
     let dtype = dtype_of(t.data_type()).ok_or_else(|| {
-        conv_err(&name, format!("element type {} is not supported (tcc reads float32, int64, int32, int8, uint8, bool)", elem_type_name(t.data_type())))
+        conv_err(
+            &name,
+            format!(
+                "element type {} is not supported (tcc reads float32, int64, int32, int8, uint8, bool)",
+                elem_type_name(t.data_type())
+            ),
+        )
     })?;
     let shape: Vec<usize> = t
         .dims
         .iter()
-        .map(|&d| {
-            usize::try_from(d).map_err(|_| conv_err(&name, format!("negative dimension {d}")))
-        })
+        .map(|&d| usize::try_from(d).map_err(|_| conv_err(&name, format!("negative dimension {d}"))))
         .collect::<Result<_, _>>()?;
     let n = tcc_runtime::tensor::numel(&shape)
         .filter(|&n| n <= tcc_runtime::op::MAX_ELEMENTS)
@@ -124,20 +108,11 @@ pub fn to_tensor(t: &mut TensorProto, ext: &mut ExternalData) -> Result<Tensor, 
     let nbytes = n * dtype.size();
     let external = t.data_location == Some(tensor_proto::DataLocation::External as i32);
     if external {
-        let kv: HashMap<&str, &str> = t
-            .external_data
-            .iter()
-            .map(|e| (e.key(), e.value()))
-            .collect();
-        let location = kv
-            .get("location")
-            .ok_or_else(|| conv_err(&name, "external data without a location"))?;
+        let kv: HashMap<&str, &str> = t.external_data.iter().map(|e| (e.key(), e.value())).collect();
+        let location = kv.get("location").ok_or_else(|| conv_err(&name, "external data without a location"))?;
         let num = |k: &str| -> Result<usize, ImportError> {
             kv.get(k)
-                .map(|v| {
-                    v.parse::<usize>()
-                        .map_err(|_| conv_err(&name, format!("bad external data {k} `{v}`")))
-                })
+                .map(|v| v.parse::<usize>().map_err(|_| conv_err(&name, format!("bad external data {k} `{v}`"))))
                 .transpose()
                 .map(|v| v.unwrap_or(0))
         };
@@ -170,25 +145,18 @@ pub fn to_tensor(t: &mut TensorProto, ext: &mut ExternalData) -> Result<Tensor, 
         if raw.len() != nbytes {
             return Err(conv_err(
                 &name,
-                format!(
-                    "raw data holds {} bytes, {dtype}{shape:?} needs {nbytes}",
-                    raw.len()
-                ),
+                format!("raw data holds {} bytes, {dtype}{shape:?} needs {nbytes}", raw.len()),
             ));
         }
         if dtype == DType::Bool && raw.iter().any(|&b| b > 1) {
             return Err(conv_err(&name, "bool data must be 0 or 1"));
         }
         let bytes: Bytes = Arc::new(raw);
-        return Tensor::from_shared_bytes(dtype, shape, bytes, 0, nbytes)
-            .map_err(|e| conv_err(&name, e.to_string()));
+        return Tensor::from_shared_bytes(dtype, shape, bytes, 0, nbytes).map_err(|e| conv_err(&name, e.to_string()));
     }
     let count = |len: usize| -> Result<(), ImportError> {
         if len != n {
-            return Err(conv_err(
-                &name,
-                format!("holds {len} values, shape {shape:?} needs {n}"),
-            ));
+            return Err(conv_err(&name, format!("holds {len} values, shape {shape:?} needs {n}")));
         }
         Ok(())
     };
@@ -227,10 +195,7 @@ mod tests {
     use crate::onnx::proto::StringStringEntryProto;
 
     fn ext_tensor(location: &str, offset: usize, length: usize) -> TensorProto {
-        let kv = |k: &str, v: String| StringStringEntryProto {
-            key: Some(k.into()),
-            value: Some(v),
-        };
+        let kv = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         TensorProto {
             name: Some("w".into()),
             dims: vec![2],
@@ -249,77 +214,38 @@ mod tests {
     fn external_data_is_confined_to_the_model_folder() {
         let dir = std::env::temp_dir().join(format!("tcc-ext-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("m")).unwrap();
-        let data: Vec<u8> = [1.5f32, -2.0]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let data: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         std::fs::write(dir.join("m/w.bin"), &data).unwrap();
         std::fs::write(dir.join("secret.bin"), &data).unwrap();
         let model = dir.join("m/model.onnx");
         let mut ext = ExternalData::new(Some(&model));
         let t = to_tensor(&mut ext_tensor("w.bin", 0, 8), &mut ext).unwrap();
         assert_eq!(t.as_slice::<f32>().unwrap(), &[1.5, -2.0]);
-        for (loc, want) in [
-            ("../secret.bin", "relative path"),
-            ("/etc/passwd", "relative path"),
-            ("missing.bin", "missing.bin"),
-        ] {
-            let e = to_tensor(&mut ext_tensor(loc, 0, 8), &mut ext)
-                .unwrap_err()
-                .to_string();
+        for (loc, want) in
+            [("../secret.bin", "relative path"), ("/etc/passwd", "relative path"), ("missing.bin", "missing.bin")]
+        {
+            let e = to_tensor(&mut ext_tensor(loc, 0, 8), &mut ext).unwrap_err().to_string();
             assert!(e.contains(want), "{loc}: {e}");
         }
-        let e = to_tensor(&mut ext_tensor("w.bin", 4, 8), &mut ext)
-            .unwrap_err()
-            .to_string();
+        let e = to_tensor(&mut ext_tensor("w.bin", 4, 8), &mut ext).unwrap_err().to_string();
         assert!(e.contains("outside"), "{e}");
         #[cfg(unix)]
         {
             let _ = std::os::unix::fs::symlink(dir.join("secret.bin"), dir.join("m/link.bin"));
-            let e = to_tensor(&mut ext_tensor("link.bin", 0, 8), &mut ext)
-                .unwrap_err()
-                .to_string();
+            let e = to_tensor(&mut ext_tensor("link.bin", 0, 8), &mut ext).unwrap_err().to_string();
             assert!(e.contains("outside the model's folder"), "{e}");
         }
     }
 
     #[test]
     fn typed_fields_and_bad_sizes() {
-        let mut t = TensorProto {
-            dims: vec![3],
-            data_type: Some(7),
-            int64_data: vec![1, 2, 3],
-            ..Default::default()
-        };
-        assert_eq!(
-            to_tensor(&mut t, &mut ExternalData::new(None))
-                .unwrap()
-                .to_i64s()
-                .unwrap(),
-            vec![1, 2, 3]
-        );
-        let mut t = TensorProto {
-            dims: vec![4],
-            data_type: Some(7),
-            int64_data: vec![1, 2, 3],
-            ..Default::default()
-        };
+        let mut t = TensorProto { dims: vec![3], data_type: Some(7), int64_data: vec![1, 2, 3], ..Default::default() };
+        assert_eq!(to_tensor(&mut t, &mut ExternalData::new(None)).unwrap().to_i64s().unwrap(), vec![1, 2, 3]);
+        let mut t = TensorProto { dims: vec![4], data_type: Some(7), int64_data: vec![1, 2, 3], ..Default::default() };
         assert!(to_tensor(&mut t, &mut ExternalData::new(None)).is_err());
-        let mut t = TensorProto {
-            dims: vec![1],
-            data_type: Some(11),
-            double_data: vec![1.0],
-            ..Default::default()
-        };
-        assert!(to_tensor(&mut t, &mut ExternalData::new(None))
-            .unwrap_err()
-            .to_string()
-            .contains("double"));
-        let mut t = TensorProto {
-            dims: vec![-1],
-            data_type: Some(1),
-            ..Default::default()
-        };
+        let mut t = TensorProto { dims: vec![1], data_type: Some(11), double_data: vec![1.0], ..Default::default() };
+        assert!(to_tensor(&mut t, &mut ExternalData::new(None)).unwrap_err().to_string().contains("double"));
+        let mut t = TensorProto { dims: vec![-1], data_type: Some(1), ..Default::default() };
         assert!(to_tensor(&mut t, &mut ExternalData::new(None)).is_err());
     }
 }

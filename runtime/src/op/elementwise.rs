@@ -2,8 +2,8 @@
 //! `Where`, `Cast`, `Clip`.
 
 use super::{
-    broadcast_dims, broadcast_shapes, broadcast_strides, for_each_broadcast, req, tensor_of, Arity,
-    EvalContext, Fact, OpDef, SymTensor,
+    broadcast_dims, broadcast_shapes, broadcast_strides, for_each_broadcast, req, tensor_of, Arity, EvalContext, Fact,
+    OpDef, SymTensor,
 };
 use crate::dim::Dim;
 use crate::dtype::DType;
@@ -90,49 +90,22 @@ impl OpDef for Unary {
         let x = req(self.name(), inputs, 0)?;
         let float_only = matches!(
             self.kind,
-            Sqrt | Reciprocal
-                | Exp
-                | Log
-                | Erf
-                | Tanh
-                | Sigmoid
-                | IsNaN
-                | IsInf
-                | Floor
-                | Ceil
-                | Round
-                | Sin
-                | Cos
+            Sqrt | Reciprocal | Exp | Log | Erf | Tanh | Sigmoid | IsNaN | IsInf | Floor | Ceil | Round | Sin | Cos
         );
         if float_only && x.dtype != DType::F32 {
-            return Err(Error::op(
-                self.name(),
-                format!("expects f32, got {}", x.dtype),
-            ));
+            return Err(Error::op(self.name(), format!("expects f32, got {}", x.dtype)));
         }
         if self.kind == Not && x.dtype != DType::Bool {
             return Err(Error::op("Not", format!("expects bool, got {}", x.dtype)));
         }
-        let dtype = if matches!(self.kind, IsNaN | IsInf) {
-            DType::Bool
-        } else {
-            x.dtype
-        };
+        let dtype = if matches!(self.kind, IsNaN | IsInf) { DType::Bool } else { x.dtype };
         let mut out = Fact::new(dtype, x.shape.clone());
         if let Some(v) = &x.value {
             let data: Option<Vec<Dim>> = match self.kind {
                 Identity => Some(v.data.clone()),
                 Neg => Some(v.data.iter().map(Dim::neg).collect()),
-                Not => v
-                    .data
-                    .iter()
-                    .map(|d| d.as_const().map(|c| Dim::constant(i64::from(c == 0))))
-                    .collect(),
-                Abs => v
-                    .data
-                    .iter()
-                    .map(|d| d.as_const().map(|c| Dim::constant(c.abs())))
-                    .collect(),
+                Not => v.data.iter().map(|d| d.as_const().map(|c| Dim::constant(i64::from(c == 0)))).collect(),
+                Abs => v.data.iter().map(|d| d.as_const().map(|c| Dim::constant(c.abs()))).collect(),
                 _ => None,
             };
             if let Some(data) = data {
@@ -148,20 +121,13 @@ impl OpDef for Unary {
         let shape = x.shape().to_vec();
         let out = match (self.kind, x.dtype()) {
             (Identity, _) => x.clone(),
-            (Not, DType::Bool) => {
-                Tensor::bool_from_u8(shape, x.as_slice::<u8>()?.iter().map(|&b| b ^ 1).collect())?
+            (Not, DType::Bool) => Tensor::bool_from_u8(shape, x.as_slice::<u8>()?.iter().map(|&b| b ^ 1).collect())?,
+            (IsNaN, DType::F32) => {
+                Tensor::from_bools(shape, x.as_slice::<f32>()?.iter().map(|v| v.is_nan()).collect())?
             }
-            (IsNaN, DType::F32) => Tensor::from_bools(
-                shape,
-                x.as_slice::<f32>()?.iter().map(|v| v.is_nan()).collect(),
-            )?,
-            (IsInf, DType::F32) => Tensor::from_bools(
-                shape,
-                x.as_slice::<f32>()?
-                    .iter()
-                    .map(|v| v.is_infinite())
-                    .collect(),
-            )?,
+            (IsInf, DType::F32) => {
+                Tensor::from_bools(shape, x.as_slice::<f32>()?.iter().map(|v| v.is_infinite()).collect())?
+            }
             (kind, DType::F32) => {
                 let f: fn(f32) -> f32 = match kind {
                     Neg => |v| -v,
@@ -215,9 +181,7 @@ fn cast_i64s(dt: DType, shape: Vec<usize>, v: Vec<i64>) -> Result<Tensor> {
         DType::I32 => Tensor::new(shape, v.into_iter().map(|x| x as i32).collect()),
         DType::I8 => Tensor::new(shape, v.into_iter().map(|x| x as i8).collect()),
         DType::U8 => Tensor::new(shape, v.into_iter().map(|x| x as u8).collect()),
-        DType::Bool => {
-            Tensor::bool_from_u8(shape, v.into_iter().map(|x| u8::from(x != 0)).collect())
-        }
+        DType::Bool => Tensor::bool_from_u8(shape, v.into_iter().map(|x| u8::from(x != 0)).collect()),
         DType::F32 => Tensor::new(shape, v.into_iter().map(|x| x as f32).collect()),
     }
 }
@@ -350,13 +314,7 @@ pub(crate) fn zip_broadcast<A: Clone, B: Clone, O>(
     mut f: impl FnMut(A, B) -> O,
 ) -> Result<(Vec<O>, Vec<usize>)> {
     if sa == sb {
-        return Ok((
-            a.iter()
-                .zip(b)
-                .map(|(x, y)| f(x.clone(), y.clone()))
-                .collect(),
-            sa.to_vec(),
-        ));
+        return Ok((a.iter().zip(b).map(|(x, y)| f(x.clone(), y.clone())).collect(), sa.to_vec()));
     }
     let out = broadcast_shapes(op, &[sa, sb])?;
     let n = super::check_alloc(op, &out)?;
@@ -365,9 +323,7 @@ pub(crate) fn zip_broadcast<A: Clone, B: Clone, O>(
     }
     let (ta, tb) = (broadcast_strides(sa, &out), broadcast_strides(sb, &out));
     let mut v = Vec::with_capacity(n);
-    for_each_broadcast(&out, [&ta, &tb], |[i, j]| {
-        v.push(f(a[i].clone(), b[j].clone()))
-    });
+    for_each_broadcast(&out, [&ta, &tb], |[i, j]| v.push(f(a[i].clone(), b[j].clone())));
     Ok((v, out))
 }
 
@@ -389,29 +345,16 @@ impl OpDef for Binary {
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let (a, b) = (req(self.name(), inputs, 0)?, req(self.name(), inputs, 1)?);
         if a.dtype != b.dtype && self.kind != BinaryKind::Pow {
-            return Err(Error::op(
-                self.name(),
-                format!("input dtypes differ: {} and {}", a.dtype, b.dtype),
-            ));
+            return Err(Error::op(self.name(), format!("input dtypes differ: {} and {}", a.dtype, b.dtype)));
         }
         if self.kind.is_logical() && a.dtype != DType::Bool {
-            return Err(Error::op(
-                self.name(),
-                format!("expects bool, got {}", a.dtype),
-            ));
+            return Err(Error::op(self.name(), format!("expects bool, got {}", a.dtype)));
         }
         if self.kind == BinaryKind::Pow && a.dtype != DType::F32 && b.dtype == DType::F32 {
-            return Err(Error::op(
-                "Pow",
-                "an integer base needs an integer exponent",
-            ));
+            return Err(Error::op("Pow", "an integer base needs an integer exponent"));
         }
         let shape = broadcast_dims(self.name(), &[&a.shape, &b.shape])?;
-        let dtype = if self.kind.is_comparison() || self.kind.is_logical() {
-            DType::Bool
-        } else {
-            a.dtype
-        };
+        let dtype = if self.kind.is_comparison() || self.kind.is_logical() { DType::Bool } else { a.dtype };
         let mut out = Fact::new(dtype, shape);
         if let (Some(va), Some(vb)) = (&a.value, &b.value) {
             if let Some(v) = self.sym_value(va, vb) {
@@ -437,20 +380,12 @@ impl OpDef for Binary {
             Tensor::bool_from_u8(s, v)?
         } else if kind.is_comparison() {
             if a.dtype() != b.dtype() {
-                return Err(Error::op(
-                    name,
-                    format!("input dtypes differ: {} and {}", a.dtype(), b.dtype()),
-                ));
+                return Err(Error::op(name, format!("input dtypes differ: {} and {}", a.dtype(), b.dtype())));
             }
             let (v, s) = if a.dtype() == DType::F32 {
-                zip_broadcast(
-                    name,
-                    a.as_slice::<f32>()?,
-                    sa,
-                    b.as_slice::<f32>()?,
-                    sb,
-                    |p, q| u8::from(cmp_f64(kind, p as f64, q as f64)),
-                )?
+                zip_broadcast(name, a.as_slice::<f32>()?, sa, b.as_slice::<f32>()?, sb, |p, q| {
+                    u8::from(cmp_f64(kind, p as f64, q as f64))
+                })?
             } else {
                 let (x, y) = (a.to_i64s()?, b.to_i64s()?);
                 zip_broadcast(name, &x, sa, &y, sb, |p, q| u8::from(cmp_i64(kind, p, q)))?
@@ -464,18 +399,12 @@ impl OpDef for Binary {
                 let y: Vec<f32> = b.to_f64s()?.into_iter().map(|e| e as f32).collect();
                 zip_broadcast(name, x, sa, &y, sb, pow32)?
             } else {
-                return Err(Error::op(
-                    name,
-                    format!("input dtypes differ: f32 and {}", b.dtype()),
-                ));
+                return Err(Error::op(name, format!("input dtypes differ: f32 and {}", b.dtype())));
             };
             Tensor::new(s, v)?
         } else {
             if a.dtype() != b.dtype() && kind != BinaryKind::Pow {
-                return Err(Error::op(
-                    name,
-                    format!("input dtypes differ: {} and {}", a.dtype(), b.dtype()),
-                ));
+                return Err(Error::op(name, format!("input dtypes differ: {} and {}", a.dtype(), b.dtype())));
             }
             let (x, y) = (a.to_i64s()?, b.to_i64s()?);
             let mut bad = false;
@@ -486,10 +415,7 @@ impl OpDef for Binary {
                 })
             })?;
             if bad {
-                return Err(Error::op(
-                    name,
-                    "integer division by zero or negative exponent",
-                ));
+                return Err(Error::op(name, "integer division by zero or negative exponent"));
             }
             cast_i64s(a.dtype(), s, v)?
         };
@@ -520,9 +446,7 @@ impl Binary {
                 Sub => Some(x.sub(y)),
                 Mul => Some(x.mul(y)),
                 Div => match y.as_const() {
-                    Some(k) if k > 0 => x
-                        .div_exact(y)
-                        .or_else(|| x.as_const().map(|c| Dim::constant(c / k))),
+                    Some(k) if k > 0 => x.div_exact(y).or_else(|| x.as_const().map(|c| Dim::constant(c / k))),
                     _ => x.div_exact(y),
                 },
                 Equal => {
@@ -556,14 +480,13 @@ impl Binary {
                 }
             }
         };
-        let (data, shape) =
-            zip_broadcast(self.name(), &a.data, &a.shape, &b.data, &b.shape, |x, y| {
-                f(&x, &y).unwrap_or_else(|| {
-                    failed = true;
-                    Dim::constant(0)
-                })
+        let (data, shape) = zip_broadcast(self.name(), &a.data, &a.shape, &b.data, &b.shape, |x, y| {
+            f(&x, &y).unwrap_or_else(|| {
+                failed = true;
+                Dim::constant(0)
             })
-            .ok()?;
+        })
+        .ok()?;
         (!failed).then(|| SymTensor::new(shape, data))
     }
 }
@@ -581,22 +504,12 @@ impl OpDef for Where {
     }
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
-        let (c, x, y) = (
-            req("Where", inputs, 0)?,
-            req("Where", inputs, 1)?,
-            req("Where", inputs, 2)?,
-        );
+        let (c, x, y) = (req("Where", inputs, 0)?, req("Where", inputs, 1)?, req("Where", inputs, 2)?);
         if c.dtype != DType::Bool {
-            return Err(Error::op(
-                "Where",
-                format!("condition must be bool, got {}", c.dtype),
-            ));
+            return Err(Error::op("Where", format!("condition must be bool, got {}", c.dtype)));
         }
         if x.dtype != y.dtype {
-            return Err(Error::op(
-                "Where",
-                format!("branch dtypes differ: {} and {}", x.dtype, y.dtype),
-            ));
+            return Err(Error::op("Where", format!("branch dtypes differ: {} and {}", x.dtype, y.dtype)));
         }
         let shape = broadcast_dims("Where", &[&c.shape, &x.shape, &y.shape])?;
         let mut out = Fact::new(x.dtype, shape);
@@ -611,11 +524,7 @@ impl OpDef for Where {
                     );
                     let mut data = Vec::new();
                     for_each_broadcast(&s, [&tc, &tx, &ty], |[i, j, k]| {
-                        data.push(if conds[i] != 0 {
-                            vx.data[j].clone()
-                        } else {
-                            vy.data[k].clone()
-                        })
+                        data.push(if conds[i] != 0 { vx.data[j].clone() } else { vy.data[k].clone() })
                     });
                     out = out.with_value(SymTensor::new(s, data));
                 }
@@ -625,27 +534,15 @@ impl OpDef for Where {
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-        let (c, x, y) = (
-            req("Where", inputs, 0)?,
-            req("Where", inputs, 1)?,
-            req("Where", inputs, 2)?,
-        );
+        let (c, x, y) = (req("Where", inputs, 0)?, req("Where", inputs, 1)?, req("Where", inputs, 2)?);
         if x.dtype() != y.dtype() {
-            return Err(Error::op(
-                "Where",
-                format!("branch dtypes differ: {} and {}", x.dtype(), y.dtype()),
-            ));
+            return Err(Error::op("Where", format!("branch dtypes differ: {} and {}", x.dtype(), y.dtype())));
         }
-        let cond = c
-            .as_slice::<u8>()
-            .map_err(|_| Error::op("Where", "condition must be bool"))?;
+        let cond = c.as_slice::<u8>().map_err(|_| Error::op("Where", "condition must be bool"))?;
         let s = broadcast_shapes("Where", &[c.shape(), x.shape(), y.shape()])?;
         super::check_alloc("Where", &s)?;
-        let (tc, tx, ty) = (
-            broadcast_strides(c.shape(), &s),
-            broadcast_strides(x.shape(), &s),
-            broadcast_strides(y.shape(), &s),
-        );
+        let (tc, tx, ty) =
+            (broadcast_strides(c.shape(), &s), broadcast_strides(x.shape(), &s), broadcast_strides(y.shape(), &s));
         crate::with_dtype!(x.dtype(), T => {
             let (xs, ys) = (x.as_slice::<T>()?, y.as_slice::<T>()?);
             let mut v: Vec<T> = Vec::with_capacity(s.iter().product());
@@ -673,7 +570,8 @@ pub fn cast_tensor(x: &Tensor, to: DType) -> Result<Tensor> {
     }
     let shape = x.shape().to_vec();
     if to == DType::Bool {
-        let v: Vec<u8> = crate::with_dtype!(x.dtype(), T => x.as_slice::<T>()?.iter().map(|&e| u8::from(e.is_nonzero())).collect());
+        let v: Vec<u8> =
+            crate::with_dtype!(x.dtype(), T => x.as_slice::<T>()?.iter().map(|&e| u8::from(e.is_nonzero())).collect());
         return Tensor::bool_from_u8(shape, v);
     }
     // i64 to narrower ints wraps (C semantics); through f64 it would saturate.
@@ -699,10 +597,7 @@ impl OpDef for Cast {
         if let Some(v) = &x.value {
             if self.to == DType::Bool {
                 if let Some(c) = v.as_consts() {
-                    let data = c
-                        .into_iter()
-                        .map(|e| Dim::constant(i64::from(e != 0)))
-                        .collect();
+                    let data = c.into_iter().map(|e| Dim::constant(i64::from(e != 0))).collect();
                     out = out.with_value(SymTensor::new(v.shape.clone(), data));
                 }
             } else if self.to == DType::I64 || self.to == DType::I32 {
@@ -733,10 +628,7 @@ impl OpDef for Clip {
         let x = req("Clip", inputs, 0)?;
         for b in inputs[1..].iter().flatten() {
             if b.dtype != x.dtype {
-                return Err(Error::op(
-                    "Clip",
-                    format!("bound dtype {} differs from input {}", b.dtype, x.dtype),
-                ));
+                return Err(Error::op("Clip", format!("bound dtype {} differs from input {}", b.dtype, x.dtype)));
             }
         }
         Ok(vec![Fact::new(x.dtype, x.shape.clone())])
@@ -748,10 +640,7 @@ impl OpDef for Clip {
             match inputs.get(i).copied().flatten() {
                 None => Ok(None),
                 Some(t) if t.len() == 1 => Ok(Some(t.to_f64s()?[0])),
-                Some(t) => Err(Error::op(
-                    "Clip",
-                    format!("bounds must be scalars, got shape {:?}", t.shape()),
-                )),
+                Some(t) => Err(Error::op("Clip", format!("bounds must be scalars, got shape {:?}", t.shape()))),
             }
         };
         let (lo, hi) = (bound(1)?, bound(2)?);
@@ -785,18 +674,10 @@ mod tests {
 
     #[test]
     fn add_broadcasts_a_bias_row() {
-        let y = run(
-            Binary::new(BinaryKind::Add),
-            &[
-                &f(&[2, 3], &[1., 2., 3., 4., 5., 6.]),
-                &f(&[3], &[10., 20., 30.]),
-            ],
-        );
+        let y =
+            run(Binary::new(BinaryKind::Add), &[&f(&[2, 3], &[1., 2., 3., 4., 5., 6.]), &f(&[3], &[10., 20., 30.])]);
         assert_eq!(y.shape(), &[2, 3]);
-        assert_eq!(
-            y.as_slice::<f32>().unwrap(),
-            &[11., 22., 33., 14., 25., 36.]
-        );
+        assert_eq!(y.as_slice::<f32>().unwrap(), &[11., 22., 33., 14., 25., 36.]);
     }
 
     #[test]
@@ -804,9 +685,7 @@ mod tests {
         let a = Tensor::new(vec![1], vec![4i64]).unwrap();
         let z = Tensor::new(vec![1], vec![0i64]).unwrap();
         let op: super::super::Op = Binary::new(BinaryKind::Div).into();
-        assert!(op
-            .eval(&EvalContext::default(), &[Some(&a), Some(&z)])
-            .is_err());
+        assert!(op.eval(&EvalContext::default(), &[Some(&a), Some(&z)]).is_err());
     }
 
     #[test]
@@ -820,15 +699,7 @@ mod tests {
 
     #[test]
     fn round_is_half_to_even() {
-        let cases = [
-            (0.5f32, 0f32),
-            (1.5, 2.),
-            (2.5, 2.),
-            (-0.5, -0.),
-            (-1.5, -2.),
-            (2.4, 2.),
-            (2.6, 3.),
-        ];
+        let cases = [(0.5f32, 0f32), (1.5, 2.), (2.5, 2.), (-0.5, -0.), (-1.5, -2.), (2.4, 2.), (2.6, 3.)];
         for (x, want) in cases {
             assert_eq!(round_half_even(x), want, "{x}");
         }
@@ -855,20 +726,12 @@ mod tests {
         let s = SymTensor::new(vec![2], vec![Dim::sym("batch"), Dim::sym("seq")]);
         let k = SymTensor::new(vec![], vec![Dim::constant(12)]);
         let v = Binary::new(BinaryKind::Mul).sym_value(&s, &k).unwrap();
-        assert_eq!(
-            v.data,
-            vec![
-                Dim::parse("12*batch").unwrap(),
-                Dim::parse("12*seq").unwrap()
-            ]
-        );
+        assert_eq!(v.data, vec![Dim::parse("12*batch").unwrap(), Dim::parse("12*seq").unwrap()]);
         assert!(Binary::new(BinaryKind::Equal).sym_value(&s, &k).is_none());
         // `Equal(Shape(x), -1)`, as exporters write to resolve -1 in a reshape target: a size is
         // never -1.
         let minus = SymTensor::new(vec![2], vec![Dim::constant(-1), Dim::constant(-1)]);
-        let v = Binary::new(BinaryKind::Equal)
-            .sym_value(&s, &minus)
-            .unwrap();
+        let v = Binary::new(BinaryKind::Equal).sym_value(&s, &minus).unwrap();
         assert_eq!(v.as_consts(), Some(vec![0, 0]));
     }
 }

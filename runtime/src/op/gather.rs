@@ -3,10 +3,7 @@
 //! Indices are checked against the data before any element is read: an out-of-range token id
 //! is an error naming the index and the bound.
 
-use super::{
-    check_alloc, norm_axis, req, shape::take, strides_of, Arity, EvalContext, Fact, OpDef,
-    SymTensor,
-};
+use super::{check_alloc, norm_axis, req, shape::take, strides_of, Arity, EvalContext, Fact, OpDef, SymTensor};
 use crate::dim::Dim;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -15,10 +12,7 @@ use serde::{Deserialize, Serialize};
 
 fn index_dtype(op: &str, f: &Fact) -> Result<()> {
     if !matches!(f.dtype, DType::I64 | DType::I32) {
-        return Err(Error::op(
-            op,
-            format!("indices must be i64 or i32, got {}", f.dtype),
-        ));
+        return Err(Error::op(op, format!("indices must be i64 or i32, got {}", f.dtype)));
     }
     Ok(())
 }
@@ -28,10 +22,7 @@ fn resolve(op: &str, i: i64, len: usize) -> Result<usize> {
     let l = len as i64;
     let j = if i < 0 { i + l } else { i };
     if j < 0 || j >= l {
-        return Err(Error::op(
-            op,
-            format!("index {i} is out of range for a dimension of size {len}"),
-        ));
+        return Err(Error::op(op, format!("index {i} is out of range for a dimension of size {len}")));
     }
     Ok(j as usize)
 }
@@ -61,14 +52,8 @@ impl OpDef for Gather {
         let mut out = Fact::new(x.dtype, shape);
         if let (Some(v), Some(idx)) = (&x.value, i.const_i64s()) {
             if v.shape.len() == 1 {
-                let picked: Option<Vec<Dim>> = idx
-                    .iter()
-                    .map(|&k| {
-                        resolve("Gather", k, v.data.len())
-                            .ok()
-                            .map(|j| v.data[j].clone())
-                    })
-                    .collect();
+                let picked: Option<Vec<Dim>> =
+                    idx.iter().map(|&k| resolve("Gather", k, v.data.len()).ok().map(|j| v.data[j].clone())).collect();
                 if let (Some(p), Some(s)) = (picked, i.concrete_shape()) {
                     out = out.with_value(SymTensor::new(s, p));
                 }
@@ -80,23 +65,13 @@ impl OpDef for Gather {
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let (x, i) = (req("Gather", inputs, 0)?, req("Gather", inputs, 1)?);
         if !matches!(i.dtype(), DType::I64 | DType::I32) {
-            return Err(Error::op(
-                "Gather",
-                format!("indices must be i64 or i32, got {}", i.dtype()),
-            ));
+            return Err(Error::op("Gather", format!("indices must be i64 or i32, got {}", i.dtype())));
         }
         let axis = norm_axis("Gather", self.axis, x.rank())?;
         let s = x.shape();
-        let (outer, len, inner) = (
-            s[..axis].iter().product::<usize>(),
-            s[axis],
-            s[axis + 1..].iter().product::<usize>(),
-        );
-        let idx: Vec<usize> = i
-            .to_i64s()?
-            .into_iter()
-            .map(|k| resolve("Gather", k, len))
-            .collect::<Result<_>>()?;
+        let (outer, len, inner) =
+            (s[..axis].iter().product::<usize>(), s[axis], s[axis + 1..].iter().product::<usize>());
+        let idx: Vec<usize> = i.to_i64s()?.into_iter().map(|k| resolve("Gather", k, len)).collect::<Result<_>>()?;
         let mut shape = s[..axis].to_vec();
         shape.extend_from_slice(i.shape());
         shape.extend_from_slice(&s[axis + 1..]);
@@ -128,43 +103,23 @@ impl OpDef for GatherElements {
     }
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
-        let (x, i) = (
-            req("GatherElements", inputs, 0)?,
-            req("GatherElements", inputs, 1)?,
-        );
+        let (x, i) = (req("GatherElements", inputs, 0)?, req("GatherElements", inputs, 1)?);
         index_dtype("GatherElements", i)?;
         if x.rank() != i.rank() {
-            return Err(Error::op(
-                "GatherElements",
-                "data and indices must have the same rank",
-            ));
+            return Err(Error::op("GatherElements", "data and indices must have the same rank"));
         }
         norm_axis("GatherElements", self.axis, x.rank())?;
         Ok(vec![Fact::new(x.dtype, i.shape.clone())])
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-        let (x, i) = (
-            req("GatherElements", inputs, 0)?,
-            req("GatherElements", inputs, 1)?,
-        );
+        let (x, i) = (req("GatherElements", inputs, 0)?, req("GatherElements", inputs, 1)?);
         if x.rank() != i.rank() {
-            return Err(Error::op(
-                "GatherElements",
-                "data and indices must have the same rank",
-            ));
+            return Err(Error::op("GatherElements", "data and indices must have the same rank"));
         }
         let axis = norm_axis("GatherElements", self.axis, x.rank())?;
-        if i.shape()
-            .iter()
-            .zip(x.shape())
-            .enumerate()
-            .any(|(d, (a, b))| d != axis && a > b)
-        {
-            return Err(Error::op(
-                "GatherElements",
-                format!("indices {:?} exceed data {:?}", i.shape(), x.shape()),
-            ));
+        if i.shape().iter().zip(x.shape()).enumerate().any(|(d, (a, b))| d != axis && a > b) {
+            return Err(Error::op("GatherElements", format!("indices {:?} exceed data {:?}", i.shape(), x.shape())));
         }
         let (xs, is) = (strides_of(x.shape()), strides_of(i.shape()));
         let idx = i.to_i64s()?;
@@ -173,11 +128,7 @@ impl OpDef for GatherElements {
             let mut off = 0;
             for d in 0..x.rank() {
                 let c = (flat / is[d]) % i.shape()[d];
-                let c = if d == axis {
-                    resolve("GatherElements", k, x.shape()[axis])?
-                } else {
-                    c
-                };
+                let c = if d == axis { resolve("GatherElements", k, x.shape()[axis])? } else { c };
                 off += c * xs[d];
             }
             src.push(off);
@@ -210,13 +161,9 @@ impl OpDef for GatherND {
         }
         let m = i.shape[i.rank() - 1]
             .as_const()
-            .ok_or_else(|| Error::op("GatherND", "the index depth must be known"))?
-            as usize;
+            .ok_or_else(|| Error::op("GatherND", "the index depth must be known"))? as usize;
         if b + m > x.rank() {
-            return Err(Error::op(
-                "GatherND",
-                format!("index depth {m} exceeds data rank {}", x.rank()),
-            ));
+            return Err(Error::op("GatherND", format!("index depth {m} exceeds data rank {}", x.rank())));
         }
         let mut shape = i.shape[..i.rank() - 1].to_vec();
         shape.extend(x.shape[b + m..].iter().cloned());
@@ -229,19 +176,12 @@ impl OpDef for GatherND {
         if i.rank() < 1 || x.rank() <= b || i.rank() <= b || x.shape()[..b] != i.shape()[..b] {
             return Err(Error::op(
                 "GatherND",
-                format!(
-                    "data {:?} and indices {:?} disagree on batch dims",
-                    x.shape(),
-                    i.shape()
-                ),
+                format!("data {:?} and indices {:?} disagree on batch dims", x.shape(), i.shape()),
             ));
         }
         let m = i.shape()[i.rank() - 1];
         if b + m > x.rank() {
-            return Err(Error::op(
-                "GatherND",
-                format!("index depth {m} exceeds data rank {}", x.rank()),
-            ));
+            return Err(Error::op("GatherND", format!("index depth {m} exceeds data rank {}", x.rank())));
         }
         let batch: usize = x.shape()[..b].iter().product();
         let n: usize = i.shape()[b..i.rank() - 1].iter().product();
@@ -273,9 +213,7 @@ mod tests {
 
     fn eval(op: impl Into<Op>, inputs: &[&Tensor]) -> Result<Tensor> {
         let ins: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
-        op.into()
-            .eval(&EvalContext::default(), &ins)
-            .map(|mut v| v.remove(0))
+        op.into().eval(&EvalContext::default(), &ins).map(|mut v| v.remove(0))
     }
 
     #[test]
@@ -286,9 +224,7 @@ mod tests {
         assert_eq!(y.shape(), &[1, 3, 2]);
         assert_eq!(y.as_slice::<f32>().unwrap(), &[20., 21., 0., 1., 20., 21.]);
         let bad = Tensor::new(vec![1], vec![3i64]).unwrap();
-        let e = eval(Gather { axis: 0 }, &[&table, &bad])
-            .unwrap_err()
-            .to_string();
+        let e = eval(Gather { axis: 0 }, &[&table, &bad]).unwrap_err().to_string();
         assert!(e.contains("index 3 is out of range"), "{e}");
     }
 
@@ -296,13 +232,7 @@ mod tests {
     fn gather_elements_and_nd() {
         let x = Tensor::new(vec![2, 2], vec![1i64, 2, 3, 4]).unwrap();
         let i = Tensor::new(vec![2, 2], vec![0i64, 0, 1, 0]).unwrap();
-        assert_eq!(
-            eval(GatherElements { axis: 1 }, &[&x, &i])
-                .unwrap()
-                .to_i64s()
-                .unwrap(),
-            vec![1, 1, 4, 3]
-        );
+        assert_eq!(eval(GatherElements { axis: 1 }, &[&x, &i]).unwrap().to_i64s().unwrap(), vec![1, 1, 4, 3]);
         let i = Tensor::new(vec![2, 1], vec![1i64, 0]).unwrap();
         let y = eval(GatherND { batch_dims: 0 }, &[&x, &i]).unwrap();
         assert_eq!(y.shape(), &[2, 2]);

@@ -1,8 +1,6 @@
 //! Matrix products: `MatMul` (numpy semantics, batched with broadcasting) and `Gemm`.
 
-use super::{
-    broadcast_dims, broadcast_shapes, broadcast_strides, req, Arity, EvalContext, Fact, OpDef,
-};
+use super::{broadcast_dims, broadcast_shapes, broadcast_strides, req, Arity, EvalContext, Fact, OpDef};
 use crate::dim::Dim;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -20,50 +18,43 @@ pub fn gemm_f32(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32
     if m == 0 || n == 0 {
         return;
     }
-    let rows_per_task = if m * k * n < 1 << 16 {
-        m
-    } else {
-        4 * (64 * 1024 / (k * n).max(1)).clamp(1, 16)
-    };
-    c[..m * n]
-        .par_chunks_mut(rows_per_task * n)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let r0 = t * rows_per_task;
-            let rows = chunk.len() / n;
-            let mut i = 0;
-            while i + 4 <= rows {
-                let (c0, rest) = chunk[i * n..].split_at_mut(n);
-                let (c1, rest) = rest.split_at_mut(n);
-                let (c2, rest) = rest.split_at_mut(n);
-                let c3 = &mut rest[..n];
-                let ar = |r: usize| &a[(r0 + i + r) * k..(r0 + i + r + 1) * k];
-                let (a0, a1, a2, a3) = (ar(0), ar(1), ar(2), ar(3));
-                for p in 0..k {
-                    let brow = &b[p * n..(p + 1) * n];
-                    let (x0, x1, x2, x3) = (a0[p], a1[p], a2[p], a3[p]);
-                    for j in 0..n {
-                        let bv = brow[j];
-                        c0[j] += x0 * bv;
-                        c1[j] += x1 * bv;
-                        c2[j] += x2 * bv;
-                        c3[j] += x3 * bv;
-                    }
+    let rows_per_task = if m * k * n < 1 << 16 { m } else { 4 * (64 * 1024 / (k * n).max(1)).clamp(1, 16) };
+    c[..m * n].par_chunks_mut(rows_per_task * n).enumerate().for_each(|(t, chunk)| {
+        let r0 = t * rows_per_task;
+        let rows = chunk.len() / n;
+        let mut i = 0;
+        while i + 4 <= rows {
+            let (c0, rest) = chunk[i * n..].split_at_mut(n);
+            let (c1, rest) = rest.split_at_mut(n);
+            let (c2, rest) = rest.split_at_mut(n);
+            let c3 = &mut rest[..n];
+            let ar = |r: usize| &a[(r0 + i + r) * k..(r0 + i + r + 1) * k];
+            let (a0, a1, a2, a3) = (ar(0), ar(1), ar(2), ar(3));
+            for p in 0..k {
+                let brow = &b[p * n..(p + 1) * n];
+                let (x0, x1, x2, x3) = (a0[p], a1[p], a2[p], a3[p]);
+                for j in 0..n {
+                    let bv = brow[j];
+                    c0[j] += x0 * bv;
+                    c1[j] += x1 * bv;
+                    c2[j] += x2 * bv;
+                    c3[j] += x3 * bv;
                 }
-                i += 4;
             }
-            while i < rows {
-                let crow = &mut chunk[i * n..(i + 1) * n];
-                let arow = &a[(r0 + i) * k..(r0 + i + 1) * k];
-                for (p, &x) in arow.iter().enumerate() {
-                    let brow = &b[p * n..(p + 1) * n];
-                    for j in 0..n {
-                        crow[j] += x * brow[j];
-                    }
+            i += 4;
+        }
+        while i < rows {
+            let crow = &mut chunk[i * n..(i + 1) * n];
+            let arow = &a[(r0 + i) * k..(r0 + i + 1) * k];
+            for (p, &x) in arow.iter().enumerate() {
+                let brow = &b[p * n..(p + 1) * n];
+                for j in 0..n {
+                    crow[j] += x * brow[j];
                 }
-                i += 1;
             }
-        });
+            i += 1;
+        }
+    });
 }
 
 /// Integer matrix product with i64 accumulation.
@@ -95,16 +86,8 @@ pub(crate) fn matmul_shape(op: &str, sa: &[usize], sb: &[usize]) -> Result<MatMu
     if sa.is_empty() || sb.is_empty() {
         return Err(Error::op(op, "operands must have rank >= 1"));
     }
-    let a2: Vec<usize> = if sa.len() == 1 {
-        vec![1, sa[0]]
-    } else {
-        sa.to_vec()
-    };
-    let b2: Vec<usize> = if sb.len() == 1 {
-        vec![sb[0], 1]
-    } else {
-        sb.to_vec()
-    };
+    let a2: Vec<usize> = if sa.len() == 1 { vec![1, sa[0]] } else { sa.to_vec() };
+    let b2: Vec<usize> = if sb.len() == 1 { vec![sb[0], 1] } else { sb.to_vec() };
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {
@@ -121,25 +104,13 @@ pub(crate) fn matmul_shape(op: &str, sa: &[usize], sb: &[usize]) -> Result<MatMu
     if sb.len() > 1 {
         out.push(n);
     }
-    Ok(MatMulShape {
-        a_batch_strides: batch_strides(ab),
-        b_batch_strides: batch_strides(bb),
-        batch,
-        m,
-        k,
-        n,
-        out,
-    })
+    Ok(MatMulShape { a_batch_strides: batch_strides(ab), b_batch_strides: batch_strides(bb), batch, m, k, n, out })
 }
 
 /// Offsets (in matrices) of operand `a` and `b` for every batch index.
 pub(crate) fn batch_offsets(s: &MatMulShape) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
-    super::for_each_broadcast(
-        &s.batch,
-        [&s.a_batch_strides, &s.b_batch_strides],
-        |[i, j]| v.push((i, j)),
-    );
+    super::for_each_broadcast(&s.batch, [&s.a_batch_strides, &s.b_batch_strides], |[i, j]| v.push((i, j)));
     if s.batch.is_empty() {
         v = vec![(0, 0)];
     }
@@ -152,16 +123,8 @@ pub(crate) fn matmul_dims(op: &str, a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>> {
         return Err(Error::op(op, "operands must have rank >= 1"));
     }
     let one = Dim::constant(1);
-    let a2: Vec<Dim> = if a.len() == 1 {
-        vec![one.clone(), a[0].clone()]
-    } else {
-        a.to_vec()
-    };
-    let b2: Vec<Dim> = if b.len() == 1 {
-        vec![b[0].clone(), one]
-    } else {
-        b.to_vec()
-    };
+    let a2: Vec<Dim> = if a.len() == 1 { vec![one.clone(), a[0].clone()] } else { a.to_vec() };
+    let b2: Vec<Dim> = if b.len() == 1 { vec![b[0].clone(), one] } else { b.to_vec() };
     let (ka, kb) = (&a2[a2.len() - 1], &b2[b2.len() - 2]);
     if let (Some(x), Some(y)) = (ka.as_const(), kb.as_const()) {
         if x != y {
@@ -192,27 +155,18 @@ impl OpDef for MatMul {
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let (a, b) = (req("MatMul", inputs, 0)?, req("MatMul", inputs, 1)?);
         if a.dtype != b.dtype {
-            return Err(Error::op(
-                "MatMul",
-                format!("input dtypes differ: {} and {}", a.dtype, b.dtype),
-            ));
+            return Err(Error::op("MatMul", format!("input dtypes differ: {} and {}", a.dtype, b.dtype)));
         }
         if !matches!(a.dtype, DType::F32 | DType::I64 | DType::I32) {
             return Err(Error::op("MatMul", format!("does not support {}", a.dtype)));
         }
-        Ok(vec![Fact::new(
-            a.dtype,
-            matmul_dims("MatMul", &a.shape, &b.shape)?,
-        )])
+        Ok(vec![Fact::new(a.dtype, matmul_dims("MatMul", &a.shape, &b.shape)?)])
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let (a, b) = (req("MatMul", inputs, 0)?, req("MatMul", inputs, 1)?);
         if a.dtype() != b.dtype() {
-            return Err(Error::op(
-                "MatMul",
-                format!("input dtypes differ: {} and {}", a.dtype(), b.dtype()),
-            ));
+            return Err(Error::op("MatMul", format!("input dtypes differ: {} and {}", a.dtype(), b.dtype())));
         }
         let s = matmul_shape("MatMul", a.shape(), b.shape())?;
         super::check_alloc("MatMul", &s.out)?;
@@ -221,45 +175,23 @@ impl OpDef for MatMul {
         if a.dtype() == DType::F32 {
             let (x, y) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
             let mut out = vec![0f32; offsets.len() * m * n];
-            out.par_chunks_mut((m * n).max(1))
-                .zip(offsets.par_iter())
-                .for_each(|(c, &(i, j))| {
-                    gemm_f32(
-                        m,
-                        k,
-                        n,
-                        &x[i * m * k..(i + 1) * m * k],
-                        &y[j * k * n..(j + 1) * k * n],
-                        c,
-                    )
-                });
+            out.par_chunks_mut((m * n).max(1)).zip(offsets.par_iter()).for_each(|(c, &(i, j))| {
+                gemm_f32(m, k, n, &x[i * m * k..(i + 1) * m * k], &y[j * k * n..(j + 1) * k * n], c)
+            });
             Ok(vec![Tensor::new(s.out, out)?])
         } else if matches!(a.dtype(), DType::I64 | DType::I32) {
             let (x, y) = (a.to_i64s()?, b.to_i64s()?);
             let mut out = vec![0i64; offsets.len() * m * n];
             for (c, &(i, j)) in out.chunks_mut((m * n).max(1)).zip(offsets.iter()) {
-                gemm_i64(
-                    m,
-                    k,
-                    n,
-                    &x[i * m * k..(i + 1) * m * k],
-                    &y[j * k * n..(j + 1) * k * n],
-                    c,
-                );
+                gemm_i64(m, k, n, &x[i * m * k..(i + 1) * m * k], &y[j * k * n..(j + 1) * k * n], c);
             }
             if a.dtype() == DType::I64 {
                 Ok(vec![Tensor::new(s.out, out)?])
             } else {
-                Ok(vec![Tensor::new(
-                    s.out,
-                    out.into_iter().map(|v| v as i32).collect(),
-                )?])
+                Ok(vec![Tensor::new(s.out, out.into_iter().map(|v| v as i32).collect())?])
             }
         } else {
-            Err(Error::op(
-                "MatMul",
-                format!("does not support {}", a.dtype()),
-            ))
+            Err(Error::op("MatMul", format!("does not support {}", a.dtype())))
         }
     }
 }
@@ -303,28 +235,13 @@ impl OpDef for Gemm {
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let (a, b) = (req("Gemm", inputs, 0)?, req("Gemm", inputs, 1)?);
         if a.rank() != 2 || b.rank() != 2 {
-            return Err(Error::op(
-                "Gemm",
-                format!(
-                    "expects 2-D operands, got ranks {} and {}",
-                    a.rank(),
-                    b.rank()
-                ),
-            ));
+            return Err(Error::op("Gemm", format!("expects 2-D operands, got ranks {} and {}", a.rank(), b.rank())));
         }
         if a.dtype != DType::F32 || b.dtype != DType::F32 {
             return Err(Error::op("Gemm", "supports f32 only"));
         }
-        let m = if self.trans_a {
-            &a.shape[1]
-        } else {
-            &a.shape[0]
-        };
-        let n = if self.trans_b {
-            &b.shape[0]
-        } else {
-            &b.shape[1]
-        };
+        let m = if self.trans_a { &a.shape[1] } else { &a.shape[0] };
+        let n = if self.trans_b { &b.shape[0] } else { &b.shape[1] };
         Ok(vec![Fact::new(DType::F32, vec![m.clone(), n.clone()])])
     }
 
@@ -335,23 +252,12 @@ impl OpDef for Gemm {
         }
         let (x, y) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
         let (ar, ac, br, bc) = (a.shape()[0], a.shape()[1], b.shape()[0], b.shape()[1]);
-        let xa = if self.trans_a {
-            transpose2(ar, ac, x)
-        } else {
-            x.to_vec()
-        };
-        let yb = if self.trans_b {
-            transpose2(br, bc, y)
-        } else {
-            y.to_vec()
-        };
+        let xa = if self.trans_a { transpose2(ar, ac, x) } else { x.to_vec() };
+        let yb = if self.trans_b { transpose2(br, bc, y) } else { y.to_vec() };
         let (m, k) = if self.trans_a { (ac, ar) } else { (ar, ac) };
         let (k2, n) = if self.trans_b { (bc, br) } else { (br, bc) };
         if k != k2 {
-            return Err(Error::op(
-                "Gemm",
-                format!("inner dims differ: {k} and {k2}"),
-            ));
+            return Err(Error::op("Gemm", format!("inner dims differ: {k} and {k2}")));
         }
         super::check_alloc("Gemm", &[m, n])?;
         let mut out = vec![0f32; m * n];
@@ -363,13 +269,7 @@ impl OpDef for Gemm {
             let cs = c.as_slice::<f32>()?;
             let bs = broadcast_shapes("Gemm", &[c.shape(), &[m, n]])?;
             if bs != [m, n] {
-                return Err(Error::op(
-                    "Gemm",
-                    format!(
-                        "C of shape {:?} does not broadcast to [{m}, {n}]",
-                        c.shape()
-                    ),
-                ));
+                return Err(Error::op("Gemm", format!("C of shape {:?} does not broadcast to [{m}, {n}]", c.shape())));
             }
             let st = broadcast_strides(c.shape(), &[m, n]);
             let beta = self.beta;
@@ -401,12 +301,8 @@ mod tests {
     #[test]
     fn gemm_matches_naive_on_odd_shapes() {
         for (m, k, n) in [(1, 1, 1), (5, 3, 7), (9, 17, 4), (130, 33, 65)] {
-            let a: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
-                .collect();
-            let b: Vec<f32> = (0..k * n)
-                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0)
-                .collect();
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 4.0).collect();
             let mut c = vec![1f32; m * n];
             gemm_f32(m, k, n, &a, &b, &mut c);
             assert_eq!(c, naive(m, k, n, &a, &b), "{m}x{k}x{n}");
@@ -418,24 +314,13 @@ mod tests {
         let a = Tensor::new(vec![2, 1, 2, 3], (0..12).map(|v| v as f32).collect()).unwrap();
         let b = Tensor::new(vec![3, 2], vec![1f32, 0., 0., 1., 1., 1.]).unwrap();
         let op: Op = MatMul {}.into();
-        let y = op
-            .eval(&EvalContext::default(), &[Some(&a), Some(&b)])
-            .unwrap()
-            .remove(0);
+        let y = op.eval(&EvalContext::default(), &[Some(&a), Some(&b)]).unwrap().remove(0);
         assert_eq!(y.shape(), &[2, 1, 2, 2]);
-        assert_eq!(
-            y.as_slice::<f32>().unwrap(),
-            &[2., 3., 8., 9., 14., 15., 20., 21.]
-        );
+        assert_eq!(y.as_slice::<f32>().unwrap(), &[2., 3., 8., 9., 14., 15., 20., 21.]);
         let v = Tensor::new(vec![3], vec![1f32, 1., 1.]).unwrap();
-        let y = op
-            .eval(&EvalContext::default(), &[Some(&a), Some(&v)])
-            .unwrap()
-            .remove(0);
+        let y = op.eval(&EvalContext::default(), &[Some(&a), Some(&v)]).unwrap().remove(0);
         assert_eq!(y.shape(), &[2, 1, 2]);
-        assert!(op
-            .eval(&EvalContext::default(), &[Some(&v), Some(&a)])
-            .is_err());
+        assert!(op.eval(&EvalContext::default(), &[Some(&v), Some(&a)]).is_err());
     }
 
     #[test]
@@ -443,17 +328,8 @@ mod tests {
         let a = Tensor::new(vec![2, 1], vec![1f32, 2.]).unwrap();
         let b = Tensor::new(vec![2, 2], vec![1f32, 2., 3., 4.]).unwrap();
         let c = Tensor::new(vec![2], vec![10f32, 20.]).unwrap();
-        let op: Op = Gemm {
-            alpha: 1.0,
-            beta: 0.5,
-            trans_a: true,
-            trans_b: true,
-        }
-        .into();
-        let y = op
-            .eval(&EvalContext::default(), &[Some(&a), Some(&b), Some(&c)])
-            .unwrap()
-            .remove(0);
+        let op: Op = Gemm { alpha: 1.0, beta: 0.5, trans_a: true, trans_b: true }.into();
+        let y = op.eval(&EvalContext::default(), &[Some(&a), Some(&b), Some(&c)]).unwrap().remove(0);
         assert_eq!(y.shape(), &[1, 2]);
         assert_eq!(y.as_slice::<f32>().unwrap(), &[5. + 5., 11. + 10.]);
     }

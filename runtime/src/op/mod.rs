@@ -27,8 +27,8 @@ pub use nn::{gelu, Gelu, GeluApprox, LayerNorm, Softmax};
 pub use quant::{DequantizeLinear, DynamicQuantizeLinear, MatMulInteger, QuantizeLinear};
 pub use reduce::{CumSum, Reduce, ReduceKind};
 pub use shape::{
-    Concat, ConstantOfShape, DimValue, Expand, Flatten, Range, Reshape, Shape, Size, Slice, Split,
-    Squeeze, Tile, Transpose, Unsqueeze,
+    Concat, ConstantOfShape, DimValue, Expand, Flatten, Range, Reshape, Shape, Size, Slice, Split, Squeeze, Tile,
+    Transpose, Unsqueeze,
 };
 
 use crate::dim::Dim;
@@ -78,10 +78,7 @@ impl SymTensor {
             return None;
         }
         let v = t.to_i64s().ok()?;
-        Some(SymTensor::new(
-            t.shape().to_vec(),
-            v.into_iter().map(Dim::constant).collect(),
-        ))
+        Some(SymTensor::new(t.shape().to_vec(), v.into_iter().map(Dim::constant).collect()))
     }
 
     /// A concrete tensor of `dtype`, when every element is constant.
@@ -93,10 +90,7 @@ impl SymTensor {
             DType::I32 => Tensor::new(shape, v.into_iter().map(|x| x as i32).collect()).ok()?,
             DType::I8 => Tensor::new(shape, v.into_iter().map(|x| x as i8).collect()).ok()?,
             DType::U8 => Tensor::new(shape, v.into_iter().map(|x| x as u8).collect()).ok()?,
-            DType::Bool => {
-                Tensor::bool_from_u8(shape, v.into_iter().map(|x| u8::from(x != 0)).collect())
-                    .ok()?
-            }
+            DType::Bool => Tensor::bool_from_u8(shape, v.into_iter().map(|x| u8::from(x != 0)).collect()).ok()?,
             DType::F32 => return None,
         })
     }
@@ -104,11 +98,7 @@ impl SymTensor {
 
 impl Fact {
     pub fn new(dtype: DType, shape: Vec<Dim>) -> Fact {
-        Fact {
-            dtype,
-            shape,
-            value: None,
-        }
+        Fact { dtype, shape, value: None }
     }
 
     pub fn with_value(mut self, value: SymTensor) -> Fact {
@@ -133,10 +123,7 @@ impl Fact {
 
     /// The shape when every dim is constant.
     pub fn concrete_shape(&self) -> Option<Vec<usize>> {
-        self.shape
-            .iter()
-            .map(|d| d.as_const().and_then(|v| usize::try_from(v).ok()))
-            .collect()
+        self.shape.iter().map(|d| d.as_const().and_then(|v| usize::try_from(v).ok())).collect()
     }
 
     /// The elements when the value is known and constant.
@@ -174,19 +161,11 @@ pub struct Arity {
 
 impl Arity {
     pub const fn exact(inputs: usize, outputs: usize) -> Arity {
-        Arity {
-            min_inputs: inputs,
-            max_inputs: inputs,
-            outputs,
-        }
+        Arity { min_inputs: inputs, max_inputs: inputs, outputs }
     }
 
     pub const fn range(min_inputs: usize, max_inputs: usize, outputs: usize) -> Arity {
-        Arity {
-            min_inputs,
-            max_inputs,
-            outputs,
-        }
+        Arity { min_inputs, max_inputs, outputs }
     }
 }
 
@@ -218,27 +197,16 @@ pub trait OpDef: Sized + Clone + fmt::Debug + PartialEq + Serialize + Deserializ
 
 /// The `i`-th input, which the op requires.
 pub(crate) fn req<'a, T>(op: &str, inputs: &[Option<&'a T>], i: usize) -> Result<&'a T> {
-    inputs
-        .get(i)
-        .copied()
-        .flatten()
-        .ok_or_else(|| Error::op(op, format!("input {i} is required")))
+    inputs.get(i).copied().flatten().ok_or_else(|| Error::op(op, format!("input {i} is required")))
 }
 
 /// An axis in `-rank..rank` made non-negative.
 pub(crate) fn norm_axis(op: &str, axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
     if axis < -r || axis >= r.max(1) {
-        return Err(Error::op(
-            op,
-            format!("axis {axis} is out of range for rank {rank}"),
-        ));
+        return Err(Error::op(op, format!("axis {axis} is out of range for rank {rank}")));
     }
-    Ok(if axis < 0 {
-        (axis + r) as usize
-    } else {
-        axis as usize
-    })
+    Ok(if axis < 0 { (axis + r) as usize } else { axis as usize })
 }
 
 /// Symbolic numpy broadcasting of several shapes.
@@ -299,11 +267,7 @@ pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let mut strides = vec![0usize; out.len()];
     let mut acc = 1usize;
     for i in (0..shape.len()).rev() {
-        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 {
-            0
-        } else {
-            acc
-        };
+        strides[pad + i] = if shape[i] == 1 && out[pad + i] != 1 { 0 } else { acc };
         acc *= shape[i];
     }
     strides
@@ -311,11 +275,7 @@ pub(crate) fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
 
 /// Calls `f(offsets)` for every element of `out`, in row-major order, where `offsets[k]` is the
 /// element's offset in input `k` under the given broadcast strides.
-pub(crate) fn for_each_broadcast<const N: usize>(
-    out: &[usize],
-    strides: [&[usize]; N],
-    mut f: impl FnMut([usize; N]),
-) {
+pub(crate) fn for_each_broadcast<const N: usize>(out: &[usize], strides: [&[usize]; N], mut f: impl FnMut([usize; N])) {
     let total: usize = out.iter().product();
     if total == 0 {
         return;
@@ -388,19 +348,14 @@ pub(crate) fn shape_operand_len(f: &Fact) -> Option<usize> {
 /// The concrete values of a shape-like input tensor.
 pub(crate) fn shape_values(op: &str, t: &Tensor) -> Result<Vec<i64>> {
     if t.rank() > 1 {
-        return Err(Error::op(
-            op,
-            format!("expected a 1-D shape tensor, got rank {}", t.rank()),
-        ));
+        return Err(Error::op(op, format!("expected a 1-D shape tensor, got rank {}", t.rank())));
     }
     t.to_i64s().map_err(|e| Error::op(op, e.to_string()))
 }
 
 /// Converts a dim list to usizes, rejecting negatives.
 pub(crate) fn to_usize_shape(op: &str, dims: &[i64]) -> Result<Vec<usize>> {
-    dims.iter()
-        .map(|&d| usize::try_from(d).map_err(|_| Error::op(op, format!("invalid dimension {d}"))))
-        .collect()
+    dims.iter().map(|&d| usize::try_from(d).map_err(|_| Error::op(op, format!("invalid dimension {d}")))).collect()
 }
 
 /// Largest tensor an op may create, in elements, so that a bad shape is an error and not an
@@ -410,10 +365,7 @@ pub const MAX_ELEMENTS: usize = 1 << 34;
 pub(crate) fn check_alloc(op: &str, shape: &[usize]) -> Result<usize> {
     match crate::tensor::numel(shape) {
         Some(n) if n <= MAX_ELEMENTS => Ok(n),
-        _ => Err(Error::op(
-            op,
-            format!("output shape {shape:?} is too large"),
-        )),
+        _ => Err(Error::op(op, format!("output shape {shape:?} is too large"))),
     }
 }
 
@@ -496,10 +448,7 @@ impl Op {
             } else {
                 format!("{} to {}", a.min_inputs, a.max_inputs)
             };
-            return Err(Error::op(
-                self.name(),
-                format!("takes {want} inputs, got {n}"),
-            ));
+            return Err(Error::op(self.name(), format!("takes {want} inputs, got {n}")));
         }
         Ok(())
     }
@@ -580,11 +529,7 @@ macro_rules! with_dtype {
 }
 
 /// A tensor of `dtype` from elements of the matching Rust type (`u8` for bool).
-pub(crate) fn tensor_of<T: crate::tensor::Element>(
-    dtype: DType,
-    shape: Vec<usize>,
-    data: Vec<T>,
-) -> Result<Tensor> {
+pub(crate) fn tensor_of<T: crate::tensor::Element>(dtype: DType, shape: Vec<usize>, data: Vec<T>) -> Result<Tensor> {
     if dtype == DType::Bool {
         let bytes: Vec<u8> = data.into_iter().map(|x| u8::from(x.is_nonzero())).collect();
         return Tensor::bool_from_u8(shape, bytes);
@@ -601,21 +546,9 @@ mod tests {
         let ops: Vec<Op> = vec![
             Unary::new(UnaryKind::Erf).into(),
             Binary::new(BinaryKind::Add).into(),
-            Transpose {
-                perm: Some(vec![0, 2, 1, 3]),
-            }
-            .into(),
-            LayerNorm {
-                axis: -1,
-                epsilon: 1e-12,
-            }
-            .into(),
-            Reduce {
-                kind: ReduceKind::ReduceMean,
-                keepdims: true,
-                noop_with_empty_axes: false,
-            }
-            .into(),
+            Transpose { perm: Some(vec![0, 2, 1, 3]) }.into(),
+            LayerNorm { axis: -1, epsilon: 1e-12 }.into(),
+            Reduce { kind: ReduceKind::ReduceMean, keepdims: true, noop_with_empty_axes: false }.into(),
         ];
         for op in ops {
             let j = serde_json::to_string(&op).unwrap();
@@ -640,10 +573,7 @@ mod tests {
     fn broadcasting_walks_every_element() {
         let out = broadcast_shapes("t", &[&[2, 1, 3], &[4, 1]]).unwrap();
         assert_eq!(out, vec![2, 4, 3]);
-        let (sa, sb) = (
-            broadcast_strides(&[2, 1, 3], &out),
-            broadcast_strides(&[4, 1], &out),
-        );
+        let (sa, sb) = (broadcast_strides(&[2, 1, 3], &out), broadcast_strides(&[4, 1], &out));
         let mut seen = vec![];
         for_each_broadcast(&out, [&sa, &sb], |[a, b]| seen.push((a, b)));
         assert_eq!(seen.len(), 24);
@@ -655,14 +585,7 @@ mod tests {
     #[test]
     fn symbolic_broadcast() {
         let s = |v: &[&str]| v.iter().map(|x| Dim::parse(x).unwrap()).collect::<Vec<_>>();
-        let out = broadcast_dims(
-            "t",
-            &[
-                &s(&["batch", "1", "1", "seq"]),
-                &s(&["batch", "12", "seq", "seq"]),
-            ],
-        )
-        .unwrap();
+        let out = broadcast_dims("t", &[&s(&["batch", "1", "1", "seq"]), &s(&["batch", "12", "seq", "seq"])]).unwrap();
         assert_eq!(out, s(&["batch", "12", "seq", "seq"]));
         assert!(broadcast_dims("t", &[&s(&["2"]), &s(&["3"])]).is_err());
     }

@@ -25,10 +25,7 @@ fn minus_one() -> i64 {
 fn f32_input<'a>(op: &str, inputs: &[Option<&'a Fact>], i: usize) -> Result<&'a Fact> {
     let f = req(op, inputs, i)?;
     if f.dtype != DType::F32 {
-        return Err(Error::op(
-            op,
-            format!("input {i} must be f32, got {}", f.dtype),
-        ));
+        return Err(Error::op(op, format!("input {i} must be f32, got {}", f.dtype)));
     }
     Ok(f)
 }
@@ -60,34 +57,21 @@ impl OpDef for Softmax {
         let x = req(self.name(), inputs, 0)?;
         let axis = norm_axis(self.name(), self.axis, x.rank())?;
         let s = x.shape();
-        let (len, inner) = (
-            s.get(axis).copied().unwrap_or(1),
-            s[axis + 1..].iter().product::<usize>(),
-        );
+        let (len, inner) = (s.get(axis).copied().unwrap_or(1), s[axis + 1..].iter().product::<usize>());
         let xs = x.as_slice::<f32>()?;
         let mut out = vec![0f32; xs.len()];
         let log = self.log;
-        out.par_chunks_mut((len * inner).max(1))
-            .enumerate()
-            .for_each(|(o, block)| {
-                let xb = &xs[o * len * inner..(o + 1) * len * inner];
-                for i in 0..inner {
-                    let max = (0..len)
-                        .map(|a| xb[a * inner + i])
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f64 = (0..len)
-                        .map(|a| ((xb[a * inner + i] - max).exp()) as f64)
-                        .sum();
-                    for a in 0..len {
-                        let d = xb[a * inner + i] - max;
-                        block[a * inner + i] = if log {
-                            d - (sum.ln() as f32)
-                        } else {
-                            (d.exp() as f64 / sum) as f32
-                        };
-                    }
+        out.par_chunks_mut((len * inner).max(1)).enumerate().for_each(|(o, block)| {
+            let xb = &xs[o * len * inner..(o + 1) * len * inner];
+            for i in 0..inner {
+                let max = (0..len).map(|a| xb[a * inner + i]).fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = (0..len).map(|a| ((xb[a * inner + i] - max).exp()) as f64).sum();
+                for a in 0..len {
+                    let d = xb[a * inner + i] - max;
+                    block[a * inner + i] = if log { d - (sum.ln() as f32) } else { (d.exp() as f64 / sum) as f32 };
                 }
-            });
+            }
+        });
         Ok(vec![Tensor::new(s.to_vec(), out)?])
     }
 }
@@ -117,19 +101,13 @@ impl OpDef for LayerNorm {
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let x = f32_input("LayerNorm", inputs, 0)?;
         let axis = norm_axis("LayerNorm", self.axis, x.rank())?;
-        for i in 1..inputs.len() {
-            if let Some(p) = inputs[i] {
+        for (i, p) in inputs.iter().enumerate().skip(1) {
+            if let Some(p) = p {
                 if p.dtype != DType::F32 {
-                    return Err(Error::op(
-                        "LayerNorm",
-                        format!("input {i} must be f32, got {}", p.dtype),
-                    ));
+                    return Err(Error::op("LayerNorm", format!("input {i} must be f32, got {}", p.dtype)));
                 }
                 if p.rank() > x.rank() - axis {
-                    return Err(Error::op(
-                        "LayerNorm",
-                        format!("input {i} has rank {} > normalized rank", p.rank()),
-                    ));
+                    return Err(Error::op("LayerNorm", format!("input {i} has rank {} > normalized rank", p.rank())));
                 }
             }
         }
@@ -150,10 +128,7 @@ impl OpDef for LayerNorm {
             if bs != norm_shape {
                 return Err(Error::op(
                     "LayerNorm",
-                    format!(
-                        "input {i} {:?} does not broadcast to {norm_shape:?}",
-                        t.shape()
-                    ),
+                    format!("input {i} {:?} does not broadcast to {norm_shape:?}", t.shape()),
                 ));
             }
             let v = t.as_slice::<f32>()?;
@@ -170,21 +145,19 @@ impl OpDef for LayerNorm {
         let xs = x.as_slice::<f32>()?;
         let mut out = vec![0f32; xs.len()];
         let eps = self.epsilon as f64;
-        out.par_chunks_mut(len.max(1))
-            .zip(xs.par_chunks(len.max(1)))
-            .for_each(|(y, row)| {
-                let n = row.len() as f64;
-                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
-                let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
-                let inv = 1.0 / (var + eps).sqrt();
-                for j in 0..row.len() {
-                    let mut v = (row[j] as f64 - mean) * inv * scale[j] as f64;
-                    if let Some(b) = &bias {
-                        v += b[j] as f64;
-                    }
-                    y[j] = v as f32;
+        out.par_chunks_mut(len.max(1)).zip(xs.par_chunks(len.max(1))).for_each(|(y, row)| {
+            let n = row.len() as f64;
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let inv = 1.0 / (var + eps).sqrt();
+            for j in 0..row.len() {
+                let mut v = (row[j] as f64 - mean) * inv * scale[j] as f64;
+                if let Some(b) = &bias {
+                    v += b[j] as f64;
                 }
-            });
+                y[j] = v as f32;
+            }
+        });
         Ok(vec![Tensor::new(x.shape().to_vec(), out)?])
     }
 }
@@ -233,11 +206,7 @@ impl OpDef for Gelu {
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let x = req("Gelu", inputs, 0)?;
         let a = self.approximate;
-        let v: Vec<f32> = x
-            .as_slice::<f32>()?
-            .par_iter()
-            .map(|&e| gelu(e, a))
-            .collect();
+        let v: Vec<f32> = x.as_slice::<f32>()?.par_iter().map(|&e| gelu(e, a)).collect();
         Ok(vec![Tensor::new(x.shape().to_vec(), v)?])
     }
 }
@@ -249,29 +218,18 @@ mod tests {
 
     fn eval1(op: impl Into<Op>, inputs: &[&Tensor]) -> Tensor {
         let ins: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
-        op.into()
-            .eval(&EvalContext::default(), &ins)
-            .unwrap()
-            .remove(0)
+        op.into().eval(&EvalContext::default(), &ins).unwrap().remove(0)
     }
 
     #[test]
     fn softmax_rows_sum_to_one_and_mask_with_minus_inf() {
         let x = Tensor::new(vec![2, 3], vec![1f32, 2., 3., 0., f32::NEG_INFINITY, 0.]).unwrap();
-        let y = eval1(
-            Softmax {
-                axis: -1,
-                log: false,
-            },
-            &[&x],
-        );
+        let y = eval1(Softmax { axis: -1, log: false }, &[&x]);
         let v = y.as_slice::<f32>().unwrap();
         assert!((v[0..3].iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert_eq!(&v[3..], &[0.5, 0.0, 0.5]);
         let y = eval1(Softmax { axis: 0, log: true }, &[&x]);
-        assert!(
-            (y.as_slice::<f32>().unwrap()[0] - (1f32 / (1. + (-1f32).exp())).ln()).abs() < 1e-6
-        );
+        assert!((y.as_slice::<f32>().unwrap()[0] - (1f32 / (1. + (-1f32).exp())).ln()).abs() < 1e-6);
     }
 
     #[test]
@@ -279,13 +237,7 @@ mod tests {
         let x = Tensor::new(vec![1, 4], vec![1f32, 2., 3., 4.]).unwrap();
         let s = Tensor::new(vec![4], vec![1f32; 4]).unwrap();
         let b = Tensor::new(vec![4], vec![0.5f32; 4]).unwrap();
-        let y = eval1(
-            LayerNorm {
-                axis: -1,
-                epsilon: 0.0,
-            },
-            &[&x, &s, &b],
-        );
+        let y = eval1(LayerNorm { axis: -1, epsilon: 0.0 }, &[&x, &s, &b]);
         let v = y.as_slice::<f32>().unwrap();
         let sd = 1.25f32.sqrt();
         for (i, want) in [-1.5f32, -0.5, 0.5, 1.5].iter().enumerate() {

@@ -15,21 +15,13 @@ fn default_axis() -> i64 {
 
 /// Per-tensor or per-axis quantization parameters broadcast over a tensor of `shape`: for each
 /// element, the index of its scale/zero point.
-fn param_index(
-    op: &str,
-    shape: &[usize],
-    n_params: usize,
-    axis: i64,
-) -> Result<Box<dyn Fn(usize) -> usize>> {
+fn param_index(op: &str, shape: &[usize], n_params: usize, axis: i64) -> Result<Box<dyn Fn(usize) -> usize>> {
     if n_params == 1 {
         return Ok(Box::new(|_| 0));
     }
     let a = norm_axis(op, axis, shape.len())?;
     if shape[a] != n_params {
-        return Err(Error::op(
-            op,
-            format!("{n_params} scales for axis {a} of size {}", shape[a]),
-        ));
+        return Err(Error::op(op, format!("{n_params} scales for axis {a} of size {}", shape[a])));
     }
     let inner: usize = shape[a + 1..].iter().product();
     let len = shape[a];
@@ -39,10 +31,7 @@ fn param_index(
 fn zero_points(op: &str, zp: Option<&Tensor>) -> Result<Option<Vec<i64>>> {
     zp.map(|t| match t.dtype() {
         DType::U8 | DType::I8 | DType::I32 => t.to_i64s(),
-        d => Err(Error::op(
-            op,
-            format!("zero point must be u8, i8 or i32, got {d}"),
-        )),
+        d => Err(Error::op(op, format!("zero point must be u8, i8 or i32, got {d}"))),
     })
     .transpose()
 }
@@ -79,10 +68,7 @@ impl QuantizeLinear {
     fn out_dtype(&self, zp: Option<DType>) -> Result<DType> {
         let d = zp.or(self.output_dtype).unwrap_or(DType::U8);
         if qrange(d).is_none() {
-            return Err(Error::op(
-                "QuantizeLinear",
-                format!("output must be u8 or i8, got {d}"),
-            ));
+            return Err(Error::op("QuantizeLinear", format!("output must be u8 or i8, got {d}")));
         }
         Ok(d)
     }
@@ -96,10 +82,7 @@ impl OpDef for QuantizeLinear {
     }
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
-        let (x, s) = (
-            req("QuantizeLinear", inputs, 0)?,
-            req("QuantizeLinear", inputs, 1)?,
-        );
+        let (x, s) = (req("QuantizeLinear", inputs, 0)?, req("QuantizeLinear", inputs, 1)?);
         if x.dtype != DType::F32 || s.dtype != DType::F32 {
             return Err(Error::op("QuantizeLinear", "input and scale must be f32"));
         }
@@ -108,20 +91,14 @@ impl OpDef for QuantizeLinear {
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-        let (x, s) = (
-            req("QuantizeLinear", inputs, 0)?,
-            req("QuantizeLinear", inputs, 1)?,
-        );
+        let (x, s) = (req("QuantizeLinear", inputs, 0)?, req("QuantizeLinear", inputs, 1)?);
         let zpt = inputs.get(2).copied().flatten();
         let dt = self.out_dtype(zpt.map(|t| t.dtype()))?;
         let (lo, hi) = qrange(dt).expect("checked by out_dtype");
         let scales = s.as_slice::<f32>()?;
         let zps = zero_points("QuantizeLinear", zpt)?.unwrap_or_else(|| vec![0; scales.len()]);
         if zps.len() != scales.len() {
-            return Err(Error::op(
-                "QuantizeLinear",
-                "scale and zero point differ in size",
-            ));
+            return Err(Error::op("QuantizeLinear", "scale and zero point differ in size"));
         }
         let at = param_index("QuantizeLinear", x.shape(), scales.len(), self.axis)?;
         let q: Vec<i64> = x
@@ -154,51 +131,32 @@ impl OpDef for DequantizeLinear {
     }
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
-        let (x, s) = (
-            req("DequantizeLinear", inputs, 0)?,
-            req("DequantizeLinear", inputs, 1)?,
-        );
+        let (x, s) = (req("DequantizeLinear", inputs, 0)?, req("DequantizeLinear", inputs, 1)?);
         if !matches!(x.dtype, DType::U8 | DType::I8 | DType::I32) || s.dtype != DType::F32 {
             return Err(Error::op(
                 "DequantizeLinear",
-                format!(
-                    "expects u8/i8/i32 data and f32 scale, got {} and {}",
-                    x.dtype, s.dtype
-                ),
+                format!("expects u8/i8/i32 data and f32 scale, got {} and {}", x.dtype, s.dtype),
             ));
         }
         if let Some(z) = inputs.get(2).copied().flatten() {
             if z.dtype != x.dtype {
-                return Err(Error::op(
-                    "DequantizeLinear",
-                    format!("zero point is {}, data is {}", z.dtype, x.dtype),
-                ));
+                return Err(Error::op("DequantizeLinear", format!("zero point is {}, data is {}", z.dtype, x.dtype)));
             }
         }
         Ok(vec![Fact::new(DType::F32, x.shape.clone())])
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-        let (x, s) = (
-            req("DequantizeLinear", inputs, 0)?,
-            req("DequantizeLinear", inputs, 1)?,
-        );
+        let (x, s) = (req("DequantizeLinear", inputs, 0)?, req("DequantizeLinear", inputs, 1)?);
         let scales = s.as_slice::<f32>()?;
-        let zps = zero_points("DequantizeLinear", inputs.get(2).copied().flatten())?
-            .unwrap_or_else(|| vec![0; scales.len()]);
+        let zps =
+            zero_points("DequantizeLinear", inputs.get(2).copied().flatten())?.unwrap_or_else(|| vec![0; scales.len()]);
         if zps.len() != scales.len() {
-            return Err(Error::op(
-                "DequantizeLinear",
-                "scale and zero point differ in size",
-            ));
+            return Err(Error::op("DequantizeLinear", "scale and zero point differ in size"));
         }
         let at = param_index("DequantizeLinear", x.shape(), scales.len(), self.axis)?;
-        let v: Vec<f32> = x
-            .to_i64s()?
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| (q - zps[at(i)]) as f32 * scales[at(i)])
-            .collect();
+        let v: Vec<f32> =
+            x.to_i64s()?.iter().enumerate().map(|(i, &q)| (q - zps[at(i)]) as f32 * scales[at(i)]).collect();
         Ok(vec![Tensor::new(x.shape().to_vec(), v)?])
     }
 }
@@ -227,36 +185,18 @@ impl OpDef for DynamicQuantizeLinear {
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let x = req("DynamicQuantizeLinear", inputs, 0)?;
         if x.dtype != DType::F32 {
-            return Err(Error::op(
-                "DynamicQuantizeLinear",
-                format!("expects f32, got {}", x.dtype),
-            ));
+            return Err(Error::op("DynamicQuantizeLinear", format!("expects f32, got {}", x.dtype)));
         }
-        Ok(vec![
-            Fact::new(DType::U8, x.shape.clone()),
-            Fact::new(DType::F32, vec![]),
-            Fact::new(DType::U8, vec![]),
-        ])
+        Ok(vec![Fact::new(DType::U8, x.shape.clone()), Fact::new(DType::F32, vec![]), Fact::new(DType::U8, vec![])])
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let x = req("DynamicQuantizeLinear", inputs, 0)?;
         let v = x.as_slice::<f32>()?;
-        let (min, max) = v
-            .iter()
-            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &e| {
-                (a.min(e), b.max(e))
-            });
+        let (min, max) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &e| (a.min(e), b.max(e)));
         let (scale, zp) = dynamic_qparams(min, max);
-        let q: Vec<u8> = v
-            .iter()
-            .map(|&e| quantize_value(e, scale, zp as i64, 0.0, 255.0) as u8)
-            .collect();
-        Ok(vec![
-            Tensor::new(x.shape().to_vec(), q)?,
-            Tensor::scalar(scale),
-            Tensor::scalar(zp),
-        ])
+        let q: Vec<u8> = v.iter().map(|&e| quantize_value(e, scale, zp as i64, 0.0, 255.0) as u8).collect();
+        Ok(vec![Tensor::new(x.shape().to_vec(), q)?, Tensor::scalar(scale), Tensor::scalar(zp)])
     }
 }
 
@@ -274,16 +214,10 @@ impl OpDef for MatMulInteger {
     }
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
-        let (a, b) = (
-            req("MatMulInteger", inputs, 0)?,
-            req("MatMulInteger", inputs, 1)?,
-        );
+        let (a, b) = (req("MatMulInteger", inputs, 0)?, req("MatMulInteger", inputs, 1)?);
         for f in [a, b] {
             if !matches!(f.dtype, DType::U8 | DType::I8) {
-                return Err(Error::op(
-                    "MatMulInteger",
-                    format!("operands must be u8 or i8, got {}", f.dtype),
-                ));
+                return Err(Error::op("MatMulInteger", format!("operands must be u8 or i8, got {}", f.dtype)));
             }
         }
         let shape: Vec<Dim> = matmul_dims("MatMulInteger", &a.shape, &b.shape)?;
@@ -291,30 +225,19 @@ impl OpDef for MatMulInteger {
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-        let (a, b) = (
-            req("MatMulInteger", inputs, 0)?,
-            req("MatMulInteger", inputs, 1)?,
-        );
+        let (a, b) = (req("MatMulInteger", inputs, 0)?, req("MatMulInteger", inputs, 1)?);
         for t in [a, b] {
             if !matches!(t.dtype(), DType::U8 | DType::I8) {
-                return Err(Error::op(
-                    "MatMulInteger",
-                    format!("operands must be u8 or i8, got {}", t.dtype()),
-                ));
+                return Err(Error::op("MatMulInteger", format!("operands must be u8 or i8, got {}", t.dtype())));
             }
         }
         let s = matmul_shape("MatMulInteger", a.shape(), b.shape())?;
         super::check_alloc("MatMulInteger", &s.out)?;
         let (m, k, n) = (s.m, s.k, s.n);
-        let azp = zero_points("MatMulInteger", inputs.get(2).copied().flatten())?
-            .unwrap_or_else(|| vec![0]);
-        let bzp = zero_points("MatMulInteger", inputs.get(3).copied().flatten())?
-            .unwrap_or_else(|| vec![0]);
+        let azp = zero_points("MatMulInteger", inputs.get(2).copied().flatten())?.unwrap_or_else(|| vec![0]);
+        let bzp = zero_points("MatMulInteger", inputs.get(3).copied().flatten())?.unwrap_or_else(|| vec![0]);
         if !(azp.len() == 1 || azp.len() == m) || !(bzp.len() == 1 || bzp.len() == n) {
-            return Err(Error::op(
-                "MatMulInteger",
-                "zero points must be scalars, per row of A or per column of B",
-            ));
+            return Err(Error::op("MatMulInteger", "zero points must be scalars, per row of A or per column of B"));
         }
         let (x, y) = (a.to_i64s()?, b.to_i64s()?);
         let offsets = batch_offsets(&s);
@@ -353,10 +276,7 @@ mod tests {
         // The example of the ONNX operator documentation.
         let x = Tensor::new(vec![6], vec![0f32, 2., -3., -2.5, 1.34, 0.5]).unwrap();
         let out = eval(DynamicQuantizeLinear {}, &[&x]);
-        assert_eq!(
-            out[0].as_slice::<u8>().unwrap(),
-            &[153, 255, 0, 26, 221, 179]
-        );
+        assert_eq!(out[0].as_slice::<u8>().unwrap(), &[153, 255, 0, 26, 221, 179]);
         assert!((out[1].as_slice::<f32>().unwrap()[0] - 0.019_607_844).abs() < 1e-9);
         assert_eq!(out[2].as_slice::<u8>().unwrap(), &[153]);
         let z = Tensor::new(vec![2], vec![0f32, 0.]).unwrap();
@@ -369,14 +289,7 @@ mod tests {
         let x = Tensor::new(vec![2, 2], vec![1f32, -1., 300., 0.25]).unwrap();
         let s = Tensor::new(vec![2], vec![0.5f32, 1.0]).unwrap();
         let zp = Tensor::new(vec![2], vec![0i8, 1]).unwrap();
-        let q = eval(
-            QuantizeLinear {
-                axis: 1,
-                output_dtype: None,
-            },
-            &[&x, &s, &zp],
-        )
-        .remove(0);
+        let q = eval(QuantizeLinear { axis: 1, output_dtype: None }, &[&x, &s, &zp]).remove(0);
         assert_eq!(q.as_slice::<i8>().unwrap(), &[2, 0, 127, 1]);
         let d = eval(DequantizeLinear { axis: 1 }, &[&q, &s, &zp]).remove(0);
         assert_eq!(d.as_slice::<f32>().unwrap(), &[1., -1., 63.5, 0.]);
@@ -388,6 +301,6 @@ mod tests {
         let b = Tensor::new(vec![2, 1], vec![-1i8, 2]).unwrap();
         let za = Tensor::scalar(1u8);
         let y = eval(MatMulInteger {}, &[&a, &b, &za]).remove(0);
-        assert_eq!(y.as_slice::<i32>().unwrap(), &[2, 2 * -1 + 3 * 2]);
+        assert_eq!(y.as_slice::<i32>().unwrap(), &[2, -2 + 3 * 2]);
     }
 }

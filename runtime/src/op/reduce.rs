@@ -36,10 +36,7 @@ impl Reduce {
     fn axes(&self, rank: usize, given: Option<&[i64]>) -> Result<Vec<usize>> {
         let name = self.kind.name();
         let mut axes: Vec<usize> = match given {
-            Some(a) if !a.is_empty() => a
-                .iter()
-                .map(|&x| norm_axis(name, x, rank))
-                .collect::<Result<_>>()?,
+            Some(a) if !a.is_empty() => a.iter().map(|&x| norm_axis(name, x, rank)).collect::<Result<_>>()?,
             _ if self.noop_with_empty_axes => vec![],
             _ => (0..rank).collect(),
         };
@@ -93,29 +90,26 @@ impl OpDef for Reduce {
                     let shape = (0..x.rank()).map(|_| Dim::unknown()).collect();
                     return Ok(vec![Fact::new(x.dtype, shape)]);
                 }
-                None => {
-                    return Err(Error::op(
-                        self.name(),
-                        "axes must be known when keepdims is 0",
-                    ))
-                }
+                None => return Err(Error::op(self.name(), "axes must be known when keepdims is 0")),
             },
         };
         let axes = self.axes(x.rank(), given.as_deref())?;
         let mut out = Fact::new(x.dtype, self.out_dims(&x.shape, &axes, Dim::constant(1)));
         if let Some(v) = &x.value {
-            if v.shape.len() == 1
-                && axes == [0]
-                && matches!(self.kind, ReduceKind::ReduceSum | ReduceKind::ReduceProd)
+            if v.shape.len() == 1 && axes == [0] && matches!(self.kind, ReduceKind::ReduceSum | ReduceKind::ReduceProd)
             {
                 let init = Dim::constant(i64::from(self.kind == ReduceKind::ReduceProd));
-                let r = v.data.iter().fold(init, |acc, d| {
-                    if self.kind == ReduceKind::ReduceSum {
-                        acc.add(d)
-                    } else {
-                        acc.mul(d)
-                    }
-                });
+                let r =
+                    v.data.iter().fold(
+                        init,
+                        |acc, d| {
+                            if self.kind == ReduceKind::ReduceSum {
+                                acc.add(d)
+                            } else {
+                                acc.mul(d)
+                            }
+                        },
+                    );
                 let shape = if self.keepdims { vec![1] } else { vec![] };
                 out = out.with_value(SymTensor::new(shape, vec![r]));
             }
@@ -126,25 +120,14 @@ impl OpDef for Reduce {
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let name = self.name();
         let x = req(name, inputs, 0)?;
-        let given = inputs
-            .get(1)
-            .copied()
-            .flatten()
-            .map(|a| a.to_i64s())
-            .transpose()?;
+        let given = inputs.get(1).copied().flatten().map(|a| a.to_i64s()).transpose()?;
         let axes = self.axes(x.rank(), given.as_deref())?;
         let shape = x.shape();
         let out_shape = self.out_dims(shape, &axes, 1usize);
         // Strides mapping an input position to its output position (0 along reduced axes).
-        let kept: Vec<usize> = shape
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
-            .collect();
+        let kept: Vec<usize> = shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
         let ks = strides_of(&kept);
-        let map: Vec<usize> = (0..shape.len())
-            .map(|i| if axes.contains(&i) { 0 } else { ks[i] })
-            .collect();
+        let map: Vec<usize> = (0..shape.len()).map(|i| if axes.contains(&i) { 0 } else { ks[i] }).collect();
         let n_out: usize = kept.iter().product();
         let count = (x.len() / n_out.max(1)).max(1) as f64;
         use ReduceKind::*;
@@ -154,9 +137,7 @@ impl OpDef for Reduce {
             ReduceProd => 1.0,
             _ => 0.0,
         };
-        if x.dtype() != DType::F32
-            && !matches!(self.kind, ReduceSum | ReduceMax | ReduceMin | ReduceProd)
-        {
+        if x.dtype() != DType::F32 && !matches!(self.kind, ReduceSum | ReduceMax | ReduceMin | ReduceProd) {
             return Err(Error::op(name, format!("does not support {}", x.dtype())));
         }
         let vals = x.to_f64s()?;
@@ -218,11 +199,8 @@ impl OpDef for CumSum {
         };
         let axis = norm_axis("CumSum", *axis, x.rank())?;
         let s = x.shape();
-        let (outer, len, inner) = (
-            s[..axis].iter().product::<usize>(),
-            s[axis],
-            s[axis + 1..].iter().product::<usize>(),
-        );
+        let (outer, len, inner) =
+            (s[..axis].iter().product::<usize>(), s[axis], s[axis + 1..].iter().product::<usize>());
         let (excl, rev) = (self.exclusive, self.reverse);
         crate::with_dtype!(x.dtype(), T => {
             let v = x.as_slice::<T>()?;
@@ -255,34 +233,18 @@ mod tests {
 
     fn eval1(op: impl Into<Op>, inputs: &[&Tensor]) -> Tensor {
         let ins: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
-        op.into()
-            .eval(&EvalContext::default(), &ins)
-            .unwrap()
-            .remove(0)
+        op.into().eval(&EvalContext::default(), &ins).unwrap().remove(0)
     }
 
     #[test]
     fn reduce_mean_over_last_axis_keeps_dims() {
         let x = Tensor::new(vec![2, 3], vec![1f32, 2., 3., 4., 5., 6.]).unwrap();
         let axes = Tensor::new(vec![1], vec![-1i64]).unwrap();
-        let y = eval1(
-            Reduce {
-                kind: ReduceKind::ReduceMean,
-                keepdims: true,
-                noop_with_empty_axes: false,
-            },
-            &[&x, &axes],
-        );
+        let y =
+            eval1(Reduce { kind: ReduceKind::ReduceMean, keepdims: true, noop_with_empty_axes: false }, &[&x, &axes]);
         assert_eq!(y.shape(), &[2, 1]);
         assert_eq!(y.as_slice::<f32>().unwrap(), &[2., 5.]);
-        let y = eval1(
-            Reduce {
-                kind: ReduceKind::ReduceSum,
-                keepdims: false,
-                noop_with_empty_axes: false,
-            },
-            &[&x],
-        );
+        let y = eval1(Reduce { kind: ReduceKind::ReduceSum, keepdims: false, noop_with_empty_axes: false }, &[&x]);
         assert_eq!(y.shape(), &[] as &[usize]);
         assert_eq!(y.as_slice::<f32>().unwrap(), &[21.]);
     }
@@ -291,14 +253,8 @@ mod tests {
     fn reduce_over_middle_axis() {
         let x = Tensor::new(vec![2, 2, 2], (0..8).map(|v| v as i64).collect()).unwrap();
         let axes = Tensor::new(vec![1], vec![1i64]).unwrap();
-        let y = eval1(
-            Reduce {
-                kind: ReduceKind::ReduceMax,
-                keepdims: false,
-                noop_with_empty_axes: false,
-            },
-            &[&x, &axes],
-        );
+        let y =
+            eval1(Reduce { kind: ReduceKind::ReduceMax, keepdims: false, noop_with_empty_axes: false }, &[&x, &axes]);
         assert_eq!(y.shape(), &[2, 2]);
         assert_eq!(y.as_slice::<i64>().unwrap(), &[2, 3, 6, 7]);
     }
@@ -308,27 +264,11 @@ mod tests {
         let x = Tensor::new(vec![4], vec![1i64, 1, 1, 1]).unwrap();
         let ax = Tensor::scalar(0i64);
         assert_eq!(
-            eval1(
-                CumSum {
-                    exclusive: false,
-                    reverse: false
-                },
-                &[&x, &ax]
-            )
-            .as_slice::<i64>()
-            .unwrap(),
+            eval1(CumSum { exclusive: false, reverse: false }, &[&x, &ax]).as_slice::<i64>().unwrap(),
             &[1, 2, 3, 4]
         );
         assert_eq!(
-            eval1(
-                CumSum {
-                    exclusive: true,
-                    reverse: true
-                },
-                &[&x, &ax]
-            )
-            .as_slice::<i64>()
-            .unwrap(),
+            eval1(CumSum { exclusive: true, reverse: true }, &[&x, &ax]).as_slice::<i64>().unwrap(),
             &[3, 2, 1, 0]
         );
     }

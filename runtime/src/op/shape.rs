@@ -6,9 +6,9 @@
 //! symbolic output shapes and can be folded.
 
 use super::{
-    broadcast_dims, broadcast_shapes, broadcast_strides, check_alloc, for_each_broadcast,
-    norm_axis, req, shape_operand, shape_operand_len, shape_values, strides_of, tensor_of,
-    to_usize_shape, Arity, EvalContext, Fact, OpDef, SymTensor,
+    broadcast_dims, broadcast_shapes, broadcast_strides, check_alloc, for_each_broadcast, norm_axis, req,
+    shape_operand, shape_operand_len, shape_values, strides_of, tensor_of, to_usize_shape, Arity, EvalContext, Fact,
+    OpDef, SymTensor,
 };
 use crate::dim::Dim;
 use crate::dtype::DType;
@@ -34,10 +34,7 @@ fn const_dims(f: &Fact) -> Option<Vec<i64>> {
 
 fn reshape_value(f: &Fact, shape: &[Dim]) -> Option<SymTensor> {
     let v = f.value.as_ref()?;
-    let s: Option<Vec<usize>> = shape
-        .iter()
-        .map(|d| d.as_const().map(|c| c as usize))
-        .collect();
+    let s: Option<Vec<usize>> = shape.iter().map(|d| d.as_const().map(|c| c as usize)).collect();
     let s = s?;
     (s.iter().product::<usize>() == v.data.len()).then(|| SymTensor::new(s, v.data.clone()))
 }
@@ -73,8 +70,7 @@ impl OpDef for Shape {
         let x = req("Shape", inputs, 0)?;
         let (s, e) = self.range(x.rank());
         let dims = x.shape[s..e].to_vec();
-        Ok(vec![Fact::new(DType::I64, vec![Dim::from(dims.len())])
-            .with_value(SymTensor::new(vec![dims.len()], dims))])
+        Ok(vec![Fact::new(DType::I64, vec![Dim::from(dims.len())]).with_value(SymTensor::new(vec![dims.len()], dims))])
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -100,9 +96,7 @@ impl OpDef for Size {
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let x = req("Size", inputs, 0)?;
         let n = x.shape.iter().fold(Dim::constant(1), |a, d| a.mul(d));
-        Ok(vec![
-            Fact::new(DType::I64, vec![]).with_value(SymTensor::new(vec![], vec![n]))
-        ])
+        Ok(vec![Fact::new(DType::I64, vec![]).with_value(SymTensor::new(vec![], vec![n]))])
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -125,10 +119,7 @@ impl Reshape {
         for (i, t) in target.iter().enumerate() {
             match t.as_const() {
                 Some(0) if !self.allowzero => out.push(
-                    input
-                        .get(i)
-                        .cloned()
-                        .ok_or_else(|| Error::op("Reshape", "0 refers to a missing input dim"))?,
+                    input.get(i).cloned().ok_or_else(|| Error::op("Reshape", "0 refers to a missing input dim"))?,
                 ),
                 Some(-1) => {
                     if infer_at.replace(i).is_some() {
@@ -136,9 +127,7 @@ impl Reshape {
                     }
                     out.push(Dim::constant(1));
                 }
-                Some(v) if v < -1 => {
-                    return Err(Error::op("Reshape", format!("invalid target dim {v}")))
-                }
+                Some(v) if v < -1 => return Err(Error::op("Reshape", format!("invalid target dim {v}"))),
                 _ => out.push(t.clone()),
             }
         }
@@ -156,11 +145,9 @@ impl Reshape {
         let mut infer_at = None;
         for (i, &t) in target.iter().enumerate() {
             match t {
-                0 if !self.allowzero => out.push(
-                    *input
-                        .get(i)
-                        .ok_or_else(|| Error::op("Reshape", "0 refers to a missing input dim"))?,
-                ),
+                0 if !self.allowzero => {
+                    out.push(*input.get(i).ok_or_else(|| Error::op("Reshape", "0 refers to a missing input dim"))?)
+                }
                 -1 => {
                     if infer_at.replace(i).is_some() {
                         return Err(Error::op("Reshape", "more than one -1 in the target shape"));
@@ -171,21 +158,14 @@ impl Reshape {
                 t => out.push(t as usize),
             }
         }
-        let known = crate::tensor::numel(&out)
-            .ok_or_else(|| Error::op("Reshape", "target shape overflows"))?;
+        let known = crate::tensor::numel(&out).ok_or_else(|| Error::op("Reshape", "target shape overflows"))?;
         if let Some(i) = infer_at {
-            if known == 0 || total % known != 0 {
-                return Err(Error::op(
-                    "Reshape",
-                    format!("cannot reshape {input:?} to {target:?}"),
-                ));
+            if known == 0 || !total.is_multiple_of(known) {
+                return Err(Error::op("Reshape", format!("cannot reshape {input:?} to {target:?}")));
             }
             out[i] = total / known;
         } else if known != total {
-            return Err(Error::op(
-                "Reshape",
-                format!("cannot reshape {input:?} to {target:?}"),
-            ));
+            return Err(Error::op("Reshape", format!("cannot reshape {input:?} to {target:?}")));
         }
         Ok(out)
     }
@@ -201,20 +181,12 @@ impl OpDef for Reshape {
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let (x, s) = (req("Reshape", inputs, 0)?, req("Reshape", inputs, 1)?);
         if s.dtype != DType::I64 {
-            return Err(Error::op(
-                "Reshape",
-                format!("shape must be i64, got {}", s.dtype),
-            ));
+            return Err(Error::op("Reshape", format!("shape must be i64, got {}", s.dtype)));
         }
         let shape = match (shape_operand(s), shape_operand_len(s)) {
             (Some(t), _) => self.resolve_dims(&x.shape, &t)?,
             (None, Some(n)) => (0..n).map(|_| Dim::unknown()).collect(),
-            (None, None) => {
-                return Err(Error::op(
-                    "Reshape",
-                    "the target shape must be a 1-D tensor of known length",
-                ))
-            }
+            (None, None) => return Err(Error::op("Reshape", "the target shape must be a 1-D tensor of known length")),
         };
         let mut out = Fact::new(x.dtype, shape.clone());
         if let Some(v) = reshape_value(x, &shape) {
@@ -246,16 +218,9 @@ impl Flatten {
     fn split(&self, rank: usize) -> Result<usize> {
         let r = rank as i64;
         if self.axis < -r || self.axis > r {
-            return Err(Error::op(
-                "Flatten",
-                format!("axis {} is out of range for rank {rank}", self.axis),
-            ));
+            return Err(Error::op("Flatten", format!("axis {} is out of range for rank {rank}", self.axis)));
         }
-        Ok(if self.axis < 0 {
-            (self.axis + r) as usize
-        } else {
-            self.axis as usize
-        })
+        Ok(if self.axis < 0 { (self.axis + r) as usize } else { self.axis as usize })
     }
 }
 
@@ -270,38 +235,25 @@ impl OpDef for Flatten {
         let x = req("Flatten", inputs, 0)?;
         let a = self.split(x.rank())?;
         let prod = |d: &[Dim]| d.iter().fold(Dim::constant(1), |acc, x| acc.mul(x));
-        Ok(vec![Fact::new(
-            x.dtype,
-            vec![prod(&x.shape[..a]), prod(&x.shape[a..])],
-        )])
+        Ok(vec![Fact::new(x.dtype, vec![prod(&x.shape[..a]), prod(&x.shape[a..])])])
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let x = req("Flatten", inputs, 0)?;
         let a = self.split(x.rank())?;
         let s = x.shape();
-        Ok(vec![x.reshape(vec![
-            s[..a].iter().product(),
-            s[a..].iter().product(),
-        ])?])
+        Ok(vec![x.reshape(vec![s[..a].iter().product(), s[a..].iter().product()])?])
     }
 }
 
 fn axes_input(op: &str, inputs: &[Option<&Tensor>], i: usize) -> Result<Option<Vec<i64>>> {
-    inputs
-        .get(i)
-        .copied()
-        .flatten()
-        .map(|t| shape_values(op, t))
-        .transpose()
+    inputs.get(i).copied().flatten().map(|t| shape_values(op, t)).transpose()
 }
 
 fn axes_fact(op: &str, inputs: &[Option<&Fact>], i: usize) -> Result<Option<Vec<i64>>> {
     match inputs.get(i).copied().flatten() {
         None => Ok(None),
-        Some(f) => const_dims(f)
-            .map(Some)
-            .ok_or_else(|| Error::op(op, "axes must be constant")),
+        Some(f) => const_dims(f).map(Some).ok_or_else(|| Error::op(op, "axes must be constant")),
     }
 }
 
@@ -310,17 +262,10 @@ fn axes_fact(op: &str, inputs: &[Option<&Fact>], i: usize) -> Result<Option<Vec<
 #[serde(deny_unknown_fields)]
 pub struct Squeeze {}
 
-fn squeeze_axes<T>(
-    shape: &[T],
-    axes: Option<Vec<i64>>,
-    is_one: impl Fn(&T) -> bool,
-) -> Result<Vec<usize>> {
+fn squeeze_axes<T>(shape: &[T], axes: Option<Vec<i64>>, is_one: impl Fn(&T) -> bool) -> Result<Vec<usize>> {
     match axes {
         Some(a) => {
-            let mut v = a
-                .iter()
-                .map(|&x| norm_axis("Squeeze", x, shape.len()))
-                .collect::<Result<Vec<_>>>()?;
+            let mut v = a.iter().map(|&x| norm_axis("Squeeze", x, shape.len())).collect::<Result<Vec<_>>>()?;
             v.sort_unstable();
             v.dedup();
             Ok(v)
@@ -338,9 +283,7 @@ impl OpDef for Squeeze {
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let x = req("Squeeze", inputs, 0)?;
-        let axes = squeeze_axes(&x.shape, axes_fact("Squeeze", inputs, 1)?, |d| {
-            d.as_const() == Some(1)
-        })?;
+        let axes = squeeze_axes(&x.shape, axes_fact("Squeeze", inputs, 1)?, |d| d.as_const() == Some(1))?;
         for &a in &axes {
             if let Some(v) = x.shape[a].as_const() {
                 if v != 1 {
@@ -348,13 +291,8 @@ impl OpDef for Squeeze {
                 }
             }
         }
-        let shape: Vec<Dim> = x
-            .shape
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !axes.contains(i))
-            .map(|(_, d)| d.clone())
-            .collect();
+        let shape: Vec<Dim> =
+            x.shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, d)| d.clone()).collect();
         let mut out = Fact::new(x.dtype, shape.clone());
         if let Some(v) = reshape_value(x, &shape) {
             out = out.with_value(v);
@@ -366,18 +304,9 @@ impl OpDef for Squeeze {
         let x = req("Squeeze", inputs, 0)?;
         let axes = squeeze_axes(x.shape(), axes_input("Squeeze", inputs, 1)?, |&d| d == 1)?;
         if let Some(&a) = axes.iter().find(|&&a| x.shape()[a] != 1) {
-            return Err(Error::op(
-                "Squeeze",
-                format!("dim {a} has size {}, not 1", x.shape()[a]),
-            ));
+            return Err(Error::op("Squeeze", format!("dim {a} has size {}, not 1", x.shape()[a])));
         }
-        let shape = x
-            .shape()
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !axes.contains(i))
-            .map(|(_, &d)| d)
-            .collect();
+        let shape = x.shape().iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
         Ok(vec![x.reshape(shape)?])
     }
 }
@@ -389,23 +318,14 @@ pub struct Unsqueeze {}
 
 fn unsqueeze_shape<T: Clone>(shape: &[T], axes: &[i64], one: T) -> Result<Vec<T>> {
     let rank = shape.len() + axes.len();
-    let mut ax = axes
-        .iter()
-        .map(|&a| norm_axis("Unsqueeze", a, rank))
-        .collect::<Result<Vec<_>>>()?;
+    let mut ax = axes.iter().map(|&a| norm_axis("Unsqueeze", a, rank)).collect::<Result<Vec<_>>>()?;
     ax.sort_unstable();
     if ax.windows(2).any(|w| w[0] == w[1]) {
         return Err(Error::op("Unsqueeze", "repeated axis"));
     }
     let mut it = shape.iter();
     Ok((0..rank)
-        .map(|i| {
-            if ax.contains(&i) {
-                one.clone()
-            } else {
-                it.next().expect("rank matches").clone()
-            }
-        })
+        .map(|i| if ax.contains(&i) { one.clone() } else { it.next().expect("rank matches").clone() })
         .collect())
 }
 
@@ -418,8 +338,7 @@ impl OpDef for Unsqueeze {
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let x = req("Unsqueeze", inputs, 0)?;
-        let axes = axes_fact("Unsqueeze", inputs, 1)?
-            .ok_or_else(|| Error::op("Unsqueeze", "axes are required"))?;
+        let axes = axes_fact("Unsqueeze", inputs, 1)?.ok_or_else(|| Error::op("Unsqueeze", "axes are required"))?;
         let shape = unsqueeze_shape(&x.shape, &axes, Dim::constant(1))?;
         let mut out = Fact::new(x.dtype, shape.clone());
         if let Some(v) = reshape_value(x, &shape) {
@@ -430,8 +349,7 @@ impl OpDef for Unsqueeze {
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let x = req("Unsqueeze", inputs, 0)?;
-        let axes = axes_input("Unsqueeze", inputs, 1)?
-            .ok_or_else(|| Error::op("Unsqueeze", "axes are required"))?;
+        let axes = axes_input("Unsqueeze", inputs, 1)?.ok_or_else(|| Error::op("Unsqueeze", "axes are required"))?;
         Ok(vec![x.reshape(unsqueeze_shape(x.shape(), &axes, 1)?)?])
     }
 }
@@ -448,18 +366,12 @@ impl Transpose {
     pub fn perm(&self, rank: usize) -> Result<Vec<usize>> {
         let p: Vec<usize> = match &self.perm {
             None => (0..rank).rev().collect(),
-            Some(p) => p
-                .iter()
-                .map(|&a| norm_axis("Transpose", a, rank))
-                .collect::<Result<_>>()?,
+            Some(p) => p.iter().map(|&a| norm_axis("Transpose", a, rank)).collect::<Result<_>>()?,
         };
         let mut sorted = p.clone();
         sorted.sort_unstable();
         if sorted != (0..rank).collect::<Vec<_>>() {
-            return Err(Error::op(
-                "Transpose",
-                format!("{:?} is not a permutation of rank {rank}", self.perm),
-            ));
+            return Err(Error::op("Transpose", format!("{:?} is not a permutation of rank {rank}", self.perm)));
         }
         Ok(p)
     }
@@ -475,10 +387,7 @@ impl OpDef for Transpose {
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let x = req("Transpose", inputs, 0)?;
         let p = self.perm(x.rank())?;
-        Ok(vec![Fact::new(
-            x.dtype,
-            p.iter().map(|&i| x.shape[i].clone()).collect(),
-        )])
+        Ok(vec![Fact::new(x.dtype, p.iter().map(|&i| x.shape[i].clone()).collect())])
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
@@ -516,17 +425,11 @@ impl OpDef for Concat {
         for i in 0..inputs.len() {
             let f = req("Concat", inputs, i)?;
             if f.dtype != first.dtype || f.rank() != first.rank() {
-                return Err(Error::op(
-                    "Concat",
-                    format!("input {i} is {f}, input 0 is {first}"),
-                ));
+                return Err(Error::op("Concat", format!("input {i} is {f}, input 0 is {first}")));
             }
             for (d, (a, b)) in f.shape.iter().zip(first.shape.iter()).enumerate() {
                 if d != axis && a.is_const() && b.is_const() && a != b {
-                    return Err(Error::op(
-                        "Concat",
-                        format!("input {i} is {f}, input 0 is {first}"),
-                    ));
+                    return Err(Error::op("Concat", format!("input {i} is {f}, input 0 is {first}")));
                 }
             }
             shape[axis] = shape[axis].add(&f.shape[axis]);
@@ -545,27 +448,17 @@ impl OpDef for Concat {
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
         let first = req("Concat", inputs, 0)?;
         let axis = norm_axis("Concat", self.axis, first.rank())?;
-        let ts: Vec<&Tensor> = (0..inputs.len())
-            .map(|i| req("Concat", inputs, i))
-            .collect::<Result<_>>()?;
+        let ts: Vec<&Tensor> = (0..inputs.len()).map(|i| req("Concat", inputs, i)).collect::<Result<_>>()?;
         let mut shape = first.shape().to_vec();
         shape[axis] = 0;
         for t in &ts {
             let ok = t.dtype() == first.dtype()
                 && t.rank() == first.rank()
-                && t.shape()
-                    .iter()
-                    .zip(first.shape())
-                    .enumerate()
-                    .all(|(d, (a, b))| d == axis || a == b);
+                && t.shape().iter().zip(first.shape()).enumerate().all(|(d, (a, b))| d == axis || a == b);
             if !ok {
                 return Err(Error::op(
                     "Concat",
-                    format!(
-                        "cannot concatenate {:?} and {:?} on axis {axis}",
-                        first.shape(),
-                        t.shape()
-                    ),
+                    format!("cannot concatenate {:?} and {:?} on axis {axis}", first.shape(), t.shape()),
                 ));
             }
             shape[axis] += t.shape()[axis];
@@ -604,10 +497,7 @@ impl Split {
                 if s.len() != self.outputs || s.iter().sum::<usize>() != len {
                     return Err(Error::op(
                         "Split",
-                        format!(
-                            "split sizes {s:?} do not cover {len} in {} parts",
-                            self.outputs
-                        ),
+                        format!("split sizes {s:?} do not cover {len} in {} parts", self.outputs),
                     ));
                 }
                 Ok(s)
@@ -617,9 +507,7 @@ impl Split {
                     return Err(Error::op("Split", "zero outputs"));
                 }
                 let chunk = len.div_ceil(self.outputs);
-                Ok((0..self.outputs)
-                    .map(|i| chunk.min(len.saturating_sub(i * chunk)))
-                    .collect())
+                Ok((0..self.outputs).map(|i| chunk.min(len.saturating_sub(i * chunk))).collect())
             }
         }
     }
@@ -638,21 +526,14 @@ impl OpDef for Split {
         let given = axes_fact("Split", inputs, 1)?;
         let dims: Vec<Dim> = match (&given, x.shape[axis].as_const()) {
             (Some(s), _) => s.iter().map(|&v| Dim::constant(v)).collect(),
-            (None, Some(len)) => self
-                .sizes(len as usize, None)?
-                .into_iter()
-                .map(Dim::from)
-                .collect(),
+            (None, Some(len)) => self.sizes(len as usize, None)?.into_iter().map(Dim::from).collect(),
             (None, None) => match x.shape[axis].div_exact(&Dim::from(self.outputs)) {
                 Some(d) => vec![d; self.outputs],
                 None => (0..self.outputs).map(|_| Dim::unknown()).collect(),
             },
         };
         if dims.len() != self.outputs {
-            return Err(Error::op(
-                "Split",
-                format!("{} sizes for {} outputs", dims.len(), self.outputs),
-            ));
+            return Err(Error::op("Split", format!("{} sizes for {} outputs", dims.len(), self.outputs)));
         }
         Ok(dims
             .into_iter()
@@ -692,11 +573,7 @@ fn slice_axis(dim: usize, start: i64, end: i64, step: i64) -> Result<(i64, i64, 
     let d = dim as i64;
     let fix = |v: i64| if v < 0 { v.saturating_add(d) } else { v };
     let (s, e) = (fix(start), fix(end));
-    let (s, e) = if step > 0 {
-        (s.clamp(0, d), e.clamp(0, d))
-    } else {
-        (s.clamp(-1, d - 1), e.clamp(-1, d - 1))
-    };
+    let (s, e) = if step > 0 { (s.clamp(0, d), e.clamp(0, d)) } else { (s.clamp(-1, d - 1), e.clamp(-1, d - 1)) };
     let count = if step > 0 {
         if e > s {
             (e - s + step - 1) / step
@@ -715,9 +592,7 @@ fn slice_axis(dim: usize, start: i64, end: i64, step: i64) -> Result<(i64, i64, 
 /// start or the end); `None` when it cannot be known.
 fn slice_dim(dim: &Dim, start: i64, end: i64, step: i64) -> Option<Dim> {
     if let Some(d) = dim.as_const() {
-        return slice_axis(d.max(0) as usize, start, end, step)
-            .ok()
-            .map(|(_, _, c)| Dim::from(c));
+        return slice_axis(d.max(0) as usize, start, end, step).ok().map(|(_, _, c)| Dim::from(c));
     }
     if step != 1 {
         return None;
@@ -762,18 +637,12 @@ fn slice_params(
         return Err(Error::op("Slice", "starts and ends differ in length"));
     }
     let axes: Vec<usize> = match axes {
-        Some(a) => a
-            .iter()
-            .map(|&x| norm_axis("Slice", x, rank))
-            .collect::<Result<_>>()?,
+        Some(a) => a.iter().map(|&x| norm_axis("Slice", x, rank)).collect::<Result<_>>()?,
         None => (0..n).collect(),
     };
     let steps = steps.unwrap_or_else(|| vec![1; n]);
     if axes.len() != n || steps.len() != n {
-        return Err(Error::op(
-            "Slice",
-            "starts, ends, axes and steps differ in length",
-        ));
+        return Err(Error::op("Slice", "starts, ends, axes and steps differ in length"));
     }
     Ok((starts, ends, axes, steps))
 }
@@ -787,15 +656,8 @@ impl OpDef for Slice {
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let x = req("Slice", inputs, 0)?;
-        let unknown = || {
-            Ok(vec![Fact::new(
-                x.dtype,
-                x.shape.iter().map(|_| Dim::unknown()).collect(),
-            )])
-        };
-        let dims = |i: usize| -> Option<Vec<Dim>> {
-            inputs.get(i).copied().flatten().and_then(shape_operand)
-        };
+        let unknown = || Ok(vec![Fact::new(x.dtype, x.shape.iter().map(|_| Dim::unknown()).collect())]);
+        let dims = |i: usize| -> Option<Vec<Dim>> { inputs.get(i).copied().flatten().and_then(shape_operand) };
         let consts = |i: usize| -> Option<Option<Vec<i64>>> {
             match inputs.get(i).copied().flatten() {
                 None => Some(None),
@@ -803,9 +665,7 @@ impl OpDef for Slice {
             }
         };
         // Starts and ends may be symbolic (`position_ids[:, :sequence]`); axes and steps not.
-        let (Some(starts), Some(ends), Some(axes), Some(steps)) =
-            (dims(1), dims(2), consts(3), consts(4))
-        else {
+        let (Some(starts), Some(ends), Some(axes), Some(steps)) = (dims(1), dims(2), consts(3), consts(4)) else {
             return unknown();
         };
         let n = starts.len();
@@ -849,9 +709,7 @@ impl OpDef for Slice {
         ) {
             if v.shape.len() == 1 && axes == [0] {
                 let (first, step, count) = slice_axis(v.data.len(), s[0], e[0], steps[0])?;
-                let data = (0..count)
-                    .map(|k| v.data[(first + k as i64 * step) as usize].clone())
-                    .collect::<Vec<_>>();
+                let data = (0..count).map(|k| v.data[(first + k as i64 * step) as usize].clone()).collect::<Vec<_>>();
                 out = out.with_value(SymTensor::new(vec![count], data));
             }
         }
@@ -862,13 +720,8 @@ impl OpDef for Slice {
         let x = req("Slice", inputs, 0)?;
         let starts = shape_values("Slice", req("Slice", inputs, 1)?)?;
         let ends = shape_values("Slice", req("Slice", inputs, 2)?)?;
-        let (starts, ends, axes, steps) = slice_params(
-            x.rank(),
-            starts,
-            ends,
-            axes_input("Slice", inputs, 3)?,
-            axes_input("Slice", inputs, 4)?,
-        )?;
+        let (starts, ends, axes, steps) =
+            slice_params(x.rank(), starts, ends, axes_input("Slice", inputs, 3)?, axes_input("Slice", inputs, 4)?)?;
         let rank = x.rank();
         let mut first = vec![0i64; rank];
         let mut step = vec![1i64; rank];
@@ -887,10 +740,7 @@ impl OpDef for Slice {
             let base: i64 = (0..rank).map(|d| first[d] * strides[d] as i64).sum();
             let mut cur = vec![0usize; rank];
             loop {
-                let off: i64 = base
-                    + (0..rank)
-                        .map(|d| cur[d] as i64 * step[d] * strides[d] as i64)
-                        .sum::<i64>();
+                let off: i64 = base + (0..rank).map(|d| cur[d] as i64 * step[d] * strides[d] as i64).sum::<i64>();
                 idx.push(off as usize);
                 let mut d = rank;
                 loop {
@@ -934,12 +784,7 @@ impl OpDef for Expand {
         let shape = match (shape_operand(s), shape_operand_len(s)) {
             (Some(t), _) => broadcast_dims("Expand", &[&x.shape, &t])?,
             (None, Some(n)) => (0..n.max(x.rank())).map(|_| Dim::unknown()).collect(),
-            (None, None) => {
-                return Err(Error::op(
-                    "Expand",
-                    "the shape must be a 1-D tensor of known length",
-                ))
-            }
+            (None, None) => return Err(Error::op("Expand", "the shape must be a 1-D tensor of known length")),
         };
         Ok(vec![Fact::new(x.dtype, shape)])
     }
@@ -971,9 +816,7 @@ impl OpDef for Tile {
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let (x, r) = (req("Tile", inputs, 0)?, req("Tile", inputs, 1)?);
         let shape = match shape_operand(r) {
-            Some(reps) if reps.len() == x.rank() => {
-                x.shape.iter().zip(&reps).map(|(a, b)| a.mul(b)).collect()
-            }
+            Some(reps) if reps.len() == x.rank() => x.shape.iter().zip(&reps).map(|(a, b)| a.mul(b)).collect(),
             Some(_) => return Err(Error::op("Tile", "repeats must have one entry per dim")),
             None => x.shape.iter().map(|_| Dim::unknown()).collect(),
         };
@@ -1028,19 +871,10 @@ impl OpDef for ConstantOfShape {
         let shape = match (shape_operand(s), shape_operand_len(s)) {
             (Some(t), _) => t,
             (None, Some(n)) => (0..n).map(|_| Dim::unknown()).collect(),
-            (None, None) => {
-                return Err(Error::op(
-                    "ConstantOfShape",
-                    "the shape must be a 1-D tensor of known length",
-                ))
-            }
+            (None, None) => return Err(Error::op("ConstantOfShape", "the shape must be a 1-D tensor of known length")),
         };
         let mut out = Fact::new(self.dtype, shape.clone());
-        if let Some(s) = shape
-            .iter()
-            .map(|d| d.as_const().map(|v| v as usize))
-            .collect::<Option<Vec<_>>>()
-        {
+        if let Some(s) = shape.iter().map(|d| d.as_const().map(|v| v as usize)).collect::<Option<Vec<_>>>() {
             let n: usize = s.iter().product();
             if self.dtype != DType::F32 && n <= super::MAX_SYM_ELEMENTS {
                 out = out.with_value(SymTensor::new(s, vec![Dim::constant(self.value as i64); n]));
@@ -1050,10 +884,8 @@ impl OpDef for ConstantOfShape {
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-        let shape = to_usize_shape(
-            "ConstantOfShape",
-            &shape_values("ConstantOfShape", req("ConstantOfShape", inputs, 0)?)?,
-        )?;
+        let shape =
+            to_usize_shape("ConstantOfShape", &shape_values("ConstantOfShape", req("ConstantOfShape", inputs, 0)?)?)?;
         let n = check_alloc("ConstantOfShape", &shape)?;
         crate::with_dtype!(self.dtype, T => Ok(vec![tensor_of(self.dtype, shape, vec![<T as crate::tensor::Element>::from_f64(self.value); n])?]))
     }
@@ -1072,19 +904,12 @@ impl OpDef for Range {
     }
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
-        let fs: Vec<&Fact> = (0..3)
-            .map(|i| req("Range", inputs, i))
-            .collect::<Result<_>>()?;
+        let fs: Vec<&Fact> = (0..3).map(|i| req("Range", inputs, i)).collect::<Result<_>>()?;
         if fs.iter().any(|f| f.dtype != fs[0].dtype || f.rank() > 1) {
-            return Err(Error::op(
-                "Range",
-                "start, limit and delta must be scalars of one dtype",
-            ));
+            return Err(Error::op("Range", "start, limit and delta must be scalars of one dtype"));
         }
-        let vals: Option<Vec<Dim>> = fs
-            .iter()
-            .map(|f| f.value.as_ref().and_then(|v| v.data.first().cloned()))
-            .collect();
+        let vals: Option<Vec<Dim>> =
+            fs.iter().map(|f| f.value.as_ref().and_then(|v| v.data.first().cloned())).collect();
         let len = match vals {
             Some(v) => match (v[0].as_const(), v[1].as_const(), v[2].as_const()) {
                 (Some(s), Some(l), Some(d)) if d != 0 => {
@@ -1096,9 +921,7 @@ impl OpDef for Range {
             None => Dim::unknown(),
         };
         let mut out = Fact::new(fs[0].dtype, vec![len.clone()]);
-        if let (Some(n), Some(s), Some(d)) =
-            (len.as_const(), fs[0].const_i64s(), fs[2].const_i64s())
-        {
+        if let (Some(n), Some(s), Some(d)) = (len.as_const(), fs[0].const_i64s(), fs[2].const_i64s()) {
             if fs[0].dtype != DType::F32 && n as usize <= super::MAX_SYM_ELEMENTS {
                 let data = (0..n).map(|i| Dim::constant(s[0] + i * d[0])).collect();
                 out = out.with_value(SymTensor::new(vec![n as usize], data));
@@ -1108,39 +931,22 @@ impl OpDef for Range {
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-        let ts: Vec<&Tensor> = (0..3)
-            .map(|i| req("Range", inputs, i))
-            .collect::<Result<_>>()?;
-        if ts
-            .iter()
-            .any(|t| t.len() != 1 || t.dtype() != ts[0].dtype())
-        {
-            return Err(Error::op(
-                "Range",
-                "start, limit and delta must be scalars of one dtype",
-            ));
+        let ts: Vec<&Tensor> = (0..3).map(|i| req("Range", inputs, i)).collect::<Result<_>>()?;
+        if ts.iter().any(|t| t.len() != 1 || t.dtype() != ts[0].dtype()) {
+            return Err(Error::op("Range", "start, limit and delta must be scalars of one dtype"));
         }
         let dt = ts[0].dtype();
         if dt == DType::F32 {
-            let v: Vec<f32> = ts
-                .iter()
-                .map(|t| t.as_slice::<f32>().map(|s| s[0]))
-                .collect::<Result<_>>()?;
+            let v: Vec<f32> = ts.iter().map(|t| t.as_slice::<f32>().map(|s| s[0])).collect::<Result<_>>()?;
             let (s, l, d) = (v[0], v[1], v[2]);
             if d == 0.0 || !d.is_finite() {
                 return Err(Error::op("Range", "delta must be finite and non-zero"));
             }
             let n = ((l - s) / d).ceil().max(0.0) as usize;
             check_alloc("Range", &[n])?;
-            return Ok(vec![Tensor::new(
-                vec![n],
-                (0..n).map(|i| s + i as f32 * d).collect(),
-            )?]);
+            return Ok(vec![Tensor::new(vec![n], (0..n).map(|i| s + i as f32 * d).collect())?]);
         }
-        let v: Vec<i64> = ts
-            .iter()
-            .map(|t| t.to_i64s().map(|s| s[0]))
-            .collect::<Result<_>>()?;
+        let v: Vec<i64> = ts.iter().map(|t| t.to_i64s().map(|s| s[0])).collect::<Result<_>>()?;
         let (s, l, d) = (v[0], v[1], v[2]);
         if d == 0 {
             return Err(Error::op("Range", "delta cannot be 0"));
@@ -1173,11 +979,7 @@ impl OpDef for DimValue {
         if self.scalar && self.dims.len() != 1 {
             return Err(Error::op("DimValue", "a scalar holds exactly one dim"));
         }
-        let shape: Vec<usize> = if self.scalar {
-            vec![]
-        } else {
-            vec![self.dims.len()]
-        };
+        let shape: Vec<usize> = if self.scalar { vec![] } else { vec![self.dims.len()] };
         let f = Fact::new(DType::I64, shape.iter().map(|&d| Dim::from(d)).collect());
         Ok(vec![f.with_value(SymTensor::new(shape, self.dims.clone()))])
     }
@@ -1187,11 +989,7 @@ impl OpDef for DimValue {
         let v: Vec<i64> = self
             .dims
             .iter()
-            .map(|d| {
-                d.eval(&env).ok_or_else(|| {
-                    Error::op("DimValue", format!("`{d}` depends on an unbound symbol"))
-                })
-            })
+            .map(|d| d.eval(&env).ok_or_else(|| Error::op("DimValue", format!("`{d}` depends on an unbound symbol"))))
             .collect::<Result<_>>()?;
         let shape = if self.scalar { vec![] } else { vec![v.len()] };
         Ok(vec![Tensor::new(shape, v)?])
@@ -1213,21 +1011,13 @@ mod tests {
     }
 
     fn sym_fact(dims: &[&str]) -> Fact {
-        Fact::new(
-            DType::F32,
-            dims.iter().map(|d| Dim::parse(d).unwrap()).collect(),
-        )
+        Fact::new(DType::F32, dims.iter().map(|d| Dim::parse(d).unwrap()).collect())
     }
 
     #[test]
     fn reshape_resolves_zero_and_minus_one() {
         let x = Tensor::new(vec![2, 3, 4], vec![0f32; 24]).unwrap();
-        let y = eval(
-            Reshape { allowzero: false },
-            &[&x, &i64s(&[3], &[0, -1, 2])],
-        )
-        .unwrap()
-        .remove(0);
+        let y = eval(Reshape { allowzero: false }, &[&x, &i64s(&[3], &[0, -1, 2])]).unwrap().remove(0);
         assert_eq!(y.shape(), &[2, 6, 2]);
         assert!(eval(Reshape { allowzero: false }, &[&x, &i64s(&[2], &[5, -1])]).is_err());
         assert!(eval(Reshape { allowzero: false }, &[&x, &i64s(&[2], &[-1, -1])]).is_err());
@@ -1237,22 +1027,10 @@ mod tests {
     fn symbolic_reshape_of_a_shape_subgraph() {
         // Shape(x)[0:2] ++ [12, 32] reshapes [batch, seq, 384] to [batch, seq, 12, 32].
         let x = sym_fact(&["batch", "seq", "384"]);
-        let shape = Shape {
-            start: None,
-            end: Some(2),
-        }
-        .infer(&[Some(&x)])
-        .unwrap()
-        .remove(0);
+        let shape = Shape { start: None, end: Some(2) }.infer(&[Some(&x)]).unwrap().remove(0);
         let tail = Fact::of_tensor(&i64s(&[2], &[12, 32]));
-        let target = Concat { axis: 0 }
-            .infer(&[Some(&shape), Some(&tail)])
-            .unwrap()
-            .remove(0);
-        let y = Reshape { allowzero: false }
-            .infer(&[Some(&x), Some(&target)])
-            .unwrap()
-            .remove(0);
+        let target = Concat { axis: 0 }.infer(&[Some(&shape), Some(&tail)]).unwrap().remove(0);
+        let y = Reshape { allowzero: false }.infer(&[Some(&x), Some(&target)]).unwrap().remove(0);
         assert_eq!(y.to_string(), "f32[batch, seq, 12, 32]");
         let back = Reshape { allowzero: false }
             .infer(&[Some(&y), Some(&Fact::of_tensor(&i64s(&[3], &[0, 0, -1])))])
@@ -1269,37 +1047,19 @@ mod tests {
         assert_eq!(y.as_slice::<f32>().unwrap(), &[0., 3., 1., 4., 2., 5.]);
         let z = eval(Concat { axis: 1 }, &[&x, &x]).unwrap().remove(0);
         assert_eq!(z.shape(), &[2, 6]);
-        assert_eq!(
-            &z.as_slice::<f32>().unwrap()[..6],
-            &[0., 1., 2., 0., 1., 2.]
-        );
-        assert!(eval(
-            Transpose {
-                perm: Some(vec![0, 0])
-            },
-            &[&x]
-        )
-        .is_err());
+        assert_eq!(&z.as_slice::<f32>().unwrap()[..6], &[0., 1., 2., 0., 1., 2.]);
+        assert!(eval(Transpose { perm: Some(vec![0, 0]) }, &[&x]).is_err());
     }
 
     #[test]
     fn slice_clamps_and_steps_backwards() {
         let x = i64s(&[5], &[0, 1, 2, 3, 4]);
         let s = |a: i64, b: i64, st: i64| {
-            eval(
-                Slice {},
-                &[
-                    &x,
-                    &i64s(&[1], &[a]),
-                    &i64s(&[1], &[b]),
-                    &i64s(&[1], &[0]),
-                    &i64s(&[1], &[st]),
-                ],
-            )
-            .unwrap()
-            .remove(0)
-            .to_i64s()
-            .unwrap()
+            eval(Slice {}, &[&x, &i64s(&[1], &[a]), &i64s(&[1], &[b]), &i64s(&[1], &[0]), &i64s(&[1], &[st])])
+                .unwrap()
+                .remove(0)
+                .to_i64s()
+                .unwrap()
         };
         assert_eq!(s(1, i64::MAX, 1), vec![1, 2, 3, 4]);
         assert_eq!(s(-2, 100, 1), vec![3, 4]);
@@ -1312,15 +1072,9 @@ mod tests {
     fn symbolic_slice_lengths() {
         let seq = Dim::sym("seq");
         assert_eq!(slice_dim(&seq, 0, i64::MAX, 1), Some(seq.clone()));
-        assert_eq!(
-            slice_dim(&seq, 1, i64::MAX, 1),
-            Some(Dim::parse("seq-1").unwrap())
-        );
+        assert_eq!(slice_dim(&seq, 1, i64::MAX, 1), Some(Dim::parse("seq-1").unwrap()));
         assert_eq!(slice_dim(&seq, 0, 1, 1), Some(Dim::constant(1)));
-        assert_eq!(
-            slice_dim(&seq, 0, -1, 1),
-            Some(Dim::parse("seq-1").unwrap())
-        );
+        assert_eq!(slice_dim(&seq, 0, -1, 1), Some(Dim::parse("seq-1").unwrap()));
         assert_eq!(slice_dim(&seq, 0, i64::MAX, 2), None);
     }
 
@@ -1328,16 +1082,10 @@ mod tests {
     fn slice_with_a_symbolic_end() {
         let table = Fact::new(DType::I64, vec![Dim::constant(1), Dim::constant(512)]);
         let i = |v: &[i64]| Fact::of_tensor(&i64s(&[v.len()], v));
-        let end = Fact::new(DType::I64, vec![Dim::constant(1)])
-            .with_value(SymTensor::new(vec![1], vec![Dim::sym("seq")]));
+        let end =
+            Fact::new(DType::I64, vec![Dim::constant(1)]).with_value(SymTensor::new(vec![1], vec![Dim::sym("seq")]));
         let y = Slice {}
-            .infer(&[
-                Some(&table),
-                Some(&i(&[0])),
-                Some(&end),
-                Some(&i(&[1])),
-                Some(&i(&[1])),
-            ])
+            .infer(&[Some(&table), Some(&i(&[0])), Some(&end), Some(&i(&[1])), Some(&i(&[1]))])
             .unwrap()
             .remove(0);
         assert_eq!(y.to_string(), "i64[1, seq]");
@@ -1346,71 +1094,32 @@ mod tests {
     #[test]
     fn expand_tile_split_range() {
         let x = i64s(&[2, 1], &[1, 2]);
-        let y = eval(Expand {}, &[&x, &i64s(&[2], &[2, 3])])
-            .unwrap()
-            .remove(0);
+        let y = eval(Expand {}, &[&x, &i64s(&[2], &[2, 3])]).unwrap().remove(0);
         assert_eq!(y.to_i64s().unwrap(), vec![1, 1, 1, 2, 2, 2]);
-        let t = eval(Tile {}, &[&x, &i64s(&[2], &[2, 2])])
-            .unwrap()
-            .remove(0);
+        let t = eval(Tile {}, &[&x, &i64s(&[2], &[2, 2])]).unwrap().remove(0);
         assert_eq!(t.shape(), &[4, 2]);
         assert_eq!(t.to_i64s().unwrap(), vec![1, 1, 2, 2, 1, 1, 2, 2]);
-        let parts = eval(
-            Split {
-                axis: 0,
-                outputs: 2,
-            },
-            &[&i64s(&[5], &[0, 1, 2, 3, 4])],
-        )
-        .unwrap();
+        let parts = eval(Split { axis: 0, outputs: 2 }, &[&i64s(&[5], &[0, 1, 2, 3, 4])]).unwrap();
         assert_eq!(parts[0].to_i64s().unwrap(), vec![0, 1, 2]);
         assert_eq!(parts[1].to_i64s().unwrap(), vec![3, 4]);
-        let r = eval(
-            Range {},
-            &[
-                &Tensor::scalar(0i64),
-                &Tensor::scalar(7i64),
-                &Tensor::scalar(3i64),
-            ],
-        )
-        .unwrap()
-        .remove(0);
+        let r =
+            eval(Range {}, &[&Tensor::scalar(0i64), &Tensor::scalar(7i64), &Tensor::scalar(3i64)]).unwrap().remove(0);
         assert_eq!(r.to_i64s().unwrap(), vec![0, 3, 6]);
     }
 
     #[test]
     fn dim_value_needs_bound_symbols() {
-        let op = DimValue {
-            dims: vec![Dim::parse("batch*seq").unwrap(), Dim::constant(384)],
-            scalar: false,
-        };
+        let op = DimValue { dims: vec![Dim::parse("batch*seq").unwrap(), Dim::constant(384)], scalar: false };
         let mut ctx = EvalContext::default();
         assert!(Op::from(op.clone()).eval(&ctx, &[]).is_err());
         ctx.symbols.insert("batch".into(), 2);
         ctx.symbols.insert("seq".into(), 5);
-        assert_eq!(
-            Op::from(op).eval(&ctx, &[]).unwrap()[0].to_i64s().unwrap(),
-            vec![10, 384]
-        );
+        assert_eq!(Op::from(op).eval(&ctx, &[]).unwrap()[0].to_i64s().unwrap(), vec![10, 384]);
     }
 
     #[test]
     fn absurd_shapes_are_errors() {
-        assert!(eval(
-            ConstantOfShape {
-                dtype: DType::F32,
-                value: 0.0
-            },
-            &[&i64s(&[2], &[1 << 40, 1 << 40])]
-        )
-        .is_err());
-        assert!(eval(
-            ConstantOfShape {
-                dtype: DType::F32,
-                value: 0.0
-            },
-            &[&i64s(&[1], &[-3])]
-        )
-        .is_err());
+        assert!(eval(ConstantOfShape { dtype: DType::F32, value: 0.0 }, &[&i64s(&[2], &[1 << 40, 1 << 40])]).is_err());
+        assert!(eval(ConstantOfShape { dtype: DType::F32, value: 0.0 }, &[&i64s(&[1], &[-3])]).is_err());
     }
 }

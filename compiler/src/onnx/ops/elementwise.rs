@@ -6,8 +6,7 @@ use tcc_runtime::{DType, Tensor};
 
 pub fn unary(ctx: &mut Ctx) -> Converted {
     ctx.check_attrs(&[])?;
-    let kind =
-        UnaryKind::from_name(&ctx.op_type().to_string()).expect("registered names are unary kinds");
+    let kind = UnaryKind::from_name(ctx.op_type()).expect("registered names are unary kinds");
     let x = ctx.input(0)?;
     Ok(vec![Some(ctx.op1(Unary::new(kind), &[x], "")?)])
 }
@@ -18,16 +17,12 @@ pub fn is_inf(ctx: &mut Ctx) -> Converted {
         return Err(ctx.err("only detect_negative=1, detect_positive=1 is supported"));
     }
     let x = ctx.input(0)?;
-    Ok(vec![Some(ctx.op1(
-        Unary::new(UnaryKind::IsInf),
-        &[x],
-        "",
-    )?)])
+    Ok(vec![Some(ctx.op1(Unary::new(UnaryKind::IsInf), &[x], "")?)])
 }
 
 /// `Identity`, and `Dropout` at inference (its mask output is not supported).
 pub fn identity(ctx: &mut Ctx) -> Converted {
-    if ctx.op_type().to_string() == "Dropout" {
+    if ctx.op_type() == "Dropout" {
         ctx.only_outputs(1, "Dropout's mask output")?;
         if let Some(t) = ctx.opt(2)? {
             if ctx.const_ints(t).is_none_or(|v| v.iter().any(|&x| x != 0)) {
@@ -40,8 +35,7 @@ pub fn identity(ctx: &mut Ctx) -> Converted {
 
 pub fn binary(ctx: &mut Ctx) -> Converted {
     ctx.check_attrs(&[])?;
-    let kind = BinaryKind::from_name(&ctx.op_type().to_string())
-        .expect("registered names are binary kinds");
+    let kind = BinaryKind::from_name(ctx.op_type()).expect("registered names are binary kinds");
     let (a, b) = (ctx.input(0)?, ctx.input(1)?);
     Ok(vec![Some(ctx.op1(Binary::new(kind), &[a, b], "")?)])
 }
@@ -52,17 +46,9 @@ pub fn modulo(ctx: &mut Ctx) -> Converted {
     let fmod = ctx.attr_i("fmod", 0)? != 0;
     // tcc's Mod is fmod for floats and Python's sign rule for integers, ONNX's defaults.
     if fmod == (ctx.dtype(a) != DType::F32) {
-        return Err(ctx.err(format!(
-            "fmod={} on {} is not supported",
-            u8::from(fmod),
-            ctx.dtype(a)
-        )));
+        return Err(ctx.err(format!("fmod={} on {} is not supported", u8::from(fmod), ctx.dtype(a))));
     }
-    Ok(vec![Some(ctx.op1(
-        Binary::new(BinaryKind::Mod),
-        &[a, b],
-        "",
-    )?)])
+    Ok(vec![Some(ctx.op1(Binary::new(BinaryKind::Mod), &[a, b], "")?)])
 }
 
 /// `Max`, `Min`, `Sum`, `Mean` of any number of inputs, as a chain of binary ops.
@@ -75,9 +61,7 @@ pub fn variadic(ctx: &mut Ctx) -> Converted {
         _ => BinaryKind::Add,
     };
     let ins = ctx.all_inputs()?;
-    let (&first, rest) = ins
-        .split_first()
-        .ok_or_else(|| ctx.err("needs at least one input"))?;
+    let (&first, rest) = ins.split_first().ok_or_else(|| ctx.err("needs at least one input"))?;
     let mut acc = first;
     for (i, &v) in rest.iter().enumerate() {
         acc = ctx.op1(Binary::new(kind), &[acc, v], &format!("{i}"))?;
@@ -98,10 +82,7 @@ pub fn cast(ctx: &mut Ctx) -> Converted {
     ctx.check_attrs(&["to", "saturate", "round_mode"])?;
     let to = ctx.attr_i("to", 0)?;
     let dtype = super::super::tensor::dtype_of(to as i32).ok_or_else(|| {
-        ctx.err(format!(
-            "casting to {} is not supported",
-            super::super::tensor::elem_type_name(to as i32)
-        ))
+        ctx.err(format!("casting to {} is not supported", super::super::tensor::elem_type_name(to as i32)))
     })?;
     let x = ctx.input(0)?;
     Ok(vec![Some(ctx.op1(Cast { to: dtype }, &[x], "")?)])
@@ -118,20 +99,9 @@ pub fn clip(ctx: &mut Ctx) -> Converted {
     let x = ctx.input(0)?;
     let (lo, hi) = if ctx.opset < 11 {
         ctx.check_attrs(&["min", "max"])?;
-        let lo = if ctx.has_attr("min") {
-            Some(ctx.attr_f("min", 0.0)?)
-        } else {
-            None
-        };
-        let hi = if ctx.has_attr("max") {
-            Some(ctx.attr_f("max", 0.0)?)
-        } else {
-            None
-        };
-        (
-            lo.map(|v| ctx.scalar_f32(v, "min")),
-            hi.map(|v| ctx.scalar_f32(v, "max")),
-        )
+        let lo = if ctx.has_attr("min") { Some(ctx.attr_f("min", 0.0)?) } else { None };
+        let hi = if ctx.has_attr("max") { Some(ctx.attr_f("max", 0.0)?) } else { None };
+        (lo.map(|v| ctx.scalar_f32(v, "min")), hi.map(|v| ctx.scalar_f32(v, "max")))
     } else {
         (ctx.opt(1)?, ctx.opt(2)?)
     };

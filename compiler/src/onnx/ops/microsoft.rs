@@ -16,9 +16,9 @@ use super::elementwise::scalar_of;
 use super::shape::dim_of;
 use tcc_ir::ValueId;
 use tcc_runtime::op::{
-    Binary, BinaryKind, Cast, ConstantOfShape, DimValue, DynamicQuantizeLinear, Gather, Gelu,
-    GeluApprox, LayerNorm, MatMul, MatMulInteger, Range, Reduce, ReduceKind, Reshape, Softmax,
-    Split, Transpose, Unary, UnaryKind, Unsqueeze, Where,
+    Binary, BinaryKind, Cast, ConstantOfShape, DimValue, DynamicQuantizeLinear, Gather, Gelu, GeluApprox, LayerNorm,
+    MatMul, MatMulInteger, Range, Reduce, ReduceKind, Reshape, Softmax, Split, Transpose, Unary, UnaryKind, Unsqueeze,
+    Where,
 };
 use tcc_runtime::DType;
 
@@ -41,13 +41,7 @@ fn reshape(ctx: &mut Ctx, x: ValueId, shape: &[i64], s: &str) -> Result<ValueId,
 }
 
 fn transpose(ctx: &mut Ctx, x: ValueId, perm: &[i64], s: &str) -> Result<ValueId, ImportError> {
-    ctx.op1(
-        Transpose {
-            perm: Some(perm.to_vec()),
-        },
-        &[x],
-        s,
-    )
+    ctx.op1(Transpose { perm: Some(perm.to_vec()) }, &[x], s)
 }
 
 fn require_dtype(ctx: &Ctx, v: ValueId, want: &[DType], what: &str) -> Result<(), ImportError> {
@@ -55,10 +49,7 @@ fn require_dtype(ctx: &Ctx, v: ValueId, want: &[DType], what: &str) -> Result<()
     if !want.contains(&d) {
         return Err(ctx.err(format!(
             "{what} must be {}, got {d}",
-            want.iter()
-                .map(|d| d.name())
-                .collect::<Vec<_>>()
-                .join(" or ")
+            want.iter().map(|d| d.name()).collect::<Vec<_>>().join(" or ")
         )));
     }
     Ok(())
@@ -88,11 +79,7 @@ pub fn attention(ctx: &mut Ctx) -> Converted {
             return Err(ctx.err(format!("{what} is not supported")));
         }
     }
-    for (i, what) in [
-        (4, "past"),
-        (5, "attention_bias"),
-        (6, "past_sequence_length"),
-    ] {
+    for (i, what) in [(4, "past"), (5, "attention_bias"), (6, "past_sequence_length")] {
         if ctx.opt(i)?.is_some() {
             return Err(ctx.err(format!("the {what} input is not supported")));
         }
@@ -103,9 +90,7 @@ pub fn attention(ctx: &mut Ctx) -> Converted {
     if ctx.rank(x) != 3 || ctx.rank(w) != 2 {
         return Err(ctx.err("expects a 3-D input and 2-D weights"));
     }
-    let total = ctx.fact(w).shape[1]
-        .as_const()
-        .ok_or_else(|| ctx.err("the weights' shape must be known"))?;
+    let total = ctx.fact(w).shape[1].as_const().ok_or_else(|| ctx.err("the weights' shape must be known"))?;
     let sizes = match ctx.attr_ints("qkv_hidden_sizes")? {
         Some(s) if s.len() == 3 => s,
         Some(_) => return Err(ctx.err("qkv_hidden_sizes must have 3 entries")),
@@ -114,17 +99,11 @@ pub fn attention(ctx: &mut Ctx) -> Converted {
     };
     let (dq, dk, dv) = (sizes[0], sizes[1], sizes[2]);
     if dq != dk || dq % heads != 0 || dv % heads != 0 || dq + dk + dv != total {
-        return Err(ctx.err(format!(
-            "qkv sizes {sizes:?} do not fit {heads} heads and weights of width {total}"
-        )));
+        return Err(ctx.err(format!("qkv sizes {sizes:?} do not fit {heads} heads and weights of width {total}")));
     }
     let (h, hv) = (dq / heads, dv / heads);
     let scale = ctx.attr_f("scale", 0.0)?;
-    let alpha = if scale == 0.0 {
-        1.0 / (h as f32).sqrt()
-    } else {
-        scale
-    };
+    let alpha = if scale == 0.0 { 1.0 / (h as f32).sqrt() } else { scale };
     let mfv = ctx.attr_f("mask_filter_value", -10000.0)?;
 
     let mut qkv = ctx.op1(MatMul {}, &[x, w], "qkv")?;
@@ -132,14 +111,7 @@ pub fn attention(ctx: &mut Ctx) -> Converted {
         qkv = add(ctx, qkv, b, "qkv_bias")?;
     }
     let split = ctx.const_i64s(&sizes, "qkv_sizes");
-    let parts = ctx.op(
-        Split {
-            axis: -1,
-            outputs: 3,
-        },
-        &[Some(qkv), Some(split)],
-        "qkv_split",
-    )?;
+    let parts = ctx.op(Split { axis: -1, outputs: 3 }, &[Some(qkv), Some(split)], "qkv_split")?;
     let q = reshape(ctx, parts[0], &[0, 0, heads, h], "q_heads")?;
     let q = transpose(ctx, q, &[0, 2, 1, 3], "q_t")?;
     let k = reshape(ctx, parts[1], &[0, 0, heads, h], "k_heads")?;
@@ -153,26 +125,14 @@ pub fn attention(ctx: &mut Ctx) -> Converted {
         let bias = attention_mask_bias(ctx, x, m, mfv)?;
         scores = add(ctx, scores, bias, "masked")?;
     }
-    let probs = ctx.op1(
-        Softmax {
-            axis: -1,
-            log: false,
-        },
-        &[scores],
-        "probs",
-    )?;
+    let probs = ctx.op1(Softmax { axis: -1, log: false }, &[scores], "probs")?;
     let context = ctx.op1(MatMul {}, &[probs, v], "context")?;
     let context = transpose(ctx, context, &[0, 2, 1, 3], "context_t")?;
     Ok(vec![Some(reshape(ctx, context, &[0, 0, dv], "")?)])
 }
 
 /// The additive mask, broadcastable to `[batch, heads, queries, keys]`.
-fn attention_mask_bias(
-    ctx: &mut Ctx,
-    x: ValueId,
-    m: ValueId,
-    mfv: f32,
-) -> Result<ValueId, ImportError> {
+fn attention_mask_bias(ctx: &mut Ctx, x: ValueId, m: ValueId, mfv: f32) -> Result<ValueId, ImportError> {
     require_dtype(ctx, m, &[DType::I32], "mask_index")?;
     let masked = ctx.scalar_f32(mfv, "mask_value");
     let zero = ctx.scalar_f32(0.0, "mask_zero");
@@ -181,9 +141,9 @@ fn attention_mask_bias(
             let batch = ctx.fact(x).shape[0].clone();
             let len = ctx.fact(m).shape[0].clone();
             if len != batch && len.as_const().is_some() && batch.as_const().is_some() {
-                return Err(ctx.err(format!(
-                    "a 1-D mask_index of length {len} (start and end positions?) is not supported"
-                )));
+                return Err(
+                    ctx.err(format!("a 1-D mask_index of length {len} (start and end positions?) is not supported"))
+                );
             }
             // Keys at positions >= end are masked.
             let keys = dim_of(ctx, x, 1, "keys")?;
@@ -192,11 +152,7 @@ fn attention_mask_bias(
             let pos = ctx.op1(Range {}, &[start, keys, step], "positions")?;
             let end = ctx.op1(Cast { to: DType::I64 }, &[m], "end")?;
             let end = unsqueeze(ctx, end, &[1], "end_col")?;
-            let past_end = ctx.op1(
-                Binary::new(BinaryKind::GreaterOrEqual),
-                &[pos, end],
-                "past_end",
-            )?;
+            let past_end = ctx.op1(Binary::new(BinaryKind::GreaterOrEqual), &[pos, end], "past_end")?;
             let bias = ctx.op1(Where {}, &[past_end, masked, zero], "mask_bias2d")?;
             unsqueeze(ctx, bias, &[1, 2], "mask_bias")
         }
@@ -225,14 +181,7 @@ pub fn skip_layer_norm(ctx: &mut Ctx) -> Converted {
         sum = add(ctx, sum, b, "sum_bias")?;
     }
     let beta = ctx.opt(3)?;
-    let out = ctx.op(
-        LayerNorm {
-            axis: -1,
-            epsilon: eps,
-        },
-        &[Some(sum), Some(gamma), beta],
-        "",
-    )?[0];
+    let out = ctx.op(LayerNorm { axis: -1, epsilon: eps }, &[Some(sum), Some(gamma), beta], "")?[0];
     Ok(vec![Some(out), None, None, Some(sum)])
 }
 
@@ -241,8 +190,7 @@ pub fn embed_layer_norm(ctx: &mut Ctx) -> Converted {
     let eps = ctx.attr_f("epsilon", 1e-12)?;
     let ids = ctx.input(0)?;
     require_dtype(ctx, ids, &[DType::I32], "input_ids")?;
-    let (word, pos_table, gamma, beta) =
-        (ctx.input(2)?, ctx.input(3)?, ctx.input(5)?, ctx.input(6)?);
+    let (word, pos_table, gamma, beta) = (ctx.input(2)?, ctx.input(3)?, ctx.input(5)?, ctx.input(6)?);
     let words = ctx.op1(Gather { axis: 0 }, &[word, ids], "words")?;
     let positions = match ctx.opt(8)? {
         Some(p) => ctx.op1(Gather { axis: 0 }, &[pos_table, p], "positions")?,
@@ -268,14 +216,7 @@ pub fn embed_layer_norm(ctx: &mut Ctx) -> Converted {
         (Some(_), None) => return Err(ctx.err("segment_ids without a segment embedding")),
         (None, None) => {}
     }
-    let out = ctx.op1(
-        LayerNorm {
-            axis: -1,
-            epsilon: eps,
-        },
-        &[sum, gamma, beta],
-        "",
-    )?;
+    let out = ctx.op1(LayerNorm { axis: -1, epsilon: eps }, &[sum, gamma, beta], "")?;
     let mask_index = if !ctx.output_used(1) {
         None
     } else if let Some(mask) = ctx.opt(7)? {
@@ -284,30 +225,12 @@ pub fn embed_layer_norm(ctx: &mut Ctx) -> Converted {
         let is_one = ctx.op1(Binary::new(BinaryKind::Equal), &[mask, one], "mask_is_one")?;
         let ones = ctx.op1(Cast { to: DType::I32 }, &[is_one], "mask_ones")?;
         let axes = ctx.const_i64s(&[1], "count_axes");
-        let count = Reduce {
-            kind: ReduceKind::ReduceSum,
-            keepdims: false,
-            noop_with_empty_axes: false,
-        };
+        let count = Reduce { kind: ReduceKind::ReduceSum, keepdims: false, noop_with_empty_axes: false };
         Some(ctx.op1(count, &[ones, axes], "mask_index")?)
     } else {
         let batch = ctx.fact(ids).shape[0].clone();
-        let shape = ctx.op1(
-            DimValue {
-                dims: vec![batch],
-                scalar: false,
-            },
-            &[],
-            "mask_index_shape",
-        )?;
-        Some(ctx.op1(
-            ConstantOfShape {
-                dtype: DType::I32,
-                value: 0.0,
-            },
-            &[shape],
-            "mask_index",
-        )?)
+        let shape = ctx.op1(DimValue { dims: vec![batch], scalar: false }, &[], "mask_index_shape")?;
+        Some(ctx.op1(ConstantOfShape { dtype: DType::I32, value: 0.0 }, &[shape], "mask_index")?)
     };
     Ok(vec![Some(out), mask_index, Some(sum)])
 }
@@ -346,13 +269,7 @@ pub fn quick_gelu(ctx: &mut Ctx) -> Converted {
 }
 
 /// `Cast(acc, f32) * (a_scale * b_scale) (+ bias)`.
-fn rescale(
-    ctx: &mut Ctx,
-    acc: ValueId,
-    a_scale: ValueId,
-    b_scale: ValueId,
-    bias: Option<ValueId>,
-) -> Converted {
+fn rescale(ctx: &mut Ctx, acc: ValueId, a_scale: ValueId, b_scale: ValueId, bias: Option<ValueId>) -> Converted {
     let f = ctx.op1(Cast { to: DType::F32 }, &[acc], "acc_f32")?;
     let s = mul(ctx, a_scale, b_scale, "scale")?;
     let y = mul(ctx, f, s, if bias.is_some() { "scaled" } else { "" })?;

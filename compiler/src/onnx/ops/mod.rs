@@ -27,15 +27,15 @@ pub fn lookup(domain: &str, op_type: &str) -> Option<Convert> {
     let f: Convert = match (domain, op_type) {
         (
             "",
-            "Neg" | "Abs" | "Sqrt" | "Reciprocal" | "Exp" | "Log" | "Erf" | "Tanh" | "Relu"
-            | "Sigmoid" | "Not" | "IsNaN" | "Floor" | "Ceil" | "Round" | "Sign" | "Sin" | "Cos",
+            "Neg" | "Abs" | "Sqrt" | "Reciprocal" | "Exp" | "Log" | "Erf" | "Tanh" | "Relu" | "Sigmoid" | "Not"
+            | "IsNaN" | "Floor" | "Ceil" | "Round" | "Sign" | "Sin" | "Cos",
         ) => e::unary,
         ("", "IsInf") => e::is_inf,
         ("", "Identity" | "Dropout") => e::identity,
         (
             "",
-            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "LessOrEqual" | "Greater"
-            | "GreaterOrEqual" | "And" | "Or" | "Xor",
+            "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "LessOrEqual" | "Greater" | "GreaterOrEqual"
+            | "And" | "Or" | "Xor",
         ) => e::binary,
         ("", "Mod") => e::modulo,
         ("", "Max" | "Min" | "Sum" | "Mean") => e::variadic,
@@ -65,8 +65,8 @@ pub fn lookup(domain: &str, op_type: &str) -> Option<Convert> {
         ("", "CumSum") => s::cumsum,
         (
             "",
-            "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1"
-            | "ReduceL2" | "ReduceSumSquare",
+            "ReduceMean" | "ReduceSum" | "ReduceMax" | "ReduceMin" | "ReduceProd" | "ReduceL1" | "ReduceL2"
+            | "ReduceSumSquare",
         ) => r::reduce,
         ("", "MatMul") => n::matmul,
         ("", "Gemm") => n::gemm,
@@ -188,10 +188,7 @@ mod tests {
     #[test]
     fn the_supported_list_matches_the_registry() {
         for (d, op) in super::SUPPORTED {
-            assert!(
-                super::lookup(d, op).is_some(),
-                "{d}::{op} listed but not registered"
-            );
+            assert!(super::lookup(d, op).is_some(), "{d}::{op} listed but not registered");
         }
         assert!(super::lookup("", "Loop").is_none());
     }

@@ -17,11 +17,7 @@ pub fn gemm(ctx: &mut Ctx) -> Converted {
         trans_b: ctx.attr_i("transB", 0)? != 0,
     };
     let ins = [Some(ctx.input(0)?), Some(ctx.input(1)?), ctx.opt(2)?];
-    let ins: Vec<_> = if ins[2].is_none() {
-        ins[..2].to_vec()
-    } else {
-        ins.to_vec()
-    };
+    let ins: Vec<_> = if ins[2].is_none() { ins[..2].to_vec() } else { ins.to_vec() };
     Ok(vec![Some(ctx.op(op, &ins, "")?[0])])
 }
 
@@ -44,19 +40,8 @@ pub fn softmax(ctx: &mut Ctx) -> Converted {
     }
     let flat = ctx.op1(Flatten { axis }, &[x], "flat")?;
     let y = ctx.op1(Softmax { axis: -1, log }, &[flat], "softmax")?;
-    let shape = ctx.op1(
-        Shape {
-            start: None,
-            end: None,
-        },
-        &[x],
-        "shape",
-    )?;
-    Ok(vec![Some(ctx.op1(
-        Reshape { allowzero: false },
-        &[y, shape],
-        "",
-    )?)])
+    let shape = ctx.op1(Shape { start: None, end: None }, &[x], "shape")?;
+    Ok(vec![Some(ctx.op1(Reshape { allowzero: false }, &[y, shape], "")?)])
 }
 
 pub fn layer_norm(ctx: &mut Ctx) -> Converted {
@@ -65,15 +50,8 @@ pub fn layer_norm(ctx: &mut Ctx) -> Converted {
     if ctx.attr_i("stash_type", 1)? != 1 {
         return Err(ctx.err("stash_type other than 1 (float32) is not supported"));
     }
-    let op = LayerNorm {
-        axis: ctx.attr_i("axis", -1)?,
-        epsilon: ctx.attr_f("epsilon", 1e-5)?,
-    };
+    let op = LayerNorm { axis: ctx.attr_i("axis", -1)?, epsilon: ctx.attr_f("epsilon", 1e-5)? };
     let ins = [Some(ctx.input(0)?), Some(ctx.input(1)?), ctx.opt(2)?];
-    let ins: Vec<_> = if ins[2].is_none() {
-        ins[..2].to_vec()
-    } else {
-        ins.to_vec()
-    };
+    let ins: Vec<_> = if ins[2].is_none() { ins[..2].to_vec() } else { ins.to_vec() };
     Ok(vec![Some(ctx.op(op, &ins, "")?[0])])
 }

@@ -1,0 +1,185 @@
+//! The `tcc` command as a user runs it: build, run and inspect a real model, and the errors a
+//! user's mistakes get (one readable line, a non-zero exit, never a panic).
+
+#[path = "../../tests/support.rs"]
+mod support;
+
+use prost::Message;
+use std::path::Path;
+use std::process::{Command, Output};
+use support::{fixtures, scratch, worst_rel_err};
+use tcc_compiler::onnx::proto;
+
+fn tcc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tcc")).args(args).output().expect("tcc runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = tcc(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "tcc {args:?} failed: {err}");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// Runs tcc expecting failure; returns stderr, checked to be one `error:` line.
+fn fails(args: &[&str]) -> String {
+    let o = tcc(args);
+    let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
+    assert!(!o.status.success(), "tcc {args:?} should fail");
+    assert_eq!(o.status.code(), Some(1), "tcc {args:?}: exit {:?} (a panic or a signal?): {err}", o.status);
+    assert!(err.starts_with("error: ") && err.lines().count() == 1, "tcc {args:?}: not a one-line error: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn build_run_inspect_a_real_model() {
+    let f = fixtures();
+    let m = f.model("minilm_l6");
+    let dir = scratch("cli");
+    let art = dir.join("minilm.tcc");
+    let report = ok(&["build", s(&m.path), "-o", s(&art), "--tokenizer", s(&f.tokenizer)]);
+    assert!(report.contains("6 layers"), "{report}");
+
+    // inspect --json on the ONNX file and on the artifact.
+    for path in [&m.path, &art] {
+        let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(path), "--json"])).unwrap();
+        assert_eq!(v["layers"], 6, "{path:?}");
+        assert_eq!(v["attention_heads"], serde_json::json!([12, 12, 12, 12, 12, 12]));
+        let params = v["parameters"].as_u64().unwrap();
+        assert!((22_500_000..22_800_000).contains(&params), "{params} parameters");
+        assert_eq!(v["op_counts"]["MatMul"], 36 + 12, "{}", v["op_counts"]);
+        assert_eq!(v["op_counts"]["Softmax"], 6);
+    }
+    let human = ok(&["inspect", s(&art)]);
+    assert!(human.contains("attention heads per layer: [12, 12, 12, 12, 12, 12]"), "{human}");
+
+    // run on an .npz of real sentences, to .npz and .json; both match onnxruntime.
+    let want = m.reference();
+    let out_npz = dir.join("out.npz");
+    ok(&["run", s(&art), "--input", s(&m.inputs), "--output", s(&out_npz)]);
+    let got = tcc_runtime::io::read_npz(&out_npz).unwrap();
+    assert!(worst_rel_err(&got, &want).0 <= 1e-4);
+    let out_json = dir.join("out.json");
+    ok(&["run", s(&art), "--input", s(&m.inputs), "--output", s(&out_json)]);
+    let dtype = |_: &str| Some(tcc_runtime::DType::F32);
+    let got = tcc_runtime::io::read_json(&out_json, &dtype).unwrap();
+    assert!(worst_rel_err(&got, &want).0 <= 1e-4);
+
+    // JSON inputs.
+    let in_json = dir.join("in.json");
+    tcc_runtime::io::write_json(&in_json, &m.inputs()).unwrap();
+    ok(&["run", s(&art), "--input", s(&in_json), "--output", s(&out_npz)]);
+    assert!(worst_rel_err(&tcc_runtime::io::read_npz(&out_npz).unwrap(), &want).0 <= 1e-4);
+
+    // --text with the embedded tokenizer.
+    let text = ok(&["run", s(&art), "--text", "how do I renew my policy?"]);
+    assert!(text.starts_with("last_hidden_state: f32[1, 9, 384] ["), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn write_model(path: &Path, nodes: Vec<proto::NodeProto>, opset: i64) {
+    let f32_input = |name: &str| proto::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(proto::TypeProto {
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(proto::TensorShapeProto {
+                    dim: vec![proto::tensor_shape_proto::Dimension {
+                        value: Some(proto::tensor_shape_proto::dimension::Value::DimParam("n".into())),
+                        ..Default::default()
+                    }],
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let model = proto::ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(opset) }],
+        graph: Some(proto::GraphProto {
+            name: Some("g".into()),
+            node: nodes,
+            input: vec![f32_input("x")],
+            output: vec![f32_input("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(path, model.encode_to_vec()).unwrap();
+}
+
+fn node(op: &str, name: &str) -> proto::NodeProto {
+    proto::NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: vec!["x".into()],
+        output: vec!["y".into()],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn bad_models_and_inputs_get_one_line_errors() {
+    let f = fixtures();
+    let m = f.model("minilm_l6");
+    let dir = scratch("cli-errors");
+    let out = dir.join("out.tcc");
+    let o = s(&out);
+
+    let e = fails(&["build", s(&dir.join("missing.onnx")), "-o", o]);
+    assert!(e.contains("missing.onnx") && e.contains("No such file"), "{e}");
+
+    let garbage = dir.join("garbage.onnx");
+    std::fs::write(&garbage, b"this is not a protobuf \xff\xff\xff").unwrap();
+    assert!(fails(&["build", s(&garbage), "-o", o]).contains("not a valid ONNX model"));
+
+    let empty = dir.join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(fails(&["build", s(&empty), "-o", o]).contains("empty"));
+
+    let truncated = dir.join("truncated.onnx");
+    let bytes = std::fs::read(&m.path).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(fails(&["build", s(&truncated), "-o", o]).contains("not a valid ONNX model"));
+
+    let loop_model = dir.join("loop.onnx");
+    write_model(&loop_model, vec![node("Loop", "the_loop")], 17);
+    let e = fails(&["build", s(&loop_model), "-o", o]);
+    assert!(e.contains("unsupported operator Loop (node `the_loop`, opset 17)"), "{e}");
+
+    let old = dir.join("old.onnx");
+    write_model(&old, vec![node("Relu", "r")], 3);
+    assert!(fails(&["build", s(&old), "-o", o]).contains("opset 3"));
+
+    // A good artifact, then wrong inputs.
+    let art = dir.join("good.tcc");
+    ok(&["build", s(&m.path), "-o", s(&art)]);
+    let mut inputs = m.inputs();
+    inputs.retain(|(n, _)| n != "token_type_ids");
+    let missing = dir.join("missing_input.npz");
+    tcc_runtime::io::write_npz(&missing, &inputs).unwrap();
+    assert!(fails(&["run", s(&art), "--input", s(&missing)]).contains("`token_type_ids` is missing"));
+    let wrong = dir.join("wrong_dtype.npz");
+    let mut inputs = m.inputs();
+    inputs[0].1 = tcc_runtime::op::cast_tensor(&inputs[0].1, tcc_runtime::DType::I32).unwrap();
+    tcc_runtime::io::write_npz(&wrong, &inputs).unwrap();
+    assert!(fails(&["run", s(&art), "--input", s(&wrong)]).contains("must be i64, got i32"));
+    let e = fails(&["run", s(&art), "--text", "hello"]);
+    assert!(e.contains("no tokenizer"), "{e}");
+
+    // A corrupted artifact.
+    let mut bytes = std::fs::read(&art).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    let bad = dir.join("corrupt.tcc");
+    std::fs::write(&bad, &bytes).unwrap();
+    assert!(fails(&["run", s(&bad), "--input", s(&m.inputs)]).contains("checksum mismatch"));
+    assert!(fails(&["inspect", s(&bad)]).contains("checksum mismatch"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
