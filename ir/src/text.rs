@@ -72,6 +72,18 @@ fn fmt_f32(x: f32) -> String {
 }
 
 fn fmt_quant(q: &QuantParams) -> String {
+    if q.scale.len() > 16 {
+        // Per-channel parameters of a large tensor: a summary for reading (not parseable, like the
+        // `@` weight references next to it).
+        let (lo, hi) = q.scale.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &x| (a.min(x), b.max(x)));
+        return format!(
+            " quant{{channels={}, axis={}, scale_range=[{}, {}]}}",
+            q.scale.len(),
+            q.axis.unwrap_or(0),
+            fmt_f32(lo),
+            fmt_f32(hi)
+        );
+    }
     let mut s =
         format!(" quant{{scale={}, zero_point={:?}", serde_json::to_string(&q.scale).unwrap_or_default(), q.zero_point);
     if let Some(a) = q.axis {

@@ -104,6 +104,7 @@ models! {
     paraphrase_minilm_l3_dynint8: QUANTIZED,
     paraphrase_minilm_l3_qdq: QUANTIZED,
     bert_tiny_pooler: TOL,
+    bert_tiny_classifier: TOL,
     tinybert_4l_312: TOL,
     bert_large_2l: TOL,
     distilbert_tiny: TOL,

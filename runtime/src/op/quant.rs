@@ -7,6 +7,7 @@ use crate::dim::Dim;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 fn default_axis() -> i64 {
@@ -239,24 +240,29 @@ impl OpDef for MatMulInteger {
         if !(azp.len() == 1 || azp.len() == m) || !(bzp.len() == 1 || bzp.len() == n) {
             return Err(Error::op("MatMulInteger", "zero points must be scalars, per row of A or per column of B"));
         }
+        // Zero points subtracted up front; products of 9-bit values summed in i32 are exact for
+        // any inner dimension below 2^31 / 2^18.
+        if k >= 1 << 13 {
+            return Err(Error::op("MatMulInteger", format!("inner dimension {k} is too large for exact i32 sums")));
+        }
         let (x, y) = (a.to_i64s()?, b.to_i64s()?);
         let offsets = batch_offsets(&s);
         let mut out = vec![0i32; offsets.len() * m * n];
-        for (c, &(ia, ib)) in out.chunks_mut((m * n).max(1)).zip(offsets.iter()) {
+        out.par_chunks_mut((m * n).max(1)).zip(offsets.par_iter()).for_each(|(c, &(ia, ib))| {
             let xa = &x[ia * m * k..(ia + 1) * m * k];
-            let yb = &y[ib * k * n..(ib + 1) * k * n];
+            let yb: Vec<i32> =
+                (0..k * n).map(|i| (y[ib * k * n + i] - bzp[if bzp.len() == 1 { 0 } else { i % n }]) as i32).collect();
             for i in 0..m {
                 let za = azp[if azp.len() == 1 { 0 } else { i }];
-                for j in 0..n {
-                    let zb = bzp[if bzp.len() == 1 { 0 } else { j }];
-                    let mut acc = 0i64;
-                    for p in 0..k {
-                        acc += (xa[i * k + p] - za) * (yb[p * n + j] - zb);
+                let row = &mut c[i * n..(i + 1) * n];
+                for p in 0..k {
+                    let av = (xa[i * k + p] - za) as i32;
+                    for (acc, &bv) in row.iter_mut().zip(&yb[p * n..(p + 1) * n]) {
+                        *acc += av * bv;
                     }
-                    c[i * n + j] = acc as i32;
                 }
             }
-        }
+        });
         Ok(vec![Tensor::new(s.out, out)?])
     }
 }
