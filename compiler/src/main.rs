@@ -59,6 +59,30 @@ enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Time an artifact on random valid inputs.
+    Bench {
+        /// The .tcc artifact.
+        model: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Threads for intra-op parallelism (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Timed runs.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Print JSON: {"median_ms", "min_ms", "p90_ms", "runs", ...}.
+        #[arg(long)]
+        json: bool,
+        /// Print the time spent in each kind of op.
+        #[arg(long)]
+        profile: bool,
+    },
     /// Describe an ONNX model or a .tcc artifact.
     Inspect {
         /// An .onnx or .tcc file.
@@ -140,6 +164,66 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Bench { model, batch, seq, threads, runs, warmup, json, profile } => {
+            if batch == 0 || seq == 0 || runs == 0 {
+                return Err("--batch, --seq and --runs must be at least 1".into());
+            }
+            let threads =
+                threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().map_err(|e| e.to_string())?;
+            let m = Model::load(&model)?;
+            let inputs = m.random_inputs(batch, seq, 42)?;
+            for _ in 0..warmup {
+                m.run(&inputs)?;
+            }
+            let mut times = Vec::with_capacity(runs);
+            let mut steps = Vec::new();
+            for _ in 0..runs {
+                let t0 = Instant::now();
+                m.run_profiled(&inputs, profile.then_some(&mut steps))?;
+                times.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+            if profile {
+                let mut by_op: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
+                for (step, ms) in m.plan().steps.iter().zip(&steps) {
+                    let e = by_op.entry(step.op.name().to_string()).or_default();
+                    e.0 += 1;
+                    e.1 += ms / runs as f64;
+                }
+                let mut rows: Vec<_> = by_op.into_iter().collect();
+                rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+                let total: f64 = rows.iter().map(|r| r.1 .1).sum();
+                if std::env::var_os("TCC_PROFILE_STEPS").is_some() {
+                    for (step, ms) in m.plan().steps.iter().zip(&steps) {
+                        eprintln!("{:10.3} ms  {} {}", ms / runs as f64, step.op.name(), step.name);
+                    }
+                }
+                eprintln!("{:24} {:>6} {:>10} {:>7}", "op", "steps", "ms/run", "share");
+                for (op, (count, ms)) in rows {
+                    eprintln!("{op:24} {count:>6} {ms:>10.3} {:>6.1}%", 100.0 * ms / total.max(1e-9));
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+            let (min, median, p90) = (times[0], pick(0.5), pick(0.9));
+            let tier = m.tier().map(|t| t.name()).unwrap_or("reference");
+            if json {
+                let v = serde_json::json!({
+                    "median_ms": median, "min_ms": min, "p90_ms": p90, "runs": runs, "warmup": warmup,
+                    "batch": batch, "seq": seq, "threads": threads, "tier": tier,
+                    "load_ms": m.load_ms, "jit_ms": m.jit_ms(),
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "{}: batch {batch}, sequence {seq}, {threads} threads, {tier} kernels: median {median:.2} ms, min {min:.2} ms, p90 {p90:.2} ms ({runs} runs after {warmup} warm-up); load {:.1} ms (JIT {:.1} ms)",
+                    model.display(),
+                    m.load_ms,
+                    m.jit_ms()
+                );
+            }
+            Ok(())
+        }
         Command::Ops => {
             for (domain, op) in tcc_compiler::onnx::SUPPORTED_OPS {
                 println!("{}{op}", if domain.is_empty() { String::new() } else { format!("{domain}::") });

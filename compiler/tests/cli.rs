@@ -52,7 +52,9 @@ fn build_run_inspect_a_real_model() {
         assert_eq!(v["attention_heads"], serde_json::json!([12, 12, 12, 12, 12, 12]));
         let params = v["parameters"].as_u64().unwrap();
         assert!((22_500_000..22_800_000).contains(&params), "{params} parameters");
-        assert_eq!(v["op_counts"]["MatMul"], 36 + 12, "{}", v["op_counts"]);
+        // Every product fused with its bias, activation, scaling or mask.
+        assert_eq!(v["op_counts"]["FusedMatMul"], 36 + 12, "{}", v["op_counts"]);
+        assert!(v["op_counts"].get("MatMul").is_none(), "{}", v["op_counts"]);
         assert_eq!(v["op_counts"]["Softmax"], 6);
     }
     let human = ok(&["inspect", s(&art)]);

@@ -11,10 +11,12 @@
 //!   documentation says they approximate (none yet), which report it.
 
 mod fold;
+mod fuse;
 mod manager;
 
 pub use fold::{DeadCode, FoldConstants};
+pub use fuse::FuseMatMul;
 pub use manager::{Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry};
 
 /// The pipeline `tcc build` runs by default.
-pub const DEFAULT_PIPELINE: &str = "canon";
+pub const DEFAULT_PIPELINE: &str = "canon,fuse-matmul,dce";

@@ -83,6 +83,14 @@ impl Registry {
             no_options("dce", o)?;
             Ok(Box::new(crate::DeadCode))
         });
+        r.register(
+            "fuse-matmul",
+            "fold transposes, weight packing and elementwise epilogues into matrix products",
+            |o| {
+                no_options("fuse-matmul", o)?;
+                Ok(Box::new(crate::FuseMatMul))
+            },
+        );
         r.alias("canon", "fold,dce");
         r
     }

@@ -8,14 +8,32 @@
 use crate::artifact::{self, Artifact};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
+use crate::fast::Fast;
+use crate::kernels::Tier;
 use crate::op::{EvalContext, Fact};
 use crate::plan::{find_input as find, Input, Output, Plan, Slot};
 use crate::tensor::Tensor;
 use std::path::Path;
 use std::time::Instant;
 
+/// How a model is loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Compile and use the JIT (default: yes, unless `TCC_JIT=0`).
+    pub jit: bool,
+    /// The kernel tier (default: the best this CPU runs, or `TCC_KERNEL_TIER`).
+    pub tier: Option<Tier>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { jit: std::env::var("TCC_JIT").map(|v| v != "0").unwrap_or(true), tier: None }
+    }
+}
+
 pub struct Model {
     plan: Plan,
+    fast: Option<Fast>,
     constants: Vec<(Slot, Tensor)>,
     last_use: Vec<Option<usize>>,
     keep: Vec<bool>,
@@ -34,17 +52,26 @@ pub struct Model {
 impl Model {
     /// Maps, verifies and validates an artifact.
     pub fn load(path: &Path) -> Result<Model> {
+        Model::load_with(path, &LoadOptions::default())
+    }
+
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Model> {
         let t0 = Instant::now();
         let a = artifact::load(path)?;
-        let mut m = Model::from_artifact(a)?;
+        let mut m = Model::from_artifact_with(a, opts)?;
         m.load_ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(path = %path.display(), ms = m.load_ms, "loaded");
         Ok(m)
     }
 
     pub fn from_artifact(a: Artifact) -> Result<Model> {
+        Model::from_artifact_with(a, &LoadOptions::default())
+    }
+
+    pub fn from_artifact_with(a: Artifact, opts: &LoadOptions) -> Result<Model> {
         let plan = a.header.plan;
         let facts = plan.validate(&a.weights)?;
+        let fast = if opts.jit { Some(Fast::new(&plan, opts.tier.unwrap_or_else(Tier::detect))?) } else { None };
         let constants: Vec<(Slot, Tensor)> = plan
             .constants
             .iter()
@@ -71,6 +98,7 @@ impl Model {
         };
         Ok(Model {
             plan,
+            fast,
             constants,
             last_use,
             keep,
@@ -95,6 +123,16 @@ impl Model {
 
     pub fn plan(&self) -> &Plan {
         &self.plan
+    }
+
+    /// The kernel tier the model runs with (`None` without the JIT).
+    pub fn tier(&self) -> Option<Tier> {
+        self.fast.as_ref().map(|f| f.jit.tier)
+    }
+
+    /// Milliseconds the JIT took at load.
+    pub fn jit_ms(&self) -> f64 {
+        self.fast.as_ref().map(|f| f.jit.compile_ms).unwrap_or(0.0)
     }
 
     /// The inferred fact of every slot.
@@ -123,6 +161,18 @@ impl Model {
 
     /// Runs the model. Inputs are given by name; outputs come back in declaration order.
     pub fn run(&self, inputs: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+        self.run_profiled(inputs, None)
+    }
+
+    /// Runs the model, adding each step's time to `profile` (indexed by step) when given.
+    pub fn run_profiled(
+        &self,
+        inputs: &[(String, Tensor)],
+        mut profile: Option<&mut Vec<f64>>,
+    ) -> Result<Vec<(String, Tensor)>> {
+        if let Some(p) = profile.as_deref_mut() {
+            p.resize(self.plan.steps.len(), 0.0);
+        }
         let symbols = crate::plan::bind_symbols(&self.plan.inputs, inputs)?;
         let ctx = EvalContext { symbols };
         let mut slots: Vec<Option<Tensor>> = vec![None; self.plan.slots as usize];
@@ -133,6 +183,7 @@ impl Model {
             slots[spec.slot as usize] = Some(find(inputs, &spec.name)?.clone());
         }
         for (n, step) in self.plan.steps.iter().enumerate() {
+            let t0 = profile.is_some().then(Instant::now);
             let outs = {
                 let ins: Vec<Option<&Tensor>> = step
                     .inputs
@@ -145,11 +196,15 @@ impl Model {
                             .ok_or_else(|| Error::Artifact(format!("slot {s} read after release"))),
                     })
                     .collect::<Result<_>>()?;
-                step.op.eval(&ctx, &ins).map_err(|e| match e {
+                let fast = self.fast.as_ref().and_then(|f| f.eval(&step.op, &ins));
+                fast.unwrap_or_else(|| step.op.eval(&ctx, &ins)).map_err(|e| match e {
                     Error::Op { op, message } => Error::Op { op: format!("{op} `{}`", step.name), message },
                     e => e,
                 })?
             };
+            if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
+                p[n] += t0.elapsed().as_secs_f64() * 1e3;
+            }
             if outs.len() != step.outputs.len() {
                 return Err(Error::op(
                     step.op.name(),
@@ -175,6 +230,53 @@ impl Model {
                 Ok((o.name.clone(), t))
             })
             .collect()
+    }
+
+    /// Valid inputs of shape `[batch, sequence]` for benchmarks: random token ids below the
+    /// vocabulary size (read from the embedding table the ids index), a full attention mask,
+    /// zero token types, positions `0..sequence`.
+    pub fn random_inputs(&self, batch: usize, sequence: usize, seed: u64) -> Result<Vec<(String, Tensor)>> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state >> 33
+        };
+        let mut out = Vec::new();
+        for spec in &self.plan.inputs {
+            let n = spec.name.to_ascii_lowercase();
+            let shape = vec![batch, sequence];
+            let count = batch * sequence;
+            let v: Vec<i64> = if n.contains("mask") {
+                vec![1; count]
+            } else if n.contains("token_type") || n.contains("segment") {
+                vec![0; count]
+            } else if n.contains("position") {
+                (0..batch).flat_map(|_| 0..sequence as i64).collect()
+            } else {
+                let vocab = self.vocabulary(spec.slot).unwrap_or(1000).max(1);
+                (0..count).map(|_| (next() % vocab as u64) as i64).collect()
+            };
+            if spec.shape.len() != 2 || !spec.dtype.is_int() {
+                return Err(Error::Input(format!(
+                    "cannot make random values for input `{}` ({}{:?})",
+                    spec.name, spec.dtype, spec.shape
+                )));
+            }
+            let t = Tensor::new(shape, v)?;
+            out.push((spec.name.clone(), crate::op::cast_tensor(&t, spec.dtype)?));
+        }
+        Ok(out)
+    }
+
+    /// Rows of the constant table that a `Gather` indexes with slot `ids` (the vocabulary).
+    fn vocabulary(&self, ids: Slot) -> Option<usize> {
+        let step = self
+            .plan
+            .steps
+            .iter()
+            .find(|s| matches!(s.op, crate::op::Op::Gather(_)) && s.inputs.get(1) == Some(&Some(ids)))?;
+        let table = step.inputs.first().copied().flatten()?;
+        self.constants.iter().find(|(s, _)| *s == table).map(|(_, t)| t.shape().first().copied().unwrap_or(0))
     }
 
     /// Whether the artifact carries a tokenizer.

@@ -59,9 +59,6 @@ fn check(name: &str, tol: f64) {
     let model = Model::load(&art).unwrap();
     let got_rt = model.run(&inputs).unwrap_or_else(|e| panic!("{name}: runtime failed: {e}"));
     let (err_rt, _) = worst_rel_err(&got_rt, &want);
-    for ((n, a), (_, b)) in got_rt.iter().zip(&got_passes) {
-        assert!(a.bit_eq(b), "{name}: runtime and interpreter differ on `{n}`");
-    }
     let _ = std::fs::remove_dir_all(&dir);
     if tol.is_nan() {
         let cos = min_sentence_cosine(&got_rt, &want, &inputs);

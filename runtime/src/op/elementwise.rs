@@ -15,7 +15,7 @@ use serde_json::Value as Json;
 macro_rules! kinds {
     ($(#[$m:meta])* $kind:ident { $($v:ident),* $(,)? }) => {
         $(#[$m])*
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
         pub enum $kind {
             #[default]
             $($v),*
@@ -129,34 +129,7 @@ impl OpDef for Unary {
                 Tensor::from_bools(shape, x.as_slice::<f32>()?.iter().map(|v| v.is_infinite()).collect())?
             }
             (kind, DType::F32) => {
-                let f: fn(f32) -> f32 = match kind {
-                    Neg => |v| -v,
-                    Abs => f32::abs,
-                    Sqrt => f32::sqrt,
-                    Reciprocal => |v| 1.0 / v,
-                    Exp => f32::exp,
-                    Log => f32::ln,
-                    Erf => erf32,
-                    Tanh => f32::tanh,
-                    Relu => |v| if v > 0.0 { v } else { 0.0 },
-                    Sigmoid => |v| 1.0 / (1.0 + (-v).exp()),
-                    Floor => f32::floor,
-                    Ceil => f32::ceil,
-                    Round => round_half_even,
-                    Sign => |v| {
-                        if v > 0.0 {
-                            1.0
-                        } else if v < 0.0 {
-                            -1.0
-                        } else {
-                            v
-                        }
-                    },
-                    Sin => f32::sin,
-                    Cos => f32::cos,
-                    Identity | Not | IsNaN | IsInf => unreachable!("handled above"),
-                };
-                Tensor::new(shape, x.as_slice::<f32>()?.iter().map(|&v| f(v)).collect())?
+                Tensor::new(shape, x.as_slice::<f32>()?.iter().map(|&v| unary_f32(kind, v)).collect())?
             }
             (Neg | Abs | Sign | Relu, dt) if dt.is_int() => {
                 let v = x.to_i64s()?;
@@ -172,6 +145,50 @@ impl OpDef for Unary {
         };
         Ok(vec![out])
     }
+}
+
+/// The f32 semantics of a unary op (those that map f32 to f32).
+pub(crate) fn unary_f32(kind: UnaryKind, v: f32) -> f32 {
+    use UnaryKind::*;
+    match kind {
+        Identity => v,
+        Neg => -v,
+        Abs => v.abs(),
+        Sqrt => v.sqrt(),
+        Reciprocal => 1.0 / v,
+        Exp => v.exp(),
+        Log => v.ln(),
+        Erf => erf32(v),
+        Tanh => v.tanh(),
+        Relu => {
+            if v > 0.0 {
+                v
+            } else {
+                0.0
+            }
+        }
+        Sigmoid => 1.0 / (1.0 + (-v).exp()),
+        Floor => v.floor(),
+        Ceil => v.ceil(),
+        Round => round_half_even(v),
+        Sign => {
+            if v > 0.0 {
+                1.0
+            } else if v < 0.0 {
+                -1.0
+            } else {
+                v
+            }
+        }
+        Sin => v.sin(),
+        Cos => v.cos(),
+        Not | IsNaN | IsInf => f32::NAN,
+    }
+}
+
+/// The f32 semantics of an arithmetic binary op.
+pub(crate) fn binary_f32(kind: BinaryKind, a: f32, b: f32) -> f32 {
+    f32_binary(kind)(a, b)
 }
 
 /// i64 results back to a narrower integer dtype (wrapping, as the narrow type would).

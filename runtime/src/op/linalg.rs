@@ -1,4 +1,4 @@
-//! Matrix products: `MatMul` (numpy semantics, batched with broadcasting) and `Gemm`.
+//! Matrix products: `MatMul` (numpy semantics, batched with broadcasting).
 
 use super::{broadcast_dims, broadcast_shapes, broadcast_strides, req, Arity, EvalContext, Fact, OpDef};
 use crate::dim::Dim;
@@ -196,93 +196,6 @@ impl OpDef for MatMul {
     }
 }
 
-/// `Y = alpha * A' * B' + beta * C` with optional transposes of 2-D `A` and `B`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Gemm {
-    #[serde(default = "one")]
-    pub alpha: f32,
-    #[serde(default = "one")]
-    pub beta: f32,
-    #[serde(default)]
-    pub trans_a: bool,
-    #[serde(default)]
-    pub trans_b: bool,
-}
-
-fn one() -> f32 {
-    1.0
-}
-
-/// Transposes a row-major `r×c` matrix.
-pub(crate) fn transpose2(r: usize, c: usize, x: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; r * c];
-    for i in 0..r {
-        for j in 0..c {
-            out[j * r + i] = x[i * c + j];
-        }
-    }
-    out
-}
-
-impl OpDef for Gemm {
-    const NAMES: &'static [&'static str] = &["Gemm"];
-
-    fn arity(&self) -> Arity {
-        Arity::range(2, 3, 1)
-    }
-
-    fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
-        let (a, b) = (req("Gemm", inputs, 0)?, req("Gemm", inputs, 1)?);
-        if a.rank() != 2 || b.rank() != 2 {
-            return Err(Error::op("Gemm", format!("expects 2-D operands, got ranks {} and {}", a.rank(), b.rank())));
-        }
-        if a.dtype != DType::F32 || b.dtype != DType::F32 {
-            return Err(Error::op("Gemm", "supports f32 only"));
-        }
-        let m = if self.trans_a { &a.shape[1] } else { &a.shape[0] };
-        let n = if self.trans_b { &b.shape[0] } else { &b.shape[1] };
-        Ok(vec![Fact::new(DType::F32, vec![m.clone(), n.clone()])])
-    }
-
-    fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-        let (a, b) = (req("Gemm", inputs, 0)?, req("Gemm", inputs, 1)?);
-        if a.rank() != 2 || b.rank() != 2 {
-            return Err(Error::op("Gemm", "expects 2-D operands"));
-        }
-        let (x, y) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
-        let (ar, ac, br, bc) = (a.shape()[0], a.shape()[1], b.shape()[0], b.shape()[1]);
-        let xa = if self.trans_a { transpose2(ar, ac, x) } else { x.to_vec() };
-        let yb = if self.trans_b { transpose2(br, bc, y) } else { y.to_vec() };
-        let (m, k) = if self.trans_a { (ac, ar) } else { (ar, ac) };
-        let (k2, n) = if self.trans_b { (bc, br) } else { (br, bc) };
-        if k != k2 {
-            return Err(Error::op("Gemm", format!("inner dims differ: {k} and {k2}")));
-        }
-        super::check_alloc("Gemm", &[m, n])?;
-        let mut out = vec![0f32; m * n];
-        gemm_f32(m, k, n, &xa, &yb, &mut out);
-        if self.alpha != 1.0 {
-            out.iter_mut().for_each(|v| *v *= self.alpha);
-        }
-        if let Some(c) = inputs.get(2).copied().flatten() {
-            let cs = c.as_slice::<f32>()?;
-            let bs = broadcast_shapes("Gemm", &[c.shape(), &[m, n]])?;
-            if bs != [m, n] {
-                return Err(Error::op("Gemm", format!("C of shape {:?} does not broadcast to [{m}, {n}]", c.shape())));
-            }
-            let st = broadcast_strides(c.shape(), &[m, n]);
-            let beta = self.beta;
-            let mut idx = 0;
-            super::for_each_broadcast(&[m, n], [&st], |[o]| {
-                out[idx] += beta * cs[o];
-                idx += 1;
-            });
-        }
-        Ok(vec![Tensor::new(vec![m, n], out)?])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,16 +234,5 @@ mod tests {
         let y = op.eval(&EvalContext::default(), &[Some(&a), Some(&v)]).unwrap().remove(0);
         assert_eq!(y.shape(), &[2, 1, 2]);
         assert!(op.eval(&EvalContext::default(), &[Some(&v), Some(&a)]).is_err());
-    }
-
-    #[test]
-    fn gemm_transposes_and_adds_c() {
-        let a = Tensor::new(vec![2, 1], vec![1f32, 2.]).unwrap();
-        let b = Tensor::new(vec![2, 2], vec![1f32, 2., 3., 4.]).unwrap();
-        let c = Tensor::new(vec![2], vec![10f32, 20.]).unwrap();
-        let op: Op = Gemm { alpha: 1.0, beta: 0.5, trans_a: true, trans_b: true }.into();
-        let y = op.eval(&EvalContext::default(), &[Some(&a), Some(&b), Some(&c)]).unwrap().remove(0);
-        assert_eq!(y.shape(), &[1, 2]);
-        assert_eq!(y.as_slice::<f32>().unwrap(), &[5. + 5., 11. + 10.]);
     }
 }

@@ -13,6 +13,7 @@
 //! on the compiler crates; `tcc-ir` re-exports it.
 
 pub(crate) mod elementwise;
+pub mod fused;
 mod gather;
 mod linalg;
 mod nn;
@@ -21,8 +22,9 @@ mod reduce;
 mod shape;
 
 pub use elementwise::{cast_tensor, Binary, BinaryKind, Cast, Clip, Unary, UnaryKind, Where};
+pub use fused::{EpiOp, Epilogue, FusedMatMul};
 pub use gather::{Gather, GatherElements, GatherND};
-pub use linalg::{Gemm, MatMul};
+pub use linalg::MatMul;
 pub use nn::{gelu, Gelu, GeluApprox, LayerNorm, Softmax};
 pub use quant::{DequantizeLinear, DynamicQuantizeLinear, MatMulInteger, QuantizeLinear};
 pub use reduce::{CumSum, Reduce, ReduceKind};
@@ -320,7 +322,7 @@ pub(crate) fn for_each_broadcast<const N: usize>(out: &[usize], strides: [&[usiz
 }
 
 /// Row-major strides.
-pub(crate) fn strides_of(shape: &[usize]) -> Vec<usize> {
+pub fn strides_of(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1usize; shape.len()];
     for i in (0..shape.len().saturating_sub(1)).rev() {
         s[i] = s[i + 1] * shape[i + 1];
@@ -430,7 +432,7 @@ macro_rules! ops {
 
 ops! {
     Unary, Binary, Where, Cast, Clip,
-    MatMul, Gemm,
+    MatMul, FusedMatMul,
     Softmax, LayerNorm, Gelu,
     Reduce, CumSum,
     Shape, Size, Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice,

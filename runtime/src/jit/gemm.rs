@@ -1,0 +1,451 @@
+//! Generated GEMM code: the loop nest around the micro-kernels with the fused epilogue, the
+//! portable (128-bit) micro-kernel, and the packing of activation matrices into panels.
+
+use super::emit::{mem, Emitter};
+use crate::kernels::NR;
+use crate::op::{BinaryKind, EpiOp, Epilogue, UnaryKind};
+use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::{types, AbiParam, InstBuilder, Signature, Type, Value};
+use cranelift_codegen::isa::CallConv;
+
+/// Arguments of a generated GEMM driver, read by the generated code at fixed offsets.
+///
+/// The driver computes panels `panel_begin..panel_end` of `C[m x n] = epilogue(A[m x k] .
+/// B[k x n])`, `B` packed in panels of `NR` columns (`k * NR` floats each).
+#[repr(C)]
+#[derive(Debug)]
+pub struct GemmArgs {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: *const f32,
+    pub lda: usize,
+    pub b: *const f32,
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub panel_begin: usize,
+    pub panel_end: usize,
+    pub kernel: usize,
+    pub mr: usize,
+    pub kc: usize,
+    pub operands: *const EpiOperand,
+}
+
+/// An extra input of the epilogue: element `(i, j)` of the tile is at `ptr + i * row_stride + j`
+/// (or `ptr + i * row_stride` for inputs that broadcast along columns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EpiOperand {
+    pub ptr: *const f32,
+    pub row_stride: usize,
+}
+
+const W: i64 = 8; // bytes per GemmArgs field
+
+/// The signature of the micro-kernels (`kernels::MicroKernel`).
+pub fn micro_kernel_sig(call_conv: CallConv) -> Signature {
+    let mut s = Signature::new(call_conv);
+    for _ in 0..8 {
+        s.params.push(AbiParam::new(types::I64));
+    }
+    s.params.push(AbiParam::new(types::I32));
+    s
+}
+
+/// Emits the epilogue program for one element or one vector of four.
+pub fn emit_program(e: &mut Emitter, ty: Type, prog: &Epilogue, acc: Value, inputs: &[Value]) -> Value {
+    let mut regs: Vec<Value> = Vec::with_capacity(prog.0.len());
+    for op in &prog.0 {
+        let v = match *op {
+            EpiOp::Acc => acc,
+            EpiOp::Input(i) => inputs[i],
+            EpiOp::Const(c) => e.fconst(ty, c),
+            EpiOp::Unary(k, a) => {
+                let x = regs[a];
+                match k {
+                    UnaryKind::Identity => x,
+                    UnaryKind::Neg => e.b.ins().fneg(x),
+                    UnaryKind::Abs => e.b.ins().fabs(x),
+                    UnaryKind::Sqrt => e.b.ins().sqrt(x),
+                    UnaryKind::Reciprocal => {
+                        let one = e.fconst(ty, 1.0);
+                        e.fdiv(one, x)
+                    }
+                    UnaryKind::Exp => e.exp(ty, x),
+                    UnaryKind::Erf => e.erf(ty, x),
+                    UnaryKind::Tanh => e.tanh(ty, x),
+                    UnaryKind::Sigmoid => e.sigmoid(ty, x),
+                    UnaryKind::Relu => e.relu(ty, x),
+                    k => unreachable!("epilogues exclude {k:?} (checked by Epilogue::supports_unary)"),
+                }
+            }
+            EpiOp::Binary(k, a, b) => {
+                let (x, y) = (regs[a], regs[b]);
+                match k {
+                    BinaryKind::Add => e.fadd(x, y),
+                    BinaryKind::Sub => e.fsub(x, y),
+                    BinaryKind::Mul => e.fmul(x, y),
+                    BinaryKind::Div => e.fdiv(x, y),
+                    BinaryKind::Max => e.b.ins().fmax(x, y),
+                    BinaryKind::Min => e.b.ins().fmin(x, y),
+                    k => unreachable!("epilogues exclude {k:?} (checked by Epilogue::supports_binary)"),
+                }
+            }
+        };
+        regs.push(v);
+    }
+    regs.last().copied().unwrap_or(acc)
+}
+
+/// The body of a GEMM driver: `fn(args: *const GemmArgs)`. `col_broadcast[i]` says whether
+/// extra input `i` broadcasts along the columns.
+pub fn emit_driver(
+    e: &mut Emitter,
+    args: Value,
+    prog: &Epilogue,
+    col_broadcast: &[bool],
+    kernel_sig: cranelift_codegen::ir::SigRef,
+) {
+    let f = |e: &mut Emitter, i: i64| e.load_i64(args, (i * W) as i32);
+    let (m, n, k, a, lda, b, c, ldc) = (f(e, 0), f(e, 1), f(e, 2), f(e, 3), f(e, 4), f(e, 5), f(e, 6), f(e, 7));
+    let (p0, p1, kernel, mr, kc, ops) = (f(e, 8), f(e, 9), f(e, 10), f(e, 11), f(e, 12), f(e, 13));
+    let has_epilogue = !prog.is_identity();
+    let program_consts: Vec<f32> =
+        prog.0.iter().filter_map(|op| if let EpiOp::Const(c) = op { Some(*c) } else { None }).collect();
+    e.preload(types::F32X4, &program_consts);
+    e.preload(types::F32, &program_consts);
+    let operands: Vec<(Value, Value)> = (0..col_broadcast.len())
+        .map(|i| {
+            let p = e.load_i64(ops, (i * 16) as i32);
+            let rs = e.load_i64(ops, (i * 16 + 8) as i32);
+            (p, rs)
+        })
+        .collect();
+    let nr = e.i64(NR as i64);
+    let panel_bytes = e.b.ins().imul_imm_s(k, (NR * 4) as i64);
+    e.for_range(p0, p1, 1, |e, p| {
+        let n0 = e.b.ins().imul_imm_s(p, NR as i64);
+        let left = e.b.ins().isub(n, n0);
+        let nb = e.min(nr, left);
+        let bpanel = {
+            let off = e.b.ins().imul(p, panel_bytes);
+            e.b.ins().iadd(b, off)
+        };
+        let zero = e.i64(0);
+        let kvar = e.var(zero);
+        e.while_lt(kvar, k, |e, k0| {
+            let rest = e.b.ins().isub(k, k0);
+            let kb = e.min(kc, rest);
+            let k_end = e.b.ins().iadd(k0, kb);
+            let last = e.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, k_end, k);
+            let not_first = e.b.ins().icmp_imm_s(IntCC::NotEqual, k0, 0);
+            let accumulate = e.b.ins().uextend(types::I32, not_first);
+            let bk = e.addr(bpanel, k0, (NR * 4) as i64);
+            let zero = e.i64(0);
+            let ivar = e.var(zero);
+            e.while_lt(ivar, m, |e, i| {
+                let rows_left = e.b.ins().isub(m, i);
+                let mb = e.min(mr, rows_left);
+                let arow = {
+                    let r = e.b.ins().imul(i, lda);
+                    let r = e.b.ins().iadd(r, k0);
+                    e.addr(a, r, 4)
+                };
+                let crow = {
+                    let r = e.b.ins().imul(i, ldc);
+                    let r = e.b.ins().iadd(r, n0);
+                    e.addr(c, r, 4)
+                };
+                e.b.ins().call_indirect(kernel_sig, kernel, &[kb, arow, lda, bk, crow, ldc, mb, nb, accumulate]);
+                if has_epilogue {
+                    e.if_then(last, |e| emit_tile_epilogue(e, prog, col_broadcast, &operands, c, ldc, i, mb, n0, nb));
+                }
+                let next = e.b.ins().iadd(i, mb);
+                e.b.def_var(ivar, next);
+            });
+            e.b.def_var(kvar, k_end);
+        });
+    });
+}
+
+/// Applies the epilogue to rows `i..i+mb`, columns `n0..n0+nb` of C, in place.
+#[allow(clippy::too_many_arguments)]
+fn emit_tile_epilogue(
+    e: &mut Emitter,
+    prog: &Epilogue,
+    col_broadcast: &[bool],
+    operands: &[(Value, Value)],
+    c: Value,
+    ldc: Value,
+    i: Value,
+    mb: Value,
+    n0: Value,
+    nb: Value,
+) {
+    let end = e.b.ins().iadd(i, mb);
+    e.for_range(i, end, 1, |e, row| {
+        let crow = {
+            let r = e.b.ins().imul(row, ldc);
+            let r = e.b.ins().iadd(r, n0);
+            e.addr(c, r, 4)
+        };
+        let orows: Vec<Value> = operands
+            .iter()
+            .zip(col_broadcast)
+            .map(|(&(p, rs), &bcast)| {
+                let r = e.b.ins().imul(row, rs);
+                let r = if bcast { r } else { e.b.ins().iadd(r, n0) };
+                e.addr(p, r, 4)
+            })
+            .collect();
+        // Vectors of four, then the rest one by one.
+        let zero = e.i64(0);
+        let jvar = e.var(zero);
+        let nb3 = e.b.ins().iadd_imm_s(nb, -3);
+        e.while_lt(jvar, nb3, |e, j| {
+            let off = e.b.ins().imul_imm_s(j, 4);
+            let cp = e.b.ins().iadd(crow, off);
+            let acc = e.b.ins().load(types::F32X4, mem(), cp, 0);
+            let ins: Vec<Value> = orows
+                .iter()
+                .zip(col_broadcast)
+                .map(|(&op, &bcast)| {
+                    if bcast {
+                        let s = e.b.ins().load(types::F32, mem(), op, 0);
+                        e.b.ins().splat(types::F32X4, s)
+                    } else {
+                        let p = e.b.ins().iadd(op, off);
+                        e.b.ins().load(types::F32X4, mem(), p, 0)
+                    }
+                })
+                .collect();
+            let y = emit_program(e, types::F32X4, prog, acc, &ins);
+            e.b.ins().store(mem(), y, cp, 0);
+            let next = e.b.ins().iadd_imm_s(j, 4);
+            e.b.def_var(jvar, next);
+        });
+        e.while_lt(jvar, nb, |e, j| {
+            let off = e.b.ins().imul_imm_s(j, 4);
+            let cp = e.b.ins().iadd(crow, off);
+            let acc = e.b.ins().load(types::F32, mem(), cp, 0);
+            let ins: Vec<Value> = orows
+                .iter()
+                .zip(col_broadcast)
+                .map(|(&op, &bcast)| {
+                    let p = if bcast { op } else { e.b.ins().iadd(op, off) };
+                    e.b.ins().load(types::F32, mem(), p, 0)
+                })
+                .collect();
+            let y = emit_program(e, types::F32, prog, acc, &ins);
+            e.b.ins().store(mem(), y, cp, 0);
+            let next = e.b.ins().iadd_imm_s(j, 1);
+            e.b.def_var(jvar, next);
+        });
+    });
+}
+
+/// The portable micro-kernel, `kernels::MicroKernel` in 128-bit vectors: tiles of up to 4 rows
+/// by 8 columns, four times across the 32-column panel. Params as the Rust kernels.
+pub fn emit_portable_kernel(e: &mut Emitter, params: &[Value]) {
+    let (k, a, lda, b, c, ldc, m, n, accumulate) =
+        (params[0], params[1], params[2], params[3], params[4], params[5], params[6], params[7], params[8]);
+    // One specialized body per row count.
+    let bodies: Vec<_> = (1..=4).map(|_| e.b.create_block()).collect();
+    let done = e.b.create_block();
+    for (r, &blk) in bodies.iter().enumerate() {
+        let rows = r as i64 + 1;
+        let next = e.b.create_block();
+        let is = if rows == 4 {
+            e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, m, rows)
+        } else {
+            e.b.ins().icmp_imm_s(IntCC::Equal, m, rows)
+        };
+        e.b.ins().brif(is, blk, &[], next, &[]);
+        e.b.switch_to_block(next);
+    }
+    e.b.ins().jump(done, &[]);
+    for (r, &blk) in bodies.iter().enumerate() {
+        e.b.switch_to_block(blk);
+        emit_portable_tile(e, r + 1, k, a, lda, b, c, ldc, n, accumulate);
+        e.b.ins().jump(done, &[]);
+    }
+    e.b.switch_to_block(done);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emit_portable_tile(
+    e: &mut Emitter,
+    rows: usize,
+    k: Value,
+    a: Value,
+    lda: Value,
+    b: Value,
+    c: Value,
+    ldc: Value,
+    n: Value,
+    accumulate: Value,
+) {
+    let lda4 = e.b.ins().imul_imm_s(lda, 4);
+    let ldc4 = e.b.ins().imul_imm_s(ldc, 4);
+    let zero = e.i64(0);
+    let four = e.i64(4);
+    // Sub-panels of 8 columns while any column of them is wanted.
+    e.for_range(zero, four, 1, |e, s| {
+        let col0 = e.b.ins().imul_imm_s(s, 8);
+        let wanted = e.b.ins().icmp(IntCC::SignedLessThan, col0, n);
+        e.if_then(wanted, |e| {
+            let bs = e.addr(b, col0, 4);
+            let z = e.fconst(types::F32X4, 0.0);
+            let accs: Vec<_> = (0..rows * 2)
+                .map(|_| {
+                    let v = e.b.declare_var(types::F32X4);
+                    e.b.def_var(v, z);
+                    v
+                })
+                .collect();
+            let zero = e.i64(0);
+            e.for_range(zero, k, 1, |e, p| {
+                let brow = e.addr(bs, p, (NR * 4) as i64);
+                let b0 = e.b.ins().load(types::F32X4, mem(), brow, 0);
+                let b1 = e.b.ins().load(types::F32X4, mem(), brow, 16);
+                let ap = e.addr(a, p, 4);
+                for r in 0..rows {
+                    let row = if r == 0 {
+                        ap
+                    } else {
+                        let off = e.b.ins().imul_imm_s(lda4, r as i64);
+                        e.b.ins().iadd(ap, off)
+                    };
+                    let s = e.b.ins().load(types::F32, mem(), row, 0);
+                    let av = e.b.ins().splat(types::F32X4, s);
+                    for h in 0..2 {
+                        let acc = e.b.use_var(accs[r * 2 + h]);
+                        let bv = if h == 0 { b0 } else { b1 };
+                        let nv = e.fmadd(av, bv, acc);
+                        e.b.def_var(accs[r * 2 + h], nv);
+                    }
+                }
+            });
+            let width = e.b.ins().isub(n, col0);
+            let full = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, width, 8);
+            let acc_flag = e.b.ins().icmp_imm_s(IntCC::NotEqual, accumulate, 0);
+            for r in 0..rows {
+                let crow = {
+                    let off = e.b.ins().imul_imm_s(ldc4, r as i64);
+                    let base = e.b.ins().iadd(c, off);
+                    e.addr(base, col0, 4)
+                };
+                let v0 = e.b.use_var(accs[r * 2]);
+                let v1 = e.b.use_var(accs[r * 2 + 1]);
+                let full_block = e.b.create_block();
+                let part_block = e.b.create_block();
+                let join = e.b.create_block();
+                e.b.ins().brif(full, full_block, &[], part_block, &[]);
+                e.b.switch_to_block(full_block);
+                for (h, v) in [(0i32, v0), (16, v1)] {
+                    let old = e.b.ins().load(types::F32X4, mem(), crow, h);
+                    let sum = e.fadd(v, old);
+                    let out = e.b.ins().select(acc_flag, sum, v);
+                    e.b.ins().store(mem(), out, crow, h);
+                }
+                e.b.ins().jump(join, &[]);
+                e.b.switch_to_block(part_block);
+                for lane in 0..8i64 {
+                    let inside = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, width, lane);
+                    let v = if lane < 4 { v0 } else { v1 };
+                    e.if_then(inside, |e| {
+                        let x = e.b.ins().extractlane(v, (lane % 4) as u8);
+                        let off = (lane * 4) as i32;
+                        let old = e.b.ins().load(types::F32, mem(), crow, off);
+                        let sum = e.fadd(x, old);
+                        let out = e.b.ins().select(acc_flag, sum, x);
+                        e.b.ins().store(mem(), out, crow, off);
+                    });
+                }
+                e.b.ins().jump(join, &[]);
+                e.b.switch_to_block(join);
+            }
+        });
+    });
+}
+
+/// `pack(src, k, n, row_stride, col_stride, dst)`: element `(r, j)` of a strided `k x n`
+/// matrix goes to panel `j / NR`, row `r`, lane `j % NR` of `dst`; lanes past `n` are zeroed.
+/// Full panels copy without bounds checks (vectors when columns are contiguous).
+pub fn emit_pack(e: &mut Emitter, params: &[Value]) {
+    let (src, k, n, rs, cs, dst) = (params[0], params[1], params[2], params[3], params[4], params[5]);
+    let zero = e.i64(0);
+    let panels = {
+        let t = e.b.ins().iadd_imm_s(n, NR as i64 - 1);
+        e.b.ins().udiv_imm_u(t, NR as i64)
+    };
+    let rs4 = e.b.ins().imul_imm_s(rs, 4);
+    let cs4 = e.b.ins().imul_imm_s(cs, 4);
+    let contiguous = e.b.ins().icmp_imm_s(IntCC::Equal, cs, 1);
+    e.for_range(zero, panels, 1, |e, p| {
+        let col0 = e.b.ins().imul_imm_s(p, NR as i64);
+        let panel_base = {
+            let t = e.b.ins().imul(p, k);
+            e.addr(dst, t, (NR * 4) as i64)
+        };
+        let width = e.b.ins().isub(n, col0);
+        let full = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThanOrEqual, width, NR as i64);
+        let full_block = e.b.create_block();
+        let part_block = e.b.create_block();
+        let join = e.b.create_block();
+        e.b.ins().brif(full, full_block, &[], part_block, &[]);
+        for (block, is_full) in [(full_block, true), (part_block, false)] {
+            e.b.switch_to_block(block);
+            let zero = e.i64(0);
+            e.for_range(zero, k, 1, |e, r| {
+                let out_row = e.addr(panel_base, r, (NR * 4) as i64);
+                let src_row = {
+                    let t = e.b.ins().imul(r, rs4);
+                    let t = e.b.ins().iadd(src, t);
+                    let u = e.b.ins().imul(col0, cs4);
+                    e.b.ins().iadd(t, u)
+                };
+                if is_full {
+                    let vec_block = e.b.create_block();
+                    let scalar_block = e.b.create_block();
+                    let row_join = e.b.create_block();
+                    e.b.ins().brif(contiguous, vec_block, &[], scalar_block, &[]);
+                    e.b.switch_to_block(vec_block);
+                    for j in 0..(NR / 4) as i32 {
+                        let v = e.b.ins().load(types::F32X4, mem(), src_row, j * 16);
+                        e.b.ins().store(mem(), v, out_row, j * 16);
+                    }
+                    e.b.ins().jump(row_join, &[]);
+                    e.b.switch_to_block(scalar_block);
+                    let mut sp = src_row;
+                    for j in 0..NR as i32 {
+                        let x = e.b.ins().load(types::F32, mem(), sp, 0);
+                        e.b.ins().store(mem(), x, out_row, j * 4);
+                        sp = e.b.ins().iadd(sp, cs4);
+                    }
+                    e.b.ins().jump(row_join, &[]);
+                    e.b.switch_to_block(row_join);
+                } else {
+                    let zf = e.fconst(types::F32, 0.0);
+                    for j in 0..NR as i64 {
+                        let inside = e.b.ins().icmp_imm_s(IntCC::SignedGreaterThan, width, j);
+                        let sp = {
+                            let t = e.b.ins().imul_imm_s(cs4, j);
+                            e.b.ins().iadd(src_row, t)
+                        };
+                        let v = e.b.declare_var(types::F32);
+                        e.b.def_var(v, zf);
+                        e.if_then(inside, |e| {
+                            let x = e.b.ins().load(types::F32, mem(), sp, 0);
+                            e.b.def_var(v, x);
+                        });
+                        let x = e.b.use_var(v);
+                        e.b.ins().store(mem(), x, out_row, (j * 4) as i32);
+                    }
+                }
+            });
+            e.b.ins().jump(join, &[]);
+        }
+        e.b.switch_to_block(join);
+    });
+}

@@ -1,0 +1,133 @@
+//! The AVX-512 micro-kernel: a 12 x 32 tile of C in 24 zmm accumulators; per step of `k`, two
+//! loads of the packed panel and twelve broadcasts of A feed 24 FMAs.
+
+#![allow(clippy::too_many_arguments)] // micro-kernel signatures are wide by nature
+
+use super::NR;
+use std::arch::x86_64::*;
+
+/// Write masks for the first `n` of 32 columns, as two 16-lane halves.
+#[inline(always)]
+fn masks(n: usize) -> (__mmask16, __mmask16) {
+    let lo = if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+    let hi = if n >= 32 {
+        0xffff
+    } else if n > 16 {
+        ((1u32 << (n - 16)) - 1) as u16
+    } else {
+        0
+    };
+    (lo, hi)
+}
+
+#[inline(always)]
+unsafe fn tile<const MR: usize>(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    n: usize,
+    accumulate: bool,
+) {
+    // SAFETY (whole body): the caller guarantees AVX-512F, that `a` covers MR rows of `k`
+    // elements at stride `lda`, `b` covers `k * NR` elements, and `c` covers MR rows of `n`
+    // elements at stride `ldc`; masked loads and stores touch only those `n` columns.
+    unsafe {
+        let mut acc0 = [_mm512_setzero_ps(); MR];
+        let mut acc1 = [_mm512_setzero_ps(); MR];
+        for p in 0..k {
+            let b0 = _mm512_loadu_ps(b.add(p * NR));
+            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*a.add(r * lda + p));
+                acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+            }
+        }
+        let (m0, m1) = masks(n);
+        for r in 0..MR {
+            let cp = c.add(r * ldc);
+            let (mut v0, mut v1) = (acc0[r], acc1[r]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
+            }
+            _mm512_mask_storeu_ps(cp, m0, v0);
+            _mm512_mask_storeu_ps(cp.add(16), m1, v1);
+        }
+    }
+}
+
+/// The tier's micro-kernel ([`super::MicroKernel`]), for `m <= 12`.
+///
+/// # Safety
+/// The CPU must have AVX-512F and the pointers must cover the ranges of the contract.
+#[target_feature(enable = "avx512f")]
+pub unsafe extern "C" fn sgemm_12x32(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    accumulate: u32,
+) {
+    let acc = accumulate != 0;
+    // SAFETY: forwarded contract; `m` selects a tile no taller than the rows the caller owns.
+    unsafe {
+        match m {
+            12.. => tile::<12>(k, a, lda, b, c, ldc, n, acc),
+            11 => tile::<11>(k, a, lda, b, c, ldc, n, acc),
+            10 => tile::<10>(k, a, lda, b, c, ldc, n, acc),
+            9 => tile::<9>(k, a, lda, b, c, ldc, n, acc),
+            8 => tile::<8>(k, a, lda, b, c, ldc, n, acc),
+            7 => tile::<7>(k, a, lda, b, c, ldc, n, acc),
+            6 => tile::<6>(k, a, lda, b, c, ldc, n, acc),
+            5 => tile::<5>(k, a, lda, b, c, ldc, n, acc),
+            4 => tile::<4>(k, a, lda, b, c, ldc, n, acc),
+            3 => tile::<3>(k, a, lda, b, c, ldc, n, acc),
+            2 => tile::<2>(k, a, lda, b, c, ldc, n, acc),
+            1 => tile::<1>(k, a, lda, b, c, ldc, n, acc),
+            0 => {}
+        }
+    }
+}
+
+/// The benchmark baseline: one row at a time.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn reference(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    accumulate: u32,
+) {
+    // SAFETY: as `sgemm_12x32`.
+    unsafe {
+        let (m0, m1) = masks(n);
+        for r in 0..m {
+            let mut v0 = _mm512_setzero_ps();
+            let mut v1 = _mm512_setzero_ps();
+            for p in 0..k {
+                let av = _mm512_set1_ps(*a.add(r * lda + p));
+                v0 = _mm512_fmadd_ps(av, _mm512_loadu_ps(b.add(p * NR)), v0);
+                v1 = _mm512_fmadd_ps(av, _mm512_loadu_ps(b.add(p * NR + 16)), v1);
+            }
+            let cp = c.add(r * ldc);
+            if accumulate != 0 {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
+            }
+            _mm512_mask_storeu_ps(cp, m0, v0);
+            _mm512_mask_storeu_ps(cp.add(16), m1, v1);
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! Fused ops made by tcc's passes: a matrix product with transposes folded into its operands'
+//! strides and an elementwise epilogue folded into its output.
+//!
+//! `FusedMatMul` computes `epilogue(matmul(permute(a, a_perm), B))` where `B` is either a
+//! tensor (`permute(b, b_perm)`) or constant weights packed in panels ([`crate::kernels::pack_b`])
+//! at build time, and the epilogue is a small elementwise program over the product and extra
+//! inputs that broadcast to the output. The output may be written permuted (`c_perm`), which is
+//! how `MatMul -> Transpose` in attention becomes one op. Its `eval` is the reference; the JIT
+//! runs the same program in generated code.
+
+use super::linalg::{gemm_f32, matmul_dims, matmul_shape};
+use super::{
+    broadcast_dims, broadcast_shapes, broadcast_strides, for_each_broadcast, req, Arity, EvalContext, Fact, OpDef,
+};
+use crate::dim::Dim;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::op::{BinaryKind, UnaryKind};
+use crate::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+/// One instruction of an epilogue program; instructions refer to earlier results by index.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EpiOp {
+    /// The matrix product's element.
+    Acc,
+    /// Element of extra input `i` (input `2 + i` of the op), broadcast to the output.
+    Input(usize),
+    Const(f32),
+    Unary(UnaryKind, usize),
+    Binary(BinaryKind, usize, usize),
+}
+
+/// An elementwise program; the last instruction's value is the output.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Epilogue(pub Vec<EpiOp>);
+
+impl Epilogue {
+    pub fn is_identity(&self) -> bool {
+        self.0.is_empty() || self.0 == [EpiOp::Acc]
+    }
+
+    /// The unary and binary ops an epilogue may use (f32 in, f32 out).
+    pub fn supports_unary(k: UnaryKind) -> bool {
+        use UnaryKind::*;
+        matches!(k, Identity | Neg | Abs | Sqrt | Reciprocal | Exp | Erf | Tanh | Relu | Sigmoid)
+    }
+
+    pub fn supports_binary(k: BinaryKind) -> bool {
+        use BinaryKind::*;
+        matches!(k, Add | Sub | Mul | Div | Max | Min)
+    }
+
+    fn check(&self, extra: usize) -> Result<()> {
+        for (i, op) in self.0.iter().enumerate() {
+            let ok = match op {
+                EpiOp::Acc | EpiOp::Const(_) => true,
+                EpiOp::Input(j) => *j < extra,
+                EpiOp::Unary(k, a) => Self::supports_unary(*k) && *a < i,
+                EpiOp::Binary(k, a, b) => Self::supports_binary(*k) && *a < i && *b < i,
+            };
+            if !ok {
+                return Err(Error::op("FusedMatMul", format!("bad epilogue instruction {i}: {op:?}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Evaluates the program on one element with the reference semantics of each op.
+    pub fn eval(&self, acc: f32, inputs: &[f32], regs: &mut Vec<f32>) -> f32 {
+        if self.0.is_empty() {
+            return acc;
+        }
+        regs.clear();
+        for op in &self.0 {
+            let v = match *op {
+                EpiOp::Acc => acc,
+                EpiOp::Input(i) => inputs[i],
+                EpiOp::Const(c) => c,
+                EpiOp::Unary(k, a) => super::elementwise::unary_f32(k, regs[a]),
+                EpiOp::Binary(k, a, b) => super::elementwise::binary_f32(k, regs[a], regs[b]),
+            };
+            regs.push(v);
+        }
+        *regs.last().expect("non-empty program")
+    }
+}
+
+/// `epilogue(permute(a) . B)` with `B` a tensor or packed constant weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FusedMatMul {
+    /// Permutation applied to `a` before the product (a folded `Transpose`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub a_perm: Option<Vec<usize>>,
+    /// Permutation applied to `b` before the product; unused when `b` is packed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub b_perm: Option<Vec<usize>>,
+    /// When set, `b` holds `[k, n]` weights packed in panels of [`kernels::NR`] columns:
+    /// a 1-D tensor of `ceil(n / NR) * k * NR` elements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packed: Option<[usize; 2]>,
+    /// Permutation applied to the (epilogue's) result (a folded `Transpose` of the output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c_perm: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Epilogue::is_identity")]
+    pub epilogue: Epilogue,
+    /// Number of extra inputs the epilogue reads.
+    #[serde(default)]
+    pub extra: usize,
+}
+
+pub(crate) fn permute<T: Clone>(v: &[T], perm: &Option<Vec<usize>>) -> Vec<T> {
+    match perm {
+        None => v.to_vec(),
+        Some(p) => p.iter().map(|&i| v[i].clone()).collect(),
+    }
+}
+
+fn check_perm(p: &Option<Vec<usize>>, rank: usize) -> Result<()> {
+    if let Some(p) = p {
+        let mut s = p.clone();
+        s.sort_unstable();
+        if s != (0..rank).collect::<Vec<_>>() {
+            return Err(Error::op("FusedMatMul", format!("{p:?} is not a permutation of rank {rank}")));
+        }
+    }
+    Ok(())
+}
+
+/// A tensor with its dims permuted (a copy).
+pub(crate) fn transpose_tensor(t: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    let op = super::Transpose { perm: Some(perm.iter().map(|&x| x as i64).collect()) };
+    Ok(op.eval(&EvalContext::default(), &[Some(t)])?.remove(0))
+}
+
+impl FusedMatMul {
+    /// Shape of `B` as the product sees it.
+    fn b_dims(&self, b: &Fact) -> Result<Vec<Dim>> {
+        match self.packed {
+            Some([k, n]) => {
+                let want = n.div_ceil(kernels::NR) * k * kernels::NR;
+                if b.shape.len() != 1 || b.shape[0].as_const() != Some(want as i64) {
+                    return Err(Error::op(
+                        "FusedMatMul",
+                        format!("packed weights [{k}, {n}] need {want} elements, got {b}"),
+                    ));
+                }
+                Ok(vec![Dim::from(k), Dim::from(n)])
+            }
+            None => {
+                check_perm(&self.b_perm, b.rank())?;
+                Ok(permute(&b.shape, &self.b_perm))
+            }
+        }
+    }
+
+    /// The product's shape (before `c_perm`).
+    pub fn product_dims(&self, a: &Fact, b: &Fact) -> Result<Vec<Dim>> {
+        check_perm(&self.a_perm, a.rank())?;
+        matmul_dims("FusedMatMul", &permute(&a.shape, &self.a_perm), &self.b_dims(b)?)
+    }
+}
+
+impl OpDef for FusedMatMul {
+    const NAMES: &'static [&'static str] = &["FusedMatMul"];
+
+    fn arity(&self) -> Arity {
+        Arity::exact(2 + self.extra, 1)
+    }
+
+    fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
+        let (a, b) = (req("FusedMatMul", inputs, 0)?, req("FusedMatMul", inputs, 1)?);
+        if a.dtype != DType::F32 || b.dtype != DType::F32 {
+            return Err(Error::op("FusedMatMul", "operands must be f32"));
+        }
+        self.epilogue.check(self.extra)?;
+        let out = self.product_dims(a, b)?;
+        for i in 0..self.extra {
+            let e = req("FusedMatMul", inputs, 2 + i)?;
+            if e.dtype != DType::F32 {
+                return Err(Error::op("FusedMatMul", format!("epilogue input {i} must be f32")));
+            }
+            let bs = broadcast_dims("FusedMatMul", &[&out, &e.shape])?;
+            if bs.len() != out.len() || bs.iter().zip(&out).any(|(x, y)| x != y && !x.is_unknown()) {
+                return Err(Error::op(
+                    "FusedMatMul",
+                    format!("epilogue input {i} {e} does not broadcast to the product {out:?}"),
+                ));
+            }
+        }
+        check_perm(&self.c_perm, out.len())?;
+        Ok(vec![Fact::new(DType::F32, permute(&out, &self.c_perm))])
+    }
+
+    fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+        let (a, b) = (req("FusedMatMul", inputs, 0)?, req("FusedMatMul", inputs, 1)?);
+        self.epilogue.check(self.extra)?;
+        let a = match &self.a_perm {
+            Some(p) => transpose_tensor(a, p)?,
+            None => a.clone(),
+        };
+        let b = match (self.packed, &self.b_perm) {
+            (Some([k, n]), _) => {
+                let want = n.div_ceil(kernels::NR) * k * kernels::NR;
+                if b.len() != want {
+                    return Err(Error::op(
+                        "FusedMatMul",
+                        format!("packed weights [{k}, {n}] need {want} elements, got {}", b.len()),
+                    ));
+                }
+                Tensor::new(vec![k, n], kernels::unpack_b(k, n, b.as_slice::<f32>()?))?
+            }
+            (None, Some(p)) => transpose_tensor(b, p)?,
+            (None, None) => b.clone(),
+        };
+        let s = matmul_shape("FusedMatMul", a.shape(), b.shape())?;
+        super::check_alloc("FusedMatMul", &s.out)?;
+        let (x, y) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
+        let offsets = super::linalg::batch_offsets(&s);
+        let (m, k, n) = (s.m, s.k, s.n);
+        let mut out = vec![0f32; offsets.len() * m * n];
+        for (c, &(i, j)) in out.chunks_mut((m * n).max(1)).zip(offsets.iter()) {
+            gemm_f32(m, k, n, &x[i * m * k..(i + 1) * m * k], &y[j * k * n..(j + 1) * k * n], c);
+        }
+        if !self.epilogue.is_identity() {
+            let extras: Vec<&Tensor> =
+                (0..self.extra).map(|i| req("FusedMatMul", inputs, 2 + i)).collect::<Result<_>>()?;
+            let slices: Vec<&[f32]> = extras.iter().map(|t| t.as_slice::<f32>()).collect::<Result<_>>()?;
+            for t in &extras {
+                if broadcast_shapes("FusedMatMul", &[&s.out, t.shape()])? != s.out {
+                    return Err(Error::op(
+                        "FusedMatMul",
+                        format!("epilogue input {:?} does not broadcast to {:?}", t.shape(), s.out),
+                    ));
+                }
+            }
+            let strides: Vec<Vec<usize>> = extras.iter().map(|t| broadcast_strides(t.shape(), &s.out)).collect();
+            let mut vals = vec![0f32; extras.len()];
+            let mut regs = Vec::new();
+            let mut idx = 0usize;
+            // Walk the output once per extra input to get offsets, then apply.
+            let mut offs: Vec<Vec<usize>> = Vec::with_capacity(extras.len());
+            for st in &strides {
+                let mut o = Vec::with_capacity(out.len());
+                for_each_broadcast(&s.out, [st], |[p]| o.push(p));
+                offs.push(o);
+            }
+            for v in out.iter_mut() {
+                for (e, (sl, o)) in slices.iter().zip(&offs).enumerate() {
+                    vals[e] = sl[o[idx]];
+                }
+                *v = self.epilogue.eval(*v, &vals, &mut regs);
+                idx += 1;
+            }
+        }
+        let t = Tensor::new(s.out, out)?;
+        Ok(vec![match &self.c_perm {
+            Some(p) => transpose_tensor(&t, p)?,
+            None => t,
+        }])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::Op;
+
+    #[test]
+    fn fused_equals_the_unfused_ops() {
+        // y = gelu-ish(x . W + bias) + residual, with W packed.
+        let (m, k, n) = (3, 5, 40);
+        let x = Tensor::new(vec![m, k], (0..m * k).map(|i| i as f32 / 10.0 - 0.7).collect()).unwrap();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 13.0).collect();
+        let bias = Tensor::new(vec![n], (0..n).map(|i| i as f32 / 40.0).collect()).unwrap();
+        let res = Tensor::new(vec![m, n], (0..m * n).map(|i| (i % 5) as f32).collect()).unwrap();
+        let packed = Tensor::new(vec![kernels::pack_b(k, n, &w).len()], kernels::pack_b(k, n, &w)).unwrap();
+        let epi = Epilogue(vec![
+            EpiOp::Acc,
+            EpiOp::Input(0),
+            EpiOp::Binary(BinaryKind::Add, 0, 1),
+            EpiOp::Unary(UnaryKind::Tanh, 2),
+            EpiOp::Input(1),
+            EpiOp::Binary(BinaryKind::Add, 3, 4),
+        ]);
+        let op: Op =
+            FusedMatMul { a_perm: None, b_perm: None, packed: Some([k, n]), c_perm: None, epilogue: epi, extra: 2 }
+                .into();
+        let ctx = EvalContext::default();
+        let y = op.eval(&ctx, &[Some(&x), Some(&packed), Some(&bias), Some(&res)]).unwrap().remove(0);
+        let wt = Tensor::new(vec![k, n], w).unwrap();
+        let mm = Op::from(super::super::MatMul {}).eval(&ctx, &[Some(&x), Some(&wt)]).unwrap().remove(0);
+        let add = |a: &Tensor, b: &Tensor| {
+            Op::from(super::super::Binary::new(BinaryKind::Add)).eval(&ctx, &[Some(a), Some(b)]).unwrap().remove(0)
+        };
+        let t = Op::from(super::super::Unary::new(UnaryKind::Tanh))
+            .eval(&ctx, &[Some(&add(&mm, &bias))])
+            .unwrap()
+            .remove(0);
+        let want = add(&t, &res);
+        assert!(y.bit_eq(&want));
+    }
+
+    #[test]
+    fn folded_transposes() {
+        // Attention's scores: q [b, s, h, d] read as [b, h, s, d]; k as [b, h, d, s].
+        let (b, s, h, d) = (2, 3, 2, 4);
+        let q = Tensor::new(vec![b, s, h, d], (0..b * s * h * d).map(|i| (i % 7) as f32).collect()).unwrap();
+        let kt = Tensor::new(vec![b, s, h, d], (0..b * s * h * d).map(|i| (i % 5) as f32).collect()).unwrap();
+        let fused: Op = FusedMatMul {
+            a_perm: Some(vec![0, 2, 1, 3]),
+            b_perm: Some(vec![0, 2, 3, 1]),
+            packed: None,
+            c_perm: Some(vec![0, 2, 1, 3]),
+            epilogue: Epilogue::default(),
+            extra: 0,
+        }
+        .into();
+        let ctx = EvalContext::default();
+        let y = fused.eval(&ctx, &[Some(&q), Some(&kt)]).unwrap().remove(0);
+        assert_eq!(y.shape(), &[b, s, h, s]);
+        let qa = transpose_tensor(&q, &[0, 2, 1, 3]).unwrap();
+        let kb = transpose_tensor(&kt, &[0, 2, 3, 1]).unwrap();
+        let mm = Op::from(super::super::MatMul {}).eval(&ctx, &[Some(&qa), Some(&kb)]).unwrap().remove(0);
+        assert!(y.bit_eq(&transpose_tensor(&mm, &[0, 2, 1, 3]).unwrap()));
+        let f = fused.infer(&[Some(&Fact::of_tensor(&q)), Some(&Fact::of_tensor(&kt))]).unwrap();
+        assert_eq!(f[0].to_string(), "f32[2, 3, 2, 3]");
+    }
+}
