@@ -136,6 +136,7 @@ fn run(cmd: Command) -> Result<()> {
         Command::Run { model, input, text, output, threads } => {
             if let Some(n) = threads {
                 rayon::ThreadPoolBuilder::new().num_threads(n.max(1)).build_global().map_err(|e| e.to_string())?;
+                tcc_runtime::pool::set_threads(n);
             }
             let m = Model::load(&model)?;
             let inputs: Vec<(String, Tensor)> = match (&input, text.is_empty()) {
@@ -171,6 +172,7 @@ fn run(cmd: Command) -> Result<()> {
             let threads =
                 threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)).max(1);
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().map_err(|e| e.to_string())?;
+            tcc_runtime::pool::set_threads(threads);
             let m = Model::load(&model)?;
             let inputs = m.random_inputs(batch, seq, 42)?;
             for _ in 0..warmup {

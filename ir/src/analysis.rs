@@ -39,7 +39,11 @@ pub fn attention_heads(g: &Graph) -> Vec<usize> {
                 }
             }
             "Attention" => {
-                heads.push(node.op.attrs().get("heads").and_then(|h| h.as_u64()).unwrap_or(0) as usize);
+                let h = match (&node.op, node.inputs.first().copied().flatten()) {
+                    (tcc_runtime::Op::Attention(a), Some(q)) => a.heads(g.fact(q)),
+                    _ => None,
+                };
+                heads.push(h.unwrap_or(0));
             }
             _ => {}
         }

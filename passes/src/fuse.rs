@@ -300,3 +300,58 @@ fn push_gelu(prog: &mut Vec<EpiOp>, x: usize, approx: GeluApprox) {
     prog.push(EpiOp::Const(0.5));
     prog.push(EpiOp::Binary(BinaryKind::Mul, xs, at(prog)));
 }
+
+/// `fuse-attention`: `FusedMatMul -> Softmax(last axis) -> FusedMatMul` over activations becomes
+/// one `Attention`, which the runtime computes per (batch, head) without materializing the
+/// scores. Runs after `fuse-matmul` (which folds the scaling and the mask into the first
+/// product and the transposes into both).
+#[derive(Default)]
+pub struct FuseAttention;
+
+impl Pass for FuseAttention {
+    fn name(&self) -> &'static str {
+        "fuse-attention"
+    }
+
+    fn run(&mut self, g: &mut Graph, _: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
+        let mut out = PassOutcome::default();
+        loop {
+            let producers = g.producers();
+            let users = g.users();
+            let single_use =
+                |v: ValueId| users.get(&v).is_some_and(|u| u.len() == 1) && !g.outputs.iter().any(|o| o.value == v);
+            let found = g.nodes.iter().enumerate().find_map(|(n, node)| {
+                let Op::FusedMatMul(context) = &node.op else { return None };
+                if context.packed.is_some() || context.a_perm.is_some() || context.extra != 0 {
+                    return None;
+                }
+                let p = node.inputs[0]?;
+                let &(sn, _) = producers.get(&p)?;
+                let Op::Softmax(sm) = &g.nodes[sn].op else { return None };
+                let rank = g.fact(p).rank() as i64;
+                if sm.log || !(sm.axis == -1 || sm.axis == rank - 1) || !single_use(p) {
+                    return None;
+                }
+                let s = g.nodes[sn].inputs[0]?;
+                let &(qn, _) = producers.get(&s)?;
+                let Op::FusedMatMul(scores) = &g.nodes[qn].op else { return None };
+                if scores.packed.is_some() || scores.c_perm.is_some() || !single_use(s) {
+                    return None;
+                }
+                let mut inputs = vec![g.nodes[qn].inputs[0], g.nodes[qn].inputs[1], node.inputs[1]];
+                inputs.extend(g.nodes[qn].inputs[2..].iter().copied());
+                let op = tcc_ir::op::Attention { scores: scores.clone(), context: context.clone() };
+                Some((n, op, inputs))
+            });
+            let Some((n, op, inputs)) = found else { break };
+            let result = g.nodes[n].outputs[0];
+            let name = g.value(result).name.clone();
+            let v = g.add_node(op, inputs, name)?[0];
+            g.replace_uses(result, v);
+            g.remove_dead_nodes();
+            g.toposort()?;
+            out.stat("attention", 1);
+        }
+        Ok(out)
+    }
+}

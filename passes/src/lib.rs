@@ -15,8 +15,8 @@ mod fuse;
 mod manager;
 
 pub use fold::{DeadCode, FoldConstants};
-pub use fuse::FuseMatMul;
+pub use fuse::{FuseAttention, FuseMatMul};
 pub use manager::{Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry};
 
 /// The pipeline `tcc build` runs by default.
-pub const DEFAULT_PIPELINE: &str = "canon,fuse-matmul,dce";
+pub const DEFAULT_PIPELINE: &str = "canon,fuse-matmul,fuse-attention,dce";

@@ -91,6 +91,10 @@ impl Registry {
                 Ok(Box::new(crate::FuseMatMul))
             },
         );
+        r.register("fuse-attention", "fuse scores, softmax and context products into one attention op", |o| {
+            no_options("fuse-attention", o)?;
+            Ok(Box::new(crate::FuseAttention))
+        });
         r.alias("canon", "fold,dce");
         r
     }

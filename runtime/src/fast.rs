@@ -7,11 +7,11 @@ use crate::error::{Error, Result};
 use crate::jit::{EpiOperand, GemmArgs, GemmSpec, Jit};
 use crate::kernels::{Tier, NR};
 use crate::op::{
-    broadcast_shapes, broadcast_strides, fused, strides_of, FusedMatMul, LayerNorm, Op, Softmax, Transpose,
+    broadcast_shapes, broadcast_strides, fused, strides_of, Attention, FusedMatMul, LayerNorm, Op, Softmax, Transpose,
 };
 use crate::plan::Plan;
+use crate::pool;
 use crate::tensor::Tensor;
-use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
 /// Rows of `A` per `k` block kept hot while a panel of `B` streams through.
@@ -82,8 +82,13 @@ impl Fast {
         // exact pattern is only known from shapes at run time; compile both variants for
         // single-extra programs (bias rows vs residuals), the all-false variant otherwise.
         let mut specs: Vec<GemmSpec> = vec![GemmSpec { epilogue: Default::default(), col_broadcast: vec![] }];
-        for step in &plan.steps {
-            if let Op::FusedMatMul(f) = &step.op {
+        let products = plan.steps.iter().flat_map(|s| match &s.op {
+            Op::FusedMatMul(f) => vec![f],
+            Op::Attention(a) => vec![&a.scores, &a.context],
+            _ => vec![],
+        });
+        for f in products {
+            {
                 let mut patterns = vec![vec![false; f.extra]];
                 for i in 0..f.extra {
                     let mut p = vec![false; f.extra];
@@ -105,6 +110,7 @@ impl Fast {
     pub fn eval(&self, op: &Op, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
         match op {
             Op::FusedMatMul(f) => self.fused_matmul(f, inputs),
+            Op::Attention(at) => self.attention(at, inputs),
             Op::Softmax(s) => self.softmax(s, inputs),
             Op::LayerNorm(l) => self.layernorm(l, inputs),
             Op::Transpose(t) => transpose(t, inputs),
@@ -125,7 +131,7 @@ impl Fast {
         let y = SendPtr(out.ptr());
         let f = self.jit.softmax;
         let chunk = rows_per_task(rows, len);
-        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|t| {
+        pool::global().run(rows.div_ceil(chunk), &|t| {
             let r0 = t * chunk;
             let r = chunk.min(rows - r0);
             // SAFETY: rows r0..r0+r of x and y are in bounds (rows * len elements each); tasks
@@ -161,7 +167,7 @@ impl Fast {
         let f = self.jit.layernorm;
         let eps = l.epsilon;
         let chunk = rows_per_task(rows, len);
-        (0..rows.div_ceil(chunk)).into_par_iter().for_each(|t| {
+        pool::global().run(rows.div_ceil(chunk), &|t| {
             let r0 = t * chunk;
             let r = chunk.min(rows - r0);
             // SAFETY: as in softmax; gamma and beta hold `len` floats (checked above).
@@ -174,26 +180,195 @@ impl Fast {
 
     fn fused_matmul(&self, f: &FusedMatMul, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
-        if a.dtype() != crate::DType::F32 || b.dtype() != crate::DType::F32 || a.rank() < 2 {
+        let extras: Vec<&Tensor> = (0..f.extra).map(|i| inputs.get(2 + i).copied().flatten()).collect::<Option<_>>()?;
+        let p = match Product::prepare(f, a.shape(), b, &extras)? {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        let driver = self.jit.gemm(&p.spec)?;
+        let xs = a.as_slice::<f32>().ok()?;
+        let packed = p.pack_all(self, b.as_slice::<f32>().ok()?);
+        let mut out = Uninit::new(p.total);
+        let c = SendPtr(out.ptr());
+        // Work items: (batch, panel range). Enough items to keep every thread busy.
+        let panels = p.n.div_ceil(NR);
+        let batches = p.offsets.len();
+        let threads = pool::global().threads();
+        let splits = if batches >= threads { 1 } else { (threads * 2).div_ceil(batches).min(panels).max(1) };
+        let per = panels.div_ceil(splits);
+        let items: Vec<(usize, usize, usize)> = (0..batches)
+            .flat_map(|bi| (0..splits).map(move |s| (bi, s * per, ((s + 1) * per).min(panels))))
+            .filter(|&(_, p0, p1)| p0 < p1)
+            .collect();
+        pool::global().run(items.len(), &|item| {
+            let (bi, p0, p1) = items[item];
+            let o = p.offsets[bi];
+            // SAFETY: `Product::prepare` derived every offset and stride from the tensors'
+            // shapes: A's batch view (m rows at stride lda, k contiguous floats) and B's panels
+            // lie inside their buffers, C's rows for this batch and the columns of panels
+            // p0..p1 lie inside the output and no other item writes them, each extra operand
+            // covers the product's rows and columns (or column 0 when it broadcasts).
+            unsafe {
+                p.run(
+                    self,
+                    driver,
+                    xs.as_ptr().wrapping_add(o[0]),
+                    p.lda,
+                    packed.panels(bi),
+                    c.get().wrapping_add(o[2]),
+                    bi,
+                    p0,
+                    p1,
+                )
+            };
+        });
+        // SAFETY: the items cover every batch and every panel, and each driver call writes all
+        // m rows of its panels' columns.
+        let v = unsafe { out.assume_init() };
+        Some(Tensor::new(p.out_shape, v).map(|t| vec![t]))
+    }
+
+    /// Attention per (batch, head): scores into a per-item scratch, softmax in place, then the
+    /// context written straight into the output: the `[batch, heads, query, key]` scores are
+    /// never materialized.
+    fn attention(&self, at: &Attention, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+        let (q, k, v) =
+            (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?, inputs.get(2).copied().flatten()?);
+        let extras: Vec<&Tensor> =
+            (0..at.scores.extra).map(|i| inputs.get(3 + i).copied().flatten()).collect::<Option<_>>()?;
+        let sp = match Product::prepare(&at.scores, q.shape(), k, &extras)? {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        let (sq, sk) = (sp.m, sp.n);
+        // The context product reads the probabilities of one batch, [sq, sk], contiguous.
+        let probs_shape: Vec<usize> = sp.batch.iter().copied().chain([sq, sk]).collect();
+        let cp = match Product::prepare(&at.context, &probs_shape, v, &[])? {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        if cp.offsets.len() != sp.offsets.len() || cp.k != sk {
             return None;
         }
-        let (ashape, astr) = view(a.shape(), &f.a_perm);
+        let (sdriver, cdriver) = (self.jit.gemm(&sp.spec)?, self.jit.gemm(&cp.spec)?);
+        let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
+        let mut out = Uninit::new(cp.total);
+        let c = SendPtr(out.ptr());
+        let softmax = self.jit.softmax;
+        pool::global().run(sp.offsets.len(), &|bi| {
+            let mut kpack = Uninit::new(sp.k * NR * sk.div_ceil(NR));
+            let mut scores = Uninit::new(sq * sk);
+            let mut vpack = Uninit::new(cp.k * NR * cp.n.div_ceil(NR));
+            let (so, co) = (sp.offsets[bi], cp.offsets[bi]);
+            // SAFETY: as in `fused_matmul`; the scratch buffers hold exactly one batch's packed
+            // K (k x sk), scores (sq x sk) and packed V (sk x dv); the pack, driver and softmax
+            // calls write every element of them before reading; each batch writes its own
+            // rows of the output.
+            unsafe {
+                sp.pack_one(self, ks, bi, kpack.ptr());
+                sp.run(
+                    self,
+                    sdriver,
+                    qs.as_ptr().wrapping_add(so[0]),
+                    sp.lda,
+                    kpack.ptr(),
+                    scores.ptr(),
+                    bi,
+                    0,
+                    sk.div_ceil(NR),
+                );
+                softmax(scores.ptr(), scores.ptr(), sq, sk);
+                cp.pack_one(self, vs, bi, vpack.ptr());
+                cp.run(
+                    self,
+                    cdriver,
+                    scores.ptr(),
+                    sk,
+                    vpack.ptr(),
+                    c.get().wrapping_add(co[2]),
+                    bi,
+                    0,
+                    cp.n.div_ceil(NR),
+                );
+            }
+        });
+        // SAFETY: every batch's context rows were written.
+        let v = unsafe { out.assume_init() };
+        Some(Tensor::new(cp.out_shape, v).map(|t| vec![t]))
+    }
+}
+
+/// Where a product's `B` comes from.
+enum BSource {
+    /// Weights packed at build time (one set for all batches).
+    Packed,
+    /// A (permuted) tensor: per batch, `k` rows at stride `rs`, `n` columns at stride `cs`.
+    Strided { rs: usize, cs: usize },
+}
+
+/// Packed `B` panels for a product: the weights themselves, or a per-batch packed copy.
+enum Panels<'a> {
+    Weights(&'a [f32]),
+    PerBatch(Vec<f32>, usize),
+}
+
+impl Panels<'_> {
+    fn panels(&self, batch: usize) -> *const f32 {
+        match self {
+            Panels::Weights(w) => w.as_ptr(),
+            Panels::PerBatch(v, len) => v.as_ptr().wrapping_add(batch * len),
+        }
+    }
+}
+
+/// A `FusedMatMul` on concrete shapes: sizes, strides and per-batch offsets, all derived from
+/// the operands' shapes (and checked against them) before any kernel runs.
+struct Product<'t> {
+    m: usize,
+    n: usize,
+    k: usize,
+    lda: usize,
+    ldc: usize,
+    batch: Vec<usize>,
+    /// Per output batch: offsets of A, B and C.
+    offsets: Vec<[usize; 3]>,
+    b: BSource,
+    out_shape: Vec<usize>,
+    total: usize,
+    /// Extra epilogue inputs: data, per-batch offsets, row stride.
+    extras: Vec<(&'t [f32], Vec<usize>, usize)>,
+    spec: GemmSpec,
+}
+
+impl<'t> Product<'t> {
+    /// `None` when the fast path does not apply (the reference runs), `Some(Err)` when the
+    /// operands are invalid.
+    fn prepare(f: &FusedMatMul, a_shape: &[usize], b: &Tensor, extras: &[&'t Tensor]) -> Option<Result<Product<'t>>> {
+        if b.dtype() != crate::DType::F32 || a_shape.len() < 2 {
+            return None;
+        }
+        let (ashape, astr) = view(a_shape, &f.a_perm);
         let r = ashape.len();
         let (m, k) = (ashape[r - 2], ashape[r - 1]);
         if astr[r - 1] != 1 || k == 0 {
             return None; // The micro-kernels read rows of A contiguously.
         }
         let lda = astr[r - 2];
-        // B: packed weights, or a (permuted) tensor packed here per batch.
-        let (bbatch, bbstr, n, bk) = match f.packed {
-            Some([pk, pn]) => (vec![], vec![], pn, pk),
+        let (bbatch, bbstr, n, bk, bsrc) = match f.packed {
+            Some([pk, pn]) => {
+                if b.len() != pn.div_ceil(NR) * pk * NR {
+                    return Some(Err(Error::op("FusedMatMul", "packed weights have the wrong size")));
+                }
+                (vec![], vec![], pn, pk, BSource::Packed)
+            }
             None => {
                 if b.rank() < 2 {
                     return None;
                 }
                 let (bshape, bstr) = view(b.shape(), &f.b_perm);
                 let rb = bshape.len();
-                (bshape[..rb - 2].to_vec(), bstr[..rb - 2].to_vec(), bshape[rb - 1], bshape[rb - 2])
+                let src = BSource::Strided { rs: bstr[rb - 2], cs: bstr[rb - 1] };
+                (bshape[..rb - 2].to_vec(), bstr[..rb - 2].to_vec(), bshape[rb - 1], bshape[rb - 2], src)
             }
         };
         if bk != k {
@@ -227,125 +402,108 @@ impl Fast {
             return None; // The micro-kernels write rows of C contiguously.
         }
         let ldc = pstr[pr - 2];
-        // Epilogue inputs, broadcast over the product.
-        let extras: Vec<&Tensor> = (0..f.extra).map(|i| inputs.get(2 + i).copied().flatten()).collect::<Option<_>>()?;
-        let mut extra_slices = Vec::with_capacity(extras.len());
-        let mut extra_strides = Vec::with_capacity(extras.len());
-        for e in &extras {
-            if broadcast_shapes("FusedMatMul", &[&product, e.shape()]).ok()? != product {
-                return None;
-            }
-            extra_slices.push(e.as_slice::<f32>().ok()?);
-            extra_strides.push(broadcast_strides(e.shape(), &product));
-        }
-        let spec = GemmSpec {
-            epilogue: f.epilogue.clone(),
-            col_broadcast: extras.iter().map(|e| col_broadcast(&product, e)).collect(),
-        };
-        let driver = self.jit.gemm(&spec)?;
-        for (st, &cb) in extra_strides.iter().zip(&spec.col_broadcast) {
-            if !cb && st[pr - 1] != 1 {
-                return None;
-            }
-        }
-
-        // Per batch: offsets of A, B and C, and of each extra input.
         let nb = batch.len();
         let a_bstr = broadcast_strides_of(abatch, &astr[..r - 2], &batch);
         let b_bstr = broadcast_strides_of(&bbatch, &bbstr, &batch);
-        let c_bstr = &pstr[..nb];
-        let batches: usize = batch.iter().product();
-        let mut offsets = Vec::with_capacity(batches);
-        crate::op::for_each_broadcast(&batch, [&a_bstr, &b_bstr, c_bstr], |o| offsets.push(o));
-        let extra_boff: Vec<Vec<usize>> = extra_strides
-            .iter()
-            .map(|st| {
-                let mut v = Vec::with_capacity(batches);
-                crate::op::for_each_broadcast(&batch, [&st[..nb]], |[o]| v.push(o));
-                v
-            })
-            .collect();
+        let mut offsets = Vec::new();
+        crate::op::for_each_broadcast(&batch, [&a_bstr, &b_bstr, &pstr[..nb]], |o| offsets.push(o));
+        let mut ex = Vec::with_capacity(extras.len());
+        let mut col_broadcast = Vec::with_capacity(extras.len());
+        for e in extras {
+            if e.dtype() != crate::DType::F32
+                || broadcast_shapes("FusedMatMul", &[&product, e.shape()]).ok()? != product
+            {
+                return None;
+            }
+            let st = broadcast_strides(e.shape(), &product);
+            let cb = self::col_broadcast(&product, e);
+            if !cb && st[pr - 1] != 1 {
+                return None;
+            }
+            let mut boff = Vec::with_capacity(offsets.len());
+            crate::op::for_each_broadcast(&batch, [&st[..nb]], |[o]| boff.push(o));
+            ex.push((e.as_slice::<f32>().ok()?, boff, st[pr - 2]));
+            col_broadcast.push(cb);
+        }
+        let spec = GemmSpec { epilogue: f.epilogue.clone(), col_broadcast };
+        Some(Ok(Product { m, n, k, lda, ldc, batch, offsets, b: bsrc, out_shape, total, extras: ex, spec }))
+    }
 
-        let xs = a.as_slice::<f32>().ok()?;
-        let bsl = b.as_slice::<f32>().ok()?;
-        let panels = n.div_ceil(NR);
-        // Activation B matrices are packed per batch first (in parallel).
-        let packed_store: Vec<f32>;
-        let panel_len = k * NR * panels;
-        let bptr_of: Box<dyn Fn(usize) -> *const f32 + Sync> = match f.packed {
-            Some(_) => {
-                if bsl.len() != panel_len {
-                    return Some(Err(Error::op("FusedMatMul", "packed weights have the wrong size")));
-                }
-                let p = bsl.as_ptr() as usize;
-                Box::new(move |_| p as *const f32)
-            }
-            None => {
-                let (_, bstr) = view(b.shape(), &f.b_perm);
-                let rb = bstr.len();
-                let (rs, cs) = (bstr[rb - 2], bstr[rb - 1]);
-                let mut store = Uninit::new(panel_len * offsets.len());
+    fn panel_len(&self) -> usize {
+        self.k * NR * self.n.div_ceil(NR)
+    }
+
+    /// Packs batch `bi`'s B into `dst` (`panel_len` floats).
+    ///
+    /// # Safety
+    /// `bsl` must be the B tensor `prepare` saw and `dst` must hold `panel_len` floats.
+    unsafe fn pack_one(&self, fast: &Fast, bsl: &[f32], bi: usize, dst: *mut f32) {
+        if let BSource::Strided { rs, cs } = self.b {
+            // SAFETY: the view (offset, k rows at stride rs, n columns at stride cs) lies in
+            // `bsl` by construction in `prepare`.
+            unsafe { (fast.jit.pack)(bsl.as_ptr().add(self.offsets[bi][1]), self.k, self.n, rs, cs, dst) };
+        }
+    }
+
+    /// B's panels for every batch (packing activations in parallel).
+    fn pack_all<'b>(&self, fast: &Fast, bsl: &'b [f32]) -> Panels<'b> {
+        match self.b {
+            BSource::Packed => Panels::Weights(bsl),
+            BSource::Strided { .. } => {
+                let len = self.panel_len();
+                let mut store = Uninit::new(len * self.offsets.len());
                 let dst = SendPtr(store.ptr());
-                let pack = self.jit.pack;
-                offsets.par_iter().enumerate().for_each(|(i, o)| {
-                    // SAFETY: the source view (offset o[1], k rows at stride rs, n columns at
-                    // stride cs) lies inside b (its strides come from b's shape); each task
-                    // writes its own panel_len floats of the store.
-                    unsafe { pack(bsl.as_ptr().add(o[1]), k, n, rs, cs, dst.get().add(i * panel_len)) };
+                pool::global().run(self.offsets.len(), &|bi| {
+                    // SAFETY: each batch packs into its own `len` floats of the store.
+                    unsafe { self.pack_one(fast, bsl, bi, dst.get().add(bi * len)) };
                 });
-                // SAFETY: the pack function writes every element of every panel (zero past n).
-                packed_store = unsafe { store.assume_init() };
-                let p = packed_store.as_ptr() as usize;
-                Box::new(move |i| (p as *const f32).wrapping_add(i * panel_len))
+                // SAFETY: the pack function writes every element of every panel.
+                Panels::PerBatch(unsafe { store.assume_init() }, len)
             }
-        };
-        let mut out = Uninit::new(total);
-        let c = SendPtr(out.ptr());
-        // Work items: (batch, panel range). Enough items to keep every thread busy.
-        let threads = rayon::current_num_threads().max(1);
-        let splits =
-            if offsets.len() >= threads { 1 } else { (threads * 2).div_ceil(offsets.len()).min(panels).max(1) };
-        let per = panels.div_ceil(splits);
-        let items: Vec<(usize, usize, usize)> = (0..offsets.len())
-            .flat_map(|bi| (0..splits).map(move |s| (bi, s * per, ((s + 1) * per).min(panels))))
-            .filter(|&(_, p0, p1)| p0 < p1)
+        }
+    }
+
+    /// Runs the driver on panels `p0..p1` of batch `bi`.
+    ///
+    /// # Safety
+    /// `a` (m rows at stride lda, k contiguous floats), `b` (the batch's panels) and `c` (m
+    /// rows at stride ldc, the panels' columns) must be valid for this product.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        &self,
+        fast: &Fast,
+        driver: crate::jit::GemmFn,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        bi: usize,
+        p0: usize,
+        p1: usize,
+    ) {
+        let operands: Vec<EpiOperand> = self
+            .extras
+            .iter()
+            .map(|(s, boff, rs)| EpiOperand { ptr: s.as_ptr().wrapping_add(boff[bi]), row_stride: *rs })
             .collect();
-        let (mr, kernel) = (self.jit.tier.mr(), self.jit.micro_kernel as usize);
-        items.par_iter().for_each(|&(bi, p0, p1)| {
-            let o = offsets[bi];
-            let operands: Vec<EpiOperand> = extra_slices
-                .iter()
-                .zip(&extra_strides)
-                .zip(&extra_boff)
-                .map(|((s, st), boff)| EpiOperand { ptr: s.as_ptr().wrapping_add(boff[bi]), row_stride: st[pr - 2] })
-                .collect();
-            let args = GemmArgs {
-                m,
-                n,
-                k,
-                a: xs.as_ptr().wrapping_add(o[0]),
-                lda,
-                b: bptr_of(bi),
-                c: c.get().wrapping_add(o[2]),
-                ldc,
-                panel_begin: p0,
-                panel_end: p1,
-                kernel,
-                mr,
-                kc: KC,
-                operands: operands.as_ptr(),
-            };
-            // SAFETY: A's batch view (m rows at stride lda, k contiguous floats) and B's panels
-            // (panels * k * NR floats) lie inside their tensors; C's rows for this batch and
-            // the columns of panels p0..p1 lie inside the output and no other item writes
-            // them; each operand covers the product's rows (row_stride) and columns, or is
-            // read at column 0 when it broadcasts; the micro-kernel pointer is this tier's.
-            unsafe { driver(&args) };
-        });
-        // SAFETY: the items cover every batch and every panel, and each driver call writes all
-        // m rows of its panels' columns.
-        let v = unsafe { out.assume_init() };
-        Some(Tensor::new(out_shape, v).map(|t| vec![t]))
+        let args = GemmArgs {
+            m: self.m,
+            n: self.n,
+            k: self.k,
+            a,
+            lda,
+            b,
+            c,
+            ldc: self.ldc,
+            panel_begin: p0,
+            panel_end: p1,
+            kernel: fast.jit.micro_kernel as usize,
+            mr: fast.jit.tier.mr(),
+            kc: KC,
+            operands: operands.as_ptr(),
+        };
+        // SAFETY: forwarded from the caller; the operands vector outlives the call.
+        unsafe { driver(&args) };
     }
 }
 
@@ -362,7 +520,7 @@ fn broadcast_strides_of(shape: &[usize], strides: &[usize], batch: &[usize]) -> 
 /// Rows per parallel task so that each task has at least ~16k elements.
 fn rows_per_task(rows: usize, len: usize) -> usize {
     let min_rows = (16 * 1024 / len.max(1)).max(1);
-    let threads = rayon::current_num_threads().max(1);
+    let threads = pool::global().threads();
     rows.div_ceil(threads * 4).max(min_rows).min(rows.max(1))
 }
 
@@ -385,12 +543,19 @@ fn transpose(t: &Transpose, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Ten
     let outer = &shape[..r - 1];
     let mut bases = Vec::with_capacity(x.len() / inner.max(1));
     crate::op::for_each_broadcast(outer, [&st[..r - 1]], |[o]| bases.push(o));
-    out.par_chunks_mut(inner.max(1)).zip(bases.par_iter()).for_each(|(row, &b)| {
-        if inner_stride == 1 {
-            row.copy_from_slice(&xs[b..b + inner]);
-        } else {
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = xs[b + j * inner_stride];
+    let chunk = rows_per_task(bases.len(), inner);
+    let dst = SendPtr(out.as_mut_ptr());
+    pool::global().run(bases.len().div_ceil(chunk), &|t| {
+        for (r, &b) in bases.iter().enumerate().skip(t * chunk).take(chunk) {
+            // SAFETY: row r of the output holds `inner` floats at r * inner; rows are disjoint
+            // between tasks; `out` outlives the loop.
+            let row = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r * inner), inner) };
+            if inner_stride == 1 {
+                row.copy_from_slice(&xs[b..b + inner]);
+            } else {
+                for (j, v) in row.iter_mut().enumerate() {
+                    *v = xs[b + j * inner_stride];
+                }
             }
         }
     });
@@ -614,5 +779,95 @@ mod timing {
             unsafe { f(xs.as_ptr(), y.as_mut_ptr(), 12 * 128, 128) };
         }
         eprintln!("jit softmax, one thread, no split: {:.3} ms", t0.elapsed().as_secs_f64() * 10.0);
+    }
+}
+
+#[cfg(test)]
+mod gemm_timing {
+    use super::*;
+    use crate::kernels::pack_b;
+    use crate::op::{EpiOp, Epilogue};
+
+    #[test]
+    #[ignore = "timing probe, run by hand"]
+    fn linear_speed() {
+        use crate::op::{BinaryKind as B, UnaryKind as U};
+        let bias = Epilogue(vec![EpiOp::Acc, EpiOp::Input(0), EpiOp::Binary(B::Add, 0, 1)]);
+        let gelu = Epilogue(vec![
+            EpiOp::Acc,
+            EpiOp::Input(0),
+            EpiOp::Binary(B::Add, 0, 1),
+            EpiOp::Const(0.70710677),
+            EpiOp::Binary(B::Mul, 2, 3),
+            EpiOp::Unary(U::Erf, 4),
+            EpiOp::Const(1.0),
+            EpiOp::Binary(B::Add, 5, 6),
+            EpiOp::Binary(B::Mul, 2, 7),
+            EpiOp::Const(0.5),
+            EpiOp::Binary(B::Mul, 8, 9),
+        ]);
+        let shapes = [
+            (128usize, 384usize, 384usize, &bias),
+            (128, 384, 1536, &gelu),
+            (128, 768, 768, &bias),
+            (128, 768, 3072, &bias),
+            (128, 768, 3072, &gelu),
+            (128, 3072, 768, &bias),
+        ];
+        for &(m, k, n, bias_epi) in &shapes {
+            let op: Op = FusedMatMul {
+                a_perm: None,
+                b_perm: None,
+                packed: Some([k, n]),
+                c_perm: None,
+                epilogue: bias_epi.clone(),
+                extra: 1,
+            }
+            .into();
+            let plan = Plan {
+                steps: vec![crate::plan::Step { op: op.clone(), inputs: vec![], outputs: vec![], name: String::new() }],
+                ..Default::default()
+            };
+            let fast = Fast::new(&plan, Tier::detect()).unwrap();
+            let a = Tensor::new(vec![m, k], (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect())
+                .unwrap();
+            let w: Vec<f32> = (0..k * n).map(|i| (((i * 104729) % 1000) as f32 / 500.0 - 1.0) * 0.05).collect();
+            let packed = pack_b(k, n, &w);
+            // Several copies of the weights, used in turn, as layers of a model are: each run
+            // reads weights that are not in cache.
+            let copies = std::env::var("WEIGHT_COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
+            let bs: Vec<Tensor> =
+                (0..copies).map(|_| Tensor::new(vec![packed.len()], packed.clone()).unwrap()).collect();
+            let bias = Tensor::new(vec![n], vec![1f32; n]).unwrap();
+            let mut which = 0;
+            let mut ins_for = || {
+                which = (which + 1) % copies;
+                which
+            };
+            let ins = [Some(&a), Some(&bs[0]), Some(&bias)];
+            for _ in 0..5 {
+                fast.eval(&op, &ins);
+            }
+            let iters = 200;
+            let gap = std::env::var("GAP_US").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            let mut s = 0.0;
+            for _ in 0..iters {
+                let t = std::time::Instant::now();
+                while t.elapsed().as_micros() < gap as u128 {}
+                let w = ins_for();
+                let ins = [Some(&a), Some(&bs[w]), Some(&bias)];
+                let t0 = std::time::Instant::now();
+                fast.eval(&op, &ins);
+                s += t0.elapsed().as_secs_f64();
+            }
+            let s = s / iters as f64;
+            eprintln!(
+                "{m}x{k}x{n} {}: {:.3} ms, {:.1} GFLOP/s ({} threads)",
+                if bias_epi.0.len() > 3 { "gelu" } else { "bias" },
+                s * 1e3,
+                2.0 * (m * k * n) as f64 / s / 1e9,
+                pool::global().threads()
+            );
+        }
     }
 }

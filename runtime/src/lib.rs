@@ -23,6 +23,7 @@ pub mod kernels;
 mod model;
 pub mod op;
 pub mod plan;
+pub mod pool;
 pub mod tensor;
 
 pub use dim::Dim;

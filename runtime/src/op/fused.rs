@@ -330,3 +330,66 @@ mod tests {
         assert_eq!(f[0].to_string(), "f32[2, 3, 2, 3]");
     }
 }
+
+/// Attention as fused products: `context(softmax(scores(q, k, extras)), v)`, the softmax over
+/// the last axis. Inputs: `q`, `k`, `v`, then the scores epilogue's extra inputs (a mask).
+/// Made from `FusedMatMul -> Softmax -> FusedMatMul` by the `fuse-attention` pass; the runtime
+/// runs it per (batch, head) without materializing the scores.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attention {
+    pub scores: FusedMatMul,
+    pub context: FusedMatMul,
+}
+
+impl Attention {
+    fn check(&self) -> Result<()> {
+        let ok = self.scores.packed.is_none()
+            && self.context.packed.is_none()
+            && self.context.a_perm.is_none()
+            && self.context.extra == 0
+            && self.scores.c_perm.is_none();
+        if !ok {
+            return Err(Error::op(
+                "Attention",
+                "the products must read activations, and the context product plain probabilities",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The number of heads: the second dim of the scores (for `[batch, heads, query, key]`).
+    pub fn heads(&self, q: &Fact) -> Option<usize> {
+        let dims = permute(&q.shape, &self.scores.a_perm);
+        (dims.len() == 4).then(|| dims[1].as_const().map(|h| h as usize)).flatten()
+    }
+}
+
+impl OpDef for Attention {
+    const NAMES: &'static [&'static str] = &["Attention"];
+
+    fn arity(&self) -> Arity {
+        Arity::exact(3 + self.scores.extra, 1)
+    }
+
+    fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
+        self.check()?;
+        let mut sin: Vec<Option<&Fact>> = vec![inputs[0], inputs[1]];
+        sin.extend(inputs[3..].iter().copied());
+        let s = self.scores.infer(&sin)?.remove(0);
+        if s.rank() < 2 {
+            return Err(Error::op("Attention", "scores must have rank >= 2"));
+        }
+        let v = req("Attention", inputs, 2)?;
+        self.context.infer(&[Some(&s), Some(v)])
+    }
+
+    fn eval(&self, ctx: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+        self.check()?;
+        let mut sin: Vec<Option<&Tensor>> = vec![inputs[0], inputs[1]];
+        sin.extend(inputs[3..].iter().copied());
+        let s = self.scores.eval(ctx, &sin)?.remove(0);
+        let p = super::Softmax { axis: -1, log: false }.eval(ctx, &[Some(&s)])?.remove(0);
+        self.context.eval(ctx, &[Some(&p), inputs.get(2).copied().flatten()])
+    }
+}

@@ -22,7 +22,7 @@ mod reduce;
 mod shape;
 
 pub use elementwise::{cast_tensor, Binary, BinaryKind, Cast, Clip, Unary, UnaryKind, Where};
-pub use fused::{EpiOp, Epilogue, FusedMatMul};
+pub use fused::{Attention, EpiOp, Epilogue, FusedMatMul};
 pub use gather::{Gather, GatherElements, GatherND};
 pub use linalg::MatMul;
 pub use nn::{gelu, Gelu, GeluApprox, LayerNorm, Softmax};
@@ -432,7 +432,7 @@ macro_rules! ops {
 
 ops! {
     Unary, Binary, Where, Cast, Clip,
-    MatMul, FusedMatMul,
+    MatMul, FusedMatMul, Attention,
     Softmax, LayerNorm, Gelu,
     Reduce, CumSum,
     Shape, Size, Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice,

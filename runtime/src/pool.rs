@@ -1,0 +1,209 @@
+//! The thread pool of the fast kernels: workers that spin between the ops of an inference.
+//!
+//! A model runs many short parallel ops back to back (a GEMM of BERT-base takes half a
+//! millisecond); waking a sleeping thread for each costs a noticeable share of that. Workers
+//! here spin while work keeps coming and only sleep after [`SPIN`] without any. One job runs at
+//! a time: a caller that finds the pool busy (another thread running a model) runs its items
+//! itself.
+//!
+//! The pool size is set once per process ([`set_threads`], `tcc --threads`); by default it is
+//! the number of cores.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// How long an idle worker spins before it sleeps.
+const SPIN: Duration = Duration::from_millis(5);
+
+/// One parallel loop: `f(i)` for `i` in `0..total`, claimed item by item.
+struct Job<'a> {
+    f: &'a (dyn Fn(usize) + Sync),
+    next: AtomicUsize,
+    done: AtomicUsize,
+    total: usize,
+}
+
+impl Job<'_> {
+    /// Claims and runs items until none are left.
+    fn work(&self) {
+        loop {
+            let i = self.next.fetch_add(1, SeqCst);
+            if i >= self.total {
+                return;
+            }
+            (self.f)(i);
+            self.done.fetch_add(1, SeqCst);
+        }
+    }
+}
+
+struct Shared {
+    /// The current job (a `Job` on the caller's stack), or null.
+    job: AtomicPtr<Job<'static>>,
+    /// Workers that may be reading `job`.
+    inside: AtomicUsize,
+    sleepers: Mutex<usize>,
+    wake: Condvar,
+    shutdown: AtomicBool,
+}
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    busy: Mutex<()>,
+    threads: usize,
+}
+
+impl Pool {
+    /// A pool of `threads` threads in all (the caller counts as one).
+    pub fn new(threads: usize) -> Pool {
+        let threads = threads.max(1);
+        let shared = Arc::new(Shared {
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            inside: AtomicUsize::new(0),
+            sleepers: Mutex::new(0),
+            wake: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+        });
+        for i in 1..threads {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name(format!("tcc-worker-{i}"))
+                .spawn(move || worker(&s))
+                .expect("spawn a worker thread");
+        }
+        Pool { shared, busy: Mutex::new(()), threads }
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Runs `f(i)` for every `i` in `0..n`, in parallel; returns when all are done.
+    pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        if n == 0 {
+            return;
+        }
+        let Ok(_guard) = self.busy.try_lock() else {
+            (0..n).for_each(f);
+            return;
+        };
+        if n == 1 || self.threads == 1 {
+            (0..n).for_each(f);
+            return;
+        }
+        let job = Job { f, next: AtomicUsize::new(0), done: AtomicUsize::new(0), total: n };
+        // SAFETY: the pointer is published only while `job` is alive: this function clears it
+        // and then waits until no worker is inside (see `worker`) before `job` goes out of
+        // scope, so no worker can dereference it afterwards. The 'static in the type is never
+        // relied on beyond that window.
+        let ptr = &job as *const Job<'_> as *mut Job<'static>;
+        self.shared.job.store(ptr, SeqCst);
+        {
+            let sleepers = self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+            if *sleepers > 0 {
+                self.shared.wake.notify_all();
+            }
+        }
+        job.work();
+        while job.done.load(SeqCst) < n {
+            std::hint::spin_loop();
+        }
+        self.shared.job.store(std::ptr::null_mut(), SeqCst);
+        while self.shared.inside.load(SeqCst) > 0 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, SeqCst);
+        let _l = self.shared.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+        self.shared.wake.notify_all();
+    }
+}
+
+fn worker(s: &Shared) {
+    let mut idle_since = Instant::now();
+    while !s.shutdown.load(SeqCst) {
+        s.inside.fetch_add(1, SeqCst);
+        let p = s.job.load(SeqCst);
+        if !p.is_null() {
+            // SAFETY: `p` was read after announcing ourselves in `inside`, so the caller of
+            // `run` that published it has not returned (it waits for `inside == 0` after
+            // clearing the pointer).
+            unsafe { (*p).work() };
+            s.inside.fetch_sub(1, SeqCst);
+            idle_since = Instant::now();
+            continue;
+        }
+        s.inside.fetch_sub(1, SeqCst);
+        if idle_since.elapsed() < SPIN {
+            std::hint::spin_loop();
+            continue;
+        }
+        let mut sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());
+        *sleepers += 1;
+        while s.job.load(SeqCst).is_null() && !s.shutdown.load(SeqCst) {
+            sleepers = s.wake.wait(sleepers).unwrap_or_else(|e| e.into_inner());
+        }
+        *sleepers -= 1;
+        idle_since = Instant::now();
+    }
+}
+
+static THREADS: OnceLock<usize> = OnceLock::new();
+static POOL: OnceLock<Pool> = OnceLock::new();
+
+/// Sets the number of threads of the process-wide pool; returns false if it is already set.
+pub fn set_threads(n: usize) -> bool {
+    THREADS.set(n.max(1)).is_ok() && POOL.get().is_none()
+}
+
+/// The process-wide pool.
+pub fn global() -> &'static Pool {
+    POOL.get_or_init(|| {
+        let n = *THREADS.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+        Pool::new(n)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_item_runs_once_even_under_contention() {
+        let pool = Arc::new(Pool::new(3));
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let pool = pool.clone();
+                std::thread::spawn(move || {
+                    for round in 0..200 {
+                        let n = 1 + (round * 7 + t) % 50;
+                        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                        pool.run(n, &|i| {
+                            hits[i].fetch_add(1, SeqCst);
+                        });
+                        assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn workers_wake_after_sleeping() {
+        let pool = Pool::new(2);
+        std::thread::sleep(SPIN * 3);
+        let count = AtomicUsize::new(0);
+        pool.run(100, &|_| {
+            count.fetch_add(1, SeqCst);
+        });
+        assert_eq!(count.load(SeqCst), 100);
+    }
+}
