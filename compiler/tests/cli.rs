@@ -56,7 +56,11 @@ fn build_run_inspect_a_real_model() {
         // products and softmax fused into one op.
         assert_eq!(v["op_counts"]["FusedMatMul"], 36, "{}", v["op_counts"]);
         assert_eq!(v["op_counts"]["Attention"], 6, "{}", v["op_counts"]);
-        assert!(v["op_counts"].get("MatMul").is_none() && v["op_counts"].get("Softmax").is_none(), "{}", v["op_counts"]);
+        assert!(
+            v["op_counts"].get("MatMul").is_none() && v["op_counts"].get("Softmax").is_none(),
+            "{}",
+            v["op_counts"]
+        );
     }
     let human = ok(&["inspect", s(&art)]);
     assert!(human.contains("attention heads per layer: [12, 12, 12, 12, 12, 12]"), "{human}");

@@ -486,6 +486,24 @@ impl<'t> Product<'t> {
             .iter()
             .map(|(s, boff, rs)| EpiOperand { ptr: s.as_ptr().wrapping_add(boff[bi]), row_stride: *rs })
             .collect();
+        let prog = &self.spec.epilogue.0;
+        let col_broadcast: Vec<u8> = self.spec.col_broadcast.iter().map(|&b| u8::from(b)).collect();
+        #[cfg(target_arch = "x86_64")]
+        let ctx = crate::kernels::avx512_vec::EpiContext {
+            program: prog.as_ptr(),
+            len: prog.len(),
+            operands: operands.as_ptr(),
+            col_broadcast: col_broadcast.as_ptr(),
+        };
+        #[cfg(target_arch = "x86_64")]
+        let (epilogue_fn, epilogue_ctx) = match fast.jit.tile_epilogue {
+            Some(f) if prog.len() <= crate::kernels::avx512_vec::MAX_PROGRAM => {
+                (f as usize, &ctx as *const _ as *const u8)
+            }
+            _ => (0, std::ptr::null()),
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (epilogue_fn, epilogue_ctx) = (0usize, std::ptr::null());
         let args = GemmArgs {
             m: self.m,
             n: self.n,
@@ -501,8 +519,11 @@ impl<'t> Product<'t> {
             mr: fast.jit.tier.mr(),
             kc: KC,
             operands: operands.as_ptr(),
+            epilogue_fn,
+            epilogue_ctx,
         };
-        // SAFETY: forwarded from the caller; the operands vector outlives the call.
+        // SAFETY: forwarded from the caller; the operands, the program and the context outlive
+        // the call.
         unsafe { driver(&args) };
     }
 }

@@ -29,6 +29,10 @@ pub struct GemmArgs {
     pub mr: usize,
     pub kc: usize,
     pub operands: *const EpiOperand,
+    /// A native epilogue (`kernels::avx512_vec::tile_epilogue`) to call on each finished tile
+    /// instead of the generated one, or 0.
+    pub epilogue_fn: usize,
+    pub epilogue_ctx: *const u8,
 }
 
 /// An extra input of the epilogue: element `(i, j)` of the tile is at `ptr + i * row_stride + j`
@@ -49,6 +53,15 @@ pub fn micro_kernel_sig(call_conv: CallConv) -> Signature {
         s.params.push(AbiParam::new(types::I64));
     }
     s.params.push(AbiParam::new(types::I32));
+    s
+}
+
+/// The signature of a native tile epilogue: `(ctx, c, ldc, row, rows, n0, cols)`.
+pub fn epilogue_sig(call_conv: CallConv) -> Signature {
+    let mut s = Signature::new(call_conv);
+    for _ in 0..7 {
+        s.params.push(AbiParam::new(types::I64));
+    }
     s
 }
 
@@ -105,10 +118,12 @@ pub fn emit_driver(
     prog: &Epilogue,
     col_broadcast: &[bool],
     kernel_sig: cranelift_codegen::ir::SigRef,
+    epilogue_sig: cranelift_codegen::ir::SigRef,
 ) {
     let f = |e: &mut Emitter, i: i64| e.load_i64(args, (i * W) as i32);
     let (m, n, k, a, lda, b, c, ldc) = (f(e, 0), f(e, 1), f(e, 2), f(e, 3), f(e, 4), f(e, 5), f(e, 6), f(e, 7));
     let (p0, p1, kernel, mr, kc, ops) = (f(e, 8), f(e, 9), f(e, 10), f(e, 11), f(e, 12), f(e, 13));
+    let (epi_fn, epi_ctx) = (f(e, 14), f(e, 15));
     let has_epilogue = !prog.is_identity();
     let program_consts: Vec<f32> =
         prog.0.iter().filter_map(|op| if let EpiOp::Const(c) = op { Some(*c) } else { None }).collect();
@@ -158,7 +173,20 @@ pub fn emit_driver(
                 };
                 e.b.ins().call_indirect(kernel_sig, kernel, &[kb, arow, lda, bk, crow, ldc, mb, nb, accumulate]);
                 if has_epilogue {
-                    e.if_then(last, |e| emit_tile_epilogue(e, prog, col_broadcast, &operands, c, ldc, i, mb, n0, nb));
+                    e.if_then(last, |e| {
+                        let native = e.b.ins().icmp_imm_s(IntCC::NotEqual, epi_fn, 0);
+                        let native_block = e.b.create_block();
+                        let generated_block = e.b.create_block();
+                        let join = e.b.create_block();
+                        e.b.ins().brif(native, native_block, &[], generated_block, &[]);
+                        e.b.switch_to_block(native_block);
+                        e.b.ins().call_indirect(epilogue_sig, epi_fn, &[epi_ctx, c, ldc, i, mb, n0, nb]);
+                        e.b.ins().jump(join, &[]);
+                        e.b.switch_to_block(generated_block);
+                        emit_tile_epilogue(e, prog, col_broadcast, &operands, c, ldc, i, mb, n0, nb);
+                        e.b.ins().jump(join, &[]);
+                        e.b.switch_to_block(join);
+                    });
                 }
                 let next = e.b.ins().iadd(i, mb);
                 e.b.def_var(ivar, next);

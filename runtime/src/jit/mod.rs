@@ -34,6 +34,12 @@ pub type GemmFn = unsafe extern "C" fn(*const GemmArgs);
 pub type SoftmaxFn = unsafe extern "C" fn(*const f32, *mut f32, usize, usize);
 /// `layernorm(x, gamma, beta_or_null, y, rows, len, epsilon)`.
 pub type LayerNormFn = unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32, usize, usize, f32);
+/// `(ctx, c, ldc, row, rows, n0, cols)`: the epilogue on a tile of C.
+#[cfg(target_arch = "x86_64")]
+pub type TileEpilogueFn =
+    unsafe extern "C" fn(*const crate::kernels::avx512_vec::EpiContext, *mut f32, usize, usize, usize, usize, usize);
+#[cfg(not(target_arch = "x86_64"))]
+pub type TileEpilogueFn = unsafe extern "C" fn(*const u8, *mut f32, usize, usize, usize, usize, usize);
 /// `pack(src, k, n, row_stride, col_stride, dst)`.
 pub type PackFn = unsafe extern "C" fn(*const f32, usize, usize, usize, usize, *mut f32);
 
@@ -81,6 +87,8 @@ pub struct Jit {
     pub softmax: SoftmaxFn,
     pub layernorm: LayerNormFn,
     pub pack: PackFn,
+    /// A native tile epilogue for this tier, if it has one (else the generated code runs).
+    pub tile_epilogue: Option<TileEpilogueFn>,
     gemms: HashMap<String, GemmFn>,
     /// Milliseconds spent generating and compiling code.
     pub compile_ms: f64,
@@ -196,9 +204,11 @@ impl Jit {
                 continue;
             }
             let ksig = kernel_sig.clone();
+            let esig = gemm::epilogue_sig(call_conv);
             let id = define(&mut module, &format!("gemm{n}"), sig(&[i64]), &|e, p| {
                 let sref = e.b.import_signature(ksig.clone());
-                gemm::emit_driver(e, p[0], &spec.epilogue, &spec.col_broadcast, sref)
+                let eref = e.b.import_signature(esig.clone());
+                gemm::emit_driver(e, p[0], &spec.epilogue, &spec.col_broadcast, sref, eref)
             })?;
             gemm_ids.push((key, id));
         }
@@ -214,8 +224,16 @@ impl Jit {
             (None, Some(id)) => unsafe { std::mem::transmute::<*const u8, MicroKernel>(get(id)) },
             (None, None) => unreachable!("a portable kernel is generated when there is no Rust one"),
         };
-        let softmax = unsafe { std::mem::transmute::<*const u8, SoftmaxFn>(get(softmax_id)) };
-        let layernorm = unsafe { std::mem::transmute::<*const u8, LayerNormFn>(get(ln_id)) };
+        let mut softmax = unsafe { std::mem::transmute::<*const u8, SoftmaxFn>(get(softmax_id)) };
+        let mut layernorm = unsafe { std::mem::transmute::<*const u8, LayerNormFn>(get(ln_id)) };
+        let mut tile_epilogue: Option<TileEpilogueFn> = None;
+        // On AVX-512 the exp-heavy element-wise work runs sixteen lanes wide.
+        #[cfg(target_arch = "x86_64")]
+        if tier == Tier::Avx512 && tier.supported() {
+            softmax = crate::kernels::avx512_vec::softmax;
+            layernorm = crate::kernels::avx512_vec::layernorm;
+            tile_epilogue = Some(crate::kernels::avx512_vec::tile_epilogue);
+        }
         let pack = unsafe { std::mem::transmute::<*const u8, PackFn>(get(pack_id)) };
         let gemms = gemm_ids
             .into_iter()
@@ -223,7 +241,17 @@ impl Jit {
             .collect();
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(tier = tier.name(), ms = compile_ms, drivers = specs.len(), "JIT compiled");
-        Ok(Jit { _code: CodeMemory(Some(module)), tier, micro_kernel, softmax, layernorm, pack, gemms, compile_ms })
+        Ok(Jit {
+            _code: CodeMemory(Some(module)),
+            tier,
+            micro_kernel,
+            softmax,
+            layernorm,
+            pack,
+            tile_epilogue,
+            gemms,
+            compile_ms,
+        })
     }
 
     /// The driver compiled for `spec`.

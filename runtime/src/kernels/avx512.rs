@@ -37,7 +37,13 @@ unsafe fn tile<const MR: usize>(
     unsafe {
         let mut acc0 = [_mm512_setzero_ps(); MR];
         let mut acc1 = [_mm512_setzero_ps(); MR];
+        // The panel data after this block (the next k block of the panel, or the next panel: panels
+        // are contiguous) is what the next calls read; fetch it into L2 while computing. Weights
+        // are read once per inference, so without this every block starts with cache misses.
+        let ahead = b.add(k * NR) as *const i8;
         for p in 0..k {
+            _mm_prefetch::<_MM_HINT_T1>(ahead.add(p * NR * 4));
+            _mm_prefetch::<_MM_HINT_T1>(ahead.add(p * NR * 4 + 64));
             let b0 = _mm512_loadu_ps(b.add(p * NR));
             let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
             for r in 0..MR {

@@ -22,6 +22,8 @@ use std::fmt;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512_vec;
 
 /// Width of a packed weight panel, shared by every tier.
 pub const NR: usize = 32;

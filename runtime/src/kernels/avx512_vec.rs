@@ -1,0 +1,340 @@
+//! AVX-512 versions of the element-wise work around the products: vector math (the same
+//! algorithms as the Cranelift emitters in `jit::emit`, sixteen lanes at a time), softmax and
+//! layer-normalization rows, and an executor of epilogue programs on a tile of C.
+//!
+//! On CPUs with AVX-512 these replace the 128-bit generated code for the exp-heavy work
+//! (GELU epilogues, softmax), four times wider.
+
+#![allow(clippy::too_many_arguments)]
+
+use crate::jit::EpiOperand;
+use crate::op::{BinaryKind, EpiOp, UnaryKind};
+use std::arch::x86_64::*;
+
+#[inline(always)]
+unsafe fn splat(v: f32) -> __m512 {
+    unsafe { _mm512_set1_ps(v) }
+}
+
+// Bitwise float ops through the integer forms: the `_ps` forms need AVX512DQ, which the
+// avx512 tier does not require.
+#[inline(always)]
+unsafe fn and(a: __m512, b: __m512) -> __m512 {
+    unsafe { _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_castps_si512(b))) }
+}
+
+#[inline(always)]
+unsafe fn andnot(a: __m512, b: __m512) -> __m512 {
+    unsafe { _mm512_castsi512_ps(_mm512_andnot_si512(_mm512_castps_si512(a), _mm512_castps_si512(b))) }
+}
+
+#[inline(always)]
+unsafe fn or(a: __m512, b: __m512) -> __m512 {
+    unsafe { _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(a), _mm512_castps_si512(b))) }
+}
+
+/// `exp(x)` as `jit::emit::Emitter::exp` computes it.
+///
+/// # Safety
+/// The CPU must have AVX-512F (call from a `#[target_feature(enable = "avx512f")]` function).
+#[inline(always)]
+pub unsafe fn exp(x: __m512) -> __m512 {
+    unsafe {
+        let x = _mm512_max_ps(x, splat(-86.0));
+        let x = _mm512_min_ps(x, splat(88.37626));
+        let magic = splat(12_582_912.0);
+        let t = _mm512_fmadd_ps(x, splat(std::f32::consts::LOG2_E), magic);
+        let n = _mm512_sub_ps(t, magic);
+        let r = _mm512_fmadd_ps(n, splat(-0.693_359_4), x);
+        let r = _mm512_fmadd_ps(n, splat(2.121_944_4e-4), r);
+        let mut p = splat(1.987_569_1e-4);
+        for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm512_fmadd_ps(p, r, splat(c));
+        }
+        let r2 = _mm512_mul_ps(r, r);
+        let y = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), splat(1.0));
+        let e = _mm512_slli_epi32::<23>(_mm512_castps_si512(t));
+        _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(y), e))
+    }
+}
+
+/// `erf(x)` as `jit::emit::Emitter::erf` computes it.
+///
+/// # Safety
+/// The CPU must have AVX-512F (call from a `#[target_feature(enable = "avx512f")]` function).
+#[inline(always)]
+pub unsafe fn erf(x: __m512) -> __m512 {
+    unsafe {
+        let sign = and(x, splat(-0.0));
+        let a = _mm512_min_ps(andnot(splat(-0.0), x), splat(4.0));
+        let t = _mm512_div_ps(splat(1.0), _mm512_fmadd_ps(splat(0.327_591_1), a, splat(1.0)));
+        let mut p = splat(1.061_405_4);
+        for c in [-1.453_152, 1.421_413_8, -0.284_496_72, 0.254_829_6] {
+            p = _mm512_fmadd_ps(p, t, splat(c));
+        }
+        let e = exp(_mm512_sub_ps(splat(0.0), _mm512_mul_ps(a, a)));
+        let y = _mm512_sub_ps(splat(1.0), _mm512_mul_ps(_mm512_mul_ps(p, t), e));
+        or(y, sign)
+    }
+}
+
+#[inline(always)]
+unsafe fn tanh(x: __m512) -> __m512 {
+    unsafe {
+        let sign = and(x, splat(-0.0));
+        let a = andnot(splat(-0.0), x);
+        let e = exp(_mm512_add_ps(a, a));
+        let y = _mm512_sub_ps(splat(1.0), _mm512_div_ps(splat(2.0), _mm512_add_ps(e, splat(1.0))));
+        or(y, sign)
+    }
+}
+
+#[inline(always)]
+unsafe fn unary(k: UnaryKind, x: __m512) -> __m512 {
+    unsafe {
+        match k {
+            UnaryKind::Identity => x,
+            UnaryKind::Neg => _mm512_sub_ps(splat(0.0), x),
+            UnaryKind::Abs => andnot(splat(-0.0), x),
+            UnaryKind::Sqrt => _mm512_sqrt_ps(x),
+            UnaryKind::Reciprocal => _mm512_div_ps(splat(1.0), x),
+            UnaryKind::Exp => exp(x),
+            UnaryKind::Erf => erf(x),
+            UnaryKind::Tanh => tanh(x),
+            UnaryKind::Sigmoid => {
+                _mm512_div_ps(splat(1.0), _mm512_add_ps(splat(1.0), exp(_mm512_sub_ps(splat(0.0), x))))
+            }
+            UnaryKind::Relu => {
+                let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, splat(0.0));
+                _mm512_maskz_mov_ps(m, x)
+            }
+            // Not epilogue ops (see `Epilogue::supports_unary`).
+            _ => _mm512_set1_ps(f32::NAN),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn binary(k: BinaryKind, a: __m512, b: __m512) -> __m512 {
+    unsafe {
+        match k {
+            BinaryKind::Add => _mm512_add_ps(a, b),
+            BinaryKind::Sub => _mm512_sub_ps(a, b),
+            BinaryKind::Mul => _mm512_mul_ps(a, b),
+            BinaryKind::Div => _mm512_div_ps(a, b),
+            BinaryKind::Max | BinaryKind::Min => {
+                // NaN propagates, as the reference does.
+                let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(a, b);
+                let v = if k == BinaryKind::Max { _mm512_max_ps(a, b) } else { _mm512_min_ps(a, b) };
+                _mm512_mask_mov_ps(v, nan, splat(f32::NAN))
+            }
+            _ => _mm512_set1_ps(f32::NAN),
+        }
+    }
+}
+
+/// What the tile epilogue needs besides the tile: the program and its extra inputs.
+#[repr(C)]
+pub struct EpiContext {
+    pub program: *const EpiOp,
+    pub len: usize,
+    pub operands: *const EpiOperand,
+    /// Per operand: 1 when it broadcasts along the columns.
+    pub col_broadcast: *const u8,
+}
+
+/// Rows the executor processes per pass over the program.
+const ROWS: usize = 4;
+/// Most program instructions the AVX-512 executor takes; longer programs run the generated
+/// 128-bit epilogue.
+pub const MAX_PROGRAM: usize = 48;
+
+/// Applies the epilogue program to rows `row..row+mb`, columns `n0..n0+nb` (`nb <= 32`) of C.
+/// Op-major over blocks of four rows: each instruction runs over the block's eight vectors
+/// before the next, so the dispatch costs once per instruction and block, not per element.
+///
+/// # Safety
+/// AVX-512F; `ctx` as built by the runtime for this product; C covers those rows and columns.
+#[target_feature(enable = "avx512f")]
+pub unsafe extern "C" fn tile_epilogue(
+    ctx: *const EpiContext,
+    c: *mut f32,
+    ldc: usize,
+    row: usize,
+    mb: usize,
+    n0: usize,
+    nb: usize,
+) {
+    // SAFETY: the caller's contract; register slots are written before they are read (each
+    // instruction reads only earlier ones, which ran on the same vectors).
+    unsafe {
+        let ctx = &*ctx;
+        if ctx.len == 0 || ctx.len > MAX_PROGRAM {
+            return;
+        }
+        let prog = std::slice::from_raw_parts(ctx.program, ctx.len);
+        let (m0, m1): (__mmask16, __mmask16) = if nb >= 32 {
+            (0xffff, 0xffff)
+        } else if nb > 16 {
+            (0xffff, ((1u32 << (nb - 16)) - 1) as u16)
+        } else {
+            (((1u32 << nb) - 1) as u16, 0)
+        };
+        let mut regs = std::mem::MaybeUninit::<[[__m512; ROWS * 2]; MAX_PROGRAM]>::uninit();
+        let regs = &mut *regs.as_mut_ptr();
+        let mut r0 = row;
+        while r0 < row + mb {
+            let rows = ROWS.min(row + mb - r0);
+            let nv = rows * 2;
+            for (i, op) in prog.iter().enumerate() {
+                let (done, rest) = regs.split_at_mut(i);
+                let out = &mut rest[0];
+                match *op {
+                    EpiOp::Acc => {
+                        for r in 0..rows {
+                            let cp = c.add((r0 + r) * ldc + n0);
+                            out[2 * r] = _mm512_maskz_loadu_ps(m0, cp);
+                            out[2 * r + 1] = _mm512_maskz_loadu_ps(m1, cp.add(16));
+                        }
+                    }
+                    EpiOp::Input(j) => {
+                        let o = *ctx.operands.add(j);
+                        let bcast = *ctx.col_broadcast.add(j) != 0;
+                        for r in 0..rows {
+                            let p = o.ptr.add((r0 + r) * o.row_stride);
+                            if bcast {
+                                let v = _mm512_set1_ps(*p);
+                                out[2 * r] = v;
+                                out[2 * r + 1] = v;
+                            } else {
+                                out[2 * r] = _mm512_maskz_loadu_ps(m0, p.add(n0));
+                                out[2 * r + 1] = _mm512_maskz_loadu_ps(m1, p.add(n0 + 16));
+                            }
+                        }
+                    }
+                    EpiOp::Const(v) => out[..nv].fill(_mm512_set1_ps(v)),
+                    EpiOp::Unary(k, a) => {
+                        for v in 0..nv {
+                            out[v] = unary(k, done[a][v]);
+                        }
+                    }
+                    EpiOp::Binary(k, a, b) => {
+                        for v in 0..nv {
+                            out[v] = binary(k, done[a][v], done[b][v]);
+                        }
+                    }
+                }
+            }
+            let last = &regs[prog.len() - 1];
+            for r in 0..rows {
+                let cp = c.add((r0 + r) * ldc + n0);
+                _mm512_mask_storeu_ps(cp, m0, last[2 * r]);
+                _mm512_mask_storeu_ps(cp.add(16), m1, last[2 * r + 1]);
+            }
+            r0 += rows;
+        }
+    }
+}
+
+/// Softmax of each row of `len` floats (`x` and `y` may be the same buffer).
+///
+/// # Safety
+/// AVX-512F; `x` and `y` hold `rows * len` floats.
+#[target_feature(enable = "avx512f")]
+pub unsafe extern "C" fn softmax(x: *const f32, y: *mut f32, rows: usize, len: usize) {
+    // SAFETY: the caller's contract; masked loads and stores stay within each row.
+    unsafe {
+        for r in 0..rows {
+            let xr = x.add(r * len);
+            let yr = y.add(r * len);
+            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut j = 0;
+            while j < len {
+                let m = lane_mask(len - j);
+                let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, xr.add(j));
+                // NaN lanes are skipped, as f32::max does in the reference.
+                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, mx);
+                mx = _mm512_mask_mov_ps(mx, gt, v);
+                j += 16;
+            }
+            let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+            let mut sum = _mm512_setzero_ps();
+            let mut j = 0;
+            while j < len {
+                let k = lane_mask(len - j);
+                let v = _mm512_maskz_loadu_ps(k, xr.add(j));
+                let e = _mm512_maskz_mov_ps(k, exp(_mm512_sub_ps(v, m)));
+                _mm512_mask_storeu_ps(yr.add(j), k, e);
+                sum = _mm512_add_ps(sum, e);
+                j += 16;
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+            let mut j = 0;
+            while j < len {
+                let k = lane_mask(len - j);
+                let v = _mm512_maskz_loadu_ps(k, yr.add(j));
+                _mm512_mask_storeu_ps(yr.add(j), k, _mm512_mul_ps(v, inv));
+                j += 16;
+            }
+        }
+    }
+}
+
+/// Layer normalization of each row of `len` floats (two-pass mean and variance).
+///
+/// # Safety
+/// AVX-512F; `x` and `y` hold `rows * len` floats, `gamma` `len`, `beta` `len` or null.
+#[target_feature(enable = "avx512f")]
+pub unsafe extern "C" fn layernorm(
+    x: *const f32,
+    gamma: *const f32,
+    beta: *const f32,
+    y: *mut f32,
+    rows: usize,
+    len: usize,
+    eps: f32,
+) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        for r in 0..rows {
+            let xr = x.add(r * len);
+            let yr = y.add(r * len);
+            let mut s = _mm512_setzero_ps();
+            let mut j = 0;
+            while j < len {
+                s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(lane_mask(len - j), xr.add(j)));
+                j += 16;
+            }
+            let mean = _mm512_reduce_add_ps(s) / len as f32;
+            let mv = _mm512_set1_ps(mean);
+            let mut q = _mm512_setzero_ps();
+            let mut j = 0;
+            while j < len {
+                let k = lane_mask(len - j);
+                let d = _mm512_maskz_sub_ps(k, _mm512_maskz_loadu_ps(k, xr.add(j)), mv);
+                q = _mm512_fmadd_ps(d, d, q);
+                j += 16;
+            }
+            let var = _mm512_reduce_add_ps(q) / len as f32;
+            let inv = _mm512_set1_ps(1.0 / (var + eps).sqrt());
+            let mut j = 0;
+            while j < len {
+                let k = lane_mask(len - j);
+                let d = _mm512_sub_ps(_mm512_maskz_loadu_ps(k, xr.add(j)), mv);
+                let g = _mm512_maskz_loadu_ps(k, gamma.add(j));
+                let b = if beta.is_null() { _mm512_setzero_ps() } else { _mm512_maskz_loadu_ps(k, beta.add(j)) };
+                _mm512_mask_storeu_ps(yr.add(j), k, _mm512_fmadd_ps(_mm512_mul_ps(d, inv), g, b));
+                j += 16;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn lane_mask(left: usize) -> __mmask16 {
+    if left >= 16 {
+        0xffff
+    } else {
+        ((1u32 << left) - 1) as u16
+    }
+}
