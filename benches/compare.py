@@ -56,6 +56,28 @@ def time_ort(sess, feeds, runs):
     return ts
 
 
+ORT_MEMORY = """
+import resource, sys, numpy as np, onnxruntime as ort
+so = ort.SessionOptions(); so.intra_op_num_threads = int(sys.argv[2])
+s = ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+feeds = {}
+for i in s.get_inputs():
+    dt = np.int64 if "int64" in i.type else np.int32
+    n = i.name.lower()
+    v = np.ones if "mask" in n else np.zeros
+    feeds[i.name] = v((int(sys.argv[3]), int(sys.argv[4])), dt)
+for _ in range(5): s.run(None, feeds)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def ort_peak_rss(path, args):
+    """Peak resident memory of a fresh process that loads the model in onnxruntime and runs it."""
+    out = subprocess.run([sys.executable, "-c", ORT_MEMORY, path, str(args.threads), str(args.batch), str(args.seq)],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
 def time_tcc(tcc, artifact, args, runs):
     out = subprocess.run([tcc, "bench", artifact, "--batch", str(args.batch), "--seq", str(args.seq),
                           "--threads", str(args.threads), "--runs", str(runs), "--warmup", "3", "--json"],
@@ -77,7 +99,7 @@ def main():
     results = []
     tmp = tempfile.mkdtemp(prefix="tcc-compare-")
     print(f"batch {args.batch}, sequence {args.seq}, {args.threads} threads, {args.rounds} alternating rounds of {args.runs} runs")
-    print(f"{'model':36} {'onnxruntime ms':>15} {'tcc ms':>10} {'tcc/ort':>8}")
+    print(f"{'model':36} {'onnxruntime ms':>15} {'tcc ms':>10} {'tcc/ort':>8} {'ort RSS MB':>11} {'tcc RSS MB':>11} {'tcc load+JIT ms':>16}")
     for path in args.models:
         name = os.path.splitext(os.path.basename(path))[0]
         artifact = os.path.join(tmp, name + ".tcc")
@@ -91,9 +113,12 @@ def main():
             info = time_tcc(args.tcc, artifact, args, args.runs)
             tcc_ms.append(info["median_ms"])
         o, t = statistics.median(ort_ms), statistics.median(tcc_ms)
+        ort_rss = ort_peak_rss(path, args)
         results.append({"model": name, "ort_median_ms": o, "tcc_median_ms": t, "ratio": t / o,
+                        "ort_peak_rss_bytes": ort_rss, "tcc_peak_rss_bytes": info.get("peak_rss_bytes"),
                         "tcc_load_ms": info.get("load_ms"), "tcc_jit_ms": info.get("jit_ms"), "tier": info.get("tier")})
-        print(f"{name:36} {o:15.2f} {t:10.2f} {t / o:8.3f}", flush=True)
+        print(f"{name:36} {o:15.2f} {t:10.2f} {t / o:8.3f} {ort_rss / 1e6:11.1f} {info.get('peak_rss_bytes', 0) / 1e6:11.1f}"
+              f" {info.get('load_ms', 0):16.1f}", flush=True)
     if args.json:
         json.dump({"batch": args.batch, "seq": args.seq, "threads": args.threads, "results": results}, open(args.json, "w"), indent=1)
 

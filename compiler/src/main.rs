@@ -179,15 +179,20 @@ fn run(cmd: Command) -> Result<()> {
                 m.run(&inputs)?;
             }
             let mut times = Vec::with_capacity(runs);
-            let mut steps = Vec::new();
+            let mut stats = tcc_runtime::RunStats::default();
+            m.run_with_stats(&inputs, Some(&mut stats))?;
+            let peak_activations = stats.peak_activation_bytes;
+            stats.step_ms.iter_mut().for_each(|t| *t = 0.0);
             for _ in 0..runs {
                 let t0 = Instant::now();
-                m.run_profiled(&inputs, profile.then_some(&mut steps))?;
+                m.run_with_stats(&inputs, profile.then_some(&mut stats))?;
                 times.push(t0.elapsed().as_secs_f64() * 1e3);
             }
+            let steps = &stats.step_ms;
+            let peak_rss = peak_rss_bytes();
             if profile {
                 let mut by_op: std::collections::BTreeMap<String, (usize, f64)> = Default::default();
-                for (step, ms) in m.plan().steps.iter().zip(&steps) {
+                for (step, ms) in m.plan().steps.iter().zip(steps) {
                     let e = by_op.entry(step.op.name().to_string()).or_default();
                     e.0 += 1;
                     e.1 += ms / runs as f64;
@@ -196,7 +201,7 @@ fn run(cmd: Command) -> Result<()> {
                 rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
                 let total: f64 = rows.iter().map(|r| r.1 .1).sum();
                 if std::env::var_os("TCC_PROFILE_STEPS").is_some() {
-                    for (step, ms) in m.plan().steps.iter().zip(&steps) {
+                    for (step, ms) in m.plan().steps.iter().zip(steps) {
                         eprintln!("{:10.3} ms  {} {}", ms / runs as f64, step.op.name(), step.name);
                     }
                 }
@@ -214,14 +219,22 @@ fn run(cmd: Command) -> Result<()> {
                     "median_ms": median, "min_ms": min, "p90_ms": p90, "runs": runs, "warmup": warmup,
                     "batch": batch, "seq": seq, "threads": threads, "tier": tier,
                     "load_ms": m.load_ms, "jit_ms": m.jit_ms(),
+                    "peak_activation_bytes": peak_activations, "peak_rss_bytes": peak_rss,
+                    "weight_bytes": m.size(),
                 });
                 println!("{v}");
             } else {
                 println!(
-                    "{}: batch {batch}, sequence {seq}, {threads} threads, {tier} kernels: median {median:.2} ms, min {min:.2} ms, p90 {p90:.2} ms ({runs} runs after {warmup} warm-up); load {:.1} ms (JIT {:.1} ms)",
+                    "{}: batch {batch}, sequence {seq}, {threads} threads, {tier} kernels: median {median:.2} ms, min {min:.2} ms, p90 {p90:.2} ms ({runs} runs after {warmup} warm-up)",
                     model.display(),
+                );
+                println!(
+                    "  load {:.1} ms (JIT {:.1} ms); peak activations {}, peak RSS {} (weights mapped: {})",
                     m.load_ms,
-                    m.jit_ms()
+                    m.jit_ms(),
+                    mb(peak_activations as f64),
+                    mb(peak_rss as f64),
+                    mb(m.size() as f64)
                 );
             }
             Ok(())
@@ -273,6 +286,20 @@ fn head(t: &Tensor) -> String {
         _ => t.to_i64s().unwrap_or_default().iter().take(6).map(|v| v.to_string()).collect(),
     };
     format!("{}{:?} [{}{}]", t.dtype(), t.shape(), vals.join(", "), if t.len() > 6 { ", ..." } else { "" })
+}
+
+/// The process's peak resident memory (`VmHWM`), in bytes; 0 where /proc is not available.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmHWM:").map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        })
+        .flatten()
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }
 
 fn thousands(n: usize) -> String {

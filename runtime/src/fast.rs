@@ -81,7 +81,7 @@ impl Fast {
         // Drivers for each epilogue, for the column broadcasts the extra inputs can have. The
         // exact pattern is only known from shapes at run time; compile both variants for
         // single-extra programs (bias rows vs residuals), the all-false variant otherwise.
-        let mut specs: Vec<GemmSpec> = vec![GemmSpec { epilogue: Default::default(), col_broadcast: vec![] }];
+        let mut specs: Vec<GemmSpec> = Vec::new();
         let products = plan.steps.iter().flat_map(|s| match &s.op {
             Op::FusedMatMul(f) => vec![f],
             Op::Attention(a) => vec![&a.scores, &a.context],

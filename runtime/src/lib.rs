@@ -29,7 +29,7 @@ pub mod tensor;
 pub use dim::Dim;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use model::{LoadOptions, Model};
+pub use model::{LoadOptions, Model, RunStats};
 pub use op::{EvalContext, Fact, Op, OpDef, SymTensor};
 pub use tensor::{Bytes, Element, Tensor};
 

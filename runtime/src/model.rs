@@ -31,6 +31,16 @@ impl Default for LoadOptions {
     }
 }
 
+/// What [`Model::run_with_stats`] measures.
+#[derive(Clone, Debug, Default)]
+pub struct RunStats {
+    /// Milliseconds per plan step, added over runs.
+    pub step_ms: Vec<f64>,
+    /// The most bytes of activations (inputs, intermediates, outputs) alive at once in the
+    /// last run: what the plan's liveness keeps in memory besides the mapped weights.
+    pub peak_activation_bytes: usize,
+}
+
 pub struct Model {
     plan: Plan,
     fast: Option<Fast>,
@@ -161,18 +171,39 @@ impl Model {
 
     /// Runs the model. Inputs are given by name; outputs come back in declaration order.
     pub fn run(&self, inputs: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
-        self.run_profiled(inputs, None)
+        self.run_with_stats(inputs, None)
     }
 
-    /// Runs the model, adding each step's time to `profile` (indexed by step) when given.
-    pub fn run_profiled(
+    /// Runs the model, recording each step's time and the peak of live activation memory in
+    /// `stats` when given.
+    pub fn run_with_stats(
         &self,
         inputs: &[(String, Tensor)],
-        mut profile: Option<&mut Vec<f64>>,
+        mut stats: Option<&mut RunStats>,
     ) -> Result<Vec<(String, Tensor)>> {
-        if let Some(p) = profile.as_deref_mut() {
-            p.resize(self.plan.steps.len(), 0.0);
+        if let Some(st) = stats.as_deref_mut() {
+            st.step_ms.resize(self.plan.steps.len(), 0.0);
         }
+        // Live activation buffers (inputs and step outputs; weights are mapped, not counted),
+        // by data buffer, so that views sharing data count once.
+        let mut live: std::collections::HashMap<usize, (usize, usize)> = Default::default();
+        let mut live_bytes = 0usize;
+        let mut peak = 0usize;
+        let mut track = |t: &Tensor, add: bool, live_bytes: &mut usize, peak: &mut usize| {
+            let e = live.entry(t.data_id()).or_insert((t.byte_len(), 0));
+            if add {
+                if e.1 == 0 {
+                    *live_bytes += e.0;
+                    *peak = (*peak).max(*live_bytes);
+                }
+                e.1 += 1;
+            } else {
+                e.1 -= 1;
+                if e.1 == 0 {
+                    *live_bytes -= e.0;
+                }
+            }
+        };
         let symbols = crate::plan::bind_symbols(&self.plan.inputs, inputs)?;
         let ctx = EvalContext { symbols };
         let mut slots: Vec<Option<Tensor>> = vec![None; self.plan.slots as usize];
@@ -180,10 +211,19 @@ impl Model {
             slots[*s as usize] = Some(t.clone());
         }
         for spec in &self.plan.inputs {
-            slots[spec.slot as usize] = Some(find(inputs, &spec.name)?.clone());
+            let t = find(inputs, &spec.name)?.clone();
+            track(&t, true, &mut live_bytes, &mut peak);
+            slots[spec.slot as usize] = Some(t);
         }
+        let is_const: Vec<bool> = {
+            let mut v = vec![false; self.plan.slots as usize];
+            for (s, _) in &self.constants {
+                v[*s as usize] = true;
+            }
+            v
+        };
         for (n, step) in self.plan.steps.iter().enumerate() {
-            let t0 = profile.is_some().then(Instant::now);
+            let t0 = stats.is_some().then(Instant::now);
             let outs = {
                 let ins: Vec<Option<&Tensor>> = step
                     .inputs
@@ -202,8 +242,8 @@ impl Model {
                     e => e,
                 })?
             };
-            if let (Some(p), Some(t0)) = (profile.as_deref_mut(), t0) {
-                p[n] += t0.elapsed().as_secs_f64() * 1e3;
+            if let (Some(st), Some(t0)) = (stats.as_deref_mut(), t0) {
+                st.step_ms[n] += t0.elapsed().as_secs_f64() * 1e3;
             }
             if outs.len() != step.outputs.len() {
                 return Err(Error::op(
@@ -212,13 +252,21 @@ impl Model {
                 ));
             }
             for (s, t) in step.outputs.iter().zip(outs) {
+                track(&t, true, &mut live_bytes, &mut peak);
                 slots[*s as usize] = Some(t);
             }
             for s in step.inputs.iter().flatten() {
                 if self.last_use[*s as usize] == Some(n) && !self.keep[*s as usize] {
-                    slots[*s as usize] = None;
+                    if let Some(t) = slots[*s as usize].take() {
+                        if !is_const[*s as usize] {
+                            track(&t, false, &mut live_bytes, &mut peak);
+                        }
+                    }
                 }
             }
+        }
+        if let Some(st) = stats {
+            st.peak_activation_bytes = peak;
         }
         self.plan
             .outputs

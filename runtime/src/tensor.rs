@@ -254,6 +254,16 @@ impl Tensor {
         })
     }
 
+    /// Identifies the data buffer: tensors sharing data (a reshape of another) have the same id.
+    pub fn data_id(&self) -> usize {
+        Arc::as_ptr(&self.data) as *const u8 as usize
+    }
+
+    /// Bytes of element data.
+    pub fn byte_len(&self) -> usize {
+        self.len() * self.dtype.size()
+    }
+
     /// True when both tensors have the same dtype, shape and bit-identical elements.
     pub fn bit_eq(&self, other: &Tensor) -> bool {
         self.dtype == other.dtype && self.shape == other.shape && self.to_le_bytes() == other.to_le_bytes()

@@ -184,3 +184,66 @@ fn quantization_ops_match_onnxruntime_bit_exactly() {
     eprintln!("{checked} quantization outputs bit-exact");
     assert!(checked > 100, "only {checked} quantization outputs were checked");
 }
+
+/// The artifact of a fixture, built with the default pipeline (as `tcc build` does).
+fn artifact(name: &str, test: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let f = fixtures().model(name);
+    let dir = scratch(&format!("{test}-{name}"));
+    let art = dir.join(format!("{name}.tcc"));
+    driver::build(&f.path, &art, &driver::BuildOptions::default()).unwrap();
+    (dir, art)
+}
+
+/// Each kernel tier (AVX-512, AVX2, the portable Cranelift kernels), forced, on real models
+/// with odd shapes (head dim 26, hidden 312, a classification head), against onnxruntime.
+#[test]
+fn every_kernel_tier_on_real_models() {
+    use tcc_runtime::kernels::Tier;
+    for name in ["minilm_l6", "tinybert_4l_312", "distilbert_tiny", "bert_tiny_classifier"] {
+        let f = fixtures().model(name);
+        let (dir, art) = artifact(name, "tiers");
+        let (inputs, want) = (f.inputs(), f.reference());
+        for tier in Tier::ALL {
+            if !tier.supported() {
+                eprintln!("{name}: the {tier} tier cannot run on this CPU");
+                continue;
+            }
+            let m = Model::load_with(&art, &tcc_runtime::LoadOptions { jit: true, tier: Some(tier) }).unwrap();
+            assert_eq!(m.tier(), Some(tier));
+            let got = m.run(&inputs).unwrap();
+            let (err, out) = worst_rel_err(&got, &want);
+            eprintln!("{name:24} {tier:9} {err:.2e}");
+            assert!(err <= TOL, "{name} on the {tier} tier: relative error {err:.3e} on `{out}`");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// One loaded model run from several threads at once gives bit-identical results to one
+/// thread.
+#[test]
+fn one_model_from_many_threads_is_bit_identical() {
+    let f = fixtures().model("minilm_l6");
+    let (dir, art) = artifact("minilm_l6", "threads");
+    let m = Model::load(&art).unwrap();
+    let inputs = f.inputs();
+    let alone = m.run(&inputs).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        let got = m.run(&inputs).unwrap();
+                        for ((n, a), (_, b)) in got.iter().zip(&alone) {
+                            assert!(a.bit_eq(b), "`{n}` differs when run concurrently");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -198,7 +198,9 @@ impl Jit {
             None
         };
         let mut gemm_ids = Vec::new();
-        for (n, spec) in specs.iter().enumerate() {
+        // The plain driver (no epilogue) always exists.
+        let plain = GemmSpec { epilogue: Epilogue::default(), col_broadcast: vec![] };
+        for (n, spec) in std::iter::once(&plain).chain(specs).enumerate() {
             let key = spec.key();
             if gemm_ids.iter().any(|(k, _)| *k == key) {
                 continue;
@@ -257,5 +259,47 @@ impl Jit {
     /// The driver compiled for `spec`.
     pub fn gemm(&self, spec: &GemmSpec) -> Option<GemmFn> {
         self.gemms.get(&spec.key()).copied()
+    }
+
+    /// `C = A . B` on the calling thread through the generated driver (no epilogue): `a` is
+    /// `m x k`, `packed_b` is `k x n` packed by [`crate::kernels::pack_b`], `c` is `m x n`.
+    /// For benchmarks and tests of the driver and micro-kernel alone.
+    pub fn gemm_single_thread(
+        &self,
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        packed_b: &[f32],
+        c: &mut [f32],
+    ) -> Result<()> {
+        let driver = self
+            .gemm(&GemmSpec { epilogue: Epilogue::default(), col_broadcast: vec![] })
+            .ok_or_else(|| jit_err("no plain driver"))?;
+        let panels = n.div_ceil(crate::kernels::NR);
+        if a.len() != m * k || packed_b.len() != panels * k * crate::kernels::NR || c.len() != m * n || k == 0 {
+            return Err(Error::Shape(format!("gemm_single_thread: sizes do not match {m}x{k}x{n}")));
+        }
+        let args = GemmArgs {
+            m,
+            n,
+            k,
+            a: a.as_ptr(),
+            lda: k,
+            b: packed_b.as_ptr(),
+            c: c.as_mut_ptr(),
+            ldc: n,
+            panel_begin: 0,
+            panel_end: panels,
+            kernel: self.micro_kernel as usize,
+            mr: self.tier.mr(),
+            kc: 256,
+            operands: std::ptr::null(),
+            epilogue_fn: 0,
+            epilogue_ctx: std::ptr::null(),
+        };
+        // SAFETY: the sizes were checked above; the identity epilogue reads no operand.
+        unsafe { driver(&args) };
+        Ok(())
     }
 }

@@ -137,3 +137,61 @@ pub unsafe fn reference(
         }
     }
 }
+
+/// See `kernels::reference_gemm_avx512`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn reference_gemm(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    // SAFETY: the caller guarantees the sizes; every access below is within them.
+    unsafe {
+        for p in 0..n.div_ceil(NR) {
+            let cols = NR.min(n - p * NR);
+            let bp = b.as_ptr().add(p * k * NR);
+            let mut i = 0;
+            while i < m {
+                let rows = 12.min(m - i);
+                let ap = a.as_ptr().add(i * k);
+                let cp = c.as_mut_ptr().add(i * n + p * NR);
+                match rows {
+                    12 => plain::<12>(k, ap, k, bp, cp, n, cols),
+                    r => {
+                        for j in 0..r {
+                            plain::<1>(k, ap.add(j * k), k, bp, cp.add(j * n), n, cols)
+                        }
+                    }
+                }
+                i += rows;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn plain<const MR: usize>(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    n: usize,
+) {
+    // SAFETY: as `reference_gemm`.
+    unsafe {
+        let mut acc0 = [_mm512_setzero_ps(); MR];
+        let mut acc1 = [_mm512_setzero_ps(); MR];
+        for p in 0..k {
+            let b0 = _mm512_loadu_ps(b.add(p * NR));
+            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*a.add(r * lda + p));
+                acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
+                acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
+            }
+        }
+        let (m0, m1) = masks(n);
+        for r in 0..MR {
+            _mm512_mask_storeu_ps(c.add(r * ldc), m0, acc0[r]);
+            _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, acc1[r]);
+        }
+    }
+}

@@ -156,6 +156,19 @@ pub unsafe extern "C" fn reference_avx512(
     unsafe { avx512::reference(k, a, lda, b, c, ldc, m, n, accumulate) }
 }
 
+/// A plain GEMM written directly with AVX-512 intrinsics (`C = A . B`, `B` packed in panels,
+/// 12 x 32 register tiles, no `k` blocking, single thread): the baseline that tcc's generated
+/// loop nest around its micro-kernel is benchmarked against.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `a` holds `m * k`, `b` `ceil(n / NR) * k * NR`, `c` `m * n`
+/// floats.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn reference_gemm_avx512(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    // SAFETY: forwarded.
+    unsafe { avx512::reference_gemm(m, k, n, a, b, c) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

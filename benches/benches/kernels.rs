@@ -1,0 +1,36 @@
+//! GEMM throughput on BERT shapes: tcc's generated driver + micro-kernel against a plain
+//! AVX-512 intrinsics GEMM, one thread. Criterion reports elements (floating-point operations)
+//! per second.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tcc_runtime::jit::Jit;
+use tcc_runtime::kernels::{pack_b, Tier};
+
+fn gemm(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemm_single_thread");
+    for &(m, k, n) in &[(128usize, 768usize, 768usize), (128, 768, 3072)] {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+        let b = pack_b(k, n, &w);
+        let mut out = vec![0f32; m * n];
+        g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        let shape = format!("{m}x{k}x{n}");
+        for tier in Tier::ALL.into_iter().filter(|t| t.supported()) {
+            let jit = Jit::new(tier, &[]).expect("JIT compiles");
+            g.bench_with_input(BenchmarkId::new(format!("tcc_{tier}"), &shape), &(), |bench, _| {
+                bench.iter(|| jit.gemm_single_thread(m, k, n, &a, &b, &mut out).unwrap())
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if Tier::Avx512.supported() {
+            g.bench_with_input(BenchmarkId::new("intrinsics_reference", &shape), &(), |bench, _| {
+                // SAFETY: AVX-512F is supported; the buffers have the sizes the function needs.
+                bench.iter(|| unsafe { tcc_runtime::kernels::reference_gemm_avx512(m, k, n, &a, &b, &mut out) })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemm);
+criterion_main!(benches);
