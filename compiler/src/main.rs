@@ -7,6 +7,19 @@ use std::time::Instant;
 use tcc_compiler::driver::{self, BuildOptions, Summary};
 use tcc_runtime::{io, Model, Tensor};
 
+/// `println!` that ends the program quietly when stdout is closed (`tcc inspect m.tcc | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "tcc", version, about = "tcc, a Transformer compression compiler: ONNX in, a compiled artifact out.")]
 struct Cli {
@@ -157,7 +170,7 @@ fn run(cmd: Command) -> Result<()> {
                 }
                 None => {
                     for (name, t) in &outputs {
-                        println!("{name}: {}", head(t));
+                        out!("{name}: {}", head(t));
                     }
                     eprintln!("({ms:.1} ms)");
                 }
@@ -222,13 +235,13 @@ fn run(cmd: Command) -> Result<()> {
                     "peak_activation_bytes": peak_activations, "peak_rss_bytes": peak_rss,
                     "weight_bytes": m.size(),
                 });
-                println!("{v}");
+                out!("{v}");
             } else {
-                println!(
+                out!(
                     "{}: batch {batch}, sequence {seq}, {threads} threads, {tier} kernels: median {median:.2} ms, min {min:.2} ms, p90 {p90:.2} ms ({runs} runs after {warmup} warm-up)",
                     model.display(),
                 );
-                println!(
+                out!(
                     "  load {:.1} ms (JIT {:.1} ms); peak activations {}, peak RSS {} (weights mapped: {})",
                     m.load_ms,
                     m.jit_ms(),
@@ -241,13 +254,13 @@ fn run(cmd: Command) -> Result<()> {
         }
         Command::Ops => {
             for (domain, op) in tcc_compiler::onnx::SUPPORTED_OPS {
-                println!("{}{op}", if domain.is_empty() { String::new() } else { format!("{domain}::") });
+                out!("{}{op}", if domain.is_empty() { String::new() } else { format!("{domain}::") });
             }
             Ok(())
         }
         Command::Passes => {
             for (name, about) in tcc_passes::Registry::builtin().describe() {
-                println!("{name:12} {about}");
+                out!("{name:12} {about}");
             }
             Ok(())
         }
@@ -319,28 +332,28 @@ fn mb(bytes: f64) -> String {
 }
 
 fn print_summary(s: &Summary) {
-    println!("inputs:");
+    out!("inputs:");
     for (n, t) in &s.inputs {
-        println!("  {n:28} {t}");
+        out!("  {n:28} {t}");
     }
-    println!("outputs:");
+    out!("outputs:");
     for (n, t) in &s.outputs {
-        println!("  {n:28} {t}");
+        out!("  {n:28} {t}");
     }
     let heads: Vec<String> = s.attention_heads.iter().map(|h| h.to_string()).collect();
-    println!("layers: {}   attention heads per layer: [{}]", s.layers, heads.join(", "));
-    println!("parameters: {}   weights: {}", thousands(s.parameters), mb(s.weight_bytes as f64));
-    println!("ops ({} nodes):", s.op_counts.values().sum::<usize>());
+    out!("layers: {}   attention heads per layer: [{}]", s.layers, heads.join(", "));
+    out!("parameters: {}   weights: {}", thousands(s.parameters), mb(s.weight_bytes as f64));
+    out!("ops ({} nodes):", s.op_counts.values().sum::<usize>());
     let mut counts: Vec<(&String, &usize)> = s.op_counts.iter().collect();
     counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     for (op, n) in counts {
-        println!("  {op:24} {n:>6}");
+        out!("  {op:24} {n:>6}");
     }
 }
 
 fn print_build_report(r: &driver::BuildReport, out: &Path) {
-    println!("built {} from {} ({})", out.display(), r.source, r.producer);
-    println!(
+    out!("built {} from {} ({})", out.display(), r.source, r.producer);
+    out!(
         "  import     {:>8.1} ms   {} ONNX nodes -> {} tcc nodes",
         r.import_ms,
         r.source_op_counts.values().sum::<usize>(),
@@ -348,30 +361,18 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
     );
     for p in &r.passes {
         let stats: Vec<String> = p.stats.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
-        println!(
-            "  {:10} {:>8.1} ms   {} -> {} nodes  {}",
-            p.pass,
-            p.ms,
-            p.nodes_before,
-            p.nodes_after,
-            stats.join(" ")
-        );
+        out!("  {:10} {:>8.1} ms   {} -> {} nodes  {}", p.pass, p.ms, p.nodes_before, p.nodes_after, stats.join(" "));
     }
-    println!("  lower      {:>8.1} ms", r.lower_ms);
-    println!(
+    out!("  lower      {:>8.1} ms", r.lower_ms);
+    out!(
         "  write      {:>8.1} ms   {}{}",
         r.write_ms,
         mb(r.artifact_bytes as f64),
         if r.tokenizer { " (with tokenizer)" } else { "" }
     );
-    println!("  total      {:>8.1} ms", r.total_ms);
+    out!("  total      {:>8.1} ms", r.total_ms);
     let s = &r.summary;
-    println!(
-        "  {} layers, {} parameters, {} ops",
-        s.layers,
-        thousands(s.parameters),
-        s.op_counts.values().sum::<usize>()
-    );
+    out!("  {} layers, {} parameters, {} ops", s.layers, thousands(s.parameters), s.op_counts.values().sum::<usize>());
 }
 
 fn inspect(path: &Path, json: bool) -> Result<()> {
@@ -396,9 +397,9 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
                 "load_ms": m.load_ms,
                 "report": m.report(),
             });
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            out!("{}", serde_json::to_string_pretty(&v)?);
         } else {
-            println!(
+            out!(
                 "{}: tcc artifact, {} ({}), loaded in {:.1} ms{}",
                 path.display(),
                 mb(m.size() as f64),
@@ -428,14 +429,14 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             "inputs": s.inputs,
             "outputs": s.outputs,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         let opsets: Vec<String> = report
             .opsets
             .iter()
             .map(|(d, v)| format!("{}{v}", if d.is_empty() { "ai.onnx ".to_string() } else { format!("{d} ") }))
             .collect();
-        println!(
+        out!(
             "{}: ONNX ({}; {}), {} nodes",
             path.display(),
             report.producer,
