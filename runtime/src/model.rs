@@ -417,13 +417,18 @@ mod tests {
             slots: 5,
         };
         let weights = vec![("b".to_string(), Tensor::new(vec![1], vec![1f32]).unwrap())];
-        let p = std::env::temp_dir().join(format!("tcc-model-{}.tcc", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("tcc-model-{}-{n}.tcc", std::process::id()));
         artifact::write(
             &p,
             &ArtifactContents { plan: &plan, weights: &weights, tokenizer: None, report: serde_json::Value::Null },
         )
         .unwrap();
-        Model::load(&p).unwrap()
+        let m = Model::load(&p).unwrap();
+        // The mapping outlives the directory entry, so the file need not stay behind.
+        std::fs::remove_file(&p).unwrap();
+        m
     }
 
     fn f(v: &[f32]) -> Tensor {
