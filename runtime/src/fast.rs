@@ -521,6 +521,7 @@ impl<'t> Product<'t> {
             operands: operands.as_ptr(),
             epilogue_fn,
             epilogue_ctx,
+            k_outer: usize::from(crate::jit::gemm::k_outer_pays(self.m, self.k, KC)),
         };
         // SAFETY: forwarded from the caller; the operands, the program and the context outlive
         // the call.
@@ -661,7 +662,11 @@ mod tests {
         .into();
         for tier in Tier::ALL {
             let Some(fast) = fast_for(tier, std::slice::from_ref(&proto)) else { continue };
-            for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (13, 64, 33), (128, 300, 100), (3, 1, 65), (26, 768, 32)] {
+            // The last one is large enough for the driver to walk block rows outermost.
+            let shapes =
+                [(1, 1, 1), (5, 7, 3), (13, 64, 33), (128, 300, 100), (3, 1, 65), (26, 768, 32), (97, 2900, 300)];
+            assert!(crate::jit::gemm::k_outer_pays(97, 2900, KC) && !crate::jit::gemm::k_outer_pays(128, 300, KC));
+            for &(m, k, n) in &shapes {
                 let op: Op = FusedMatMul {
                     a_perm: None,
                     b_perm: None,

@@ -11,7 +11,10 @@ use cranelift_codegen::isa::CallConv;
 /// Arguments of a generated GEMM driver, read by the generated code at fixed offsets.
 ///
 /// The driver computes panels `panel_begin..panel_end` of `C[m x n] = epilogue(A[m x k] .
-/// B[k x n])`, `B` packed in panels of `NR` columns (`k * NR` floats each).
+/// B[k x n])`, `B` packed in panels of `NR` columns (`k * NR` floats each). It walks the blocks
+/// of `kc` rows of those panels panel by panel, or, with `k_outer`, block row by block row
+/// (every panel's first block, then every panel's second...), which keeps one block of A
+/// in L2 when the whole of A would not fit ([`k_outer_pays`]).
 #[repr(C)]
 #[derive(Debug)]
 pub struct GemmArgs {
@@ -33,6 +36,14 @@ pub struct GemmArgs {
     /// instead of the generated one, or 0.
     pub epilogue_fn: usize,
     pub epilogue_ctx: *const u8,
+    /// Non-zero: block rows outermost (see above).
+    pub k_outer: usize,
+}
+
+/// Whether a product reads A better block row by block row: when `A` (`m x k` floats) is
+/// larger than about half of a core's L2, sweeping all of it once per panel evicts it.
+pub fn k_outer_pays(m: usize, k: usize, kc: usize) -> bool {
+    k > kc && m * k * 4 > 1 << 20
 }
 
 /// An extra input of the epilogue: element `(i, j)` of the tile is at `ptr + i * row_stride + j`
@@ -53,6 +64,8 @@ pub fn micro_kernel_sig(call_conv: CallConv) -> Signature {
         s.params.push(AbiParam::new(types::I64));
     }
     s.params.push(AbiParam::new(types::I32));
+    s.params.push(AbiParam::new(types::I64));
+    s.params.push(AbiParam::new(types::I64));
     s
 }
 
@@ -136,62 +149,102 @@ pub fn emit_driver(
             (p, rs)
         })
         .collect();
+    let k_outer = f(e, 16);
+    let k_outer = e.b.ins().icmp_imm_s(IntCC::NotEqual, k_outer, 0);
     let nr = e.i64(NR as i64);
     let panel_bytes = e.b.ins().imul_imm_s(k, (NR * 4) as i64);
-    e.for_range(p0, p1, 1, |e, p| {
+    // Blocks: (panel, block row) pairs, numbered in the walking order.
+    let panels = e.b.ins().isub(p1, p0);
+    let kc_m1 = e.b.ins().iadd_imm_s(kc, -1);
+    let kblocks = e.b.ins().iadd(k, kc_m1);
+    let kblocks = e.b.ins().udiv(kblocks, kc);
+    let blocks = e.b.ins().imul(panels, kblocks);
+    let mr_m1 = e.b.ins().iadd_imm_s(mr, -1);
+    let tiles = e.b.ins().iadd(m, mr_m1);
+    let tiles = e.b.ins().udiv(tiles, mr);
+    let one = e.i64(1);
+    let tiles = e.b.ins().smax(tiles, one); // m = 0 runs no tile; keeps the division below defined
+                                            // Block `x` -> (panel, first row of the block), and where its packed data starts.
+    let locate = |e: &mut Emitter, x: Value| -> (Value, Value, Value) {
+        let (pq, pr) = (e.b.ins().udiv(x, kblocks), e.b.ins().urem(x, kblocks));
+        let (kq, kr) = (e.b.ins().udiv(x, panels), e.b.ins().urem(x, panels));
+        let pi = e.b.ins().select(k_outer, kr, pq);
+        let ki = e.b.ins().select(k_outer, kq, pr);
+        let p = e.b.ins().iadd(p0, pi);
+        let k0 = e.b.ins().imul(ki, kc);
+        let off = e.b.ins().imul(p, panel_bytes);
+        let bpanel = e.b.ins().iadd(b, off);
+        let data = e.addr(bpanel, k0, (NR * 4) as i64);
+        (p, k0, data)
+    };
+    let zero = e.i64(0);
+    e.for_range(zero, blocks, 1, |e, x| {
+        let (p, k0, bk) = locate(e, x);
         let n0 = e.b.ins().imul_imm_s(p, NR as i64);
         let left = e.b.ins().isub(n, n0);
         let nb = e.min(nr, left);
-        let bpanel = {
-            let off = e.b.ins().imul(p, panel_bytes);
-            e.b.ins().iadd(b, off)
-        };
-        let zero = e.i64(0);
-        let kvar = e.var(zero);
-        e.while_lt(kvar, k, |e, k0| {
-            let rest = e.b.ins().isub(k, k0);
-            let kb = e.min(kc, rest);
-            let k_end = e.b.ins().iadd(k0, kb);
-            let last = e.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, k_end, k);
-            let not_first = e.b.ins().icmp_imm_s(IntCC::NotEqual, k0, 0);
-            let accumulate = e.b.ins().uextend(types::I32, not_first);
-            let bk = e.addr(bpanel, k0, (NR * 4) as i64);
-            let zero = e.i64(0);
-            let ivar = e.var(zero);
-            e.while_lt(ivar, m, |e, i| {
-                let rows_left = e.b.ins().isub(m, i);
-                let mb = e.min(mr, rows_left);
-                let arow = {
-                    let r = e.b.ins().imul(i, lda);
-                    let r = e.b.ins().iadd(r, k0);
-                    e.addr(a, r, 4)
-                };
-                let crow = {
-                    let r = e.b.ins().imul(i, ldc);
-                    let r = e.b.ins().iadd(r, n0);
-                    e.addr(c, r, 4)
-                };
-                e.b.ins().call_indirect(kernel_sig, kernel, &[kb, arow, lda, bk, crow, ldc, mb, nb, accumulate]);
-                if has_epilogue {
-                    e.if_then(last, |e| {
-                        let native = e.b.ins().icmp_imm_s(IntCC::NotEqual, epi_fn, 0);
-                        let native_block = e.b.create_block();
-                        let generated_block = e.b.create_block();
-                        let join = e.b.create_block();
-                        e.b.ins().brif(native, native_block, &[], generated_block, &[]);
-                        e.b.switch_to_block(native_block);
-                        e.b.ins().call_indirect(epilogue_sig, epi_fn, &[epi_ctx, c, ldc, i, mb, n0, nb]);
-                        e.b.ins().jump(join, &[]);
-                        e.b.switch_to_block(generated_block);
-                        emit_tile_epilogue(e, prog, col_broadcast, &operands, c, ldc, i, mb, n0, nb);
-                        e.b.ins().jump(join, &[]);
-                        e.b.switch_to_block(join);
-                    });
-                }
-                let next = e.b.ins().iadd(i, mb);
-                e.b.def_var(ivar, next);
-            });
-            e.b.def_var(kvar, k_end);
+        let rest = e.b.ins().isub(k, k0);
+        let kb = e.min(kc, rest);
+        let k_end = e.b.ins().iadd(k0, kb);
+        let last = e.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, k_end, k);
+        let not_first = e.b.ins().icmp_imm_s(IntCC::NotEqual, k0, 0);
+        let accumulate = e.b.ins().uextend(types::I32, not_first);
+        // The next block's cache lines (two per row of a panel), shared out among the tiles.
+        let xn = e.b.ins().iadd_imm_s(x, 1);
+        let more = e.b.ins().icmp(IntCC::SignedLessThan, xn, blocks);
+        let xn = e.b.ins().select(more, xn, x);
+        let (_, k0n, next) = locate(e, xn);
+        let rest_n = e.b.ins().isub(k, k0n);
+        let kbn = e.min(kc, rest_n);
+        let lines = e.b.ins().imul_imm_s(kbn, (NR * 4 / 64) as i64);
+        let lines = e.b.ins().select(more, lines, zero);
+        let tiles_m1 = e.b.ins().iadd_imm_s(tiles, -1);
+        let share = e.b.ins().iadd(lines, tiles_m1);
+        let share = e.b.ins().udiv(share, tiles);
+        let ivar = e.var(zero);
+        let pfvar = e.var(zero);
+        e.while_lt(ivar, m, |e, i| {
+            let rows_left = e.b.ins().isub(m, i);
+            let mb = e.min(mr, rows_left);
+            let arow = {
+                let r = e.b.ins().imul(i, lda);
+                let r = e.b.ins().iadd(r, k0);
+                e.addr(a, r, 4)
+            };
+            let crow = {
+                let r = e.b.ins().imul(i, ldc);
+                let r = e.b.ins().iadd(r, n0);
+                e.addr(c, r, 4)
+            };
+            let done = e.b.use_var(pfvar);
+            let pf = e.addr(next, done, 64);
+            let pf_left = e.b.ins().isub(lines, done);
+            let pf_lines = e.min(share, pf_left);
+            let done = e.b.ins().iadd(done, pf_lines);
+            e.b.def_var(pfvar, done);
+            e.b.ins().call_indirect(
+                kernel_sig,
+                kernel,
+                &[kb, arow, lda, bk, crow, ldc, mb, nb, accumulate, pf, pf_lines],
+            );
+            if has_epilogue {
+                e.if_then(last, |e| {
+                    let native = e.b.ins().icmp_imm_s(IntCC::NotEqual, epi_fn, 0);
+                    let native_block = e.b.create_block();
+                    let generated_block = e.b.create_block();
+                    let join = e.b.create_block();
+                    e.b.ins().brif(native, native_block, &[], generated_block, &[]);
+                    e.b.switch_to_block(native_block);
+                    e.b.ins().call_indirect(epilogue_sig, epi_fn, &[epi_ctx, c, ldc, i, mb, n0, nb]);
+                    e.b.ins().jump(join, &[]);
+                    e.b.switch_to_block(generated_block);
+                    emit_tile_epilogue(e, prog, col_broadcast, &operands, c, ldc, i, mb, n0, nb);
+                    e.b.ins().jump(join, &[]);
+                    e.b.switch_to_block(join);
+                });
+            }
+            let next_i = e.b.ins().iadd(i, mb);
+            e.b.def_var(ivar, next_i);
         });
     });
 }

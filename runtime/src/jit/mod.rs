@@ -297,6 +297,7 @@ impl Jit {
             operands: std::ptr::null(),
             epilogue_fn: 0,
             epilogue_ctx: std::ptr::null(),
+            k_outer: usize::from(gemm::k_outer_pays(m, k, 256)),
         };
         // SAFETY: the sizes were checked above; the identity epilogue reads no operand.
         unsafe { driver(&args) };

@@ -3,7 +3,7 @@
 
 #![allow(clippy::too_many_arguments)] // micro-kernel signatures are wide by nature
 
-use super::NR;
+use super::{Prefetch, NR};
 use std::arch::x86_64::*;
 
 #[inline(always)]
@@ -16,6 +16,7 @@ unsafe fn half<const MR: usize>(
     ldc: usize,
     n: usize,
     accumulate: bool,
+    pf: &mut Prefetch,
 ) {
     // SAFETY (whole body): the caller guarantees AVX2+FMA, that `a` covers MR rows of `k`
     // elements at stride `lda`, `b` points into a panel row with 16 readable floats per step of
@@ -25,6 +26,7 @@ unsafe fn half<const MR: usize>(
         let mut acc0 = [_mm256_setzero_ps(); MR];
         let mut acc1 = [_mm256_setzero_ps(); MR];
         for p in 0..k {
+            pf.step();
             let b0 = _mm256_loadu_ps(b.add(p * NR));
             let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
             for r in 0..MR {
@@ -66,13 +68,14 @@ unsafe fn panel<const MR: usize>(
     ldc: usize,
     n: usize,
     acc: bool,
+    mut pf: Prefetch,
 ) {
     // SAFETY: forwarded; the second half starts 16 floats into the panel row and 16 columns
     // into C, and is skipped when `n <= 16`.
     unsafe {
-        half::<MR>(k, a, lda, b, c, ldc, n.min(16), acc);
+        half::<MR>(k, a, lda, b, c, ldc, n.min(16), acc, &mut pf);
         if n > 16 {
-            half::<MR>(k, a, lda, b.add(16), c.add(16), ldc, n - 16, acc);
+            half::<MR>(k, a, lda, b.add(16), c.add(16), ldc, n - 16, acc, &mut pf);
         }
     }
 }
@@ -92,17 +95,20 @@ pub unsafe extern "C" fn sgemm_6x32(
     m: usize,
     n: usize,
     accumulate: u32,
+    pf: *const u8,
+    pf_lines: usize,
 ) {
     let acc = accumulate != 0;
+    let pf = Prefetch::new(pf, pf_lines, k);
     // SAFETY: forwarded contract.
     unsafe {
         match m {
-            6.. => panel::<6>(k, a, lda, b, c, ldc, n, acc),
-            5 => panel::<5>(k, a, lda, b, c, ldc, n, acc),
-            4 => panel::<4>(k, a, lda, b, c, ldc, n, acc),
-            3 => panel::<3>(k, a, lda, b, c, ldc, n, acc),
-            2 => panel::<2>(k, a, lda, b, c, ldc, n, acc),
-            1 => panel::<1>(k, a, lda, b, c, ldc, n, acc),
+            6.. => panel::<6>(k, a, lda, b, c, ldc, n, acc, pf),
+            5 => panel::<5>(k, a, lda, b, c, ldc, n, acc, pf),
+            4 => panel::<4>(k, a, lda, b, c, ldc, n, acc, pf),
+            3 => panel::<3>(k, a, lda, b, c, ldc, n, acc, pf),
+            2 => panel::<2>(k, a, lda, b, c, ldc, n, acc, pf),
+            1 => panel::<1>(k, a, lda, b, c, ldc, n, acc, pf),
             0 => {}
         }
     }

@@ -3,7 +3,7 @@
 
 #![allow(clippy::too_many_arguments)] // micro-kernel signatures are wide by nature
 
-use super::NR;
+use super::{Prefetch, NR};
 use std::arch::x86_64::*;
 
 /// Write masks for the first `n` of 32 columns, as two 16-lane halves.
@@ -30,6 +30,7 @@ unsafe fn tile<const MR: usize>(
     ldc: usize,
     n: usize,
     accumulate: bool,
+    mut pf: Prefetch,
 ) {
     // SAFETY (whole body): the caller guarantees AVX-512F, that `a` covers MR rows of `k`
     // elements at stride `lda`, `b` covers `k * NR` elements, and `c` covers MR rows of `n`
@@ -37,13 +38,8 @@ unsafe fn tile<const MR: usize>(
     unsafe {
         let mut acc0 = [_mm512_setzero_ps(); MR];
         let mut acc1 = [_mm512_setzero_ps(); MR];
-        // The panel data after this block (the next k block of the panel, or the next panel: panels
-        // are contiguous) is what the next calls read; fetch it into L2 while computing. Weights
-        // are read once per inference, so without this every block starts with cache misses.
-        let ahead = b.add(k * NR) as *const i8;
         for p in 0..k {
-            _mm_prefetch::<_MM_HINT_T1>(ahead.add(p * NR * 4));
-            _mm_prefetch::<_MM_HINT_T1>(ahead.add(p * NR * 4 + 64));
+            pf.step();
             let b0 = _mm512_loadu_ps(b.add(p * NR));
             let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
             for r in 0..MR {
@@ -81,23 +77,26 @@ pub unsafe extern "C" fn sgemm_12x32(
     m: usize,
     n: usize,
     accumulate: u32,
+    pf: *const u8,
+    pf_lines: usize,
 ) {
     let acc = accumulate != 0;
+    let pf = Prefetch::new(pf, pf_lines, k);
     // SAFETY: forwarded contract; `m` selects a tile no taller than the rows the caller owns.
     unsafe {
         match m {
-            12.. => tile::<12>(k, a, lda, b, c, ldc, n, acc),
-            11 => tile::<11>(k, a, lda, b, c, ldc, n, acc),
-            10 => tile::<10>(k, a, lda, b, c, ldc, n, acc),
-            9 => tile::<9>(k, a, lda, b, c, ldc, n, acc),
-            8 => tile::<8>(k, a, lda, b, c, ldc, n, acc),
-            7 => tile::<7>(k, a, lda, b, c, ldc, n, acc),
-            6 => tile::<6>(k, a, lda, b, c, ldc, n, acc),
-            5 => tile::<5>(k, a, lda, b, c, ldc, n, acc),
-            4 => tile::<4>(k, a, lda, b, c, ldc, n, acc),
-            3 => tile::<3>(k, a, lda, b, c, ldc, n, acc),
-            2 => tile::<2>(k, a, lda, b, c, ldc, n, acc),
-            1 => tile::<1>(k, a, lda, b, c, ldc, n, acc),
+            12.. => tile::<12>(k, a, lda, b, c, ldc, n, acc, pf),
+            11 => tile::<11>(k, a, lda, b, c, ldc, n, acc, pf),
+            10 => tile::<10>(k, a, lda, b, c, ldc, n, acc, pf),
+            9 => tile::<9>(k, a, lda, b, c, ldc, n, acc, pf),
+            8 => tile::<8>(k, a, lda, b, c, ldc, n, acc, pf),
+            7 => tile::<7>(k, a, lda, b, c, ldc, n, acc, pf),
+            6 => tile::<6>(k, a, lda, b, c, ldc, n, acc, pf),
+            5 => tile::<5>(k, a, lda, b, c, ldc, n, acc, pf),
+            4 => tile::<4>(k, a, lda, b, c, ldc, n, acc, pf),
+            3 => tile::<3>(k, a, lda, b, c, ldc, n, acc, pf),
+            2 => tile::<2>(k, a, lda, b, c, ldc, n, acc, pf),
+            1 => tile::<1>(k, a, lda, b, c, ldc, n, acc, pf),
             0 => {}
         }
     }

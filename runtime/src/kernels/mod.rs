@@ -15,6 +15,12 @@
 //! strides `lda` and `ldc`, and only the first `n <= 32` columns of `C` are written. The Rust
 //! kernels are registered in the JIT with `JITBuilder::symbol`; the generated loop nests call
 //! them through a pointer.
+//!
+//! Weights are read once per inference and a model's do not fit in cache, so every block of a
+//! panel would start with misses. The loop nest therefore hands each call a share of the *next*
+//! block (`pf_lines` cache lines from `pf`), which the kernel prefetches into L2 spread over its
+//! `k` steps ([`Prefetch`]): the tiles of one block together fetch the whole next one, without
+//! a burst that would fill the line-fill buffers the kernel's own loads need.
 
 use std::fmt;
 
@@ -28,8 +34,49 @@ pub mod avx512_vec;
 /// Width of a packed weight panel, shared by every tier.
 pub const NR: usize = 32;
 
-/// `(k, a, lda, b_panel, c, ldc, m, n, accumulate)`, strides in elements.
-pub type MicroKernel = unsafe extern "C" fn(usize, *const f32, usize, *const f32, *mut f32, usize, usize, usize, u32);
+/// `(k, a, lda, b_panel, c, ldc, m, n, accumulate, pf, pf_lines)`, strides in elements; `pf` and
+/// `pf_lines` are only a prefetch hint (any address is allowed: a prefetch never faults).
+pub type MicroKernel =
+    unsafe extern "C" fn(usize, *const f32, usize, *const f32, *mut f32, usize, usize, usize, u32, *const u8, usize);
+
+/// Prefetches `lines` cache lines from `ptr` into L2, spread evenly over `k` steps of a
+/// micro-kernel: [`Prefetch::step`] once per step issues a line (or a few) every so many steps.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Prefetch {
+    ptr: *const i8,
+    left: usize,
+    every: usize,
+    burst: usize,
+    countdown: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Prefetch {
+    #[inline(always)]
+    pub(crate) fn new(ptr: *const u8, lines: usize, k: usize) -> Prefetch {
+        let k = k.max(1);
+        let (every, burst) = if lines >= k { (1, lines.div_ceil(k)) } else { (k / lines.max(1), 1) };
+        Prefetch { ptr: ptr as *const i8, left: lines, every, burst, countdown: 0 }
+    }
+
+    #[inline(always)]
+    pub(crate) fn step(&mut self) {
+        if self.left == 0 {
+            return;
+        }
+        if self.countdown == 0 {
+            for _ in 0..self.burst.min(self.left) {
+                // SAFETY: a prefetch is a hint that never faults, whatever the address.
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(self.ptr) };
+                self.ptr = self.ptr.wrapping_add(64);
+                self.left -= 1;
+            }
+            self.countdown = self.every;
+        }
+        self.countdown -= 1;
+    }
+}
 
 /// The kernel tiers, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -151,6 +198,8 @@ pub unsafe extern "C" fn reference_avx512(
     m: usize,
     n: usize,
     accumulate: u32,
+    _pf: *const u8,
+    _pf_lines: usize,
 ) {
     // SAFETY: forwarded; the caller guarantees AVX-512F and the pointer ranges.
     unsafe { avx512::reference(k, a, lda, b, c, ldc, m, n, accumulate) }
@@ -201,7 +250,21 @@ mod tests {
                     let ldc = n + 2;
                     let mut c = vec![7f32; m * ldc];
                     // SAFETY: the buffers cover m rows of a (stride lda), one panel, m rows of c.
-                    unsafe { kernel(k, a.as_ptr(), lda, packed.as_ptr(), c.as_mut_ptr(), ldc, m, n, 0) };
+                    unsafe {
+                        kernel(
+                            k,
+                            a.as_ptr(),
+                            lda,
+                            packed.as_ptr(),
+                            c.as_mut_ptr(),
+                            ldc,
+                            m,
+                            n,
+                            0,
+                            packed.as_ptr().cast(),
+                            k,
+                        )
+                    };
                     for i in 0..m {
                         for j in 0..ldc {
                             let got = c[i * ldc + j];
@@ -217,7 +280,22 @@ mod tests {
                         }
                     }
                     // Accumulate adds to what is there.
-                    unsafe { kernel(k, a.as_ptr(), lda, packed.as_ptr(), c.as_mut_ptr(), ldc, m, n, 1) };
+                    // The prefetch hint may point anywhere (here: nowhere valid) without effect.
+                    unsafe {
+                        kernel(
+                            k,
+                            a.as_ptr(),
+                            lda,
+                            packed.as_ptr(),
+                            c.as_mut_ptr(),
+                            ldc,
+                            m,
+                            n,
+                            1,
+                            64 as *const u8,
+                            3 * k,
+                        )
+                    };
                     let w = want[0];
                     assert!((c[0] - 2.0 * w).abs() <= 2e-4 * (1.0 + w.abs()), "{tier} accumulate");
                 }
