@@ -67,7 +67,11 @@ pub unsafe fn erf(x: __m512) -> __m512 {
     unsafe {
         let sign = and(x, splat(-0.0));
         let a = _mm512_min_ps(andnot(splat(-0.0), x), splat(4.0));
-        let t = _mm512_div_ps(splat(1.0), _mm512_fmadd_ps(splat(0.327_591_1), a, splat(1.0)));
+        // 1 / d by the 14-bit estimate and one Newton step (a division is the slowest
+        // instruction here): d is in [1, 2.32], where that is exact to about 1 ulp.
+        let d = _mm512_fmadd_ps(splat(0.327_591_1), a, splat(1.0));
+        let r = _mm512_rcp14_ps(d);
+        let t = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, splat(1.0)), r);
         let mut p = splat(1.061_405_4);
         for c in [-1.453_152, 1.421_413_8, -0.284_496_72, 0.254_829_6] {
             p = _mm512_fmadd_ps(p, t, splat(c));
