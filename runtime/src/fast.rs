@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 use crate::jit::{EpiOperand, GemmArgs, GemmSpec, Jit};
 use crate::kernels::{Tier, NR};
 use crate::op::{
-    broadcast_shapes, broadcast_strides, fused, strides_of, Attention, FusedMatMul, LayerNorm, Op, Softmax, Transpose,
+    broadcast_shapes, broadcast_strides, fused, strides_of, Attention, BinaryKind, FusedMatMul, Gather, LayerNorm, Op,
+    Softmax, Transpose,
 };
 use crate::plan::Plan;
 use crate::pool;
@@ -120,6 +121,8 @@ impl Fast {
             Op::Softmax(s) => self.softmax(s, inputs),
             Op::LayerNorm(l) => self.layernorm(l, inputs),
             Op::Transpose(t) => transpose(t, inputs),
+            Op::Binary(b) => binary_f32(b.kind, inputs),
+            Op::Gather(g) => gather_rows(g, inputs),
             _ => None,
         }
     }
@@ -552,6 +555,80 @@ fn rows_per_task(rows: usize, len: usize) -> usize {
     rows.div_ceil(threads * 4).max(min_rows).min(rows.max(1))
 }
 
+/// f32 `Add`/`Sub`/`Mul`/`Div` where one operand has the output's shape and the other repeats
+/// along the leading dims (same shape, a bias, a position table): a flat loop instead of the
+/// reference's general broadcasting.
+fn binary_f32(kind: BinaryKind, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+    let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
+    if a.dtype() != crate::DType::F32 || b.dtype() != crate::DType::F32 {
+        return None;
+    }
+    if !matches!(kind, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul | BinaryKind::Div) {
+        return None;
+    }
+    let out = broadcast_shapes("Binary", &[a.shape(), b.shape()]).ok()?;
+    // Whether `small` repeats along the leading dims of `out`: its shape, without leading 1s,
+    // is a suffix of `out`.
+    let repeats = |small: &[usize]| {
+        let s: Vec<usize> = small.iter().copied().skip_while(|&d| d == 1).collect();
+        s.len() <= out.len() && out[out.len() - s.len()..] == s[..]
+    };
+    let (xs, ys) = (a.as_slice::<f32>().ok()?, b.as_slice::<f32>().ok()?);
+    // `x op y` elementwise, `y` repeating along `x` (or `x` along `y` when `swap`).
+    fn zip(xs: &[f32], ys: &[f32], swap: bool, f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+        let mut v = Vec::with_capacity(xs.len());
+        for c in xs.chunks(ys.len()) {
+            if swap {
+                v.extend(c.iter().zip(ys).map(|(&y, &x)| f(x, y)));
+            } else {
+                v.extend(c.iter().zip(ys).map(|(&x, &y)| f(x, y)));
+            }
+        }
+        v
+    }
+    let (big, small, swap) = if a.shape() == out.as_slice() && repeats(b.shape()) && !ys.is_empty() {
+        (xs, ys, false)
+    } else if b.shape() == out.as_slice() && repeats(a.shape()) && !xs.is_empty() {
+        (ys, xs, true)
+    } else {
+        return None;
+    };
+    let v = match kind {
+        BinaryKind::Add => zip(big, small, swap, |x, y| x + y),
+        BinaryKind::Sub => zip(big, small, swap, |x, y| x - y),
+        BinaryKind::Mul => zip(big, small, swap, |x, y| x * y),
+        _ => zip(big, small, swap, |x, y| x / y),
+    };
+    Some(Tensor::new(out, v).map(|t| vec![t]))
+}
+
+/// f32 `Gather` on axis 0 with in-range indices (an embedding lookup) as row copies. Anything
+/// else, bad indices included, goes to the reference, which reports them.
+fn gather_rows(g: &Gather, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+    let (x, i) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
+    if !matches!(i.dtype(), crate::DType::I64 | crate::DType::I32) {
+        return None;
+    }
+    if x.dtype() != crate::DType::F32 || x.rank() == 0 || !(g.axis == 0 || g.axis == -(x.rank() as i64)) {
+        return None;
+    }
+    let rows = x.shape()[0] as i64;
+    let inner: usize = x.shape()[1..].iter().product();
+    let idx = i.to_i64s().ok()?;
+    let xs = x.as_slice::<f32>().ok()?;
+    let mut v = Vec::with_capacity(idx.len() * inner);
+    for &k in &idx {
+        let k = if k < 0 { k + rows } else { k };
+        if !(0..rows).contains(&k) {
+            return None;
+        }
+        let k = k as usize;
+        v.extend_from_slice(&xs[k * inner..(k + 1) * inner]);
+    }
+    let shape: Vec<usize> = i.shape().iter().chain(&x.shape()[1..]).copied().collect();
+    Some(Tensor::new(shape, v).map(|t| vec![t]))
+}
+
 /// `Transpose` as strided copies of contiguous runs.
 fn transpose(t: &Transpose, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
     let x = inputs.first().copied().flatten()?;
@@ -739,6 +816,49 @@ mod tests {
             assert_eq!(got.shape(), &[b, s, h, d]);
             assert_close(&format!("{tier} context"), &got, &want, 1e-5);
         }
+    }
+
+    #[test]
+    fn elementwise_and_embedding_fast_paths_match_the_reference_bit_for_bit() {
+        use crate::op::{Binary, BinaryKind as K, Gather};
+        let fast = fast_for(Tier::detect(), &[]).expect("fast");
+        let ctx = EvalContext::default();
+        let cases: [(&[usize], &[usize], bool); 7] = [
+            (&[2, 5, 6], &[2, 5, 6], true),
+            (&[2, 5, 6], &[6], true),
+            (&[1, 5, 6], &[2, 5, 6], true),
+            (&[2, 5, 6], &[1, 1, 6], true),
+            (&[], &[3], true),
+            (&[2, 5, 6], &[2, 1, 6], false), // broadcasts in the middle: reference only
+            (&[2, 5, 1], &[6], false),       // both broadcast
+        ];
+        for kind in [K::Add, K::Sub, K::Mul, K::Div] {
+            for (sa, sb, handled) in cases {
+                let (a, b) = (t(sa, 5), t(sb, 6));
+                let op: Op = Binary::new(kind).into();
+                let want = op.eval(&ctx, &[Some(&a), Some(&b)]).unwrap().remove(0);
+                match fast.eval(&op, &[Some(&a), Some(&b)]) {
+                    Some(got) => {
+                        let got = got.unwrap().remove(0);
+                        assert_eq!(got.shape(), want.shape(), "{kind:?} {sa:?} {sb:?}");
+                        let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
+                        assert!(g.iter().zip(w).all(|(x, y)| x.to_bits() == y.to_bits()), "{kind:?} {sa:?} {sb:?}");
+                    }
+                    None => assert!(!handled, "{kind:?} {sa:?} {sb:?} should take the fast path"),
+                }
+            }
+        }
+        let table = t(&[7, 4], 8);
+        let op: Op = Gather { axis: 0 }.into();
+        let ids = Tensor::new(vec![2, 3], vec![6i64, 0, -1, 3, -7, 2]).unwrap();
+        let want = op.eval(&ctx, &[Some(&table), Some(&ids)]).unwrap().remove(0);
+        let got = fast.eval(&op, &[Some(&table), Some(&ids)]).expect("handled").unwrap().remove(0);
+        assert_eq!((got.shape(), got.as_slice::<f32>().unwrap()), (want.shape(), want.as_slice::<f32>().unwrap()));
+        // Out-of-range ids are left to the reference, which names them.
+        let bad = Tensor::new(vec![1], vec![7i64]).unwrap();
+        assert!(fast.eval(&op, &[Some(&table), Some(&bad)]).is_none());
+        let err = op.eval(&ctx, &[Some(&table), Some(&bad)]).unwrap_err().to_string();
+        assert!(err.contains("out of range"), "{err}");
     }
 
     #[test]
