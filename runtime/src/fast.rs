@@ -18,12 +18,6 @@ use std::mem::MaybeUninit;
 /// Rows of `A` per `k` block kept hot while a panel of `B` streams through.
 const KC: usize = 256;
 
-/// Rows of B per block: `k` in equal blocks of at most [`KC`] (a short last block would run
-/// the micro-kernel for few steps).
-fn block_rows(k: usize) -> usize {
-    k.div_ceil(k.div_ceil(KC).max(1)).max(1)
-}
-
 /// A buffer of `len` floats that will be fully written before it is read.
 struct Uninit(Vec<MaybeUninit<f32>>);
 
@@ -526,7 +520,7 @@ impl<'t> Product<'t> {
             panel_end: p1,
             kernel: fast.jit.micro_kernel as usize,
             mr: fast.jit.tier.mr(),
-            kc: block_rows(self.k),
+            kc: KC,
             operands: operands.as_ptr(),
             epilogue_fn,
             epilogue_ctx,
