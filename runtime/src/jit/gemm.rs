@@ -169,9 +169,10 @@ pub fn emit_driver(
     let mr_m1 = e.b.ins().iadd_imm_s(mr, -1);
     let tiles = e.b.ins().iadd(m, mr_m1);
     let tiles = e.b.ins().udiv(tiles, mr);
+    // At least 1: m = 0 runs no tile, and the share of prefetch lines divides by it.
     let one = e.i64(1);
-    let tiles = e.b.ins().smax(tiles, one); // m = 0 runs no tile; keeps the division below defined
-                                            // Block `x` -> (panel, first row of the block), and where its packed data starts.
+    let tiles = e.b.ins().smax(tiles, one);
+    // Block `x` -> (panel, first row of the block), and where its packed data starts.
     let locate = |e: &mut Emitter, x: Value| -> (Value, Value, Value) {
         let (pq, pr) = (e.b.ins().udiv(x, kblocks), e.b.ins().urem(x, kblocks));
         let (kq, kr) = (e.b.ins().udiv(x, panels), e.b.ins().urem(x, panels));

@@ -303,6 +303,23 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn prefetch_issues_every_line_within_k_steps() {
+        let line = [0u8; 64];
+        let base = line.as_ptr();
+        for k in [1usize, 7, 64, 256] {
+            for lines in [0usize, 1, 5, 63, 64, 65, 512, 1000] {
+                let mut pf = Prefetch::new(base, lines, k);
+                for _ in 0..k {
+                    pf.step();
+                }
+                assert_eq!(pf.left, 0, "k={k} lines={lines}");
+                assert_eq!(pf.ptr as usize - base as usize, lines * 64, "k={k} lines={lines}");
+            }
+        }
+    }
+
     #[test]
     fn pack_round_trips() {
         let (k, n) = (5, 70);
