@@ -58,27 +58,44 @@ pub unsafe fn exp(x: __m512) -> __m512 {
     }
 }
 
-/// `erf(x)` as `jit::emit::Emitter::erf` computes it.
+/// `erf(x)` as a rational function `x P(x^2) / Q(x^2)` on `x` clamped to [-4, 4] (the
+/// approximation Eigen and XLA use): no `exp`, a third of the instructions of the
+/// Abramowitz-Stegun form that `jit::emit::Emitter::erf` generates, and a smaller error in f32
+/// (absolute error below 4.2e-7 over [-6, 6], checked against `libm`-quality values in tests).
+/// NaN stays NaN.
 ///
 /// # Safety
 /// The CPU must have AVX-512F (call from a `#[target_feature(enable = "avx512f")]` function).
 #[inline(always)]
 pub unsafe fn erf(x: __m512) -> __m512 {
+    const P: [f32; 7] = [
+        -2.726_142_3e-10,
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.954_6e-3,
+        -1.609_603_3e-2,
+    ];
+    const Q: [f32; 5] = [-1.456_607_2e-5, -2.133_740_6e-4, -1.682_827e-3, -7.373_329e-3, -1.426_474e-2];
     unsafe {
-        let sign = and(x, splat(-0.0));
-        let a = _mm512_min_ps(andnot(splat(-0.0), x), splat(4.0));
-        // 1 / d by the 14-bit estimate and one Newton step (a division is the slowest
-        // instruction here): d is in [1, 2.32], where that is exact to about 1 ulp.
-        let d = _mm512_fmadd_ps(splat(0.327_591_1), a, splat(1.0));
-        let r = _mm512_rcp14_ps(d);
-        let t = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(d, r, splat(1.0)), r);
-        let mut p = splat(1.061_405_4);
-        for c in [-1.453_152, 1.421_413_8, -0.284_496_72, 0.254_829_6] {
-            p = _mm512_fmadd_ps(p, t, splat(c));
+        // max/min return their second operand when either is NaN: x goes second.
+        let x = _mm512_min_ps(splat(4.0), _mm512_max_ps(splat(-4.0), x));
+        let x2 = _mm512_mul_ps(x, x);
+        let mut p = splat(P[0]);
+        for c in &P[1..] {
+            p = _mm512_fmadd_ps(p, x2, splat(*c));
         }
-        let e = exp(_mm512_sub_ps(splat(0.0), _mm512_mul_ps(a, a)));
-        let y = _mm512_sub_ps(splat(1.0), _mm512_mul_ps(_mm512_mul_ps(p, t), e));
-        or(y, sign)
+        let p = _mm512_mul_ps(p, x);
+        let mut q = splat(Q[0]);
+        for c in &Q[1..] {
+            q = _mm512_fmadd_ps(q, x2, splat(*c));
+        }
+        // p / q by the 14-bit reciprocal estimate and one Newton step (a division is the
+        // slowest instruction here); q is in [-2.4, -0.0142], far from 0.
+        let r = _mm512_rcp14_ps(q);
+        let r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(q, r, splat(1.0)), r);
+        _mm512_mul_ps(p, r)
     }
 }
 
@@ -349,5 +366,44 @@ fn lane_mask(left: usize) -> __mmask16 {
         0xffff
     } else {
         ((1u32 << left) - 1) as u16
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[target_feature(enable = "avx512f")]
+    fn erf16(x: &[f32; 16]) -> [f32; 16] {
+        let mut out = [0f32; 16];
+        // SAFETY: AVX-512F is enabled for this function (and checked by the caller); both
+        // arrays hold 16 floats.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), erf(_mm512_loadu_ps(x.as_ptr()))) };
+        out
+    }
+
+    #[test]
+    fn erf_is_accurate_and_keeps_nan() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512F here: not tested");
+            return;
+        }
+        let mut worst = 0f64;
+        for chunk in 0..(240_000 / 16) {
+            let x: [f32; 16] = std::array::from_fn(|i| -6.0 + (chunk * 16 + i) as f32 * 12.0 / 240_000.0);
+            // SAFETY: AVX-512F was detected above.
+            let y = unsafe { erf16(&x) };
+            for (xi, yi) in x.iter().zip(y) {
+                worst = worst.max((yi as f64 - libm::erf(*xi as f64)).abs());
+            }
+        }
+        assert!(worst < 5e-7, "erf: worst absolute error {worst:e}");
+        let mut special = [0f32; 16];
+        special[..5].copy_from_slice(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0]);
+        // SAFETY: as above.
+        let y = unsafe { erf16(&special) };
+        assert!(y[0].is_nan());
+        assert!((y[1] - 1.0).abs() <= 1e-7 && (y[2] + 1.0).abs() <= 1e-7, "erf(+-inf) = {} {}", y[1], y[2]);
+        assert_eq!(&y[3..5], &[0.0, 0.0]);
     }
 }
