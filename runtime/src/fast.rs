@@ -7,8 +7,8 @@ use crate::error::{Error, Result};
 use crate::jit::{EpiOperand, GemmArgs, GemmSpec, Jit};
 use crate::kernels::{Tier, NR};
 use crate::op::{
-    broadcast_shapes, broadcast_strides, fused, strides_of, Attention, BinaryKind, FusedMatMul, Gather, LayerNorm, Op,
-    Softmax, Transpose,
+    broadcast_shapes, broadcast_strides, fused, strides_of, Attention, BinaryKind, Epilogue, FusedMatMul, Gather,
+    LayerNorm, Op, Softmax, Transpose,
 };
 use crate::plan::Plan;
 use crate::pool;
@@ -62,6 +62,9 @@ impl SendPtr {
 
 pub struct Fast {
     pub jit: Jit,
+    /// The epilogues that are [`Chain`](crate::kernels::avx512_vec::Chain)s, recognized once.
+    #[cfg(target_arch = "x86_64")]
+    chains: Vec<(Epilogue, crate::kernels::avx512_vec::Chain)>,
 }
 
 /// How a dim of a logical (permuted) view maps to memory.
@@ -104,7 +107,21 @@ impl Fast {
                 }
             }
         }
-        Ok(Fast { jit: Jit::new(tier, &specs)? })
+        #[cfg(target_arch = "x86_64")]
+        let mut chains: Vec<(Epilogue, crate::kernels::avx512_vec::Chain)> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        for s in &specs {
+            if chains.iter().all(|(e, _)| *e != s.epilogue) {
+                if let Some(c) = crate::kernels::avx512_vec::Chain::of(&s.epilogue.0) {
+                    chains.push((s.epilogue.clone(), c));
+                }
+            }
+        }
+        Ok(Fast {
+            jit: Jit::new(tier, &specs)?,
+            #[cfg(target_arch = "x86_64")]
+            chains,
+        })
     }
 
     /// Runs `op` on fast code when it can.
@@ -497,6 +514,11 @@ impl<'t> Product<'t> {
             len: prog.len(),
             operands: operands.as_ptr(),
             col_broadcast: col_broadcast.as_ptr(),
+            chain: fast
+                .chains
+                .iter()
+                .find(|(e, _)| *e == self.spec.epilogue)
+                .map_or(std::ptr::null(), |(_, c)| c as *const _),
         };
         #[cfg(target_arch = "x86_64")]
         let (epilogue_fn, epilogue_ctx) = match fast.jit.tile_epilogue {
@@ -952,7 +974,9 @@ mod gemm_timing {
             EpiOp::Const(0.5),
             EpiOp::Binary(B::Mul, 8, 9),
         ]);
+        let none = Epilogue::default();
         let shapes = [
+            (128usize, 768usize, 768usize, &none),
             (128usize, 384usize, 384usize, &bias),
             (128, 384, 1536, &gelu),
             (128, 768, 768, &bias),
@@ -967,7 +991,7 @@ mod gemm_timing {
                 packed: Some([k, n]),
                 c_perm: None,
                 epilogue: bias_epi.clone(),
-                extra: 1,
+                extra: usize::from(!bias_epi.0.is_empty()),
             }
             .into();
             let plan = Plan {
@@ -1009,11 +1033,87 @@ mod gemm_timing {
             let s = s / iters as f64;
             eprintln!(
                 "{m}x{k}x{n} {}: {:.3} ms, {:.1} GFLOP/s ({} threads)",
-                if bias_epi.0.len() > 3 { "gelu" } else { "bias" },
+                match bias_epi.0.len() {
+                    0 => "none",
+                    1..=3 => "bias",
+                    _ => "gelu",
+                },
                 s * 1e3,
                 2.0 * (m * k * n) as f64 / s / 1e9,
                 pool::global().threads()
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod attention_probe {
+    use super::*;
+    use crate::op::{BinaryKind, EpiOp, Epilogue};
+
+    /// BERT-base attention (b1, s128, 12 heads of 64) timed alone: `cargo test --release -p
+    /// tcc-runtime --lib attention_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn attention_speed() {
+        let (b, s, h, d) = (1usize, 128usize, 12usize, 64usize);
+        let epi = Epilogue(vec![
+            EpiOp::Acc,
+            EpiOp::Const(0.125),
+            EpiOp::Binary(BinaryKind::Mul, 0, 1),
+            EpiOp::Input(0),
+            EpiOp::Binary(BinaryKind::Add, 2, 3),
+        ]);
+        let op: Op = Attention {
+            scores: FusedMatMul {
+                a_perm: Some(vec![0, 2, 1, 3]),
+                b_perm: Some(vec![0, 2, 3, 1]),
+                packed: None,
+                c_perm: None,
+                epilogue: epi,
+                extra: 1,
+            },
+            context: FusedMatMul {
+                a_perm: None,
+                b_perm: Some(vec![0, 2, 1, 3]),
+                packed: None,
+                c_perm: Some(vec![0, 2, 1, 3]),
+                epilogue: Epilogue::default(),
+                extra: 0,
+            },
+        }
+        .into();
+        let plan = Plan {
+            steps: vec![crate::plan::Step { op: op.clone(), inputs: vec![], outputs: vec![], name: String::new() }],
+            ..Default::default()
+        };
+        let fast = Fast::new(&plan, Tier::detect()).unwrap();
+        let mk = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n).map(|i| (((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0) * 0.5).collect()
+        };
+        let q = Tensor::new(vec![b, s, h, d], mk(b * s * h * d, 1)).unwrap();
+        let k = Tensor::new(vec![b, s, h, d], mk(b * s * h * d, 2)).unwrap();
+        let v = Tensor::new(vec![b, s, h, d], mk(b * s * h * d, 3)).unwrap();
+        let mask = Tensor::new(vec![b, 1, 1, s], vec![0f32; b * s]).unwrap();
+        let ins = [Some(&q), Some(&k), Some(&v), Some(&mask)];
+        for _ in 0..20 {
+            fast.eval(&op, &ins).expect("handled").unwrap();
+        }
+        let mut times: Vec<f64> = (0..300)
+            .map(|_| {
+                let t0 = std::time::Instant::now();
+                fast.eval(&op, &ins).expect("handled").unwrap();
+                t0.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let med = times[times.len() / 2];
+        let flops = 2.0 * 2.0 * (b * h * s * s * d) as f64;
+        eprintln!(
+            "attention b{b} s{s} h{h} d{d}: median {:.3} ms, {:.1} GFLOP/s ({} threads)",
+            med * 1e3,
+            flops / med / 1e9,
+            pool::global().threads()
+        );
     }
 }

@@ -162,6 +162,192 @@ pub struct EpiContext {
     pub operands: *const EpiOperand,
     /// Per operand: 1 when it broadcasts along the columns.
     pub col_broadcast: *const u8,
+    /// The program as a [`Chain`] when it is one ([`Chain::of`]), or null: the tile then runs
+    /// through the general executor.
+    pub chain: *const Chain,
+}
+
+/// Most steps of a [`Chain`].
+const MAX_CHAIN: usize = 8;
+
+/// Where a chain step's other operand comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Operand {
+    Const(f32),
+    Input(usize),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Step {
+    kind: BinaryKind,
+    operand: Operand,
+    /// `acc op operand` (else `operand op acc`).
+    acc_first: bool,
+}
+
+/// The shape most epilogues have, run with each vector kept in a register: the product,
+/// then binary steps that each combine the running value with a constant or an extra input
+/// (bias; scale and mask; bias and residual), then optionally GELU (erf form) of the result.
+/// The general executor keeps every intermediate in memory, which costs several times more
+/// than the arithmetic for programs this short.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chain {
+    steps: [Option<Step>; MAX_CHAIN],
+    gelu: bool,
+}
+
+impl Chain {
+    /// `prog` as a chain, if it is one.
+    pub fn of(prog: &[EpiOp]) -> Option<Chain> {
+        if prog.first() != Some(&EpiOp::Acc) {
+            return None;
+        }
+        let mut steps = [None; MAX_CHAIN];
+        let (mut cur, mut i, mut n) = (0usize, 1usize, 0usize);
+        // (running value's index, next instruction) after each step, to try GELU tails from.
+        let mut at = vec![(0usize, 1usize)];
+        while i + 1 < prog.len() && n < MAX_CHAIN {
+            let operand = match prog[i] {
+                EpiOp::Const(c) => Operand::Const(c),
+                EpiOp::Input(j) => Operand::Input(j),
+                _ => break,
+            };
+            let EpiOp::Binary(kind, a, b) = prog[i + 1] else { break };
+            if !matches!(kind, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul | BinaryKind::Div) {
+                break;
+            }
+            let acc_first = match (a, b) {
+                (a, b) if a == cur && b == i => true,
+                (a, b) if a == i && b == cur => false,
+                _ => break,
+            };
+            // Division by a constant as a product with its reciprocal (as the executor does).
+            let step = match (kind, operand, acc_first) {
+                (BinaryKind::Div, Operand::Const(c), true) => {
+                    Step { kind: BinaryKind::Mul, operand: Operand::Const(1.0 / c), acc_first }
+                }
+                _ => Step { kind, operand, acc_first },
+            };
+            steps[n] = Some(step);
+            n += 1;
+            cur = i + 1;
+            i += 2;
+            at.push((cur, i));
+        }
+        if i == prog.len() {
+            return Some(Chain { steps, gelu: false });
+        }
+        // The longest prefix of steps whose rest is GELU (a step may have taken GELU's x / sqrt 2).
+        let keep = (0..at.len()).rev().find(|&s| is_gelu_of(&prog[at[s].1..], at[s].0, at[s].1))?;
+        steps[keep..].fill(None);
+        Some(Chain { steps, gelu: true })
+    }
+}
+
+/// Whether `tail` (instructions from index `base` on) computes `x * (1 + erf(x / sqrt 2)) / 2`
+/// of the value at index `x`, and nothing else: it reads only that value, constants and its
+/// own results, uses `Erf`, and agrees with the formula on sample points (to rounding).
+fn is_gelu_of(tail: &[EpiOp], x: usize, base: usize) -> bool {
+    let reads_ok = |k: usize, at: usize| k == x || (k >= base && k < at);
+    let mut has_erf = false;
+    for (t, op) in tail.iter().enumerate() {
+        let at = base + t;
+        let ok = match *op {
+            EpiOp::Const(_) => true,
+            EpiOp::Unary(k, a) => {
+                has_erf |= k == crate::op::UnaryKind::Erf;
+                matches!(k, crate::op::UnaryKind::Erf) && reads_ok(a, at)
+            }
+            EpiOp::Binary(k, a, b) => {
+                matches!(k, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul | BinaryKind::Div)
+                    && reads_ok(a, at)
+                    && reads_ok(b, at)
+            }
+            EpiOp::Acc | EpiOp::Input(_) => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if !has_erf {
+        return false;
+    }
+    (-40..=40).all(|i| {
+        let v = i as f64 * 0.15;
+        let mut vals: Vec<f64> = Vec::with_capacity(tail.len());
+        let get = |vals: &Vec<f64>, k: usize| if k == x { v } else { vals[k - base] };
+        for op in tail {
+            let r = match *op {
+                EpiOp::Const(c) => c as f64,
+                EpiOp::Unary(_, a) => libm::erf(get(&vals, a)),
+                EpiOp::Binary(k, a, b) => {
+                    let (p, q) = (get(&vals, a), get(&vals, b));
+                    match k {
+                        BinaryKind::Add => p + q,
+                        BinaryKind::Sub => p - q,
+                        BinaryKind::Mul => p * q,
+                        _ => p / q,
+                    }
+                }
+                _ => unreachable!("checked above"),
+            };
+            vals.push(r);
+        }
+        let want = 0.5 * v * (1.0 + libm::erf(v / std::f64::consts::SQRT_2));
+        (vals[vals.len() - 1] - want).abs() <= 1e-6 * (1.0 + want.abs())
+    })
+}
+
+/// GELU, erf form.
+#[inline(always)]
+unsafe fn gelu(x: __m512) -> __m512 {
+    unsafe {
+        let e = erf(_mm512_mul_ps(x, splat(std::f32::consts::FRAC_1_SQRT_2)));
+        _mm512_mul_ps(_mm512_mul_ps(x, splat(0.5)), _mm512_add_ps(e, splat(1.0)))
+    }
+}
+
+/// [`tile_epilogue`] for a [`Chain`]: row by row, each vector in a register throughout.
+#[inline(always)]
+unsafe fn run_chain(
+    ctx: &EpiContext,
+    chain: &Chain,
+    c: *mut f32,
+    ldc: usize,
+    row: usize,
+    mb: usize,
+    n0: usize,
+    masks: [__mmask16; 2],
+) {
+    // SAFETY: as `tile_epilogue`: C and every operand cover these rows and columns.
+    unsafe {
+        let halves = if masks[1] == 0 { 1 } else { 2 };
+        for r in row..row + mb {
+            let cp = c.add(r * ldc + n0);
+            for (h, &mask) in masks.iter().enumerate().take(halves) {
+                let mut v = _mm512_maskz_loadu_ps(mask, cp.add(16 * h));
+                for step in chain.steps.iter().map_while(|s| s.as_ref()) {
+                    let x = match step.operand {
+                        Operand::Const(k) => _mm512_set1_ps(k),
+                        Operand::Input(j) => {
+                            let o = *ctx.operands.add(j);
+                            let p = o.ptr.add(r * o.row_stride);
+                            if *ctx.col_broadcast.add(j) != 0 {
+                                _mm512_set1_ps(*p)
+                            } else {
+                                _mm512_maskz_loadu_ps(mask, p.add(n0 + 16 * h))
+                            }
+                        }
+                    };
+                    v = if step.acc_first { binary(step.kind, v, x) } else { binary(step.kind, x, v) };
+                }
+                if chain.gelu {
+                    v = gelu(v);
+                }
+                _mm512_mask_storeu_ps(cp.add(16 * h), mask, v);
+            }
+        }
+    }
 }
 
 /// Rows the executor processes per pass over the program.
@@ -201,6 +387,10 @@ pub unsafe extern "C" fn tile_epilogue(
         } else {
             (((1u32 << nb) - 1) as u16, 0)
         };
+        if let Some(chain) = ctx.chain.as_ref() {
+            run_chain(ctx, chain, c, ldc, row, mb, n0, [m0, m1]);
+            return;
+        }
         let mut regs = std::mem::MaybeUninit::<[[__m512; ROWS * 2]; MAX_PROGRAM]>::uninit();
         let regs = &mut *regs.as_mut_ptr();
         let mut r0 = row;
@@ -405,5 +595,156 @@ mod tests {
         assert!(y[0].is_nan());
         assert!((y[1] - 1.0).abs() <= 1e-7 && (y[2] + 1.0).abs() <= 1e-7, "erf(+-inf) = {} {}", y[1], y[2]);
         assert_eq!(&y[3..5], &[0.0, 0.0]);
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use crate::op::{BinaryKind as B, UnaryKind as U};
+    use EpiOp::*;
+
+    fn programs() -> Vec<(&'static str, Vec<EpiOp>, Option<bool>)> {
+        vec![
+            ("identity", vec![Acc], Some(false)),
+            ("bias", vec![Acc, Input(0), Binary(B::Add, 1, 0)], Some(false)),
+            (
+                "scale and mask",
+                vec![Acc, Const(0.125), Binary(B::Mul, 0, 1), Input(1), Binary(B::Add, 2, 3)],
+                Some(false),
+            ),
+            (
+                "bias and residual",
+                vec![Acc, Input(0), Binary(B::Add, 0, 1), Input(1), Binary(B::Add, 3, 2)],
+                Some(false),
+            ),
+            (
+                "input minus acc, over 2",
+                vec![Acc, Input(1), Binary(B::Sub, 1, 0), Const(2.0), Binary(B::Div, 2, 3)],
+                Some(false),
+            ),
+            (
+                "bias, gelu x/sqrt2",
+                vec![
+                    Acc,
+                    Input(0),
+                    Binary(B::Add, 1, 0),
+                    Const(std::f32::consts::SQRT_2),
+                    Binary(B::Div, 2, 3),
+                    Unary(U::Erf, 4),
+                    Const(1.0),
+                    Binary(B::Add, 5, 6),
+                    Binary(B::Mul, 2, 7),
+                    Const(0.5),
+                    Binary(B::Mul, 8, 9),
+                ],
+                Some(true),
+            ),
+            (
+                "gelu 0.5x first",
+                vec![
+                    Acc,
+                    Const(0.5),
+                    Binary(B::Mul, 1, 0),
+                    Const(std::f32::consts::FRAC_1_SQRT_2),
+                    Binary(B::Mul, 0, 3),
+                    Unary(U::Erf, 4),
+                    Const(1.0),
+                    Binary(B::Add, 6, 5),
+                    Binary(B::Mul, 2, 7),
+                ],
+                Some(true),
+            ),
+            (
+                "gelu then residual",
+                vec![
+                    Acc,
+                    Const(std::f32::consts::FRAC_1_SQRT_2),
+                    Binary(B::Mul, 0, 1),
+                    Unary(U::Erf, 2),
+                    Const(1.0),
+                    Binary(B::Add, 3, 4),
+                    Binary(B::Mul, 0, 5),
+                    Const(0.5),
+                    Binary(B::Mul, 6, 7),
+                    Input(1),
+                    Binary(B::Add, 8, 9),
+                ],
+                None,
+            ),
+            ("not gelu: erf alone", vec![Acc, Unary(U::Erf, 0)], None),
+            ("max", vec![Acc, Const(0.0), Binary(B::Max, 0, 1)], None),
+        ]
+    }
+
+    #[test]
+    fn chains_are_recognized() {
+        for (name, prog, want) in programs() {
+            assert_eq!(Chain::of(&prog).map(|c| c.gelu), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn chains_compute_what_the_executor_computes() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512F here: not tested");
+            return;
+        }
+        let (rows, ldc) = (13usize, 40usize);
+        let val = |i: usize, s: usize| (((i * 7919 + s * 104729) % 2001) as f32 / 1000.0 - 1.0) * 3.0;
+        let bias: Vec<f32> = (0..ldc).map(|i| val(i, 1)).collect();
+        let resid: Vec<f32> = (0..rows * ldc).map(|i| val(i, 2)).collect();
+        let per_row: Vec<f32> = (0..rows).map(|i| val(i, 3)).collect();
+        for (name, prog, want) in programs() {
+            let Some(chain) = Chain::of(&prog) else { continue };
+            assert!(want.is_some());
+            // Input 0 a bias row, input 1 a residual; then input 1 as one value per row.
+            let operand_sets = [
+                (
+                    [
+                        EpiOperand { ptr: bias.as_ptr(), row_stride: 0 },
+                        EpiOperand { ptr: resid.as_ptr(), row_stride: ldc },
+                    ],
+                    [0u8, 0],
+                ),
+                (
+                    [
+                        EpiOperand { ptr: bias.as_ptr(), row_stride: 0 },
+                        EpiOperand { ptr: per_row.as_ptr(), row_stride: 1 },
+                    ],
+                    [0u8, 1],
+                ),
+            ];
+            for (ops, bcast) in &operand_sets {
+                for (n0, nb) in [(0usize, 32usize), (8, 20), (3, 7), (0, 16)] {
+                    let ctx = |chain: *const Chain| EpiContext {
+                        program: prog.as_ptr(),
+                        len: prog.len(),
+                        operands: ops.as_ptr(),
+                        col_broadcast: bcast.as_ptr(),
+                        chain,
+                    };
+                    let c0: Vec<f32> = (0..rows * ldc).map(|i| val(i, 4)).collect();
+                    let (mut fast, mut general) = (c0.clone(), c0.clone());
+                    // SAFETY: AVX-512F detected; rows 1..rows and columns n0..n0+nb lie inside
+                    // C (and the residual), the bias covers ldc columns, per_row covers rows.
+                    unsafe {
+                        tile_epilogue(&ctx(&chain), fast.as_mut_ptr(), ldc, 1, rows - 1, n0, nb);
+                        tile_epilogue(&ctx(std::ptr::null()), general.as_mut_ptr(), ldc, 1, rows - 1, n0, nb);
+                    }
+                    for (i, (f, g)) in fast.iter().zip(&general).enumerate() {
+                        let (r, j) = (i / ldc, i % ldc);
+                        if r == 0 || j < n0 || j >= n0 + nb {
+                            assert_eq!(f.to_bits(), c0[i].to_bits(), "{name}: wrote outside the tile at {r},{j}");
+                        } else {
+                            assert!(
+                                (f - g).abs() <= 2e-6 * (1.0 + g.abs()),
+                                "{name} n0={n0} nb={nb} [{r},{j}]: {f} vs {g}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
