@@ -210,17 +210,21 @@ impl Fast {
         let packed = p.pack_all(self, b.as_slice::<f32>().ok()?);
         let mut out = Uninit::new(p.total);
         let c = SendPtr(out.ptr());
-        // Work items: (batch, panel range). Enough items to keep every thread busy.
+        // Work items: (batch, panel range).
         let panels = p.n.div_ceil(NR);
         let batches = p.offsets.len();
         let threads = pool::global().threads();
-        let splits = if batches >= threads { 1 } else { (threads * 2).div_ceil(batches).min(panels).max(1) };
+        // One share of equal size per thread, the same thread always taking the same share
+        // (`run_static`): the next op split the same way (attention by head after the Q/K/V
+        // products) then reads what its own core wrote, and every item starts one stream of
+        // weights, not several.
+        let splits = if batches >= threads { 1 } else { threads.div_ceil(batches).min(panels).max(1) };
         let per = panels.div_ceil(splits);
         let items: Vec<(usize, usize, usize)> = (0..batches)
             .flat_map(|bi| (0..splits).map(move |s| (bi, s * per, ((s + 1) * per).min(panels))))
             .filter(|&(_, p0, p1)| p0 < p1)
             .collect();
-        pool::global().run(items.len(), &|item| {
+        pool::global().run_static(items.len(), &|item| {
             let (bi, p0, p1) = items[item];
             let o = p.offsets[bi];
             // SAFETY: `Product::prepare` derived every offset and stride from the tensors'
@@ -275,7 +279,7 @@ impl Fast {
         let mut out = Uninit::new(cp.total);
         let c = SendPtr(out.ptr());
         let softmax = self.jit.softmax;
-        pool::global().run(sp.offsets.len(), &|bi| {
+        pool::global().run_static(sp.offsets.len(), &|bi| {
             let mut kpack = Uninit::new(sp.k * NR * sk.div_ceil(NR));
             let mut scores = Uninit::new(sq * sk);
             let mut vpack = Uninit::new(cp.k * NR * cp.n.div_ceil(NR));

@@ -16,17 +16,33 @@ use std::time::{Duration, Instant};
 /// How long an idle worker spins before it sleeps.
 const SPIN: Duration = Duration::from_millis(5);
 
-/// One parallel loop: `f(i)` for `i` in `0..total`, claimed item by item.
+/// One parallel loop: `f(i)` for `i` in `0..total`, claimed item by item, or in fixed
+/// per-thread shares ([`Pool::run_static`]).
 struct Job<'a> {
     f: &'a (dyn Fn(usize) + Sync),
     next: AtomicUsize,
     done: AtomicUsize,
     total: usize,
+    /// Non-zero: thread `t` (the caller is 0) runs items `t * total / shares .. (t + 1) *
+    /// total / shares`, once (`taken` has bit `t` set once it has).
+    shares: usize,
+    taken: AtomicUsize,
 }
 
 impl Job<'_> {
-    /// Claims and runs items until none are left.
-    fn work(&self) {
+    /// Runs this thread's share, or claims and runs items until none are left.
+    fn work(&self, thread: usize) {
+        if self.shares > 0 {
+            let bit = 1usize << thread;
+            if thread >= self.shares || self.taken.fetch_or(bit, SeqCst) & bit != 0 {
+                return;
+            }
+            for i in thread * self.total / self.shares..(thread + 1) * self.total / self.shares {
+                (self.f)(i);
+                self.done.fetch_add(1, SeqCst);
+            }
+            return;
+        }
         loop {
             let i = self.next.fetch_add(1, SeqCst);
             if i >= self.total {
@@ -69,7 +85,7 @@ impl Pool {
             let s = shared.clone();
             std::thread::Builder::new()
                 .name(format!("tcc-worker-{i}"))
-                .spawn(move || worker(&s))
+                .spawn(move || worker(&s, i))
                 .expect("spawn a worker thread");
         }
         Pool { shared, busy: Mutex::new(()), threads }
@@ -81,6 +97,18 @@ impl Pool {
 
     /// Runs `f(i)` for every `i` in `0..n`, in parallel; returns when all are done.
     pub fn run(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.run_job(n, f, false)
+    }
+
+    /// As [`Pool::run`], but thread `t` of `T` always runs items `t * n / T .. (t + 1) * n / T`:
+    /// ops split the same way (the column blocks of the Q, K and V products, then the heads
+    /// of attention) find their inputs in the cache of the core that wrote them. No thread
+    /// takes over another's share, so use it for items of equal cost.
+    pub fn run_static(&self, n: usize, f: &(dyn Fn(usize) + Sync)) {
+        self.run_job(n, f, self.threads <= usize::BITS as usize)
+    }
+
+    fn run_job(&self, n: usize, f: &(dyn Fn(usize) + Sync), fixed: bool) {
         if n == 0 {
             return;
         }
@@ -92,7 +120,15 @@ impl Pool {
             (0..n).for_each(f);
             return;
         }
-        let job = Job { f, next: AtomicUsize::new(0), done: AtomicUsize::new(0), total: n };
+        let shares = if fixed { self.threads } else { 0 };
+        let job = Job {
+            f,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            total: n,
+            shares,
+            taken: AtomicUsize::new(0),
+        };
         // SAFETY: the pointer is published only while `job` is alive: this function clears it
         // and then waits until no worker is inside (see `worker`) before `job` goes out of
         // scope, so no worker can dereference it afterwards. The 'static in the type is never
@@ -105,7 +141,7 @@ impl Pool {
                 self.shared.wake.notify_all();
             }
         }
-        job.work();
+        job.work(0);
         while job.done.load(SeqCst) < n {
             std::hint::spin_loop();
         }
@@ -124,7 +160,7 @@ impl Drop for Pool {
     }
 }
 
-fn worker(s: &Shared) {
+fn worker(s: &Shared, index: usize) {
     let mut idle_since = Instant::now();
     while !s.shutdown.load(SeqCst) {
         s.inside.fetch_add(1, SeqCst);
@@ -133,7 +169,7 @@ fn worker(s: &Shared) {
             // SAFETY: `p` was read after announcing ourselves in `inside`, so the caller of
             // `run` that published it has not returned (it waits for `inside == 0` after
             // clearing the pointer).
-            unsafe { (*p).work() };
+            unsafe { (*p).work(index) };
             s.inside.fetch_sub(1, SeqCst);
             idle_since = Instant::now();
             continue;
@@ -183,9 +219,14 @@ mod tests {
                     for round in 0..200 {
                         let n = 1 + (round * 7 + t) % 50;
                         let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
-                        pool.run(n, &|i| {
+                        let f = |i: usize| {
                             hits[i].fetch_add(1, SeqCst);
-                        });
+                        };
+                        if round % 2 == 0 {
+                            pool.run(n, &f)
+                        } else {
+                            pool.run_static(n, &f)
+                        }
                         assert!(hits.iter().all(|h| h.load(SeqCst) == 1));
                     }
                 })
@@ -194,6 +235,35 @@ mod tests {
         for h in handles {
             h.join().unwrap();
         }
+    }
+
+    #[test]
+    fn static_shares_stay_on_their_thread() {
+        let pool = Pool::new(3);
+        let caller = std::thread::current().id();
+        for n in [2usize, 3, 7, 12, 50] {
+            let ran_on: Vec<Mutex<Option<std::thread::ThreadId>>> = (0..n).map(|_| Mutex::new(None)).collect();
+            pool.run_static(n, &|i| {
+                *ran_on[i].lock().unwrap() = Some(std::thread::current().id());
+            });
+            let ids: Vec<_> = ran_on.iter().map(|m| m.lock().unwrap().expect("every item ran")).collect();
+            for t in 0..3 {
+                let share = &ids[t * n / 3..(t + 1) * n / 3];
+                assert!(share.windows(2).all(|w| w[0] == w[1]), "n={n}: share {t} ran on several threads");
+                if t == 0 {
+                    assert!(share.iter().all(|&id| id == caller), "n={n}: the caller runs share 0");
+                } else {
+                    assert!(share.iter().all(|&id| id != caller), "n={n}: share {t} ran on the caller");
+                }
+            }
+        }
+        // A sleeping worker is woken for its share.
+        std::thread::sleep(SPIN * 3);
+        let count = AtomicUsize::new(0);
+        pool.run_static(30, &|_| {
+            count.fetch_add(1, SeqCst);
+        });
+        assert_eq!(count.load(SeqCst), 30);
     }
 
     #[test]
