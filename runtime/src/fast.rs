@@ -960,6 +960,10 @@ mod gemm_timing {
     use crate::kernels::pack_b;
     use crate::op::{EpiOp, Epilogue};
 
+    /// `cargo test --release -p tcc-runtime --lib linear_speed -- --ignored --nocapture`;
+    /// `WEIGHT_COPIES=N` cycles through N copies of the weights (cold, as in a model),
+    /// `KEEP_OUT=N` keeps the last N outputs alive (fresh output memory, as in a model),
+    /// `GAP_US` idles between runs.
     #[test]
     #[ignore = "timing probe, run by hand"]
     fn linear_speed() {
@@ -1025,14 +1029,20 @@ mod gemm_timing {
             let iters = 200;
             let gap = std::env::var("GAP_US").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
             let mut s = 0.0;
+            let keep: usize = std::env::var("KEEP_OUT").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let mut kept = std::collections::VecDeque::new();
             for _ in 0..iters {
                 let t = std::time::Instant::now();
                 while t.elapsed().as_micros() < gap as u128 {}
                 let w = ins_for();
                 let ins = [Some(&a), Some(&bs[w]), Some(&bias)];
                 let t0 = std::time::Instant::now();
-                fast.eval(&op, &ins);
+                let out = fast.eval(&op, &ins);
                 s += t0.elapsed().as_secs_f64();
+                kept.push_back(out);
+                while kept.len() > keep {
+                    kept.pop_front();
+                }
             }
             let s = s / iters as f64;
             eprintln!(
