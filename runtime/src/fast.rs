@@ -636,6 +636,10 @@ fn gather_rows(g: &Gather, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tens
     let inner: usize = x.shape()[1..].iter().product();
     let idx = i.to_i64s().ok()?;
     let xs = x.as_slice::<f32>().ok()?;
+    // Oversized outputs too: the reference refuses them with an error.
+    if idx.len().checked_mul(inner).is_none_or(|n| n > crate::op::MAX_ELEMENTS) {
+        return None;
+    }
     let mut v = Vec::with_capacity(idx.len() * inner);
     for &k in &idx {
         let k = if k < 0 { k + rows } else { k };
