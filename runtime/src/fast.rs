@@ -632,7 +632,7 @@ fn gather_rows(g: &Gather, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tens
     if x.dtype() != crate::DType::F32 || x.rank() == 0 || !(g.axis == 0 || g.axis == -(x.rank() as i64)) {
         return None;
     }
-    let rows = x.shape()[0] as i64;
+    let rows = x.shape()[0];
     let inner: usize = x.shape()[1..].iter().product();
     let idx = i.to_i64s().ok()?;
     let xs = x.as_slice::<f32>().ok()?;
@@ -642,11 +642,7 @@ fn gather_rows(g: &Gather, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tens
     }
     let mut v = Vec::with_capacity(idx.len() * inner);
     for &k in &idx {
-        let k = if k < 0 { k + rows } else { k };
-        if !(0..rows).contains(&k) {
-            return None;
-        }
-        let k = k as usize;
+        let k = crate::op::resolve_index("Gather", k, rows).ok()?;
         v.extend_from_slice(&xs[k * inner..(k + 1) * inner]);
     }
     let shape: Vec<usize> = i.shape().iter().chain(&x.shape()[1..]).copied().collect();
@@ -797,9 +793,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn attention_products_with_folded_transposes() {
-        let (b, s, h, d) = (2, 37, 3, 40);
+    /// The two products of attention on `[batch, seq, heads, dim]` Q/K/V as the recognizer
+    /// builds them: scores `Q Kᵀ * 0.125 + mask`, context `P V` back in `[batch, seq, heads, dim]`.
+    pub(super) fn attention_products() -> Attention {
         let epi = Epilogue(vec![
             EpiOp::Acc,
             EpiOp::Const(0.125),
@@ -807,24 +803,31 @@ mod tests {
             EpiOp::Input(0),
             EpiOp::Binary(BinaryKind::Add, 2, 3),
         ]);
-        let scores: Op = FusedMatMul {
-            a_perm: Some(vec![0, 2, 1, 3]),
-            b_perm: Some(vec![0, 2, 3, 1]),
-            packed: None,
-            c_perm: None,
-            epilogue: epi,
-            extra: 1,
+        Attention {
+            scores: FusedMatMul {
+                a_perm: Some(vec![0, 2, 1, 3]),
+                b_perm: Some(vec![0, 2, 3, 1]),
+                packed: None,
+                c_perm: None,
+                epilogue: epi,
+                extra: 1,
+            },
+            context: FusedMatMul {
+                a_perm: None,
+                b_perm: Some(vec![0, 2, 1, 3]),
+                packed: None,
+                c_perm: Some(vec![0, 2, 1, 3]),
+                epilogue: Epilogue::default(),
+                extra: 0,
+            },
         }
-        .into();
-        let context: Op = FusedMatMul {
-            a_perm: None,
-            b_perm: Some(vec![0, 2, 1, 3]),
-            packed: None,
-            c_perm: Some(vec![0, 2, 1, 3]),
-            epilogue: Epilogue::default(),
-            extra: 0,
-        }
-        .into();
+    }
+
+    #[test]
+    fn attention_products_with_folded_transposes() {
+        let (b, s, h, d) = (2, 37, 3, 40);
+        let Attention { scores, context } = attention_products();
+        let (scores, context): (Op, Op) = (scores.into(), context.into());
         for tier in Tier::ALL {
             let Some(fast) = fast_for(tier, &[scores.clone(), context.clone()]) else { continue };
             let (q, kk, v) = (t(&[b, s, h, d], 5), t(&[b, s, h, d], 6), t(&[b, s, h, d], 7));
@@ -1067,40 +1070,15 @@ mod gemm_timing {
 #[cfg(test)]
 mod attention_probe {
     use super::*;
-    use crate::op::{BinaryKind, EpiOp, Epilogue};
 
     /// BERT-base attention (b1, s128, 12 heads of 64) timed alone: `cargo test --release -p
-    /// tcc-runtime --lib attention_speed -- --ignored --nocapture`.
+    /// tcc-runtime --lib attention_speed -- --ignored --nocapture`. Ignored: a timing probe for
+    /// performance work, run by hand in release builds; it asserts nothing.
     #[test]
-    #[ignore]
+    #[ignore = "timing probe, run by hand"]
     fn attention_speed() {
         let (b, s, h, d) = (1usize, 128usize, 12usize, 64usize);
-        let epi = Epilogue(vec![
-            EpiOp::Acc,
-            EpiOp::Const(0.125),
-            EpiOp::Binary(BinaryKind::Mul, 0, 1),
-            EpiOp::Input(0),
-            EpiOp::Binary(BinaryKind::Add, 2, 3),
-        ]);
-        let op: Op = Attention {
-            scores: FusedMatMul {
-                a_perm: Some(vec![0, 2, 1, 3]),
-                b_perm: Some(vec![0, 2, 3, 1]),
-                packed: None,
-                c_perm: None,
-                epilogue: epi,
-                extra: 1,
-            },
-            context: FusedMatMul {
-                a_perm: None,
-                b_perm: Some(vec![0, 2, 1, 3]),
-                packed: None,
-                c_perm: Some(vec![0, 2, 1, 3]),
-                epilogue: Epilogue::default(),
-                extra: 0,
-            },
-        }
-        .into();
+        let op: Op = super::tests::attention_products().into();
         let plan = Plan {
             steps: vec![crate::plan::Step { op: op.clone(), inputs: vec![], outputs: vec![], name: String::new() }],
             ..Default::default()

@@ -107,8 +107,7 @@ pub fn emit_program(e: &mut Emitter, ty: Type, prog: &Epilogue, acc: Value, inpu
             }
             // Division by a constant as a product with its reciprocal (within an ulp; as the
             // AVX-512 epilogue does).
-            EpiOp::Binary(BinaryKind::Div, a, b) if matches!(prog.0[b], EpiOp::Const(_)) => {
-                let EpiOp::Const(d) = prog.0[b] else { unreachable!() };
+            EpiOp::Binary(BinaryKind::Div, a, b) if let EpiOp::Const(d) = prog.0[b] => {
                 let r = e.fconst(ty, 1.0 / d);
                 e.fmul(regs[a], r)
             }

@@ -18,7 +18,7 @@ fn index_dtype(op: &str, f: &Fact) -> Result<()> {
 }
 
 /// Resolves a possibly negative index against `len`.
-fn resolve(op: &str, i: i64, len: usize) -> Result<usize> {
+pub(crate) fn resolve(op: &str, i: i64, len: usize) -> Result<usize> {
     let l = len as i64;
     let j = if i < 0 { i + l } else { i };
     if j < 0 || j >= l {

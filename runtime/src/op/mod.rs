@@ -23,6 +23,7 @@ mod shape;
 
 pub use elementwise::{cast_tensor, Binary, BinaryKind, Cast, Clip, Unary, UnaryKind, Where};
 pub use fused::{Attention, EpiOp, Epilogue, FusedMatMul};
+pub(crate) use gather::resolve as resolve_index;
 pub use gather::{Gather, GatherElements, GatherND};
 pub use linalg::MatMul;
 pub use nn::{gelu, Gelu, GeluApprox, LayerNorm, Softmax};
