@@ -5,6 +5,8 @@
 
 use crate::error::{Error, Result};
 use crate::jit::{EpiOperand, GemmArgs, GemmSpec, Jit};
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::avx512_vec::EpiContext;
 use crate::kernels::{Tier, NR};
 use crate::op::{
     broadcast_shapes, broadcast_strides, fused, strides_of, Attention, BinaryKind, Epilogue, FusedMatMul, Gather,
@@ -67,6 +69,15 @@ pub struct Fast {
     chains: Vec<(Epilogue, crate::kernels::avx512_vec::Chain)>,
 }
 
+/// What an epilogue runs with (the AVX-512 executor's context elsewhere).
+#[cfg(not(target_arch = "x86_64"))]
+struct EpiContext {
+    program: *const crate::op::EpiOp,
+    len: usize,
+    operands: *const EpiOperand,
+    col_broadcast: *const u8,
+}
+
 /// How a dim of a logical (permuted) view maps to memory.
 fn view(shape: &[usize], perm: &Option<Vec<usize>>) -> (Vec<usize>, Vec<usize>) {
     let st = strides_of(shape);
@@ -122,6 +133,12 @@ impl Fast {
             #[cfg(target_arch = "x86_64")]
             chains,
         })
+    }
+
+    /// `epilogue` as a chain, when it is one.
+    #[cfg(target_arch = "x86_64")]
+    fn chain(&self, epilogue: &Epilogue) -> Option<&crate::kernels::avx512_vec::Chain> {
+        self.chains.iter().find(|(e, _)| e == epilogue).map(|(_, c)| c)
     }
 
     /// Runs `op` on fast code when it can.
@@ -214,6 +231,14 @@ impl Fast {
         let panels = p.n.div_ceil(NR);
         let batches = p.offsets.len();
         let threads = pool::global().threads();
+        #[cfg(target_arch = "x86_64")]
+        if let Some(parts) = self.split_k(&p, threads) {
+            // SAFETY: `c` is the output of this product, `xs` and `packed` its A and B.
+            unsafe { self.run_split_k(&p, xs, &packed, c.get(), parts) };
+            // SAFETY: the reduction wrote every element of the output.
+            let v = unsafe { out.assume_init() };
+            return Some(Tensor::new(p.out_shape, v).map(|t| vec![t]));
+        }
         // One share of equal size per thread, the same thread always taking the same share
         // (`run_static`): the next op split the same way (attention by head after the Q/K/V
         // products) then reads what its own core wrote, and every item starts one stream of
@@ -252,6 +277,88 @@ impl Fast {
         Some(Tensor::new(p.out_shape, v).map(|t| vec![t]))
     }
 
+    /// How many parts along `k` to split a product into, when that pays: one batch whose A
+    /// outgrows L2 (BERT's FFN down-projection). Split by columns, every core reads all of A,
+    /// half of it from the other core's cache, where the previous product wrote it; split
+    /// along `k`, each core reads the columns of A it wrote itself, and only the partial sums
+    /// cross over, in the reduction that also runs the epilogue. Needs the AVX-512 tile
+    /// epilogue.
+    #[cfg(target_arch = "x86_64")]
+    fn split_k(&self, p: &Product, threads: usize) -> Option<usize> {
+        self.split_k_for(p.m, p.k, p.offsets.len(), &p.spec.epilogue, threads)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn split_k_for(&self, m: usize, k: usize, batches: usize, epilogue: &Epilogue, threads: usize) -> Option<usize> {
+        let ok = threads >= 2
+            && batches == 1
+            && k.div_ceil(KC) >= threads
+            && crate::jit::gemm::k_outer_pays(m, k, KC)
+            && self.jit.tile_epilogue.is_some()
+            && epilogue.0.len() <= crate::kernels::avx512_vec::MAX_PROGRAM;
+        ok.then_some(threads)
+    }
+
+    /// Runs a product split into `parts` along `k` (see [`Fast::split_k`]): part `t` sums block
+    /// rows `t * blocks / parts ..` into the output (part 0) or a scratch buffer, then each
+    /// thread adds the parts of its rows and runs the epilogue on them, tile by tile.
+    ///
+    /// # Safety
+    /// `c` is the product's output (`p.total` floats); `xs` and `packed` its A and B.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn run_split_k(&self, p: &Product, xs: &[f32], packed: &Panels, c: *mut f32, parts: usize) {
+        let Some(plain) = self.jit.gemm(&GemmSpec { epilogue: Epilogue::default(), col_broadcast: vec![] }) else {
+            unreachable!("the plain driver always exists")
+        };
+        let (m, n) = (p.m, p.n);
+        let blocks = p.k.div_ceil(KC);
+        let mut scratch = Uninit::new((parts - 1) * m * n);
+        let sp = SendPtr(scratch.ptr());
+        let (c, o) = (SendPtr(c), p.offsets[0]);
+        let a = SendPtr(xs.as_ptr().wrapping_add(o[0]) as *mut f32);
+        let b = SendPtr(packed.panels(0) as *mut f32);
+        pool::global().run_static(parts, &|t| {
+            let k0 = (t * blocks / parts * KC).min(p.k);
+            let k1 = ((t + 1) * blocks / parts * KC).min(p.k);
+            let (dst, ld) =
+                if t == 0 { (c.get().wrapping_add(o[2]), p.ldc) } else { (sp.get().wrapping_add((t - 1) * m * n), n) };
+            // SAFETY: A, B and the output as in `fused_matmul`; scratch part t-1 holds m x n
+            // floats; each part writes its own buffer.
+            unsafe { p.run_part(self, plain, a.get(), b.get(), k0, k1, dst, ld) };
+        });
+        let tile = self.jit.tier.mr();
+        let tiles = m.div_ceil(tile);
+        pool::global().run_static(parts, &|t| {
+            let sources: Vec<*const f32> =
+                (0..parts - 1).map(|i| sp.get().wrapping_add(i * m * n) as *const f32).collect();
+            p.with_epilogue(self, 0, |ctx| {
+                for ti in t * tiles / parts..(t + 1) * tiles / parts {
+                    let (row, mb) = (ti * tile, tile.min(m - ti * tile));
+                    let mut n0 = 0;
+                    while n0 < n {
+                        // SAFETY: rows row..row+mb and columns n0..n0+32 (clipped to n) of the
+                        // output and of each part exist; threads take disjoint rows; the
+                        // epilogue's operands cover the output's rows and columns.
+                        unsafe {
+                            crate::kernels::avx512_vec::reduce_tile(
+                                ctx,
+                                c.get().wrapping_add(o[2]),
+                                p.ldc,
+                                &sources,
+                                n,
+                                row,
+                                mb,
+                                n0,
+                                (n - n0).min(NR),
+                            )
+                        };
+                        n0 += NR;
+                    }
+                }
+            });
+        });
+    }
+
     /// Attention per (batch, head): scores into a per-item scratch, softmax in place, then the
     /// context written straight into the output: the `[batch, heads, query, key]` scores are
     /// never materialized.
@@ -274,7 +381,18 @@ impl Fast {
         if cp.offsets.len() != sp.offsets.len() || cp.k != sk {
             return None;
         }
-        let (sdriver, cdriver) = (self.jit.gemm(&sp.spec)?, self.jit.gemm(&cp.spec)?);
+        // With AVX-512, an epilogue chain on the scores (scale, mask) runs inside the softmax's
+        // pass over each row instead of in the product's tiles: one pass less over the scores.
+        #[cfg(target_arch = "x86_64")]
+        let chain_in_softmax = self.jit.tile_epilogue.is_some() && self.chain(&sp.spec.epilogue).is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let chain_in_softmax = false;
+        let sdriver = if chain_in_softmax {
+            self.jit.gemm(&GemmSpec { epilogue: Epilogue::default(), col_broadcast: vec![] })?
+        } else {
+            self.jit.gemm(&sp.spec)?
+        };
+        let cdriver = self.jit.gemm(&cp.spec)?;
         let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
         let mut out = Uninit::new(cp.total);
         let c = SendPtr(out.ptr());
@@ -301,6 +419,15 @@ impl Fast {
                     0,
                     sk.div_ceil(NR),
                 );
+                #[cfg(target_arch = "x86_64")]
+                if chain_in_softmax {
+                    sp.with_epilogue(self, bi, |ctx| {
+                        crate::kernels::avx512_vec::softmax_chain(ctx, &*ctx.chain, scores.ptr(), sq, sk)
+                    });
+                } else {
+                    softmax(scores.ptr(), scores.ptr(), sq, sk);
+                }
+                #[cfg(not(target_arch = "x86_64"))]
                 softmax(scores.ptr(), scores.ptr(), sq, sk);
                 cp.pack_one(self, vs, bi, vpack.ptr());
                 cp.run(
@@ -487,6 +614,27 @@ impl<'t> Product<'t> {
         }
     }
 
+    /// Calls `f` with batch `bi`'s epilogue context: the program, this batch's extra operands
+    /// and, when the program is a chain, the chain.
+    fn with_epilogue<R>(&self, fast: &Fast, bi: usize, f: impl FnOnce(&EpiContext) -> R) -> R {
+        let operands: Vec<EpiOperand> = self
+            .extras
+            .iter()
+            .map(|(s, boff, rs)| EpiOperand { ptr: s.as_ptr().wrapping_add(boff[bi]), row_stride: *rs })
+            .collect();
+        let prog = &self.spec.epilogue.0;
+        let col_broadcast: Vec<u8> = self.spec.col_broadcast.iter().map(|&b| u8::from(b)).collect();
+        let ctx = EpiContext {
+            program: prog.as_ptr(),
+            len: prog.len(),
+            operands: operands.as_ptr(),
+            col_broadcast: col_broadcast.as_ptr(),
+            #[cfg(target_arch = "x86_64")]
+            chain: fast.chain(&self.spec.epilogue).map_or(std::ptr::null(), |c| c as *const _),
+        };
+        f(&ctx)
+    }
+
     /// Runs the driver on panels `p0..p1` of batch `bi`.
     ///
     /// # Safety
@@ -505,56 +653,84 @@ impl<'t> Product<'t> {
         p0: usize,
         p1: usize,
     ) {
-        let operands: Vec<EpiOperand> = self
-            .extras
-            .iter()
-            .map(|(s, boff, rs)| EpiOperand { ptr: s.as_ptr().wrapping_add(boff[bi]), row_stride: *rs })
-            .collect();
-        let prog = &self.spec.epilogue.0;
-        let col_broadcast: Vec<u8> = self.spec.col_broadcast.iter().map(|&b| u8::from(b)).collect();
-        #[cfg(target_arch = "x86_64")]
-        let ctx = crate::kernels::avx512_vec::EpiContext {
-            program: prog.as_ptr(),
-            len: prog.len(),
-            operands: operands.as_ptr(),
-            col_broadcast: col_broadcast.as_ptr(),
-            chain: fast
-                .chains
-                .iter()
-                .find(|(e, _)| *e == self.spec.epilogue)
-                .map_or(std::ptr::null(), |(_, c)| c as *const _),
-        };
-        #[cfg(target_arch = "x86_64")]
-        let (epilogue_fn, epilogue_ctx) = match fast.jit.tile_epilogue {
-            Some(f) if prog.len() <= crate::kernels::avx512_vec::MAX_PROGRAM => {
-                (f as usize, &ctx as *const _ as *const u8)
-            }
-            _ => (0, std::ptr::null()),
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let (epilogue_fn, epilogue_ctx) = (0usize, std::ptr::null());
+        self.with_epilogue(fast, bi, |ctx| {
+            #[cfg(target_arch = "x86_64")]
+            let (epilogue_fn, epilogue_ctx) = match fast.jit.tile_epilogue {
+                Some(f) if ctx.len <= crate::kernels::avx512_vec::MAX_PROGRAM => {
+                    (f as usize, ctx as *const _ as *const u8)
+                }
+                _ => (0, std::ptr::null()),
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (epilogue_fn, epilogue_ctx) = (0usize, std::ptr::null());
+            let args = GemmArgs {
+                m: self.m,
+                n: self.n,
+                k: self.k,
+                a,
+                lda,
+                b,
+                c,
+                ldc: self.ldc,
+                panel_begin: p0,
+                panel_end: p1,
+                kernel: fast.jit.micro_kernel as usize,
+                mr: fast.jit.tier.mr(),
+                kc: KC,
+                operands: ctx.operands,
+                epilogue_fn,
+                epilogue_ctx,
+                k_outer: usize::from(crate::jit::gemm::k_outer_pays(self.m, self.k, KC)),
+                panel_stride: self.k * NR,
+            };
+            // SAFETY: forwarded from the caller; the operands, the program and the context outlive
+            // the call.
+            unsafe { driver(&args) };
+        })
+    }
+}
+
+impl Product<'_> {
+    /// Rows `k0..k1` of the inner dimension only, for all panels of batch 0, into `c` (stride
+    /// `ldc`), without the epilogue: one part of a product split along `k`.
+    ///
+    /// # Safety
+    /// As [`Product::run`], with `c` holding `m` rows of `n` floats at stride `ldc`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_part(
+        &self,
+        fast: &Fast,
+        plain: crate::jit::GemmFn,
+        a: *const f32,
+        b: *const f32,
+        k0: usize,
+        k1: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
         let args = GemmArgs {
             m: self.m,
             n: self.n,
-            k: self.k,
-            a,
-            lda,
-            b,
+            k: k1 - k0,
+            a: a.wrapping_add(k0),
+            lda: self.lda,
+            b: b.wrapping_add(k0 * NR),
             c,
-            ldc: self.ldc,
-            panel_begin: p0,
-            panel_end: p1,
+            ldc,
+            panel_begin: 0,
+            panel_end: self.n.div_ceil(NR),
             kernel: fast.jit.micro_kernel as usize,
             mr: fast.jit.tier.mr(),
             kc: KC,
-            operands: operands.as_ptr(),
-            epilogue_fn,
-            epilogue_ctx,
-            k_outer: usize::from(crate::jit::gemm::k_outer_pays(self.m, self.k, KC)),
+            operands: std::ptr::null(),
+            epilogue_fn: 0,
+            epilogue_ctx: std::ptr::null(),
+            k_outer: usize::from(crate::jit::gemm::k_outer_pays(self.m, k1 - k0, KC)),
+            panel_stride: self.k * NR,
         };
-        // SAFETY: forwarded from the caller; the operands, the program and the context outlive
-        // the call.
-        unsafe { driver(&args) };
+        // SAFETY: forwarded from the caller: columns k0..k1 of A's rows and rows k0..k1 of
+        // every panel lie within them.
+        unsafe { plain(&args) };
     }
 }
 
@@ -769,6 +945,12 @@ mod tests {
             let shapes =
                 [(1, 1, 1), (5, 7, 3), (13, 64, 33), (128, 300, 100), (3, 1, 65), (26, 768, 32), (97, 2900, 300)];
             assert!(crate::jit::gemm::k_outer_pays(97, 2900, KC) && !crate::jit::gemm::k_outer_pays(128, 300, KC));
+            // With AVX-512 and two threads or more, it is also split along k.
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(
+                fast.split_k_for(97, 2900, 1, &epi, pool::global().threads()).is_some(),
+                tier == Tier::Avx512 && pool::global().threads() >= 2
+            );
             for &(m, k, n) in &shapes {
                 let op: Op = FusedMatMul {
                     a_perm: None,

@@ -247,3 +247,31 @@ fn one_model_from_many_threads_is_bit_identical() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One long sentence (batch 1): the shape of serving, where the runtime splits products
+/// differently than for a batch (BERT-large's FFN down-projection, `k` = 4096, is split along
+/// `k` across threads once its rows outgrow L2). The JIT must agree with the reference
+/// interpreter on it.
+#[test]
+fn long_single_sequence_matches_the_reference_interpreter() {
+    let f = fixtures().model("bert_large_2l");
+    let (dir, art) = artifact("bert_large_2l", "long");
+    // The fixture's real tokens, one sentence after another, as one sequence of 96 tokens.
+    let inputs = f.inputs();
+    let get = |n: &str| inputs.iter().find(|(k, _)| k == n).unwrap().1.to_i64s().unwrap();
+    let (ids, mask) = (get("input_ids"), get("attention_mask"));
+    let tokens: Vec<i64> = ids.iter().zip(&mask).filter(|(_, &m)| m == 1).map(|(&i, _)| i).cycle().take(96).collect();
+    let n = tokens.len();
+    let long = vec![
+        ("input_ids".to_string(), Tensor::new(vec![1, n], tokens).unwrap()),
+        ("attention_mask".to_string(), Tensor::new(vec![1, n], vec![1i64; n]).unwrap()),
+        ("token_type_ids".to_string(), Tensor::new(vec![1, n], vec![0i64; n]).unwrap()),
+    ];
+    let jit = Model::load(&art).unwrap().run(&long).unwrap();
+    let reference =
+        Model::load_with(&art, &tcc_runtime::LoadOptions { jit: false, tier: None }).unwrap().run(&long).unwrap();
+    let (err, out) = worst_rel_err(&jit, &reference);
+    eprintln!("bert_large_2l, 1 x {n} tokens: JIT vs reference interpreter {err:.2e}");
+    assert!(err <= TOL, "relative error {err:.3e} on `{out}`");
+    let _ = std::fs::remove_dir_all(&dir);
+}

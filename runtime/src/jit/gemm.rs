@@ -38,6 +38,9 @@ pub struct GemmArgs {
     pub epilogue_ctx: *const u8,
     /// Non-zero: block rows outermost (see above).
     pub k_outer: usize,
+    /// Floats from one packed panel to the next: `k * NR` for a whole product, more when it
+    /// runs on rows `k0..k0+k` of the panels (`b` pointing at row `k0` of the first).
+    pub panel_stride: usize,
 }
 
 /// Whether a product reads A better block row by block row: when `A` (`m x k` floats) is
@@ -158,7 +161,8 @@ pub fn emit_driver(
     let k_outer = f(e, 16);
     let k_outer = e.b.ins().icmp_imm_s(IntCC::NotEqual, k_outer, 0);
     let nr = e.i64(NR as i64);
-    let panel_bytes = e.b.ins().imul_imm_s(k, (NR * 4) as i64);
+    let panel_stride = f(e, 17);
+    let panel_bytes = e.b.ins().imul_imm_s(panel_stride, 4);
     // Blocks: (panel, block row) pairs, numbered in the walking order.
     let panels = e.b.ins().isub(p1, p0);
     let kc_m1 = e.b.ins().iadd_imm_s(kc, -1);

@@ -25,7 +25,6 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 use emit::Emitter;
 pub use gemm::{EpiOperand, GemmArgs};
-use std::collections::HashMap;
 use std::time::Instant;
 
 /// A generated GEMM driver.
@@ -89,7 +88,8 @@ pub struct Jit {
     pub pack: PackFn,
     /// A native tile epilogue for this tier, if it has one (else the generated code runs).
     pub tile_epilogue: Option<TileEpilogueFn>,
-    gemms: HashMap<String, GemmFn>,
+    /// Drivers by spec, with the spec's key (which, unlike `==`, matches NaN constants).
+    gemms: Vec<(GemmSpec, String, GemmFn)>,
     /// Milliseconds spent generating and compiling code.
     pub compile_ms: f64,
 }
@@ -202,7 +202,7 @@ impl Jit {
         let plain = GemmSpec { epilogue: Epilogue::default(), col_broadcast: vec![] };
         for (n, spec) in std::iter::once(&plain).chain(specs).enumerate() {
             let key = spec.key();
-            if gemm_ids.iter().any(|(k, _)| *k == key) {
+            if gemm_ids.iter().any(|(k, _, _)| *k == key) {
                 continue;
             }
             let ksig = kernel_sig.clone();
@@ -212,7 +212,7 @@ impl Jit {
                 let eref = e.b.import_signature(esig.clone());
                 gemm::emit_driver(e, p[0], &spec.epilogue, &spec.col_broadcast, sref, eref)
             })?;
-            gemm_ids.push((key, id));
+            gemm_ids.push((key, spec.clone(), id));
         }
         module.finalize_definitions().map_err(jit_err)?;
         // SAFETY (the transmutes below): each pointer is the finalized code of a function
@@ -239,7 +239,7 @@ impl Jit {
         let pack = unsafe { std::mem::transmute::<*const u8, PackFn>(get(pack_id)) };
         let gemms = gemm_ids
             .into_iter()
-            .map(|(k, id)| (k, unsafe { std::mem::transmute::<*const u8, GemmFn>(get(id)) }))
+            .map(|(k, spec, id)| (spec, k, unsafe { std::mem::transmute::<*const u8, GemmFn>(get(id)) }))
             .collect();
         let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
         tracing::debug!(tier = tier.name(), ms = compile_ms, drivers = specs.len(), "JIT compiled");
@@ -258,7 +258,10 @@ impl Jit {
 
     /// The driver compiled for `spec`.
     pub fn gemm(&self, spec: &GemmSpec) -> Option<GemmFn> {
-        self.gemms.get(&spec.key()).copied()
+        // Comparing specs is fast (this runs once per product call); the key, which formats
+        // the program, only for specs `==` cannot match.
+        let found = self.gemms.iter().find(|(s, _, _)| s == spec);
+        found.or_else(|| self.gemms.iter().find(|(_, k, _)| *k == spec.key())).map(|(_, _, f)| *f)
     }
 
     /// `C = A . B` on the calling thread through the generated driver (no epilogue): `a` is
@@ -298,6 +301,7 @@ impl Jit {
             epilogue_fn: 0,
             epilogue_ctx: std::ptr::null(),
             k_outer: usize::from(gemm::k_outer_pays(m, k, 256)),
+            panel_stride: k * crate::kernels::NR,
         };
         // SAFETY: the sizes were checked above; the identity epilogue reads no operand.
         unsafe { driver(&args) };

@@ -380,13 +380,7 @@ pub unsafe extern "C" fn tile_epilogue(
             return;
         }
         let prog = std::slice::from_raw_parts(ctx.program, ctx.len);
-        let (m0, m1): (__mmask16, __mmask16) = if nb >= 32 {
-            (0xffff, 0xffff)
-        } else if nb > 16 {
-            (0xffff, ((1u32 << (nb - 16)) - 1) as u16)
-        } else {
-            (((1u32 << nb) - 1) as u16, 0)
-        };
+        let [m0, m1] = tile_masks(nb);
         if let Some(chain) = ctx.chain.as_ref() {
             run_chain(ctx, chain, c, ldc, row, mb, n0, [m0, m1]);
             return;
@@ -455,46 +449,136 @@ pub unsafe extern "C" fn tile_epilogue(
     }
 }
 
+/// Adds the partial sums `parts` (each at row stride `lds`) to rows `row..row+mb`, columns
+/// `n0..n0+nb` (`nb <= 32`) of C, in order, then runs the epilogue (`ctx`) on the tile: the
+/// reduction of a product split along `k`.
+///
+/// # Safety
+/// AVX-512F; C and every part cover those rows and columns; `ctx` as for [`tile_epilogue`].
+#[target_feature(enable = "avx512f")]
+pub unsafe fn reduce_tile(
+    ctx: &EpiContext,
+    c: *mut f32,
+    ldc: usize,
+    parts: &[*const f32],
+    lds: usize,
+    row: usize,
+    mb: usize,
+    n0: usize,
+    nb: usize,
+) {
+    // SAFETY: the caller's contract; masked loads and stores stay within the tile.
+    unsafe {
+        let masks = tile_masks(nb);
+        for r in row..row + mb {
+            let cp = c.add(r * ldc + n0);
+            for (h, &mask) in masks.iter().enumerate() {
+                if mask == 0 {
+                    continue;
+                }
+                let mut v = _mm512_maskz_loadu_ps(mask, cp.add(16 * h));
+                for &p in parts {
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, p.add(r * lds + n0 + 16 * h)));
+                }
+                _mm512_mask_storeu_ps(cp.add(16 * h), mask, v);
+            }
+        }
+        if ctx.len > 0 {
+            tile_epilogue(ctx, c, ldc, row, mb, n0, nb);
+        }
+    }
+}
+
+/// Lane masks of the two 16-float halves of a tile `nb <= 32` columns wide.
+#[inline(always)]
+fn tile_masks(nb: usize) -> [__mmask16; 2] {
+    if nb >= 32 {
+        [0xffff, 0xffff]
+    } else if nb > 16 {
+        [0xffff, ((1u32 << (nb - 16)) - 1) as u16]
+    } else {
+        [((1u32 << nb) - 1) as u16, 0]
+    }
+}
+
+/// Softmax of each row of `x` (`rows x len`, in place) after the epilogue `chain` (as
+/// `ctx` gives it: attention's scale and mask), row by row: the chain's pass leaves the row in
+/// L1 for the softmax's. The same arithmetic as [`tile_epilogue`] then [`softmax`].
+///
+/// # Safety
+/// AVX-512F; `x` holds `rows x len` floats; `ctx`'s operands cover those rows and columns.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn softmax_chain(ctx: &EpiContext, chain: &Chain, x: *mut f32, rows: usize, len: usize) {
+    // SAFETY: the caller's contract; each call stays within row `r`'s `len` floats.
+    unsafe {
+        for r in 0..rows {
+            let mut n0 = 0;
+            while n0 < len {
+                run_chain(ctx, chain, x, len, r, 1, n0, tile_masks((len - n0).min(32)));
+                n0 += 32;
+            }
+            softmax_row(x.add(r * len), x.add(r * len), len);
+        }
+    }
+}
+
 /// Softmax of each row of `len` floats (`x` and `y` may be the same buffer).
 ///
 /// # Safety
 /// AVX-512F; `x` and `y` hold `rows * len` floats.
 #[target_feature(enable = "avx512f")]
 pub unsafe extern "C" fn softmax(x: *const f32, y: *mut f32, rows: usize, len: usize) {
-    // SAFETY: the caller's contract; masked loads and stores stay within each row.
+    // SAFETY: the caller's contract.
     unsafe {
         for r in 0..rows {
-            let xr = x.add(r * len);
-            let yr = y.add(r * len);
-            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-            let mut j = 0;
-            while j < len {
-                let m = lane_mask(len - j);
-                let v = _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), m, xr.add(j));
-                // NaN lanes are skipped, as f32::max does in the reference.
-                let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, mx);
-                mx = _mm512_mask_mov_ps(mx, gt, v);
-                j += 16;
+            softmax_row(x.add(r * len), y.add(r * len), len);
+        }
+    }
+}
+
+/// Softmax of one row. Two vectors per step with two accumulators each for the maximum and the
+/// sum: a row of attention scores is only a few vectors long, and one accumulator would make
+/// each pass a chain of dependent instructions.
+#[inline(always)]
+unsafe fn softmax_row(xr: *const f32, yr: *mut f32, len: usize) {
+    // SAFETY: the caller's: `xr` and `yr` hold `len` floats; masked loads and stores stay
+    // within them.
+    unsafe {
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let (mut mx0, mut mx1) = (ninf, ninf);
+        let mut j = 0;
+        while j < len {
+            // `max(v, mx)` returns `mx` where `v` is NaN: NaN lanes are skipped, as `f32::max`
+            // does in the reference.
+            mx0 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lane_mask(len - j), xr.add(j)), mx0);
+            if j + 16 < len {
+                mx1 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, lane_mask(len - j - 16), xr.add(j + 16)), mx1);
             }
-            let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-            let mut sum = _mm512_setzero_ps();
-            let mut j = 0;
-            while j < len {
-                let k = lane_mask(len - j);
-                let v = _mm512_maskz_loadu_ps(k, xr.add(j));
-                let e = _mm512_maskz_mov_ps(k, exp(_mm512_sub_ps(v, m)));
-                _mm512_mask_storeu_ps(yr.add(j), k, e);
-                sum = _mm512_add_ps(sum, e);
-                j += 16;
+            j += 32;
+        }
+        let m = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)));
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut j = 0;
+        while j < len {
+            let k = lane_mask(len - j);
+            let e = _mm512_maskz_mov_ps(k, exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, xr.add(j)), m)));
+            _mm512_mask_storeu_ps(yr.add(j), k, e);
+            s0 = _mm512_add_ps(s0, e);
+            if j + 16 < len {
+                let k = lane_mask(len - j - 16);
+                let e = _mm512_maskz_mov_ps(k, exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, xr.add(j + 16)), m)));
+                _mm512_mask_storeu_ps(yr.add(j + 16), k, e);
+                s1 = _mm512_add_ps(s1, e);
             }
-            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
-            let mut j = 0;
-            while j < len {
-                let k = lane_mask(len - j);
-                let v = _mm512_maskz_loadu_ps(k, yr.add(j));
-                _mm512_mask_storeu_ps(yr.add(j), k, _mm512_mul_ps(v, inv));
-                j += 16;
-            }
+            j += 32;
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)));
+        let mut j = 0;
+        while j < len {
+            let k = lane_mask(len - j);
+            let v = _mm512_maskz_loadu_ps(k, yr.add(j));
+            _mm512_mask_storeu_ps(yr.add(j), k, _mm512_mul_ps(v, inv));
+            j += 16;
         }
     }
 }
