@@ -388,6 +388,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
                 "producer": m.producer(),
                 "bytes": m.size(),
                 "op_counts": s.op_counts,
+                "structures": m.plan().structure_counts(),
                 "layers": s.layers,
                 "attention_heads": s.attention_heads,
                 "parameters": m.parameters(),
@@ -408,6 +409,8 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
                 if m.has_tokenizer() { ", with tokenizer" } else { "" }
             );
             print_summary(&s);
+            let st: Vec<String> = m.plan().structure_counts().iter().map(|(k, v)| format!("{k} {v}")).collect();
+            out!("fused structures: {}", st.join(", "));
         }
         return Ok(());
     }

@@ -122,8 +122,15 @@ fn fuse_one(
     let node = g.nodes[n].clone();
     let (mut a, mut b) = (node.inputs[0].expect("eligible"), node.inputs[1].expect("eligible"));
     let product = node.outputs[0];
-    let mut f =
-        FusedMatMul { a_perm: None, b_perm: None, packed: None, c_perm: None, epilogue: Epilogue::default(), extra: 0 };
+    let mut f = FusedMatMul {
+        a_perm: None,
+        b_perm: None,
+        packed: None,
+        c_perm: None,
+        epilogue: Epilogue::default(),
+        extra: 0,
+        fused: vec![],
+    };
 
     // Operand transposes.
     while let Some((x, p)) = transpose_perm(g, &producers, a) {
@@ -232,6 +239,7 @@ fn fuse_one(
             };
             args.push(r);
         }
+        f.fused.push(cand.op.name().to_string());
         match elementwise(&cand.op).expect("region nodes are elementwise") {
             Elementwise::Unary(k) => prog.push(EpiOp::Unary(k, args[0])),
             Elementwise::Binary(k) => prog.push(EpiOp::Binary(k, args[0], args[1])),

@@ -10,6 +10,7 @@
 //! - passes never change what a graph computes beyond float rounding, except passes whose
 //!   documentation says they approximate (none yet), which report it.
 
+pub mod eqsat;
 mod fold;
 mod fuse;
 mod manager;
@@ -19,4 +20,4 @@ pub use fuse::{FuseAttention, FuseMatMul};
 pub use manager::{Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry};
 
 /// The pipeline `tcc build` runs by default.
-pub const DEFAULT_PIPELINE: &str = "canon,fuse-matmul,fuse-attention,dce";
+pub const DEFAULT_PIPELINE: &str = "canon,recognize,fuse-matmul,fuse-attention,dce";

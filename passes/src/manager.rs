@@ -95,6 +95,16 @@ impl Registry {
             no_options("fuse-attention", o)?;
             Ok(Box::new(crate::FuseAttention))
         });
+        r.register(
+            "recognize",
+            "equality saturation: LayerNorm and GELU from their decompositions (options: iters, nodes, time_ms)",
+            |o| {
+                let limits = crate::eqsat::Limits::from_options(o)?;
+                let mut rules = crate::eqsat::rules::canonical();
+                rules.extend(crate::eqsat::rules::recognize());
+                Ok(Box::new(crate::eqsat::EqSat::new("recognize", rules, limits)))
+            },
+        );
         r.alias("canon", "fold,dce");
         r
     }

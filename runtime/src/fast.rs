@@ -937,6 +937,7 @@ mod tests {
             c_perm: None,
             epilogue: epi.clone(),
             extra: 2,
+            fused: vec![],
         }
         .into();
         for tier in Tier::ALL {
@@ -959,6 +960,7 @@ mod tests {
                     c_perm: None,
                     epilogue: epi.clone(),
                     extra: 2,
+                    fused: vec![],
                 }
                 .into();
                 let a = t(&[m, k], 1);
@@ -993,6 +995,7 @@ mod tests {
                 c_perm: None,
                 epilogue: epi,
                 extra: 1,
+                fused: vec![],
             },
             context: FusedMatMul {
                 a_perm: None,
@@ -1001,6 +1004,7 @@ mod tests {
                 c_perm: Some(vec![0, 2, 1, 3]),
                 epilogue: Epilogue::default(),
                 extra: 0,
+                fused: vec![],
             },
         }
     }
@@ -1189,6 +1193,7 @@ mod gemm_timing {
                 c_perm: None,
                 epilogue: bias_epi.clone(),
                 extra: usize::from(!bias_epi.0.is_empty()),
+                fused: vec![],
             }
             .into();
             let plan = Plan {

@@ -144,6 +144,32 @@ impl Plan {
         last
     }
 
+    /// The transformer structures the plan runs as fused kernels: `Attention`, `LayerNorm`,
+    /// `Gelu` (standalone or folded into a product's epilogue) and `Linear` (a product with
+    /// packed weights).
+    pub fn structure_counts(&self) -> BTreeMap<String, usize> {
+        let mut m: BTreeMap<String, usize> =
+            ["Attention", "LayerNorm", "Gelu", "Linear"].iter().map(|s| (s.to_string(), 0)).collect();
+        let mut count = |k: &str| *m.entry(k.to_string()).or_insert(0) += 1;
+        for s in &self.steps {
+            match &s.op {
+                Op::Attention(_) => count("Attention"),
+                Op::LayerNorm(_) => count("LayerNorm"),
+                Op::Gelu(_) => count("Gelu"),
+                Op::FusedMatMul(f) => {
+                    if f.packed.is_some() {
+                        count("Linear");
+                    }
+                    for name in f.fused.iter().filter(|n| *n == "Gelu") {
+                        count(name);
+                    }
+                }
+                _ => {}
+            }
+        }
+        m
+    }
+
     /// How many times each op name occurs.
     pub fn op_counts(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();

@@ -110,6 +110,10 @@ pub struct FusedMatMul {
     /// Number of extra inputs the epilogue reads.
     #[serde(default)]
     pub extra: usize,
+    /// The ops folded into the epilogue, in order (`Add`, `Gelu`...): for reports and
+    /// `tcc inspect`, never read to compute.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fused: Vec<String>,
 }
 
 pub(crate) fn permute<T: Clone>(v: &[T], perm: &Option<Vec<usize>>) -> Vec<T> {
@@ -286,9 +290,16 @@ mod tests {
             EpiOp::Input(1),
             EpiOp::Binary(BinaryKind::Add, 3, 4),
         ]);
-        let op: Op =
-            FusedMatMul { a_perm: None, b_perm: None, packed: Some([k, n]), c_perm: None, epilogue: epi, extra: 2 }
-                .into();
+        let op: Op = FusedMatMul {
+            a_perm: None,
+            b_perm: None,
+            packed: Some([k, n]),
+            c_perm: None,
+            epilogue: epi,
+            extra: 2,
+            fused: vec![],
+        }
+        .into();
         let ctx = EvalContext::default();
         let y = op.eval(&ctx, &[Some(&x), Some(&packed), Some(&bias), Some(&res)]).unwrap().remove(0);
         let wt = Tensor::new(vec![k, n], w).unwrap();
@@ -317,6 +328,7 @@ mod tests {
             c_perm: Some(vec![0, 2, 1, 3]),
             epilogue: Epilogue::default(),
             extra: 0,
+            fused: vec![],
         }
         .into();
         let ctx = EvalContext::default();

@@ -1,0 +1,264 @@
+//! Rewrite rules and the helpers to write them.
+//!
+//! A rule is an `egg::Rewrite<Tl, TlAnalysis>`. Three helpers cover what tcc's rules need:
+//! - [`rule`]`(name, lhs, rhs)`: a pattern rewrite, `"(Mul ?a ?b)" => "(Mul ?b ?a)"`;
+//! - [`rule_if`]`(name, lhs, rhs, condition)`: the same when a [`Cond`] on the match holds
+//!   (a variable is a given scalar, is the last axis...);
+//! - [`op_rule`]`(name, lhs, build)`: the right-hand side is an op built by code from the
+//!   match (a `LayerNorm` with the matched epsilon), so attributes need no pattern syntax.
+//!
+//! Guidance for rule authors: rules here are **directional** and their right-hand side is
+//! **never worse** than the left under the cost model ([`super::cost`]): extraction picks the
+//! cheapest term, so a rule that only adds alternatives can never make a model slower, but a
+//! rule whose right side does not type-check or is not equivalent makes it wrong. State every
+//! assumption of the right-hand side as a condition (shapes broadcast the same way, constants
+//! have the value the formula needs); the property test in `tests.rs` runs rules on random
+//! graphs against the reference interpreter.
+
+use super::lang::{OpSym, Scalar, Tl, TlAnalysis, TlGraph};
+use egg::{Applier, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
+use std::sync::Arc;
+use tcc_ir::op::{Gelu, GeluApprox, LayerNorm};
+use tcc_ir::{Dim, Op};
+
+/// A condition on a match.
+pub type Cond = Arc<dyn Fn(&TlGraph, &Subst) -> bool + Send + Sync>;
+
+fn pattern(s: &str) -> Pattern<Tl> {
+    match s.parse() {
+        Ok(p) => p,
+        Err(e) => panic!("bad pattern `{s}`: {e}"),
+    }
+}
+
+/// `lhs => rhs`.
+pub fn rule(name: &str, lhs: &str, rhs: &str) -> Rewrite<Tl, TlAnalysis> {
+    match Rewrite::new(name, pattern(lhs), pattern(rhs)) {
+        Ok(r) => r,
+        Err(e) => panic!("bad rule `{name}`: {e}"),
+    }
+}
+
+/// `lhs => rhs` when `cond` holds.
+pub fn rule_if(name: &str, lhs: &str, rhs: &str, cond: Cond) -> Rewrite<Tl, TlAnalysis> {
+    let applier = Checked { cond, then: pattern(rhs) };
+    match Rewrite::new(name, pattern(lhs), applier) {
+        Ok(r) => r,
+        Err(e) => panic!("bad rule `{name}`: {e}"),
+    }
+}
+
+/// `lhs => op(children)` where `build` makes the op and names its children from the match
+/// (or declines with `None`).
+pub fn op_rule(
+    name: &str,
+    lhs: &str,
+    build: impl Fn(&TlGraph, &Subst) -> Option<(Op, Vec<Var>)> + Send + Sync + 'static,
+) -> Rewrite<Tl, TlAnalysis> {
+    match Rewrite::new(name, pattern(lhs), BuildOp(Arc::new(build))) {
+        Ok(r) => r,
+        Err(e) => panic!("bad rule `{name}`: {e}"),
+    }
+}
+
+struct Checked {
+    cond: Cond,
+    then: Pattern<Tl>,
+}
+
+impl Applier<Tl, TlAnalysis> for Checked {
+    fn apply_one(
+        &self,
+        egraph: &mut TlGraph,
+        eclass: Id,
+        subst: &Subst,
+        ast: Option<&PatternAst<Tl>>,
+        rule: Symbol,
+    ) -> Vec<Id> {
+        if (self.cond)(egraph, subst) {
+            self.then.apply_one(egraph, eclass, subst, ast, rule)
+        } else {
+            vec![]
+        }
+    }
+}
+
+type Build = Arc<dyn Fn(&TlGraph, &Subst) -> Option<(Op, Vec<Var>)> + Send + Sync>;
+
+struct BuildOp(Build);
+
+impl Applier<Tl, TlAnalysis> for BuildOp {
+    fn apply_one(
+        &self,
+        egraph: &mut TlGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<Tl>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let Some((op, vars)) = (self.0)(egraph, subst) else { return vec![] };
+        let children: Vec<Id> = vars.iter().map(|v| subst[*v]).collect();
+        let id = egraph.add(Tl::Op(OpSym::of(&op), children));
+        if egraph.union(eclass, id) {
+            vec![id]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// `?name` as a pattern variable.
+pub fn var(name: &str) -> Var {
+    match name.parse() {
+        Ok(v) => v,
+        Err(e) => panic!("bad variable `{name}`: {e}"),
+    }
+}
+
+/// The scalar value of a matched e-class (a one-element `f32` constant).
+pub fn scalar_of(egraph: &TlGraph, subst: &Subst, v: Var) -> Option<f32> {
+    egraph[subst[v]].data.scalar
+}
+
+/// The rank of a matched e-class.
+pub fn rank_of(egraph: &TlGraph, subst: &Subst, v: Var) -> Option<usize> {
+    egraph[subst[v]].data.fact.as_ref().map(|f| f.rank())
+}
+
+/// `?v` is a scalar within `rel` of `want`, and no wider than `?other` (so that using it in a
+/// broadcast does not change the result's rank).
+pub fn is_scalar(v: &str, want: f32, rel: f32, other: &str) -> Cond {
+    let (v, other) = (var(v), var(other));
+    Arc::new(move |eg, s| {
+        let close = scalar_of(eg, s, v).is_some_and(|x| (x - want).abs() <= rel * want.abs().max(f32::MIN_POSITIVE));
+        close && rank_of(eg, s, v).zip(rank_of(eg, s, other)).is_some_and(|(a, b)| a <= b)
+    })
+}
+
+/// `?axes` is a constant naming only the last axis of `?x`.
+fn is_last_axis(eg: &TlGraph, s: &Subst, axes: Var, x: Var) -> bool {
+    let Some(rank) = rank_of(eg, s, x) else { return false };
+    let Some(f) = eg[s[axes]].data.fact.as_ref() else { return false };
+    let Some(vals) = f.value.as_ref().and_then(|v| v.as_consts()) else { return false };
+    vals.len() == 1 && (vals[0] == -1 || vals[0] == rank as i64 - 1)
+}
+
+/// `?p` is a vector the size of `?x`'s last dim (or broadcasts to it as one).
+fn is_channel_vector(eg: &TlGraph, s: &Subst, p: Var, x: Var) -> bool {
+    let (Some(fp), Some(fx)) = (eg[s[p]].data.fact.as_ref(), eg[s[x]].data.fact.as_ref()) else { return false };
+    let Some(last) = fx.shape.last() else { return false };
+    fp.dtype == tcc_ir::DType::F32
+        && !fp.shape.is_empty()
+        && fp.shape.last() == Some(last)
+        && fp.shape[..fp.shape.len() - 1].iter().all(|d| *d == Dim::from(1usize))
+}
+
+/// Canonical forms that make the recognition patterns few: `x^2` as `x*x`, division by a
+/// constant as a product with its reciprocal, commutativity of `Add` and `Mul` (both
+/// broadcast symmetrically, so the result is the same tensor).
+pub fn canonical() -> Vec<Rewrite<Tl, TlAnalysis>> {
+    vec![
+        rule("add-comm", "(Add ?a ?b)", "(Add ?b ?a)"),
+        rule("mul-comm", "(Mul ?a ?b)", "(Mul ?b ?a)"),
+        rule_if("pow-2", "(Pow ?a ?two)", "(Mul ?a ?a)", is_scalar("?two", 2.0, 0.0, "?a")),
+        {
+            let (a, c) = (var("?a"), var("?c"));
+            let div = move |eg: &TlGraph, s: &Subst| -> Option<f32> {
+                let k = scalar_of(eg, s, c)?;
+                let ok = k != 0.0 && k.is_finite() && rank_of(eg, s, c)? <= rank_of(eg, s, a)?;
+                ok.then_some(1.0 / k)
+            };
+            Rewrite::new("div-const", pattern("(Div ?a ?c)"), MulByScalar { a, f: Arc::new(div) })
+                .unwrap_or_else(|e| panic!("div-const: {e}"))
+        },
+    ]
+}
+
+/// A scalar computed from a match (or `None`: the rule does not apply).
+type ScalarOf = Arc<dyn Fn(&TlGraph, &Subst) -> Option<f32> + Send + Sync>;
+
+/// `?a * k` for a scalar `k` computed from the match.
+struct MulByScalar {
+    a: Var,
+    f: ScalarOf,
+}
+
+impl Applier<Tl, TlAnalysis> for MulByScalar {
+    fn apply_one(
+        &self,
+        egraph: &mut TlGraph,
+        eclass: Id,
+        subst: &Subst,
+        _: Option<&PatternAst<Tl>>,
+        _: Symbol,
+    ) -> Vec<Id> {
+        let Some(k) = (self.f)(egraph, subst) else { return vec![] };
+        let a = subst[self.a];
+        let k = egraph.add(Tl::Scalar(Scalar::new(k)));
+        let mul = match "Mul".parse::<OpSym>() {
+            Ok(m) => m,
+            Err(e) => unreachable!("Mul is an op: {e}"),
+        };
+        let id = egraph.add(Tl::Op(mul, vec![a, k]));
+        if egraph.union(eclass, id) {
+            vec![id]
+        } else {
+            vec![]
+        }
+    }
+}
+
+/// Transformer structures as the fused ops the runtime has kernels for: `LayerNorm` from its
+/// decompositions, `Gelu` from its erf and tanh forms. Run with [`canonical`].
+pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
+    // LayerNorm: (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) * gamma + beta, over the
+    // last axis (`Pow(d, 2)` reaches this form through `pow-2`).
+    let d = "(Sub ?x (ReduceMean ?x ?a1))";
+    let layer_norm = format!("(Add (Mul (Div {d} (Sqrt (Add (ReduceMean (Mul {d} {d}) ?a2) ?eps))) ?g) ?b)");
+    let ln = {
+        let (x, a1, a2, eps, g, b) = (var("?x"), var("?a1"), var("?a2"), var("?eps"), var("?g"), var("?b"));
+        op_rule("layer-norm", &layer_norm, move |eg, s| {
+            let epsilon = scalar_of(eg, s, eps)?;
+            let ok = is_last_axis(eg, s, a1, x)
+                && is_last_axis(eg, s, a2, x)
+                && is_channel_vector(eg, s, g, x)
+                && is_channel_vector(eg, s, b, x)
+                && epsilon >= 0.0;
+            ok.then(|| (Op::from(LayerNorm { axis: -1, epsilon }), vec![x, g, b]))
+        })
+    };
+    // GELU, erf form: x * 0.5 * (1 + erf(x / sqrt 2)), in the associations exporters write
+    // (division by sqrt 2 reaches the product form through `div-const`).
+    let erf = "(Add (Erf (Mul ?x ?r)) ?one)";
+    let gelu_erf = |name: &str, lhs: String| {
+        let (x, r, one, h) = (var("?x"), var("?r"), var("?one"), var("?h"));
+        op_rule(name, &lhs, move |eg, s| {
+            let near = |v: Var, want: f32| scalar_of(eg, s, v).is_some_and(|k| (k - want).abs() <= 1e-6 * want.abs());
+            let narrow =
+                [r, one, h].iter().all(|v| rank_of(eg, s, *v).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b));
+            let ok = near(r, std::f32::consts::FRAC_1_SQRT_2) && near(one, 1.0) && near(h, 0.5) && narrow;
+            ok.then(|| (Op::from(Gelu { approximate: GeluApprox::None }), vec![x]))
+        })
+    };
+    // GELU, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+    let gelu_tanh = {
+        let (x, h, one, s2, k, three) = (var("?x"), var("?h"), var("?one"), var("?s"), var("?k"), var("?three"));
+        let lhs = "(Mul (Mul ?x ?h) (Add (Tanh (Mul (Add ?x (Mul (Pow ?x ?three) ?k)) ?s)) ?one))";
+        op_rule("gelu-tanh", lhs, move |eg, s| {
+            let near = |v: Var, want: f32| scalar_of(eg, s, v).is_some_and(|c| (c - want).abs() <= 1e-5 * want.abs());
+            let ok = near(h, 0.5)
+                && near(one, 1.0)
+                && near(s2, (2.0 / std::f64::consts::PI).sqrt() as f32)
+                && near(k, 0.044715)
+                && near(three, 3.0);
+            ok.then(|| (Op::from(Gelu { approximate: GeluApprox::Tanh }), vec![x]))
+        })
+    };
+    vec![
+        ln,
+        gelu_erf("gelu-erf", format!("(Mul (Mul ?x ?h) {erf})")),
+        gelu_erf("gelu-erf-2", format!("(Mul ?x (Mul ?h {erf}))")),
+        gelu_erf("gelu-erf-3", format!("(Mul (Mul ?x {erf}) ?h)")),
+        gelu_tanh,
+    ]
+}
