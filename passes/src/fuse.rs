@@ -348,7 +348,11 @@ impl Pass for FuseAttention {
                 }
                 let mut inputs = vec![g.nodes[qn].inputs[0], g.nodes[qn].inputs[1], node.inputs[1]];
                 inputs.extend(g.nodes[qn].inputs[2..].iter().copied());
-                let op = tcc_ir::op::Attention { scores: scores.clone(), context: context.clone() };
+                let op = tcc_ir::op::Attention {
+                    scores: scores.clone(),
+                    context: context.clone(),
+                    nan_to_zero: sm.nan_to_zero,
+                };
                 Some((n, op, inputs))
             });
             let Some((n, op, inputs)) = found else { break };

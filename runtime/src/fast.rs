@@ -158,7 +158,12 @@ impl Fast {
     fn softmax(&self, s: &Softmax, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
         let x = inputs.first().copied().flatten()?;
         let rank = x.rank() as i64;
-        if s.log || x.dtype() != crate::DType::F32 || !(s.axis == -1 || s.axis == rank - 1) || rank == 0 {
+        if s.log
+            || s.nan_to_zero
+            || x.dtype() != crate::DType::F32
+            || !(s.axis == -1 || s.axis == rank - 1)
+            || rank == 0
+        {
             return None;
         }
         let len = *x.shape().last()?;
@@ -429,6 +434,14 @@ impl Fast {
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 softmax(scores.ptr(), scores.ptr(), sq, sk);
+                if at.nan_to_zero {
+                    for i in 0..sq * sk {
+                        let p = scores.ptr().add(i);
+                        if (*p).is_nan() {
+                            *p = 0.0;
+                        }
+                    }
+                }
                 cp.pack_one(self, vs, bi, vpack.ptr());
                 cp.run(
                     self,
@@ -1006,13 +1019,14 @@ mod tests {
                 extra: 0,
                 fused: vec![],
             },
+            nan_to_zero: false,
         }
     }
 
     #[test]
     fn attention_products_with_folded_transposes() {
         let (b, s, h, d) = (2, 37, 3, 40);
-        let Attention { scores, context } = attention_products();
+        let Attention { scores, context, .. } = attention_products();
         let (scores, context): (Op, Op) = (scores.into(), context.into());
         for tier in Tier::ALL {
             let Some(fast) = fast_for(tier, &[scores.clone(), context.clone()]) else { continue };
@@ -1028,6 +1042,29 @@ mod tests {
             let got = fast.eval(&context, &ins).expect("handled").unwrap().remove(0);
             assert_eq!(got.shape(), &[b, s, h, d]);
             assert_close(&format!("{tier} context"), &got, &want, 1e-5);
+        }
+    }
+
+    /// The whole op, as SDPA exports fuse it (`nan_to_zero`): a batch whose keys are all
+    /// masked out gets zeros on every tier, as the reference does.
+    #[test]
+    fn attention_with_fully_masked_rows() {
+        let (b, s, h, d) = (2, 19, 2, 8);
+        let at = Attention { nan_to_zero: true, ..attention_products() };
+        let op: Op = at.into();
+        for tier in Tier::ALL {
+            let Some(fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
+            let (q, kk, v) = (t(&[b, s, h, d], 5), t(&[b, s, h, d], 6), t(&[b, s, h, d], 7));
+            let mut m = vec![0f32; b * s];
+            m[..s].fill(f32::NEG_INFINITY);
+            let mask = Tensor::new(vec![b, 1, 1, s], m).unwrap();
+            let ins = [Some(&q), Some(&kk), Some(&v), Some(&mask)];
+            let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+            let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+            let g = got.as_slice::<f32>().unwrap();
+            assert!(g.iter().all(|x| !x.is_nan()), "{tier}: NaN in the output");
+            assert!(g[..s * h * d].iter().all(|&x| x == 0.0), "{tier}: masked batch not zero");
+            assert_close(&format!("{tier} attention"), &got, &want, 1e-5);
         }
     }
 
@@ -1088,7 +1125,7 @@ mod tests {
                     v.iter_mut().for_each(|e| *e *= 8.0);
                     x = Tensor::new(vec![rows, len], v).unwrap();
                 }
-                let sm: Op = Softmax { axis: -1, log: false }.into();
+                let sm: Op = Softmax { axis: -1, log: false, nan_to_zero: false }.into();
                 let want = sm.eval(&ctx, &[Some(&x)]).unwrap().remove(0);
                 let got = fast.eval(&sm, &[Some(&x)]).expect("handled").unwrap().remove(0);
                 assert_close(&format!("{tier} softmax {rows}x{len}"), &got, &want, 1e-6);
@@ -1122,7 +1159,7 @@ mod timing {
     fn softmax_speed() {
         let fast = Fast::new(&Plan::default(), Tier::detect()).unwrap();
         let x = Tensor::new(vec![12 * 128, 128], (0..12 * 128 * 128).map(|i| (i % 17) as f32 / 7.0).collect()).unwrap();
-        let op: Op = Softmax { axis: -1, log: false }.into();
+        let op: Op = Softmax { axis: -1, log: false, nan_to_zero: false }.into();
         for _ in 0..3 {
             fast.eval(&op, &[Some(&x)]);
         }

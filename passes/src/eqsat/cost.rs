@@ -5,7 +5,9 @@
 //! - an op the runtime runs as one fused kernel (`LayerNorm`, `Gelu`, `Attention`,
 //!   `FusedMatMul`, `Softmax`): 1 per pass over its output;
 //! - shape-only ops (`Reshape`, `Unsqueeze`, `Squeeze`, `Flatten`, `DimValue`, `Shape`): 1;
-//! - any other op: 2 (a pass over memory, and a node the runtime dispatches);
+//! - any other op: 2 (a pass over memory, and a node the runtime dispatches), except an
+//!   elementwise op reading a matrix product: 0.25, since `fuse-matmul` runs it in the
+//!   product's epilogue (so scalings move after products, onto the product's tiles);
 //! - an e-node whose type cannot be inferred (a rewrite that does not type-check here): never
 //!   extracted.
 //!
@@ -25,6 +27,11 @@ pub struct CostModel<'a> {
     original: std::collections::HashSet<Tl>,
 }
 
+/// Elementwise ops that `fuse-matmul` folds into a product's epilogue.
+const EPILOGUE_OPS: &[&str] = &["Add", "Sub", "Mul", "Div", "Gelu", "Erf", "Tanh", "Relu", "Sigmoid"];
+/// What such an op costs when it reads a product: it runs on the product's tiles in registers.
+const EPILOGUE: f64 = 0.25;
+
 /// What a new e-node costs more than an original one of the same op.
 const NEW_NODE: f64 = 1e-3;
 
@@ -32,6 +39,11 @@ impl<'a> CostModel<'a> {
     pub fn new(egraph: &'a TlGraph, original: impl IntoIterator<Item = Tl>) -> CostModel<'a> {
         let original = original.into_iter().map(|n| n.map_children(|c| egraph.find(c))).collect();
         CostModel { egraph, original }
+    }
+
+    /// Whether e-class `c` holds a matrix product.
+    fn is_product(&self, c: Id) -> bool {
+        self.egraph[c].nodes.iter().any(|n| matches!(n, Tl::Op(s, _) if matches!(s.name(), "MatMul" | "FusedMatMul")))
     }
 
     /// The cost of one e-node without its children.
@@ -69,7 +81,11 @@ impl CostFunction<Tl> for CostModel<'_> {
                     return f64::INFINITY;
                 }
                 let canonical = enode.clone().map_children(|c| self.egraph.find(c));
-                let own = Self::node_cost(sym.name()) + if self.original.contains(&canonical) { 0.0 } else { NEW_NODE };
+                let mut own = Self::node_cost(sym.name());
+                if EPILOGUE_OPS.contains(&sym.name()) && children.iter().any(|c| self.is_product(*c)) {
+                    own = EPILOGUE;
+                }
+                own += if self.original.contains(&canonical) { 0.0 } else { NEW_NODE };
                 enode.fold(own, |sum, id| sum + costs(id))
             }
         }

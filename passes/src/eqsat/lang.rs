@@ -73,10 +73,11 @@ impl fmt::Display for OpSym {
 impl FromStr for OpSym {
     type Err = String;
 
-    /// `Name` (default attributes) or `Name{json}`; the op must exist.
+    /// `Name` (default attributes), `Name{json}` or, as the IR's text form writes them,
+    /// `Name{key=json,key=json}` (`Transpose{perm=[0,2,1]}`); the op must exist.
     fn from_str(s: &str) -> Result<OpSym, String> {
         let (name, attrs) = match s.find('{') {
-            Some(i) => (&s[..i], serde_json::from_str(&s[i..]).map_err(|e| format!("attributes of `{s}`: {e}"))?),
+            Some(i) => (&s[..i], parse_attrs(&s[i..]).map_err(|e| format!("attributes of `{s}`: {e}"))?),
             None => (s, serde_json::Value::Object(Default::default())),
         };
         if name.is_empty() || !name.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
@@ -85,6 +86,34 @@ impl FromStr for OpSym {
         let op = Op::from_name(name, attrs)?;
         Ok(OpSym::of(&op))
     }
+}
+
+/// `{json}` or `{key=json,key=json}`.
+fn parse_attrs(s: &str) -> Result<serde_json::Value, String> {
+    if let Ok(v) = serde_json::from_str(s) {
+        return Ok(v);
+    }
+    let inner = s.strip_prefix('{').and_then(|r| r.strip_suffix('}')).ok_or("not in braces")?;
+    let mut m = serde_json::Map::new();
+    let (mut depth, mut start) = (0i32, 0usize);
+    let mut parts = Vec::new();
+    for (i, c) in inner.char_indices() {
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&inner[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&inner[start..]);
+    for part in parts.into_iter().filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| format!("`{part}` is not key=value"))?;
+        m.insert(k.trim().to_string(), serde_json::from_str(v.trim()).map_err(|e| format!("`{part}`: {e}"))?);
+    }
+    Ok(serde_json::Value::Object(m))
 }
 
 /// A value outside the e-graph (`%12`), or an omitted optional input (`%_`).
@@ -226,6 +255,8 @@ mod tests {
             assert_eq!(sym.to_string(), s);
             assert_eq!(OpSym::of(&sym.op()), sym);
         }
+        let t: OpSym = "Transpose{perm=[0,2,1]}".parse().unwrap();
+        assert_eq!(t, "Transpose{\"perm\":[0,2,1]}".parse().unwrap());
         assert!("Nope".parse::<OpSym>().is_err());
         assert!("%3".parse::<OpSym>().is_err());
         assert_eq!("%3".parse::<Leaf>(), Ok(Leaf::Value(3)));

@@ -254,11 +254,64 @@ pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
             ok.then(|| (Op::from(Gelu { approximate: GeluApprox::Tanh }), vec![x]))
         })
     };
-    vec![
+    let mut rules = vec![
         ln,
         gelu_erf("gelu-erf", format!("(Mul (Mul ?x ?h) {erf})")),
         gelu_erf("gelu-erf-2", format!("(Mul ?x (Mul ?h {erf}))")),
         gelu_erf("gelu-erf-3", format!("(Mul (Mul ?x {erf}) ?h)")),
         gelu_tanh,
+    ];
+    rules.extend(attention());
+    rules
+}
+
+/// What makes the attention of any exporter look like `MatMul -> (scale, mask) -> Softmax ->
+/// MatMul` over transposed Q, K and V, which `fuse-matmul` and `fuse-attention` then fuse:
+/// - scalings of the operands move after the product (PyTorch's SDPA scales Q and K by
+///   `d^-1/4` each): `(a c) b = (a b) c` for a scalar `c`;
+/// - `Kᵀ` written as merge-heads `Reshape`, 3-D `Transpose`, split-heads `Reshape` is one 4-D
+///   `Transpose`;
+/// - SDPA's `Where(IsNaN(p), 0, p)` after the softmax is the softmax that maps NaN to 0.
+pub fn attention() -> Vec<Rewrite<Tl, TlAnalysis>> {
+    let scalar_no_wider = |c: &str, x: &str| -> Cond {
+        let (c, x) = (var(c), var(x));
+        Arc::new(move |eg, s| {
+            scalar_of(eg, s, c).is_some() && rank_of(eg, s, c).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b)
+        })
+    };
+    let kt = {
+        let (x, s1, s2) = (var("?x"), var("?s1"), var("?s2"));
+        op_rule(
+            "transpose-via-merged-heads",
+            "(Reshape (Transpose{perm=[0,2,1]} (Reshape ?x ?s1)) ?s2)",
+            move |eg, s| {
+                let dims = |v: Var| -> Option<Vec<Dim>> {
+                    eg[s[v]].data.fact.as_ref().and_then(|f| f.value.as_ref()).map(|t| t.data.clone())
+                };
+                let xs = eg[s[x]].data.fact.as_ref()?.shape.clone();
+                let (d1, d2) = (dims(s1)?, dims(s2)?);
+                let merged_leading = xs.len() == 4
+                    && d1.len() == 3
+                    && d1[1..] == xs[2..]
+                    && (d1[0] == Dim::from(-1i64) || d1[0] == xs[0].mul(&xs[1]));
+                let split_back = d2 == [xs[0].clone(), xs[1].clone(), xs[3].clone(), xs[2].clone()];
+                (merged_leading && split_back)
+                    .then(|| (Op::from(tcc_ir::op::Transpose { perm: Some(vec![0, 1, 3, 2]) }), vec![x]))
+            },
+        )
+    };
+    let nan_to_zero = {
+        let (x, z) = (var("?x"), var("?z"));
+        op_rule("softmax-nan-to-zero", "(Where (IsNaN (Softmax ?x)) ?z (Softmax ?x))", move |eg, s| {
+            let zero = scalar_of(eg, s, z) == Some(0.0)
+                && rank_of(eg, s, z).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b);
+            zero.then(|| (Op::from(tcc_ir::op::Softmax { axis: -1, log: false, nan_to_zero: true }), vec![x]))
+        })
+    };
+    vec![
+        rule_if("matmul-scaled-a", "(MatMul (Mul ?a ?c) ?b)", "(Mul (MatMul ?a ?b) ?c)", scalar_no_wider("?c", "?a")),
+        rule_if("matmul-scaled-b", "(MatMul ?a (Mul ?b ?c))", "(Mul (MatMul ?a ?b) ?c)", scalar_no_wider("?c", "?b")),
+        kt,
+        nan_to_zero,
     ]
 }

@@ -29,16 +29,19 @@ fn input(g: &Graph, batch: usize, seed: u64) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-/// The largest `|a - b| / (1 + |b|)` over all outputs; NaN in the same places counts 0.
+/// The largest `|a - b| / (1 + |b|)` over all outputs; NaN in the same places counts 0, NaN in
+/// one only counts infinite.
 fn worst(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f32 {
     a.iter()
         .zip(b)
         .flat_map(|((_, x), (_, y))| {
             assert_eq!(x.shape(), y.shape());
             let (x, y) = (x.as_slice::<f32>().unwrap().to_vec(), y.as_slice::<f32>().unwrap().to_vec());
-            x.into_iter()
-                .zip(y)
-                .map(|(p, q)| if p.is_nan() && q.is_nan() { 0.0 } else { (p - q).abs() / (1.0 + q.abs()) })
+            x.into_iter().zip(y).map(|(p, q)| match (p.is_nan(), q.is_nan()) {
+                (true, true) => 0.0,
+                (false, false) => (p - q).abs() / (1.0 + q.abs()),
+                _ => f32::INFINITY,
+            })
         })
         .fold(0.0, f32::max)
 }
@@ -238,5 +241,51 @@ proptest! {
             let err = worst(&got, &want);
             prop_assert!(err < 1e-4, "outputs moved by {}:\n{}\nafter:\n{}", err, text::print(&before), text::print(&g));
         }
+    }
+}
+
+/// PyTorch's SDPA as the dynamo exporter writes it: Q and K each scaled by `d^-1/4`, `Kᵀ`
+/// through merged heads, NaN rows zeroed after the softmax. After `recognize`, the fusion
+/// passes make it one `Attention`.
+#[test]
+fn sdpa_attention_becomes_one_attention_op() {
+    let before = text::parse(
+        r#"graph sdpa(%q: f32[batch, 2, 5, 4], %k: f32[batch, 2, 5, 4], %v: f32[batch, 2, 5, 4], %mask: f32[batch, 1, 5, 5]) {
+  %c = const f32[] [0.70710677]
+  %zero = const f32[] [0]
+  %s1 = const i64[3] [-1, 5, 4]
+  %s2 = DimValue{dims=["batch",2,4,5], scalar=false}() : i64[4]
+  %qs = Mul(%q, %c) : f32[batch, 2, 5, 4]
+  %r1 = Reshape(%k, %s1) : f32[2*batch, 5, 4]
+  %t = Transpose{perm=[0,2,1]}(%r1) : f32[2*batch, 4, 5]
+  %kt = Reshape(%t, %s2) : f32[batch, 2, 4, 5]
+  %ks = Mul(%kt, %c) : f32[batch, 2, 4, 5]
+  %sc = MatMul(%qs, %ks) : f32[batch, 2, 5, 5]
+  %sm = Add(%sc, %mask) : f32[batch, 2, 5, 5]
+  %p = Softmax(%sm) : f32[batch, 2, 5, 5]
+  %n = IsNaN(%p) : bool[batch, 2, 5, 5]
+  %pz = Where(%n, %zero, %p) : f32[batch, 2, 5, 5]
+  %y = MatMul(%pz, %v) : f32[batch, 2, 5, 4]
+  return %y
+}"#,
+    )
+    .unwrap();
+    let mut g = before.clone();
+    let registry = crate::Registry::builtin();
+    let pipeline = crate::Pipeline::parse("recognize,fuse-matmul,fuse-attention,dce", &registry).unwrap();
+    crate::PassManager::new(&pipeline, &registry).unwrap().run(&mut g, &mut PassContext::default()).unwrap();
+    assert_eq!(g.op_counts().get("Attention"), Some(&1), "{}", text::print(&g));
+    assert_eq!(g.nodes.len(), 1, "{}", text::print(&g));
+    for seed in 0..3 {
+        let mut ins = input(&before, 2, seed);
+        // A query whose keys are all masked: SDPA gives zeros there, not NaN.
+        if seed == 2 {
+            let m = &mut ins[3].1;
+            let mut vals = m.as_slice::<f32>().unwrap().to_vec();
+            vals[..5].fill(f32::NEG_INFINITY);
+            *m = Tensor::new(m.shape().to_vec(), vals).unwrap();
+        }
+        let (want, got) = (interp::run(&before, &ins).unwrap(), interp::run(&g, &ins).unwrap());
+        assert!(worst(&got, &want) < 1e-5);
     }
 }

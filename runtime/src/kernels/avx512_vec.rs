@@ -40,8 +40,10 @@ unsafe fn or(a: __m512, b: __m512) -> __m512 {
 #[inline(always)]
 pub unsafe fn exp(x: __m512) -> __m512 {
     unsafe {
-        let x = _mm512_max_ps(x, splat(-86.0));
-        let x = _mm512_min_ps(x, splat(88.37626));
+        // max/min return their second operand when either is NaN: x goes second, so that
+        // NaN stays NaN (a softmax row of all -inf is NaN, as in the reference).
+        let x = _mm512_max_ps(splat(-86.0), x);
+        let x = _mm512_min_ps(splat(88.37626), x);
         let magic = splat(12_582_912.0);
         let t = _mm512_fmadd_ps(x, splat(std::f32::consts::LOG2_E), magic);
         let n = _mm512_sub_ps(t, magic);

@@ -352,6 +352,9 @@ mod tests {
 pub struct Attention {
     pub scores: FusedMatMul,
     pub context: FusedMatMul,
+    /// The softmax's NaN results become 0 ([`super::Softmax::nan_to_zero`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nan_to_zero: bool,
 }
 
 impl Attention {
@@ -401,7 +404,8 @@ impl OpDef for Attention {
         let mut sin: Vec<Option<&Tensor>> = vec![inputs[0], inputs[1]];
         sin.extend(inputs[3..].iter().copied());
         let s = self.scores.eval(ctx, &sin)?.remove(0);
-        let p = super::Softmax { axis: -1, log: false }.eval(ctx, &[Some(&s)])?.remove(0);
+        let p =
+            super::Softmax { axis: -1, log: false, nan_to_zero: self.nan_to_zero }.eval(ctx, &[Some(&s)])?.remove(0);
         self.context.eval(ctx, &[Some(&p), inputs.get(2).copied().flatten()])
     }
 }

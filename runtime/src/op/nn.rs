@@ -16,6 +16,10 @@ pub struct Softmax {
     pub axis: i64,
     #[serde(skip)]
     pub log: bool,
+    /// NaN results become 0: softmax followed by `Where(IsNaN(p), 0, p)`, as PyTorch's SDPA
+    /// exports it (a row whose keys are all masked out gives zeros, not NaN).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nan_to_zero: bool,
 }
 
 fn minus_one() -> i64 {
@@ -60,7 +64,7 @@ impl OpDef for Softmax {
         let (len, inner) = (s.get(axis).copied().unwrap_or(1), s[axis + 1..].iter().product::<usize>());
         let xs = x.as_slice::<f32>()?;
         let mut out = vec![0f32; xs.len()];
-        let log = self.log;
+        let (log, nan_to_zero) = (self.log, self.nan_to_zero);
         out.par_chunks_mut((len * inner).max(1)).enumerate().for_each(|(o, block)| {
             let xb = &xs[o * len * inner..(o + 1) * len * inner];
             for i in 0..inner {
@@ -68,7 +72,8 @@ impl OpDef for Softmax {
                 let sum: f64 = (0..len).map(|a| ((xb[a * inner + i] - max).exp()) as f64).sum();
                 for a in 0..len {
                     let d = xb[a * inner + i] - max;
-                    block[a * inner + i] = if log { d - (sum.ln() as f32) } else { (d.exp() as f64 / sum) as f32 };
+                    let y = if log { d - (sum.ln() as f32) } else { (d.exp() as f64 / sum) as f32 };
+                    block[a * inner + i] = if nan_to_zero && y.is_nan() { 0.0 } else { y };
                 }
             }
         });
@@ -224,11 +229,11 @@ mod tests {
     #[test]
     fn softmax_rows_sum_to_one_and_mask_with_minus_inf() {
         let x = Tensor::new(vec![2, 3], vec![1f32, 2., 3., 0., f32::NEG_INFINITY, 0.]).unwrap();
-        let y = eval1(Softmax { axis: -1, log: false }, &[&x]);
+        let y = eval1(Softmax { axis: -1, log: false, nan_to_zero: false }, &[&x]);
         let v = y.as_slice::<f32>().unwrap();
         assert!((v[0..3].iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert_eq!(&v[3..], &[0.5, 0.0, 0.5]);
-        let y = eval1(Softmax { axis: 0, log: true }, &[&x]);
+        let y = eval1(Softmax { axis: 0, log: true, nan_to_zero: false }, &[&x]);
         assert!((y.as_slice::<f32>().unwrap()[0] - (1f32 / (1. + (-1f32).exp())).ln()).abs() < 1e-6);
     }
 

@@ -125,7 +125,7 @@ pub fn attention(ctx: &mut Ctx) -> Converted {
         let bias = attention_mask_bias(ctx, x, m, mfv)?;
         scores = add(ctx, scores, bias, "masked")?;
     }
-    let probs = ctx.op1(Softmax { axis: -1, log: false }, &[scores], "probs")?;
+    let probs = ctx.op1(Softmax { axis: -1, log: false, nan_to_zero: false }, &[scores], "probs")?;
     let context = ctx.op1(MatMul {}, &[probs, v], "context")?;
     let context = transpose(ctx, context, &[0, 2, 1, 3], "context_t")?;
     Ok(vec![Some(reshape(ctx, context, &[0, 0, dv], "")?)])

@@ -49,15 +49,15 @@ pub fn softmax(ctx: &mut Ctx) -> Converted {
     let rank = ctx.rank(x) as i64;
     if ctx.opset >= 13 {
         let axis = ctx.attr_i("axis", -1)?;
-        return Ok(vec![Some(ctx.op1(Softmax { axis, log }, &[x], "")?)]);
+        return Ok(vec![Some(ctx.op1(Softmax { axis, log, nan_to_zero: false }, &[x], "")?)]);
     }
     let axis = ctx.attr_i("axis", 1)?;
     let axis = if axis < 0 { axis + rank } else { axis };
     if axis == rank - 1 {
-        return Ok(vec![Some(ctx.op1(Softmax { axis: -1, log }, &[x], "")?)]);
+        return Ok(vec![Some(ctx.op1(Softmax { axis: -1, log, nan_to_zero: false }, &[x], "")?)]);
     }
     let flat = ctx.op1(Flatten { axis }, &[x], "flat")?;
-    let y = ctx.op1(Softmax { axis: -1, log }, &[flat], "softmax")?;
+    let y = ctx.op1(Softmax { axis: -1, log, nan_to_zero: false }, &[flat], "softmax")?;
     let shape = ctx.op1(Shape { start: None, end: None }, &[x], "shape")?;
     Ok(vec![Some(ctx.op1(Reshape { allowzero: false }, &[y, shape], "")?)])
 }
