@@ -105,6 +105,16 @@ fn spinner(progress: bool, len: u64) -> ProgressBar {
 
 /// Imports and optimizes a model. Returns the graph and the report so far.
 pub fn compile(source: &Path, opts: &BuildOptions, pb: &ProgressBar) -> Result<(Graph, BuildReport), BuildError> {
+    compile_with(source, opts, &Registry::builtin(), pb)
+}
+
+/// [`compile`] with the passes of `registry` (tcc's own and a user's).
+pub fn compile_with(
+    source: &Path,
+    opts: &BuildOptions,
+    registry: &Registry,
+    pb: &ProgressBar,
+) -> Result<(Graph, BuildReport), BuildError> {
     let t0 = Instant::now();
     pb.set_message(format!("importing {}", source.display()));
     let imported = onnx::import_file(source)?;
@@ -114,9 +124,8 @@ pub fn compile(source: &Path, opts: &BuildOptions, pb: &ProgressBar) -> Result<(
     let mut g = imported.graph;
     let nodes_imported = g.nodes.len();
     pb.set_message(format!("running passes: {}", opts.pipeline));
-    let registry = Registry::builtin();
-    let pipeline = Pipeline::parse(&opts.pipeline, &registry)?;
-    let mut pm = PassManager::new(&pipeline, &registry)?;
+    let pipeline = Pipeline::parse(&opts.pipeline, registry)?;
+    let mut pm = PassManager::new(&pipeline, registry)?;
     pm.print_after = opts.print_after.clone();
     let pb2 = pb.clone();
     pm.printer = Box::new(move |name, g| {
@@ -208,6 +217,17 @@ pub fn lower(g: &Graph) -> Result<(Plan, Vec<(String, Tensor)>), BuildError> {
 
 /// Builds `source` into an artifact at `out`.
 pub fn build(source: &Path, out: &Path, opts: &BuildOptions) -> Result<BuildReport, BuildError> {
+    build_with(source, out, opts, &Registry::builtin())
+}
+
+/// [`build`] with the passes of `registry`: how a program of a user's adds its own passes
+/// and rules to `tcc build` (see `compiler/examples/custom_pass.rs`).
+pub fn build_with(
+    source: &Path,
+    out: &Path,
+    opts: &BuildOptions,
+    registry: &Registry,
+) -> Result<BuildReport, BuildError> {
     let t0 = Instant::now();
     let pb = spinner(opts.progress, 3);
     let tokenizer = match &opts.tokenizer {
@@ -219,7 +239,7 @@ pub fn build(source: &Path, out: &Path, opts: &BuildOptions) -> Result<BuildRepo
             Some(bytes)
         }
     };
-    let (g, mut report) = compile(source, opts, &pb)?;
+    let (g, mut report) = compile_with(source, opts, registry, &pb)?;
     pb.set_message("lowering");
     let t1 = Instant::now();
     let (plan, weights) = lower(&g)?;

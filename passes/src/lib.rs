@@ -5,6 +5,10 @@
 //! parsed by [`Pipeline::parse`] and run by [`PassManager`], which verifies the graph after
 //! every pass, times it, collects its statistics and can print the IR after it.
 //!
+//! [`eqsat`] is equality saturation with egg: the `recognize` pass finds transformer
+//! structures (LayerNorm, GELU, attention) in whatever form an exporter wrote them. The
+//! [`tutorial`] shows how to write passes and rules in your own crate.
+//!
 //! Architecture invariants:
 //! - a pass leaves a graph that passes [`tcc_ir::verify`] (the manager checks);
 //! - passes never change what a graph computes beyond float rounding, except passes whose
@@ -14,6 +18,7 @@ pub mod eqsat;
 mod fold;
 mod fuse;
 mod manager;
+pub mod tutorial;
 
 pub use fold::{DeadCode, FoldConstants};
 pub use fuse::{FuseAttention, FuseMatMul};

@@ -97,12 +97,29 @@ impl Registry {
         });
         r.register(
             "recognize",
-            "equality saturation: LayerNorm and GELU from their decompositions (options: iters, nodes, time_ms)",
+            "equality saturation: LayerNorm, GELU and attention from the forms exporters write (options: iters, nodes, time_ms)",
             |o| {
                 let limits = crate::eqsat::Limits::from_options(o)?;
                 let mut rules = crate::eqsat::rules::canonical();
                 rules.extend(crate::eqsat::rules::recognize());
+                rules.extend(crate::eqsat::rules::attention());
                 Ok(Box::new(crate::eqsat::EqSat::new("recognize", rules, limits)))
+            },
+        );
+        r.register(
+            "eqsat",
+            "equality saturation with chosen rule packs (options: packs=canonical+recognize+attention, iters, nodes, time_ms)",
+            |o| {
+                let mut o = o.clone();
+                let packs = o.remove("packs").unwrap_or_else(|| "canonical+recognize+attention".into());
+                let limits = crate::eqsat::Limits::from_options(&o)?;
+                let mut rules = Vec::new();
+                for p in packs.split('+').map(str::trim) {
+                    rules.extend(crate::eqsat::rules::pack(p).ok_or_else(|| {
+                        format!("unknown rule pack `{p}` (known: {})", crate::eqsat::rules::PACKS.join(", "))
+                    })?);
+                }
+                Ok(Box::new(crate::eqsat::EqSat::new("eqsat", rules, limits)))
             },
         );
         r.alias("canon", "fold,dce");

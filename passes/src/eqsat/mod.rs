@@ -22,9 +22,13 @@ pub mod cost;
 pub mod lang;
 pub mod rules;
 
+/// The egg tcc is built with, for rules written against it.
+pub use egg;
+pub use lang::{Tl, TlAnalysis, TlGraph};
+
 use crate::manager::{Pass, PassContext, PassOutcome};
 use egg::{Extractor, Id, Rewrite, Runner};
-use lang::{Leaf, OpSym, Tl, TlAnalysis, TlGraph};
+use lang::{Leaf, OpSym};
 use std::collections::HashMap;
 use std::time::Duration;
 use tcc_ir::{DType, Graph, Tensor, ValueId};

@@ -153,6 +153,19 @@ fn is_channel_vector(eg: &TlGraph, s: &Subst, p: Var, x: Var) -> bool {
         && fp.shape[..fp.shape.len() - 1].iter().all(|d| *d == Dim::from(1usize))
 }
 
+/// The built-in rule packs by name, for pipelines (`eqsat{packs=canonical+recognize}`).
+pub const PACKS: &[&str] = &["canonical", "recognize", "attention"];
+
+/// A built-in rule pack by name.
+pub fn pack(name: &str) -> Option<Vec<Rewrite<Tl, TlAnalysis>>> {
+    match name {
+        "canonical" => Some(canonical()),
+        "recognize" => Some(recognize()),
+        "attention" => Some(attention()),
+        _ => None,
+    }
+}
+
 /// Canonical forms that make the recognition patterns few: `x^2` as `x*x`, division by a
 /// constant as a product with its reciprocal, commutativity of `Add` and `Mul` (both
 /// broadcast symmetrically, so the result is the same tensor).
@@ -209,7 +222,8 @@ impl Applier<Tl, TlAnalysis> for MulByScalar {
 }
 
 /// Transformer structures as the fused ops the runtime has kernels for: `LayerNorm` from its
-/// decompositions, `Gelu` from its erf and tanh forms. Run with [`canonical`].
+/// decompositions, `Gelu` from its erf and tanh forms. Run with [`canonical`] (and
+/// [`attention`], as the `recognize` pass does).
 pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
     // LayerNorm: (x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps) * gamma + beta, over the
     // last axis (`Pow(d, 2)` reaches this form through `pow-2`).
@@ -254,15 +268,13 @@ pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
             ok.then(|| (Op::from(Gelu { approximate: GeluApprox::Tanh }), vec![x]))
         })
     };
-    let mut rules = vec![
+    vec![
         ln,
         gelu_erf("gelu-erf", format!("(Mul (Mul ?x ?h) {erf})")),
         gelu_erf("gelu-erf-2", format!("(Mul ?x (Mul ?h {erf}))")),
         gelu_erf("gelu-erf-3", format!("(Mul (Mul ?x {erf}) ?h)")),
         gelu_tanh,
-    ];
-    rules.extend(attention());
-    rules
+    ]
 }
 
 /// What makes the attention of any exporter look like `MatMul -> (scale, mask) -> Softmax ->

@@ -7,6 +7,7 @@ use tcc_ir::{interp, text, Dim, Fact, Op};
 fn recognize() -> EqSat {
     let mut r = rules::canonical();
     r.extend(rules::recognize());
+    r.extend(rules::attention());
     EqSat::new("recognize", r, Limits::default())
 }
 
