@@ -168,7 +168,7 @@ fn random_graph(ops: &[(u8, u8, u8)]) -> Graph {
     for (i, &(kind, a, b)) in ops.iter().enumerate() {
         let (p, q) = (vals[a as usize % vals.len()], vals[b as usize % vals.len()]);
         let name = format!("n{i}");
-        let v = match kind % 9 {
+        let v = match kind % 10 {
             0 => g.add1(bin(BinaryKind::Add), &[p, q], name),
             1 => g.add1(bin(BinaryKind::Mul), &[p, q], name),
             2 => g.add1(bin(BinaryKind::Sub), &[p, q], name),
@@ -186,6 +186,26 @@ fn random_graph(ops: &[(u8, u8, u8)]) -> Graph {
                 &[p, axes],
                 name,
             ),
+            9 => {
+                // A scaled operand of a product (what `matmul-scaled-*` moves).
+                if g.fact(p).shape.last() != Some(&Dim::from(8usize)) {
+                    vals.push(p);
+                    continue;
+                }
+                let c = scalar(&mut g, 0.25 + b as f32 / 8.0);
+                let w = g.add_const(
+                    "w",
+                    Tensor::new(vec![8, 8], (0..64).map(|i| ((i * 7) % 11) as f32 / 11.0 - 0.5).collect()).unwrap(),
+                );
+                let mm = Op::from(tcc_ir::op::MatMul {});
+                if a % 2 == 0 {
+                    let sp = g.add1(bin(BinaryKind::Mul), &[p, c], format!("{name}.s")).unwrap();
+                    g.add1(mm, &[sp, w], name)
+                } else {
+                    let sw = g.add1(bin(BinaryKind::Mul), &[c, w], format!("{name}.s")).unwrap();
+                    g.add1(mm, &[p, sw], name)
+                }
+            }
             7 => {
                 // GELU, erf form.
                 let (s2, one, half) =
@@ -230,7 +250,7 @@ fn random_graph(ops: &[(u8, u8, u8)]) -> Graph {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
     #[test]
-    fn rewrites_keep_what_random_graphs_compute(ops in proptest::collection::vec((0u8..9, 0u8..16, 0u8..16), 1..12)) {
+    fn rewrites_keep_what_random_graphs_compute(ops in proptest::collection::vec((0u8..10, 0u8..16, 0u8..16), 1..12)) {
         let before = random_graph(&ops);
         tcc_ir::verify(&before).unwrap();
         let mut g = before.clone();
@@ -289,4 +309,29 @@ fn sdpa_attention_becomes_one_attention_op() {
         let (want, got) = (interp::run(&before, &ins).unwrap(), interp::run(&g, &ins).unwrap());
         assert!(worst(&got, &want) < 1e-5);
     }
+}
+
+/// The cost model: a rewrite that is not cheaper leaves the graph as it was (original nodes
+/// win ties); a scaling moves after a product, where the epilogue runs it for almost nothing;
+/// a recognized structure beats its decomposition.
+#[test]
+fn the_cost_model_ranks_rewrites() {
+    let g0 = "graph g(%x: f32[3, 8], %w: f32[8, 4]) {\n  %c = const f32[] [0.5]\n  %s = Mul(%x, %c) : f32[3, 8]\n  %y = MatMul(%s, %w) : f32[3, 4]\n  return %y\n}";
+    let run = |rules: Vec<egg::Rewrite<Tl, TlAnalysis>>| {
+        let mut g = text::parse(g0).unwrap();
+        let out = EqSat::new("t", rules, Limits::default()).run(&mut g, &mut PassContext::default()).unwrap();
+        (g, out)
+    };
+    // Commutativity alone: every order costs the same, nothing changes.
+    let (g, out) = run(vec![rules::rule("mul-comm", "(Mul ?a ?b)", "(Mul ?b ?a)")]);
+    assert_eq!(out.stats.get("nodes_added"), Some(&0));
+    assert_eq!(text::print(&g), text::print(&text::parse(g0).unwrap()));
+    // The scaling moves onto the product.
+    let (g, _) = run(rules::attention());
+    let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.name()).collect();
+    assert_eq!(ops, ["MatMul", "Mul"]);
+    // Costs as documented.
+    use cost::CostModel;
+    assert!(CostModel::node_cost("LayerNorm") < CostModel::node_cost("Add"));
+    assert!(CostModel::node_cost("Reshape") < CostModel::node_cost("Transpose"));
 }
