@@ -42,7 +42,7 @@ enum Command {
         /// A tokenizer.json to embed, so that `tcc run --text` works.
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// The pass pipeline, e.g. "fold,dce" (see --list-passes).
+        /// The pass pipeline, e.g. "fold,dce" (see `tcc passes`).
         #[arg(long, default_value = tcc_passes::DEFAULT_PIPELINE)]
         passes: String,
         /// Print the IR after this pass (repeatable).

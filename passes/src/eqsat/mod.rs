@@ -74,7 +74,11 @@ pub struct EqSat {
 }
 
 impl EqSat {
+    /// A pass running `rules` (a rule whose name repeats an earlier one's is dropped: egg
+    /// requires unique names, and packs may overlap).
     pub fn new(name: &'static str, rules: Vec<Rewrite<Tl, TlAnalysis>>, limits: Limits) -> EqSat {
+        let mut seen = std::collections::HashSet::new();
+        let rules = rules.into_iter().filter(|r| seen.insert(r.name)).collect();
         EqSat { name, rules, limits }
     }
 }
