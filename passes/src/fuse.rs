@@ -101,6 +101,7 @@ enum Elementwise {
     Unary(UnaryKind),
     Binary(BinaryKind),
     Gelu(GeluApprox),
+    FakeQuant(tcc_ir::op::FakeQuant),
 }
 
 fn elementwise(op: &Op) -> Option<Elementwise> {
@@ -108,6 +109,7 @@ fn elementwise(op: &Op) -> Option<Elementwise> {
         Op::Unary(u) if Epilogue::supports_unary(u.kind) => Some(Elementwise::Unary(u.kind)),
         Op::Binary(b) if Epilogue::supports_binary(b.kind) => Some(Elementwise::Binary(b.kind)),
         Op::Gelu(g) => Some(Elementwise::Gelu(g.approximate)),
+        Op::FakeQuant(q) => Some(Elementwise::FakeQuant(*q)),
         _ => None,
     }
 }
@@ -244,6 +246,7 @@ fn fuse_one(
             Elementwise::Unary(k) => prog.push(EpiOp::Unary(k, args[0])),
             Elementwise::Binary(k) => prog.push(EpiOp::Binary(k, args[0], args[1])),
             Elementwise::Gelu(approx) => push_gelu(&mut prog, args[0], approx),
+            Elementwise::FakeQuant(q) => prog.push(EpiOp::FakeQuant(args[0], q)),
         }
         reg.insert(cand.outputs[0], prog.len() - 1);
     }
@@ -333,7 +336,18 @@ impl Pass for FuseAttention {
                 if context.packed.is_some() || context.a_perm.is_some() || context.extra != 0 {
                     return None;
                 }
-                let p = node.inputs[0]?;
+                let mut p = node.inputs[0]?;
+                // QDQ models round the probabilities to a quantization grid first.
+                let mut probs_quant = None;
+                if let Some(&(fq, _)) = producers.get(&p) {
+                    if let Op::FakeQuant(q) = &g.nodes[fq].op {
+                        if !single_use(p) {
+                            return None;
+                        }
+                        probs_quant = Some(*q);
+                        p = g.nodes[fq].inputs[0]?;
+                    }
+                }
                 let &(sn, _) = producers.get(&p)?;
                 let Op::Softmax(sm) = &g.nodes[sn].op else { return None };
                 let rank = g.fact(p).rank() as i64;
@@ -352,6 +366,7 @@ impl Pass for FuseAttention {
                     scores: scores.clone(),
                     context: context.clone(),
                     nan_to_zero: sm.nan_to_zero,
+                    probs_quant,
                 };
                 Some((n, op, inputs))
             });

@@ -97,12 +97,13 @@ impl Registry {
         });
         r.register(
             "recognize",
-            "equality saturation: LayerNorm, GELU and attention from the forms exporters write (options: iters, nodes, time_ms)",
+            "equality saturation: LayerNorm, GELU, attention (and QDQ pairs as fake quantization) from the forms exporters write (options: iters, nodes, time_ms)",
             |o| {
                 let limits = crate::eqsat::Limits::from_options(o)?;
                 let mut rules = crate::eqsat::rules::canonical();
                 rules.extend(crate::eqsat::rules::recognize());
                 rules.extend(crate::eqsat::rules::attention());
+                rules.extend(crate::eqsat::rules::fake_quant());
                 Ok(Box::new(crate::eqsat::EqSat::new("recognize", rules, limits)))
             },
         );
@@ -111,7 +112,7 @@ impl Registry {
             "equality saturation with chosen rule packs (options: packs=canonical+recognize+attention, iters, nodes, time_ms)",
             |o| {
                 let mut o = o.clone();
-                let packs = o.remove("packs").unwrap_or_else(|| "canonical+recognize+attention".into());
+                let packs = o.remove("packs").unwrap_or_else(|| "canonical+recognize+attention+fake-quant".into());
                 let limits = crate::eqsat::Limits::from_options(&o)?;
                 let mut rules = Vec::new();
                 for p in packs.split('+').map(str::trim) {

@@ -442,6 +442,12 @@ impl Fast {
                         }
                     }
                 }
+                if let Some(q) = &at.probs_quant {
+                    for i in 0..sq * sk {
+                        let p = scores.ptr().add(i);
+                        *p = q.apply(*p);
+                    }
+                }
                 cp.pack_one(self, vs, bi, vpack.ptr());
                 cp.run(
                     self,
@@ -1020,6 +1026,7 @@ mod tests {
                 fused: vec![],
             },
             nan_to_zero: false,
+            probs_quant: None,
         }
     }
 
@@ -1042,6 +1049,44 @@ mod tests {
             let got = fast.eval(&context, &ins).expect("handled").unwrap().remove(0);
             assert_eq!(got.shape(), &[b, s, h, d]);
             assert_close(&format!("{tier} context"), &got, &want, 1e-5);
+        }
+    }
+
+    /// A fake-quantization epilogue (QDQ models) gives the reference's values on every tier,
+    /// on full-range data (midpoints, saturation, NaN).
+    #[test]
+    fn fake_quant_epilogue_on_every_tier() {
+        let q = crate::op::FakeQuant { scale: 0.0173, zero_point: 128, lo: 0, hi: 255 };
+        let data = crate::op::quant::tests::fake_quant_data(&q);
+        // C = A . I (an identity weight) so that the epilogue sees exactly the data.
+        let (m, k) = (data.len().div_ceil(8), 8);
+        let mut a = vec![0f32; m * k];
+        a[..data.len()].copy_from_slice(&data);
+        let eye: Vec<f32> = (0..k * k).map(|i| if i % (k + 1) == 0 { 1.0 } else { 0.0 }).collect();
+        let op: Op = FusedMatMul {
+            a_perm: None,
+            b_perm: None,
+            packed: Some([k, k]),
+            c_perm: None,
+            epilogue: Epilogue(vec![EpiOp::Acc, EpiOp::FakeQuant(0, q)]),
+            extra: 0,
+            fused: vec![],
+        }
+        .into();
+        let at = Tensor::new(vec![m, k], a).unwrap();
+        let b = Tensor::new(vec![pack_b(k, k, &eye).len()], pack_b(k, k, &eye)).unwrap();
+        let want = op.eval(&EvalContext::default(), &[Some(&at), Some(&b)]).unwrap().remove(0);
+        for tier in Tier::ALL {
+            let Some(fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
+            let got = fast.eval(&op, &[Some(&at), Some(&b)]).expect("handled").unwrap().remove(0);
+            let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
+            for (i, (x, y)) in g.iter().zip(w).enumerate() {
+                // The same value (zeros of either sign are one grid point).
+                assert!(x == y || (x.is_nan() && y.is_nan()), "{tier}: {} -> {x}, reference {y}", a_at(&at, i));
+            }
+        }
+        fn a_at(a: &Tensor, i: usize) -> f32 {
+            a.as_slice::<f32>().unwrap()[i]
         }
     }
 

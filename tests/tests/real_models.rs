@@ -20,11 +20,6 @@ const TOL: f64 = 1e-4;
 const QUANTIZED: f64 = f64::NAN;
 const MIN_SENTENCE_COSINE: f64 = 0.99;
 
-/// Exports whose attention is not fused yet (run as separate ops): QDQ models, whose
-/// probabilities are quantized between the softmax and the context product (issue 5 folds the
-/// fake quantization).
-const ATTENTION_NOT_YET_FUSED: &[&str] = &["minilm_l6_qdq", "paraphrase_minilm_l3_qdq"];
-
 fn check(name: &str, tol: f64) {
     let f: &ModelFixture = fixtures().model(name);
     let imported = onnx::import_file(&f.path).unwrap_or_else(|e| panic!("{name}: import failed: {e}"));
@@ -64,10 +59,11 @@ fn check(name: &str, tol: f64) {
     // Recognition: every layer's attention, layer norms and GELU run as fused kernels.
     let st = plan.structure_counts();
     let layers = summary.attention_heads.len();
-    assert_eq!((st["LayerNorm"], st["Gelu"]), (2 * layers + 1, layers), "{name}: fused structures {st:?}");
-    if !ATTENTION_NOT_YET_FUSED.contains(&name) {
-        assert_eq!(st["Attention"], layers, "{name}: fused structures {st:?}");
-    }
+    assert_eq!(
+        (st["Attention"], st["LayerNorm"], st["Gelu"]),
+        (layers, 2 * layers + 1, layers),
+        "{name}: fused structures {st:?}"
+    );
     let model = Model::load(&art).unwrap();
     let got_rt = model.run(&inputs).unwrap_or_else(|e| panic!("{name}: runtime failed: {e}"));
     let (err_rt, _) = worst_rel_err(&got_rt, &want);

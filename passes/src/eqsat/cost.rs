@@ -28,7 +28,7 @@ pub struct CostModel<'a> {
 }
 
 /// Elementwise ops that `fuse-matmul` folds into a product's epilogue.
-const EPILOGUE_OPS: &[&str] = &["Add", "Sub", "Mul", "Div", "Gelu", "Erf", "Tanh", "Relu", "Sigmoid"];
+const EPILOGUE_OPS: &[&str] = &["Add", "Sub", "Mul", "Div", "Gelu", "Erf", "Tanh", "Relu", "Sigmoid", "FakeQuant"];
 /// What such an op costs when it reads a product: it runs on the product's tiles in registers.
 const EPILOGUE: f64 = 0.25;
 

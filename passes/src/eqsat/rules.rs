@@ -154,7 +154,7 @@ fn is_channel_vector(eg: &TlGraph, s: &Subst, p: Var, x: Var) -> bool {
 }
 
 /// The built-in rule packs by name, for pipelines (`eqsat{packs=canonical+recognize}`).
-pub const PACKS: &[&str] = &["canonical", "recognize", "attention"];
+pub const PACKS: &[&str] = &["canonical", "recognize", "attention", "fake-quant"];
 
 /// A built-in rule pack by name.
 pub fn pack(name: &str) -> Option<Vec<Rewrite<Tl, TlAnalysis>>> {
@@ -162,6 +162,7 @@ pub fn pack(name: &str) -> Option<Vec<Rewrite<Tl, TlAnalysis>>> {
         "canonical" => Some(canonical()),
         "recognize" => Some(recognize()),
         "attention" => Some(attention()),
+        "fake-quant" => Some(fake_quant()),
         _ => None,
     }
 }
@@ -326,4 +327,35 @@ pub fn attention() -> Vec<Rewrite<Tl, TlAnalysis>> {
         kt,
         nan_to_zero,
     ]
+}
+
+/// The value of a one-element integer constant (a zero point) and its type.
+fn int_scalar_of(eg: &TlGraph, s: &Subst, v: Var) -> Option<(i64, tcc_ir::DType)> {
+    let f = eg[s[v]].data.fact.as_ref()?;
+    let vals = f.value.as_ref()?.as_consts()?;
+    (vals.len() == 1).then(|| (vals[0], f.dtype))
+}
+
+/// Fake quantization as one op: `DequantizeLinear(QuantizeLinear(x, s, z), s, z)` with the same
+/// per-tensor scale and zero point is [`FakeQuant`](tcc_ir::op::FakeQuant), which
+/// `fuse-matmul` runs in a product's epilogue and `fuse-attention` on the probabilities, so
+/// QDQ models get the same fused structures as float ones (bit-exact with the two ops).
+pub fn fake_quant() -> Vec<Rewrite<Tl, TlAnalysis>> {
+    let (x, sc, z, sc2, z2) = (var("?x"), var("?s"), var("?z"), var("?s2"), var("?z2"));
+    vec![op_rule("qdq-fake-quant", "(DequantizeLinear (QuantizeLinear ?x ?s ?z) ?s2 ?z2)", move |eg, s| {
+        let (scale, scale2) = (scalar_of(eg, s, sc)?, scalar_of(eg, s, sc2)?);
+        let ((zp, dt), (zp2, dt2)) = (int_scalar_of(eg, s, z)?, int_scalar_of(eg, s, z2)?);
+        let (lo, hi) = match dt {
+            tcc_ir::DType::U8 => (0, 255),
+            tcc_ir::DType::I8 => (-128, 127),
+            _ => return None,
+        };
+        let narrow =
+            [sc, z, sc2, z2].iter().all(|v| rank_of(eg, s, *v).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b));
+        let same = scale.to_bits() == scale2.to_bits() && zp == zp2 && dt == dt2;
+        let op = tcc_ir::op::FakeQuant { scale, zero_point: zp, lo, hi };
+        // The op's own checks (a positive finite scale, the zero point in range).
+        let valid = Op::from_name("FakeQuant", serde_json::to_value(op).ok()?).is_ok();
+        (narrow && same && valid).then(|| (Op::from(op), vec![x]))
+    })]
 }

@@ -335,3 +335,26 @@ fn the_cost_model_ranks_rewrites() {
     assert!(CostModel::node_cost("LayerNorm") < CostModel::node_cost("Add"));
     assert!(CostModel::node_cost("Reshape") < CostModel::node_cost("Transpose"));
 }
+
+/// A QDQ pair with one scale and zero point is one `FakeQuant` (bit-exact); a pair whose
+/// parameters differ is not one.
+#[test]
+fn qdq_pairs_become_fake_quant() {
+    let qdq = |s2: &str| {
+        format!(
+            "graph q(%x: f32[batch, 6]) {{\n  %s = const f32[] [0.02]\n  %s2 = const f32[] [{s2}]\n  %z = const u8[] [128]\n  %q = QuantizeLinear(%x, %s, %z) : u8[batch, 6]\n  %y = DequantizeLinear(%q, %s2, %z) : f32[batch, 6]\n  return %y\n}}"
+        )
+    };
+    for (s2, want) in [("0.02", vec!["FakeQuant"]), ("0.03", vec!["QuantizeLinear", "DequantizeLinear"])] {
+        let before = text::parse(&qdq(s2)).unwrap();
+        let mut g = before.clone();
+        let mut r = rules::canonical();
+        r.extend(rules::fake_quant());
+        EqSat::new("fq", r, Limits::default()).run(&mut g, &mut PassContext::default()).unwrap();
+        let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.name()).collect();
+        assert_eq!(ops, want);
+        let ins = input(&before, 3, 1);
+        let (a, b) = (interp::run(&before, &ins).unwrap(), interp::run(&g, &ins).unwrap());
+        assert!(a[0].1.bit_eq(&b[0].1));
+    }
+}

@@ -4,7 +4,7 @@
 use super::emit::{mem, Emitter};
 use crate::kernels::NR;
 use crate::op::{BinaryKind, EpiOp, Epilogue, UnaryKind};
-use cranelift_codegen::ir::condcodes::IntCC;
+use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
 use cranelift_codegen::ir::{types, AbiParam, InstBuilder, Signature, Type, Value};
 use cranelift_codegen::isa::CallConv;
 
@@ -107,6 +107,21 @@ pub fn emit_program(e: &mut Emitter, ty: Type, prog: &Epilogue, acc: Value, inpu
                     UnaryKind::Relu => e.relu(ty, x),
                     k => unreachable!("epilogues exclude {k:?} (checked by Epilogue::supports_unary)"),
                 }
+            }
+            // round_half_even(clamp(x / scale, lo - zp, hi - zp)) * scale, NaN to 0: the
+            // division exact, as QuantizeLinear's.
+            EpiOp::FakeQuant(a, q) => {
+                let (lo, hi) = q.bounds();
+                let s = e.fconst(ty, q.scale);
+                let v = e.fdiv(regs[a], s);
+                let (lo, hi) = (e.fconst(ty, lo), e.fconst(ty, hi));
+                let v = e.clamp_below(ty, v, lo);
+                let v = e.clamp_above(ty, v, hi);
+                let nan = e.b.ins().fcmp(FloatCC::Unordered, v, v);
+                let zero = e.fconst(ty, 0.0);
+                let v = e.blend(ty, nan, zero, v);
+                let r = e.b.ins().nearest(v);
+                e.fmul(r, s)
             }
             // Division by a constant as a product with its reciprocal (within an ulp; as the
             // AVX-512 epilogue does).

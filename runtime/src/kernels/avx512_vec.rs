@@ -265,7 +265,7 @@ fn is_gelu_of(tail: &[EpiOp], x: usize, base: usize) -> bool {
                     && reads_ok(a, at)
                     && reads_ok(b, at)
             }
-            EpiOp::Acc | EpiOp::Input(_) => false,
+            EpiOp::Acc | EpiOp::Input(_) | EpiOp::FakeQuant(..) => false,
         };
         if !ok {
             return false;
@@ -298,6 +298,23 @@ fn is_gelu_of(tail: &[EpiOp], x: usize, base: usize) -> bool {
         let want = 0.5 * v * (1.0 + libm::erf(v / std::f64::consts::SQRT_2));
         (vals[vals.len() - 1] - want).abs() <= 1e-6 * (1.0 + want.abs())
     })
+}
+
+/// [`crate::op::FakeQuant::apply`] on sixteen lanes: the same division, clamp, NaN to 0,
+/// rounding half to even and product, so the same bits.
+#[inline(always)]
+unsafe fn fake_quant(x: __m512, q: &crate::op::FakeQuant) -> __m512 {
+    unsafe {
+        let (lo, hi) = q.bounds();
+        let s = splat(q.scale);
+        let v = _mm512_div_ps(x, s);
+        // max/min return their second operand when either is NaN: v goes second.
+        let v = _mm512_min_ps(splat(hi), _mm512_max_ps(splat(lo), v));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        let v = _mm512_mask_mov_ps(v, nan, _mm512_setzero_ps());
+        let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+        _mm512_mul_ps(r, s)
+    }
 }
 
 /// GELU, erf form.
@@ -427,6 +444,11 @@ pub unsafe extern "C" fn tile_epilogue(
                     }
                     // Division by a constant (GELU's x / sqrt 2) as a product with its
                     // reciprocal: within an ulp, and a division is the slowest vector op.
+                    EpiOp::FakeQuant(a, q) => {
+                        for v in 0..nv {
+                            out[v] = fake_quant(done[a][v], &q);
+                        }
+                    }
                     EpiOp::Binary(BinaryKind::Div, a, b) if let EpiOp::Const(d) = prog[b] => {
                         let r = _mm512_set1_ps(1.0 / d);
                         for v in 0..nv {

@@ -31,6 +31,8 @@ pub enum EpiOp {
     Const(f32),
     Unary(UnaryKind, usize),
     Binary(BinaryKind, usize, usize),
+    /// `DequantizeLinear(QuantizeLinear(r))` of an earlier result ([`super::FakeQuant`]).
+    FakeQuant(usize, super::FakeQuant),
 }
 
 /// An elementwise program; the last instruction's value is the output.
@@ -60,6 +62,7 @@ impl Epilogue {
                 EpiOp::Input(j) => *j < extra,
                 EpiOp::Unary(k, a) => Self::supports_unary(*k) && *a < i,
                 EpiOp::Binary(k, a, b) => Self::supports_binary(*k) && *a < i && *b < i,
+                EpiOp::FakeQuant(a, _) => *a < i,
             };
             if !ok {
                 return Err(Error::op("FusedMatMul", format!("bad epilogue instruction {i}: {op:?}")));
@@ -81,6 +84,7 @@ impl Epilogue {
                 EpiOp::Const(c) => c,
                 EpiOp::Unary(k, a) => super::elementwise::unary_f32(k, regs[a]),
                 EpiOp::Binary(k, a, b) => super::elementwise::binary_f32(k, regs[a], regs[b]),
+                EpiOp::FakeQuant(a, q) => q.apply(regs[a]),
             };
             regs.push(v);
         }
@@ -355,6 +359,10 @@ pub struct Attention {
     /// The softmax's NaN results become 0 ([`super::Softmax::nan_to_zero`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub nan_to_zero: bool,
+    /// The probabilities are rounded to this quantization grid before the context product
+    /// (QDQ models quantize them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probs_quant: Option<super::FakeQuant>,
 }
 
 impl Attention {
@@ -404,8 +412,11 @@ impl OpDef for Attention {
         let mut sin: Vec<Option<&Tensor>> = vec![inputs[0], inputs[1]];
         sin.extend(inputs[3..].iter().copied());
         let s = self.scores.eval(ctx, &sin)?.remove(0);
-        let p =
+        let mut p =
             super::Softmax { axis: -1, log: false, nan_to_zero: self.nan_to_zero }.eval(ctx, &[Some(&s)])?.remove(0);
+        if let Some(q) = &self.probs_quant {
+            p = q.eval(ctx, &[Some(&p)])?.remove(0);
+        }
         self.context.eval(ctx, &[Some(&p), inputs.get(2).copied().flatten()])
     }
 }

@@ -17,7 +17,7 @@ pub mod fused;
 mod gather;
 mod linalg;
 mod nn;
-mod quant;
+pub(crate) mod quant;
 mod reduce;
 mod shape;
 
@@ -27,7 +27,7 @@ pub(crate) use gather::resolve as resolve_index;
 pub use gather::{Gather, GatherElements, GatherND};
 pub use linalg::MatMul;
 pub use nn::{gelu, Gelu, GeluApprox, LayerNorm, Softmax};
-pub use quant::{DequantizeLinear, DynamicQuantizeLinear, MatMulInteger, QuantizeLinear};
+pub use quant::{DequantizeLinear, DynamicQuantizeLinear, FakeQuant, MatMulInteger, QuantizeLinear};
 pub use reduce::{CumSum, Reduce, ReduceKind};
 pub use shape::{
     Concat, ConstantOfShape, DimValue, Expand, Flatten, Range, Reshape, Shape, Size, Slice, Split, Squeeze, Tile,
@@ -439,7 +439,7 @@ ops! {
     Shape, Size, Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Concat, Split, Slice,
     Expand, Tile, ConstantOfShape, Range, DimValue,
     Gather, GatherElements, GatherND,
-    QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear, MatMulInteger,
+    QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear, MatMulInteger, FakeQuant,
 }
 
 impl Op {

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
 
 fn default_axis() -> i64 {
     1
@@ -52,6 +53,63 @@ pub fn quantize_value(x: f32, scale: f32, zp: i64, lo: f32, hi: f32) -> i64 {
     let v = (x / scale).clamp(lo - zp as f32, hi - zp as f32);
     let v = if v.is_nan() { 0.0 } else { v };
     super::elementwise::round_half_even(v) as i64 + zp
+}
+
+/// `DequantizeLinear(QuantizeLinear(x, scale, zero_point), scale, zero_point)` with per-tensor
+/// parameters, as one f32 op: `x` rounded to the quantization grid (what QDQ models compute
+/// between their ops). `lo`/`hi` are the integer type's bounds (0/255 for u8, -128/127 for i8).
+/// As an epilogue instruction it runs on a product's tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeQuant {
+    pub scale: f32,
+    pub zero_point: i64,
+    pub lo: i64,
+    pub hi: i64,
+}
+
+impl FakeQuant {
+    /// One value, exactly as `DequantizeLinear(QuantizeLinear(x))` computes it.
+    #[inline]
+    pub fn apply(&self, x: f32) -> f32 {
+        let q = quantize_value(x, self.scale, self.zero_point, self.lo as f32, self.hi as f32);
+        (q - self.zero_point) as f32 * self.scale
+    }
+
+    /// The bounds of `round(x / scale)`: `lo - zero_point`, `hi - zero_point`.
+    pub fn bounds(&self) -> (f32, f32) {
+        ((self.lo - self.zero_point) as f32, (self.hi - self.zero_point) as f32)
+    }
+}
+
+impl OpDef for FakeQuant {
+    const NAMES: &'static [&'static str] = &["FakeQuant"];
+
+    fn from_attrs(name: &str, attrs: Json) -> Result<Self, String> {
+        let f: FakeQuant = serde_json::from_value(attrs).map_err(|e| format!("{name}: {e}"))?;
+        if !(f.scale > 0.0 && f.scale.is_finite()) || f.lo >= f.hi || !(f.lo..=f.hi).contains(&f.zero_point) {
+            return Err(format!("{name}: bad parameters {f:?}"));
+        }
+        Ok(f)
+    }
+
+    fn arity(&self) -> Arity {
+        Arity::exact(1, 1)
+    }
+
+    fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
+        let x = req("FakeQuant", inputs, 0)?;
+        if x.dtype != DType::F32 {
+            return Err(Error::op("FakeQuant", format!("input must be f32, got {}", x.dtype)));
+        }
+        Ok(vec![Fact::new(DType::F32, x.shape.clone())])
+    }
+
+    fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+        let x = req("FakeQuant", inputs, 0)?;
+        let v: Vec<f32> = x.as_slice::<f32>()?.iter().map(|&v| self.apply(v)).collect();
+        Ok(vec![Tensor::new(x.shape().to_vec(), v)?])
+    }
 }
 
 /// `y = saturate(round(x / scale) + zero_point)`; the output type is the zero point's (u8 when
@@ -268,13 +326,39 @@ impl OpDef for MatMulInteger {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::op::Op;
 
     fn eval(op: impl Into<Op>, inputs: &[&Tensor]) -> Vec<Tensor> {
         let ins: Vec<Option<&Tensor>> = inputs.iter().map(|t| Some(*t)).collect();
         op.into().eval(&EvalContext::default(), &ins).unwrap()
+    }
+
+    /// Full-range data: values on and around every rounding midpoint, beyond both bounds, NaN.
+    pub(crate) fn fake_quant_data(q: &FakeQuant) -> Vec<f32> {
+        let mut v: Vec<f32> = (-700..700).map(|i| i as f32 * 0.5 * q.scale).collect();
+        v.extend((-300..300).map(|i| (i as f32 + 0.5) * q.scale * 1.0000001));
+        v.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1e30, -1e30]);
+        v
+    }
+
+    #[test]
+    fn fake_quant_is_dequantize_of_quantize_bit_for_bit() {
+        for (zp, dt) in [(128u8 as i64, DType::U8), (0, DType::U8), (-3, DType::I8), (0, DType::I8)] {
+            let (lo, hi) = qrange(dt).unwrap();
+            let q = FakeQuant { scale: 0.0173, zero_point: zp, lo: lo as i64, hi: hi as i64 };
+            let x = Tensor::new(vec![fake_quant_data(&q).len()], fake_quant_data(&q)).unwrap();
+            let s = Tensor::new(vec![], vec![q.scale]).unwrap();
+            let z = match dt {
+                DType::U8 => Tensor::new(vec![], vec![zp as u8]).unwrap(),
+                _ => Tensor::new(vec![], vec![zp as i8]).unwrap(),
+            };
+            let qx = eval(QuantizeLinear { axis: 1, output_dtype: None }, &[&x, &s, &z]).remove(0);
+            let want = eval(DequantizeLinear { axis: 1 }, &[&qx, &s, &z]).remove(0);
+            let got = eval(q, &[&x]).remove(0);
+            assert!(got.bit_eq(&want), "{dt} zero point {zp}");
+        }
     }
 
     #[test]
