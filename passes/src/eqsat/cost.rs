@@ -1,20 +1,23 @@
-//! The extraction cost model.
+//! The extraction cost model: memory traffic, in elements.
 //!
-//! The cost of a term is the sum over its e-nodes of:
+//! On CPUs a transformer's element-wise work is bound by memory, so a term costs what its ops
+//! read and write. The cost of an e-node is a weight times the elements of its output (a
+//! symbolic dim counts as [`SYMBOL`]), summed over the term:
 //! - leaves (inputs, weights, scalars): 0;
-//! - an op the runtime runs as one fused kernel (`LayerNorm`, `Gelu`, `Attention`,
-//!   `FusedMatMul`, `Softmax`): 1 per pass over its output;
-//! - shape-only ops (`Reshape`, `Unsqueeze`, `Squeeze`, `Flatten`, `DimValue`, `Shape`): 1;
-//! - any other op: 2 (a pass over memory, and a node the runtime dispatches), except an
-//!   elementwise op reading a matrix product: 0.25, since `fuse-matmul` runs it in the
-//!   product's epilogue (so scalings move after products, onto the product's tiles);
+//! - an op the runtime has one kernel for (`LayerNorm`, `Gelu`, `Attention`, `FusedMatMul`,
+//!   `Softmax`, `MatMul`): 1, one pass over its output;
+//! - shape-only ops (`Reshape`, `Unsqueeze`, `Squeeze`, `Flatten`, `DimValue`, `Shape`,
+//!   `Identity`): 0.1;
+//! - an element-wise op reading a matrix product: [`EPILOGUE`], since `fuse-matmul` runs it
+//!   on the product's tiles in registers (so scalings move after products);
+//! - any other op: 2 (reads its input and writes its output);
 //! - an e-node whose type cannot be inferred (a rewrite that does not type-check here): never
 //!   extracted.
 //!
-//! So a recognized structure (one `LayerNorm` for nine elementwise ops and two reductions)
-//! always wins, and among equal structures the one with fewer passes over memory does. This
-//! is deliberately coarse: kernels' speed is measured by the benchmarks, and the model only has
-//! to rank rewrites that remove work.
+//! So a recognized structure (one `LayerNorm` pass for nine element-wise ops and two
+//! reductions) wins, and a new node only replaces an original one when it is cheaper: on equal
+//! cost the original is kept ([`NEW_NODE`]). The products' FLOPs are not in the model: no
+//! rewrite here changes them. Kernels' speed itself is measured by the benchmarks.
 
 use super::lang::{Tl, TlGraph};
 use egg::{CostFunction, Id, Language};
@@ -29,11 +32,15 @@ pub struct CostModel<'a> {
 
 /// Elementwise ops that `fuse-matmul` folds into a product's epilogue.
 const EPILOGUE_OPS: &[&str] = &["Add", "Sub", "Mul", "Div", "Gelu", "Erf", "Tanh", "Relu", "Sigmoid", "FakeQuant"];
-/// What such an op costs when it reads a product: it runs on the product's tiles in registers.
-const EPILOGUE: f64 = 0.25;
+/// The weight of such an op when it reads a product: it runs on the product's tiles in
+/// registers, almost free.
+pub const EPILOGUE: f64 = 0.02;
 
-/// What a new e-node costs more than an original one of the same op.
-const NEW_NODE: f64 = 1e-3;
+/// How much more (relatively) a new e-node costs than an original one of the same op.
+pub const NEW_NODE: f64 = 1e-3;
+
+/// The size a symbolic dim counts as (batch or sequence: the model must rank rewrites for any).
+pub const SYMBOL: i64 = 64;
 
 impl<'a> CostModel<'a> {
     pub fn new(egraph: &'a TlGraph, original: impl IntoIterator<Item = Tl>) -> CostModel<'a> {
@@ -46,13 +53,18 @@ impl<'a> CostModel<'a> {
         self.egraph[c].nodes.iter().any(|n| matches!(n, Tl::Op(s, _) if matches!(s.name(), "MatMul" | "FusedMatMul")))
     }
 
-    /// The cost of one e-node without its children.
+    /// The weight of an op: per element of its output (see the module docs).
     pub fn node_cost(name: &str) -> f64 {
         match name {
-            "LayerNorm" | "Gelu" | "Attention" | "FusedMatMul" | "Softmax" => 1.0,
-            "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "DimValue" | "Shape" | "Identity" => 1.0,
+            "LayerNorm" | "Gelu" | "Attention" | "FusedMatMul" | "Softmax" | "MatMul" => 1.0,
+            "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "DimValue" | "Shape" | "Identity" => 0.1,
             _ => 2.0,
         }
+    }
+
+    /// The elements of a value (symbolic dims count as [`SYMBOL`]).
+    fn elements(f: &tcc_ir::Fact) -> f64 {
+        f.shape.iter().map(|d| d.eval(&|_| Some(SYMBOL)).unwrap_or(SYMBOL).max(1) as f64).product::<f64>().max(1.0)
     }
 }
 
@@ -66,26 +78,24 @@ impl CostFunction<Tl> for CostModel<'_> {
         match enode {
             Tl::Scalar(_) | Tl::Leaf(_) => 0.0,
             Tl::Op(sym, children) => {
-                let typed = {
-                    let facts: Vec<Option<&tcc_ir::Fact>> = children
-                        .iter()
-                        .map(|c| {
-                            let class = &self.egraph[*c];
-                            class.data.fact.as_ref()
-                        })
-                        .collect();
-                    // Absent optional inputs have no fact and are allowed.
-                    sym.op().infer(&facts).is_ok_and(|o| o.len() == 1)
+                // The e-node's own output, as its op infers it from its children's facts
+                // (absent optional inputs have none); an e-node that does not type-check is
+                // never extracted.
+                let facts: Vec<Option<&tcc_ir::Fact>> =
+                    children.iter().map(|c| self.egraph[*c].data.fact.as_ref()).collect();
+                let out = match sym.op().infer(&facts) {
+                    Ok(o) if o.len() == 1 => Self::elements(&o[0]),
+                    _ => return f64::INFINITY,
                 };
-                if !typed {
-                    return f64::INFINITY;
-                }
                 let canonical = enode.clone().map_children(|c| self.egraph.find(c));
-                let mut own = Self::node_cost(sym.name());
+                let mut weight = Self::node_cost(sym.name());
                 if EPILOGUE_OPS.contains(&sym.name()) && children.iter().any(|c| self.is_product(*c)) {
-                    own = EPILOGUE;
+                    weight = EPILOGUE;
                 }
-                own += if self.original.contains(&canonical) { 0.0 } else { NEW_NODE };
+                if !self.original.contains(&canonical) {
+                    weight *= 1.0 + NEW_NODE;
+                }
+                let own = weight * out;
                 enode.fold(own, |sum, id| sum + costs(id))
             }
         }

@@ -330,6 +330,11 @@ fn the_cost_model_ranks_rewrites() {
     let (g, _) = run(rules::attention());
     let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.name()).collect();
     assert_eq!(ops, ["MatMul", "Mul"]);
+    // Also when the scores are much larger than Q (a static 512-token export, head dim 64).
+    let mut g = text::parse("graph g(%q: f32[1, 12, 512, 64], %k: f32[1, 12, 64, 512]) {\n  %c = const f32[] [0.125]\n  %s = Mul(%q, %c) : f32[1, 12, 512, 64]\n  %y = MatMul(%s, %k) : f32[1, 12, 512, 512]\n  return %y\n}").unwrap();
+    EqSat::new("t", rules::attention(), Limits::default()).run(&mut g, &mut PassContext::default()).unwrap();
+    let ops: Vec<&str> = g.nodes.iter().map(|n| n.op.name()).collect();
+    assert_eq!(ops, ["MatMul", "Mul"]);
     // Costs as documented.
     use cost::CostModel;
     assert!(CostModel::node_cost("LayerNorm") < CostModel::node_cost("Add"));
