@@ -19,6 +19,9 @@ use std::mem::MaybeUninit;
 
 /// Rows of `A` per `k` block kept hot while a panel of `B` streams through.
 const KC: usize = 256;
+/// The most floats of partial sums a product split along `k` may allocate (16 MiB).
+#[cfg(target_arch = "x86_64")]
+const MAX_SPLIT_K_SCRATCH: usize = 4 << 20;
 
 /// A buffer of `len` floats that will be fully written before it is read.
 struct Uninit(Vec<MaybeUninit<f32>>);
@@ -290,12 +293,24 @@ impl Fast {
     /// epilogue.
     #[cfg(target_arch = "x86_64")]
     fn split_k(&self, p: &Product, threads: usize) -> Option<usize> {
-        self.split_k_for(p.m, p.k, p.offsets.len(), &p.spec.epilogue, threads)
+        self.split_k_for(p.m, p.k, p.n, p.offsets.len(), &p.spec.epilogue, threads)
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn split_k_for(&self, m: usize, k: usize, batches: usize, epilogue: &Epilogue, threads: usize) -> Option<usize> {
+    fn split_k_for(
+        &self,
+        m: usize,
+        k: usize,
+        n: usize,
+        batches: usize,
+        epilogue: &Epilogue,
+        threads: usize,
+    ) -> Option<usize> {
+        // The partial sums are `(threads - 1) * m * n` floats of scratch: bounded here (the
+        // rows of one or a few sequences), so a long batch splits by columns instead.
+        let scratch_ok = (threads.max(1) - 1).saturating_mul(m).saturating_mul(n) <= MAX_SPLIT_K_SCRATCH;
         let ok = threads >= 2
+            && scratch_ok
             && batches == 1
             && k.div_ceil(KC) >= threads
             && crate::jit::gemm::k_outer_pays(m, k, KC)
@@ -968,7 +983,7 @@ mod tests {
             // With AVX-512 and two threads or more, it is also split along k.
             #[cfg(target_arch = "x86_64")]
             assert_eq!(
-                fast.split_k_for(97, 2900, 1, &epi, pool::global().threads()).is_some(),
+                fast.split_k_for(97, 2900, 300, 1, &epi, pool::global().threads()).is_some(),
                 tier == Tier::Avx512 && pool::global().threads() >= 2
             );
             for &(m, k, n) in &shapes {
@@ -1081,8 +1096,11 @@ mod tests {
             let got = fast.eval(&op, &[Some(&at), Some(&b)]).expect("handled").unwrap().remove(0);
             let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
             for (i, (x, y)) in g.iter().zip(w).enumerate() {
-                // The same value (zeros of either sign are one grid point).
-                assert!(x == y || (x.is_nan() && y.is_nan()), "{tier}: {} -> {x}, reference {y}", a_at(&at, i));
+                assert!(
+                    x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()),
+                    "{tier}: {} -> {x}, reference {y}",
+                    a_at(&at, i)
+                );
             }
         }
         fn a_at(a: &Tensor, i: usize) -> f32 {

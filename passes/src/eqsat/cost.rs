@@ -11,8 +11,8 @@
 //! - an element-wise op reading a matrix product: [`EPILOGUE`], since `fuse-matmul` runs it
 //!   on the product's tiles in registers (so scalings move after products);
 //! - any other op: 2 (reads its input and writes its output);
-//! - an e-node whose type cannot be inferred (a rewrite that does not type-check here): never
-//!   extracted.
+//! - an e-node whose type cannot be inferred, or differs from its e-class's (a rewrite that does
+//!   not type-check here): infinite, so extracted only if nothing else computes the value.
 //!
 //! So a recognized structure (one `LayerNorm` pass for nine element-wise ops and two
 //! reductions) wins, and a new node only replaces an original one when it is cheaper: on equal
@@ -62,6 +62,20 @@ impl<'a> CostModel<'a> {
         }
     }
 
+    /// Whether an e-node's inferred type is its e-class's: a rewrite that would change a
+    /// value's dtype or shape (a rule whose conditions miss a broadcast) is never extracted.
+    fn agrees(&self, enode: &Tl, out: &tcc_ir::Fact) -> bool {
+        let Some(c) = self.egraph.lookup(enode.clone()) else { return true };
+        match self.egraph[c].data.fact.as_ref() {
+            None => true,
+            Some(f) => {
+                f.dtype == out.dtype
+                    && f.shape.len() == out.shape.len()
+                    && f.shape.iter().zip(&out.shape).all(|(a, b)| a == b || a.is_unknown() || b.is_unknown())
+            }
+        }
+    }
+
     /// The elements of a value (symbolic dims count as [`SYMBOL`]).
     fn elements(f: &tcc_ir::Fact) -> f64 {
         f.shape.iter().map(|d| d.eval(&|_| Some(SYMBOL)).unwrap_or(SYMBOL).max(1) as f64).product::<f64>().max(1.0)
@@ -84,7 +98,7 @@ impl CostFunction<Tl> for CostModel<'_> {
                 let facts: Vec<Option<&tcc_ir::Fact>> =
                     children.iter().map(|c| self.egraph[*c].data.fact.as_ref()).collect();
                 let out = match sym.op().infer(&facts) {
-                    Ok(o) if o.len() == 1 => Self::elements(&o[0]),
+                    Ok(o) if o.len() == 1 && self.agrees(enode, &o[0]) => Self::elements(&o[0]),
                     _ => return f64::INFINITY,
                 };
                 let canonical = enode.clone().map_children(|c| self.egraph.find(c));

@@ -111,7 +111,9 @@ fn lift(g: &Graph) -> Lifted {
     let mut lifted = vec![false; g.nodes.len()];
     let mut nodes = Vec::new();
     for (n, node) in g.nodes.iter().enumerate() {
-        if node.outputs.len() != 1 {
+        // Attributes are interned by their JSON, which writes NaN and infinities as `null`:
+        // such ops stay out of the e-graph rather than be confused with another.
+        if node.outputs.len() != 1 || node.op.attrs().to_string().contains("null") {
             continue;
         }
         let children: Vec<Id> = node
@@ -172,8 +174,9 @@ impl Pass for EqSat {
         let extractor = Extractor::new(&egraph, cost::CostModel::new(&egraph, nodes));
         // Original nodes by e-node (children canonical): a term that is one reuses it.
         let mut original: HashMap<Tl, usize> = HashMap::new();
-        // A name for each e-class: the first original value in it.
-        let mut class_name: HashMap<Id, String> = HashMap::new();
+        // For each e-class, the first original value in it: new nodes take its name and
+        // quantization parameters.
+        let mut class_value: HashMap<Id, ValueId> = HashMap::new();
         for (n, node) in g.nodes.iter().enumerate() {
             if lifted[n] {
                 let c = egraph.find(class_of[&node.outputs[0]]);
@@ -186,10 +189,10 @@ impl Pass for EqSat {
                     })
                     .collect();
                 original.entry(Tl::Op(OpSym::of(&node.op), children)).or_insert(n);
-                class_name.entry(c).or_insert_with(|| g.value(node.outputs[0]).name.clone());
+                class_value.entry(c).or_insert(node.outputs[0]);
             }
         }
-        let mut b = Builder { egraph: &egraph, extractor, original, class_name, memo: HashMap::new(), added: 0 };
+        let mut b = Builder { egraph: &egraph, extractor, original, class_value, memo: HashMap::new(), added: 0 };
         let mut replace: Vec<(ValueId, ValueId)> = Vec::new();
         for r in roots {
             let Some(&c) = class_of.get(&r) else { continue };
@@ -208,9 +211,6 @@ impl Pass for EqSat {
             }
         }
         for (r, v) in replace {
-            if g.value(v).quant.is_none() {
-                g.value_mut(v).quant = g.value(r).quant.clone();
-            }
             g.replace_uses(r, v);
         }
         g.toposort()?;
@@ -251,7 +251,7 @@ struct Builder<'a> {
     egraph: &'a TlGraph,
     extractor: Extractor<'a, cost::CostModel<'a>, Tl, TlAnalysis>,
     original: HashMap<Tl, usize>,
-    class_name: HashMap<Id, String>,
+    class_value: HashMap<Id, ValueId>,
     memo: HashMap<Id, Option<ValueId>>,
     added: usize,
 }
@@ -285,9 +285,12 @@ impl Builder<'_> {
                         Some(g.nodes[n].outputs[0])
                     }
                     None => {
-                        let name = self.class_name.get(&c).cloned().unwrap_or_else(|| format!("eqsat.{c}"));
+                        let like = self.class_value.get(&c).copied();
+                        let name = like.map_or_else(|| format!("eqsat.{c}"), |v| g.value(v).name.clone());
                         self.added += 1;
-                        Some(g.add_node(sym.op(), inputs, name)?[0])
+                        let v = g.add_node(sym.op(), inputs, name)?[0];
+                        g.value_mut(v).quant = like.and_then(|l| g.value(l).quant.clone());
+                        Some(v)
                     }
                 }
             }

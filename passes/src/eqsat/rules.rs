@@ -179,7 +179,7 @@ pub fn canonical() -> Vec<Rewrite<Tl, TlAnalysis>> {
             let (a, c) = (var("?a"), var("?c"));
             let div = move |eg: &TlGraph, s: &Subst| -> Option<f32> {
                 let k = scalar_of(eg, s, c)?;
-                let ok = k != 0.0 && k.is_finite() && rank_of(eg, s, c)? <= rank_of(eg, s, a)?;
+                let ok = k.is_normal() && (1.0 / k).is_normal() && rank_of(eg, s, c)? <= rank_of(eg, s, a)?;
                 ok.then_some(1.0 / k)
             };
             Rewrite::new("div-const", pattern("(Div ?a ?c)"), MulByScalar { a, f: Arc::new(div) })
@@ -236,6 +236,7 @@ pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
             let epsilon = scalar_of(eg, s, eps)?;
             let ok = is_last_axis(eg, s, a1, x)
                 && is_last_axis(eg, s, a2, x)
+                && rank_of(eg, s, eps).zip(rank_of(eg, s, x)).is_some_and(|(e, r)| e <= r)
                 && is_channel_vector(eg, s, g, x)
                 && is_channel_vector(eg, s, b, x)
                 && epsilon >= 0.0;
@@ -261,7 +262,11 @@ pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
         let lhs = "(Mul (Mul ?x ?h) (Add (Tanh (Mul (Add ?x (Mul (Pow ?x ?three) ?k)) ?s)) ?one))";
         op_rule("gelu-tanh", lhs, move |eg, s| {
             let near = |v: Var, want: f32| scalar_of(eg, s, v).is_some_and(|c| (c - want).abs() <= 1e-5 * want.abs());
-            let ok = near(h, 0.5)
+            let narrow = [h, one, s2, k, three]
+                .iter()
+                .all(|v| rank_of(eg, s, *v).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b));
+            let ok = narrow
+                && near(h, 0.5)
                 && near(one, 1.0)
                 && near(s2, (2.0 / std::f64::consts::PI).sqrt() as f32)
                 && near(k, 0.044715)
@@ -286,10 +291,14 @@ pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
 ///   `Transpose`;
 /// - SDPA's `Where(IsNaN(p), 0, p)` after the softmax is the softmax that maps NaN to 0.
 pub fn attention() -> Vec<Rewrite<Tl, TlAnalysis>> {
-    let scalar_no_wider = |c: &str, x: &str| -> Cond {
-        let (c, x) = (var(c), var(x));
+    // A scalar no wider than either operand, both at least matrices: the product then has
+    // the rank of the wider operand, which the scalar does not exceed.
+    let scalar_no_wider = |c: &str, _: &str| -> Cond {
+        let (c, a, b) = (var(c), var("?a"), var("?b"));
         Arc::new(move |eg, s| {
-            scalar_of(eg, s, c).is_some() && rank_of(eg, s, c).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b)
+            let (rc, ra, rb) = (rank_of(eg, s, c), rank_of(eg, s, a), rank_of(eg, s, b));
+            scalar_of(eg, s, c).is_some()
+                && rc.zip(ra.zip(rb)).is_some_and(|(rc, (ra, rb))| ra >= 2 && rb >= 2 && rc <= ra.min(rb))
         })
     };
     let kt = {

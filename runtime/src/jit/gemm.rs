@@ -121,6 +121,8 @@ pub fn emit_program(e: &mut Emitter, ty: Type, prog: &Epilogue, acc: Value, inpu
                 let zero = e.fconst(ty, 0.0);
                 let v = e.blend(ty, nan, zero, v);
                 let r = e.b.ins().nearest(v);
+                // -0.0 + 0.0 = +0.0: the reference's integer round trip has no negative zero.
+                let r = e.fadd(r, zero);
                 e.fmul(r, s)
             }
             // Division by a constant as a product with its reciprocal (within an ulp; as the

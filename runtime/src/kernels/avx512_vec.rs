@@ -313,7 +313,8 @@ unsafe fn fake_quant(x: __m512, q: &crate::op::FakeQuant) -> __m512 {
         let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
         let v = _mm512_mask_mov_ps(v, nan, _mm512_setzero_ps());
         let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-        _mm512_mul_ps(r, s)
+        // -0.0 + 0.0 = +0.0: the reference's integer round trip has no negative zero.
+        _mm512_mul_ps(_mm512_add_ps(r, _mm512_setzero_ps()), s)
     }
 }
 
@@ -442,13 +443,13 @@ pub unsafe extern "C" fn tile_epilogue(
                             out[v] = unary(k, done[a][v]);
                         }
                     }
-                    // Division by a constant (GELU's x / sqrt 2) as a product with its
-                    // reciprocal: within an ulp, and a division is the slowest vector op.
                     EpiOp::FakeQuant(a, q) => {
                         for v in 0..nv {
                             out[v] = fake_quant(done[a][v], &q);
                         }
                     }
+                    // Division by a constant (GELU's x / sqrt 2) as a product with its
+                    // reciprocal: within an ulp, and a division is the slowest vector op.
                     EpiOp::Binary(BinaryKind::Div, a, b) if let EpiOp::Const(d) = prog[b] => {
                         let r = _mm512_set1_ps(1.0 / d);
                         for v in 0..nv {

@@ -62,7 +62,7 @@ impl Epilogue {
                 EpiOp::Input(j) => *j < extra,
                 EpiOp::Unary(k, a) => Self::supports_unary(*k) && *a < i,
                 EpiOp::Binary(k, a, b) => Self::supports_binary(*k) && *a < i && *b < i,
-                EpiOp::FakeQuant(a, _) => *a < i,
+                EpiOp::FakeQuant(a, q) => *a < i && q.validate().is_ok(),
             };
             if !ok {
                 return Err(Error::op("FusedMatMul", format!("bad epilogue instruction {i}: {op:?}")));
@@ -371,11 +371,12 @@ impl Attention {
             && self.context.packed.is_none()
             && self.context.a_perm.is_none()
             && self.context.extra == 0
-            && self.scores.c_perm.is_none();
+            && self.scores.c_perm.is_none()
+            && self.probs_quant.as_ref().is_none_or(|q| q.validate().is_ok());
         if !ok {
             return Err(Error::op(
                 "Attention",
-                "the products must read activations, and the context product plain probabilities",
+                "the products must read activations, the context product plain probabilities (quantized with valid parameters)",
             ));
         }
         Ok(())

@@ -76,6 +76,23 @@ impl FakeQuant {
         (q - self.zero_point) as f32 * self.scale
     }
 
+    /// Checks the parameters: a positive finite scale, `lo < hi` within 32 bits, the zero point
+    /// between them.
+    pub fn validate(&self) -> Result<()> {
+        let in_i32 = |v: i64| i32::try_from(v).is_ok();
+        let ok = self.scale > 0.0
+            && self.scale.is_finite()
+            && in_i32(self.lo)
+            && in_i32(self.hi)
+            && self.lo < self.hi
+            && (self.lo..=self.hi).contains(&self.zero_point);
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::op("FakeQuant", format!("bad parameters {self:?}")))
+        }
+    }
+
     /// The bounds of `round(x / scale)`: `lo - zero_point`, `hi - zero_point`.
     pub fn bounds(&self) -> (f32, f32) {
         ((self.lo - self.zero_point) as f32, (self.hi - self.zero_point) as f32)
@@ -87,9 +104,7 @@ impl OpDef for FakeQuant {
 
     fn from_attrs(name: &str, attrs: Json) -> Result<Self, String> {
         let f: FakeQuant = serde_json::from_value(attrs).map_err(|e| format!("{name}: {e}"))?;
-        if !(f.scale > 0.0 && f.scale.is_finite()) || f.lo >= f.hi || !(f.lo..=f.hi).contains(&f.zero_point) {
-            return Err(format!("{name}: bad parameters {f:?}"));
-        }
+        f.validate().map_err(|e| e.to_string())?;
         Ok(f)
     }
 
@@ -98,6 +113,7 @@ impl OpDef for FakeQuant {
     }
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
+        self.validate()?;
         let x = req("FakeQuant", inputs, 0)?;
         if x.dtype != DType::F32 {
             return Err(Error::op("FakeQuant", format!("input must be f32, got {}", x.dtype)));
@@ -106,6 +122,7 @@ impl OpDef for FakeQuant {
     }
 
     fn eval(&self, _: &EvalContext, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+        self.validate()?;
         let x = req("FakeQuant", inputs, 0)?;
         let v: Vec<f32> = x.as_slice::<f32>()?.iter().map(|&v| self.apply(v)).collect();
         Ok(vec![Tensor::new(x.shape().to_vec(), v)?])
