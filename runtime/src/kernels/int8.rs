@@ -1,0 +1,287 @@
+//! Integer GEMM for quantized models: `u8` activations times `s8` weights, summed in `i32`.
+//!
+//! The first kernel is AVX-512 VNNI (`vpdpbusd`: for each 32-bit lane, the dot product of four
+//! `u8` with four `s8`, added to the lane, without saturation). Weights are packed once in
+//! panels of [`NR`] columns: for each group of four rows of `k`, the panel's 32 columns hold
+//! their four bytes each, 128 contiguous bytes: one 64-byte vector per 16 columns. Activations
+//! are rows of `k` bytes padded to a multiple of four (the runtime quantizes them itself, into
+//! buffers it pads). Every kernel is checked bit for bit against [`reference`] on full-range
+//! data.
+
+use super::NR;
+
+/// `k` rounded up to the group of four rows a `vpdpbusd` lane sums.
+pub fn k_groups(k: usize) -> usize {
+    k.div_ceil(4)
+}
+
+/// Packs `k x n` row-major `s8` weights into panels of [`NR`] columns: per panel, per group of
+/// four rows, `NR` columns of four bytes (rows past `k` and columns past `n` are zero).
+pub fn pack_b_s8(k: usize, n: usize, w: &[i8]) -> Vec<i8> {
+    assert_eq!(w.len(), k * n, "pack_b_s8: {k} x {n} weights, got {}", w.len());
+    let (groups, panels) = (k_groups(k), n.div_ceil(NR));
+    let mut out = vec![0i8; panels * groups * NR * 4];
+    for p in 0..panels {
+        for g in 0..groups {
+            for c in 0..NR {
+                for r in 0..4 {
+                    let (row, col) = (g * 4 + r, p * NR + c);
+                    if row < k && col < n {
+                        out[((p * groups + g) * NR + c) * 4 + r] = w[row * n + col];
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `C[m x n] = A[m x k] . B[k x n]` in `i32`, the plain definition: the oracle of the kernels.
+#[allow(clippy::too_many_arguments)] // a GEMM's shape, operands and strides
+pub fn reference(m: usize, k: usize, n: usize, a: &[u8], lda: usize, b: &[i8], c: &mut [i32], ldc: usize) {
+    for i in 0..m {
+        for j in 0..n {
+            c[i * ldc + j] = (0..k).map(|p| a[i * lda + p] as i32 * b[p * n + j] as i32).sum();
+        }
+    }
+}
+
+/// Whether this CPU runs the AVX-512 VNNI kernel.
+pub fn vnni512_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `C = A . B` over whole panels with the AVX-512 VNNI micro-kernel: `a` is `m` rows of
+/// `lda >= 4 * k_groups(k)` bytes (the bytes past `k` zero), `packed` is [`pack_b_s8`] of the
+/// `k x n` weights, `c` is `m` rows of `ldc >= n` `i32`. Returns `None` when the CPU lacks
+/// VNNI or the buffers are too small.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_u8s8(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[u8],
+    lda: usize,
+    packed: &[i8],
+    c: &mut [i32],
+    ldc: usize,
+) -> Option<()> {
+    let groups = k_groups(k);
+    let panels = n.div_ceil(NR);
+    let fits = lda >= groups * 4
+        && ldc >= n
+        && (m == 0 || a.len() >= (m - 1) * lda + groups * 4)
+        && packed.len() >= panels * groups * NR * 4
+        && (m == 0 || c.len() >= (m - 1) * ldc + n);
+    if !fits || !vnni512_supported() {
+        return None;
+    }
+    #[cfg(target_arch = "x86_64")]
+    for p in 0..panels {
+        let cols = NR.min(n - p * NR);
+        let bp = packed[p * groups * NR * 4..].as_ptr();
+        let mut i = 0;
+        while i < m {
+            let rows = 12.min(m - i);
+            // SAFETY: the CPU has AVX-512F/BW/VNNI (checked above); rows i..i+rows of `a` hold
+            // `groups * 4` bytes each, the panel holds `groups` vectors of 2 x 64 bytes, and
+            // rows i..i+rows of `c` hold `cols` i32 from column p * NR (all checked by `fits`).
+            unsafe {
+                vnni512::tile_any(
+                    rows,
+                    groups,
+                    a[i * lda..].as_ptr(),
+                    lda,
+                    bp,
+                    c[i * ldc + p * NR..].as_mut_ptr(),
+                    ldc,
+                    cols,
+                )
+            };
+            i += rows;
+        }
+    }
+    Some(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni512 {
+    use super::NR;
+    use std::arch::x86_64::*;
+
+    /// [`tile`] for `rows <= 12` known at run time (the row count is a constant inside, so the
+    /// accumulators stay in registers).
+    ///
+    /// # Safety
+    /// As [`tile`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile_any(
+        rows: usize,
+        groups: usize,
+        a: *const u8,
+        lda: usize,
+        b: *const i8,
+        c: *mut i32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        // SAFETY: forwarded.
+        unsafe {
+            match rows {
+                12.. => tile::<12>(groups, a, lda, b, c, ldc, cols),
+                11 => tile::<11>(groups, a, lda, b, c, ldc, cols),
+                10 => tile::<10>(groups, a, lda, b, c, ldc, cols),
+                9 => tile::<9>(groups, a, lda, b, c, ldc, cols),
+                8 => tile::<8>(groups, a, lda, b, c, ldc, cols),
+                7 => tile::<7>(groups, a, lda, b, c, ldc, cols),
+                6 => tile::<6>(groups, a, lda, b, c, ldc, cols),
+                5 => tile::<5>(groups, a, lda, b, c, ldc, cols),
+                4 => tile::<4>(groups, a, lda, b, c, ldc, cols),
+                3 => tile::<3>(groups, a, lda, b, c, ldc, cols),
+                2 => tile::<2>(groups, a, lda, b, c, ldc, cols),
+                1 => tile::<1>(groups, a, lda, b, c, ldc, cols),
+                0 => {}
+            }
+        }
+    }
+
+    /// `ROWS` rows x up to 32 columns of `C = A . B`, `groups` groups of four `k`.
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VNNI; `a` holds `ROWS` rows of `groups * 4` bytes at stride `lda`; `b` holds
+    /// `groups` x `NR` x 4 bytes; `c` holds `ROWS` rows of `cols <= 32` i32 at stride `ldc`.
+    #[inline(always)]
+    unsafe fn tile<const ROWS: usize>(
+        groups: usize,
+        a: *const u8,
+        lda: usize,
+        b: *const i8,
+        c: *mut i32,
+        ldc: usize,
+        cols: usize,
+    ) {
+        debug_assert!(cols <= NR);
+        // SAFETY: the caller's contract; loads stay within the rows and the panel, stores
+        // within `cols` columns (masked).
+        unsafe {
+            let mut acc = [[_mm512_setzero_si512(); 2]; ROWS];
+            for g in 0..groups {
+                let b0 = _mm512_loadu_si512(b.add(g * NR * 4) as *const _);
+                let b1 = _mm512_loadu_si512(b.add(g * NR * 4 + 64) as *const _);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32((a.add(r * lda + g * 4) as *const i32).read_unaligned());
+                    acc[0] = _mm512_dpbusd_epi32(acc[0], av, b0);
+                    acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
+                }
+            }
+            let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
+            let m1: __mmask16 = if cols >= 32 {
+                0xffff
+            } else if cols > 16 {
+                ((1u32 << (cols - 16)) - 1) as u16
+            } else {
+                0
+            };
+            for (r, acc) in acc.iter().enumerate() {
+                let cp = c.add(r * ldc);
+                _mm512_mask_storeu_epi32(cp, m0, acc[0]);
+                if m1 != 0 {
+                    _mm512_mask_storeu_epi32(cp.add(16), m1, acc[1]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed;
+        move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s >> 33
+        }
+    }
+
+    /// Full-range data (every byte value, extremes included) on odd shapes: bit for bit.
+    #[test]
+    fn vnni512_matches_the_reference_on_full_range_data() {
+        if !vnni512_supported() {
+            eprintln!("no AVX-512 VNNI here: kernel not run");
+            return;
+        }
+        for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (13, 64, 33), (12, 768, 32), (37, 255, 65), (128, 384, 100)] {
+            let mut r = lcg((m * 1000 + k * 10 + n) as u64);
+            let lda = k_groups(k) * 4;
+            let mut a = vec![0u8; m * lda];
+            let mut dense = vec![0u8; m * k];
+            for i in 0..m {
+                for p in 0..k {
+                    // Extremes often: 0 and 255 against -128 and 127 stress the sums.
+                    let v = match r() % 4 {
+                        0 => 255,
+                        1 => 0,
+                        _ => (r() % 256) as u8,
+                    };
+                    a[i * lda + p] = v;
+                    dense[i * k + p] = v;
+                }
+            }
+            let w: Vec<i8> = (0..k * n)
+                .map(|_| match r() % 4 {
+                    0 => -128,
+                    1 => 127,
+                    _ => (r() % 256) as u8 as i8,
+                })
+                .collect();
+            let packed = pack_b_s8(k, n, &w);
+            let mut want = vec![0i32; m * n];
+            reference(m, k, n, &dense, k, &w, &mut want, n);
+            let mut got = vec![0i32; m * n];
+            gemm_u8s8(m, k, n, &a, lda, &packed, &mut got, n).expect("runs");
+            assert_eq!(got, want, "{m}x{k}x{n}");
+        }
+    }
+
+    #[test]
+    fn undersized_buffers_are_refused() {
+        let packed = pack_b_s8(8, 4, &[1i8; 32]);
+        let mut c = vec![0i32; 4];
+        // lda smaller than the padded row.
+        assert!(gemm_u8s8(1, 8, 4, &[1u8; 8], 4, &packed, &mut c, 4).is_none());
+        // C too small.
+        assert!(gemm_u8s8(2, 8, 4, &[1u8; 16], 8, &packed, &mut c, 4).is_none());
+    }
+
+    /// Throughput on BERT shapes, one thread (a probe for performance work, run by hand:
+    /// `cargo test --release -p tcc-runtime --lib int8_speed -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "timing probe, asserts nothing"]
+    fn int8_speed() {
+        if !vnni512_supported() {
+            return;
+        }
+        for &(m, k, n) in &[(128usize, 768usize, 768usize), (128, 768, 3072), (128, 3072, 768)] {
+            let a = vec![3u8; m * k];
+            let packed = pack_b_s8(k, n, &vec![-2i8; k * n]);
+            let mut c = vec![0i32; m * n];
+            let iters = 50;
+            let t = std::time::Instant::now();
+            for _ in 0..iters {
+                gemm_u8s8(m, k, n, &a, k, &packed, &mut c, n).unwrap();
+            }
+            let s = t.elapsed().as_secs_f64() / iters as f64;
+            eprintln!("u8s8 {m}x{k}x{n}: {:.3} ms, {:.0} GOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
+        }
+    }
+}
