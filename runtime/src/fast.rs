@@ -15,6 +15,7 @@ use crate::op::{
 use crate::plan::Plan;
 use crate::pool;
 use crate::tensor::Tensor;
+use std::collections::HashMap;
 use std::mem::MaybeUninit;
 
 /// Rows of `A` per `k` block kept hot while a panel of `B` streams through.
@@ -70,6 +71,18 @@ pub struct Fast {
     /// The epilogues that are [`Chain`](crate::kernels::avx512_vec::Chain)s, recognized once.
     #[cfg(target_arch = "x86_64")]
     chains: Vec<(Epilogue, crate::kernels::avx512_vec::Chain)>,
+    /// Constant `s8` weights of `MatMulInteger` steps, packed for the integer kernel at load,
+    /// by the address of the weight tensor's data.
+    int8: HashMap<usize, Int8Weights>,
+}
+
+/// `s8` weights `[k, n]` packed for [`crate::kernels::int8`], with their column sums (for the
+/// activations' zero point: `sum (a - za) b = sum a b - za sum b`).
+struct Int8Weights {
+    k: usize,
+    n: usize,
+    packed: Vec<i8>,
+    colsum: Vec<i32>,
 }
 
 /// What an epilogue runs with (the AVX-512 executor's context elsewhere).
@@ -135,7 +148,143 @@ impl Fast {
             jit: Jit::new(tier, &specs)?,
             #[cfg(target_arch = "x86_64")]
             chains,
+            int8: HashMap::new(),
         })
+    }
+
+    /// Packs the constant `s8` weights of the plan's `MatMulInteger` steps for the integer
+    /// kernel (when this CPU has it): quantized models then multiply in `vpdpbusd`, not in the
+    /// reference loop.
+    pub fn prepare_int8(&mut self, plan: &Plan, constants: &[(crate::plan::Slot, Tensor)]) {
+        if !crate::kernels::int8::vnni512_supported() {
+            return;
+        }
+        for step in &plan.steps {
+            let (Op::MatMulInteger(_), Some(Some(b))) = (&step.op, step.inputs.get(1)) else { continue };
+            let Some((_, w)) = constants.iter().find(|(s, _)| s == b) else { continue };
+            let (Ok(data), 2) = (w.as_slice::<i8>(), w.rank()) else { continue };
+            let key = data.as_ptr() as usize;
+            if self.int8.contains_key(&key) {
+                continue;
+            }
+            let (k, n) = (w.shape()[0], w.shape()[1]);
+            let colsum = (0..n).map(|j| (0..k).map(|i| data[i * n + j] as i32).sum()).collect();
+            let packed = crate::kernels::int8::pack_b_s8(k, n, data);
+            self.int8.insert(key, Int8Weights { k, n, packed, colsum });
+        }
+    }
+
+    /// A standalone f32 `Gelu` (models whose products are integer, so not fused): AVX-512,
+    /// the same approximations as the epilogues'.
+    #[cfg(target_arch = "x86_64")]
+    fn gelu(&self, g: &crate::op::Gelu, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+        let x = inputs.first().copied().flatten()?;
+        self.jit.tile_epilogue?;
+        let xs = x.as_slice::<f32>().ok()?;
+        let n = xs.len();
+        let mut out = Uninit::new(n);
+        let y = SendPtr(out.ptr());
+        let chunk = 1 << 14;
+        let tanh_form = g.approximate == crate::op::GeluApprox::Tanh;
+        pool::global().run(n.div_ceil(chunk), &|t| {
+            let (i0, len) = (t * chunk, chunk.min(n - t * chunk));
+            // SAFETY: the AVX-512 tier is in use (its tile epilogue exists); elements
+            // i0..i0+len of x and y are in bounds; tasks write disjoint ranges.
+            unsafe { crate::kernels::avx512_vec::gelu_slice(xs.as_ptr().add(i0), y.get().add(i0), len, tanh_form) };
+        });
+        // SAFETY: every element was written.
+        let v = unsafe { out.assume_init() };
+        Some(Tensor::new(x.shape().to_vec(), v).map(|t| vec![t]))
+    }
+
+    /// `DynamicQuantizeLinear` with AVX-512: the reference's range, parameters and bytes (the
+    /// reference rounds with a library call per element on baseline x86-64).
+    #[cfg(target_arch = "x86_64")]
+    fn dynamic_quantize(&self, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+        let x = inputs.first().copied().flatten()?;
+        self.jit.tile_epilogue?;
+        let xs = x.as_slice::<f32>().ok()?;
+        // SAFETY: the AVX-512 tier is in use; `xs` holds its length.
+        let (min, max) = unsafe { crate::kernels::avx512_vec::min_max(xs.as_ptr(), xs.len()) };
+        let (scale, zp) = crate::op::quant::dynamic_qparams(min, max);
+        let mut q = vec![0u8; xs.len()];
+        // SAFETY: as above; `q` holds as many bytes as `xs` floats.
+        unsafe { crate::kernels::avx512_vec::quantize_u8(xs.as_ptr(), q.as_mut_ptr(), xs.len(), scale, zp) };
+        let t = match Tensor::new(x.shape().to_vec(), q) {
+            Ok(t) => t,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Ok(vec![t, Tensor::scalar(scale), Tensor::scalar(zp)]))
+    }
+
+    /// `MatMulInteger` of `u8` activations by prepared `s8` weights (per-tensor zero points,
+    /// the weights' zero): exact `i32`, as the reference.
+    fn matmul_integer(&self, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+        let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
+        let w = self.int8.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
+        if b.shape() != [w.k, w.n] || a.rank() < 2 || *a.shape().last()? != w.k || w.k >= 1 << 13 {
+            return None;
+        }
+        let xs = a.as_slice::<u8>().ok()?;
+        let za = match inputs.get(2).copied().flatten() {
+            None => 0,
+            Some(z) if z.len() == 1 && z.dtype() == crate::DType::U8 => z.as_slice::<u8>().ok()?[0] as i32,
+            Some(_) => return None,
+        };
+        match inputs.get(3).copied().flatten() {
+            None => {}
+            Some(z) if z.dtype() == crate::DType::I8 && z.as_slice::<i8>().ok()?.iter().all(|&v| v == 0) => {}
+            Some(_) => return None,
+        }
+        let (k, n) = (w.k, w.n);
+        let m = xs.len() / k;
+        // Rows padded to groups of four bytes (zeros add nothing to the sums).
+        let lda = crate::kernels::int8::k_groups(k) * 4;
+        let padded: std::borrow::Cow<[u8]> = if lda == k {
+            std::borrow::Cow::Borrowed(xs)
+        } else {
+            let mut v = vec![0u8; m * lda];
+            for (r, row) in xs.chunks(k).enumerate() {
+                v[r * lda..r * lda + k].copy_from_slice(row);
+            }
+            std::borrow::Cow::Owned(v)
+        };
+        let mut out = vec![0i32; m * n];
+        let panels = n.div_ceil(NR);
+        let threads = pool::global().threads().max(1);
+        let per = panels.div_ceil(threads);
+        let c = out.as_mut_ptr() as usize;
+        let (ap, bp) = (padded.as_ptr() as usize, w.packed.as_ptr() as usize);
+        pool::global().run_static(threads, &|t| {
+            let (p0, p1) = ((t * per).min(panels), ((t + 1) * per).min(panels));
+            // SAFETY: `prepare_int8` only prepared weights when the CPU has VNNI; `padded` is m
+            // rows of `lda` bytes, `packed` the panels of k x n, `out` m x n; each thread
+            // writes its own panels' columns.
+            unsafe {
+                crate::kernels::int8::gemm_u8s8_panels(
+                    m,
+                    lda / 4,
+                    ap as *const u8,
+                    lda,
+                    bp as *const i8,
+                    c as *mut i32,
+                    n,
+                    n,
+                    p0,
+                    p1,
+                )
+            };
+        });
+        if za != 0 {
+            for row in out.chunks_mut(n) {
+                for (v, s) in row.iter_mut().zip(&w.colsum) {
+                    *v = v.wrapping_sub(za.wrapping_mul(*s));
+                }
+            }
+        }
+        let mut shape = a.shape().to_vec();
+        *shape.last_mut()? = n;
+        Some(Tensor::new(shape, out).map(|t| vec![t]))
     }
 
     /// `epilogue` as a chain, when it is one.
@@ -150,6 +299,11 @@ impl Fast {
             Op::FusedMatMul(f) => self.fused_matmul(f, inputs),
             Op::Attention(at) => self.attention(at, inputs),
             Op::Softmax(s) => self.softmax(s, inputs),
+            Op::MatMulInteger(_) => self.matmul_integer(inputs),
+            #[cfg(target_arch = "x86_64")]
+            Op::Gelu(g) => self.gelu(g, inputs),
+            #[cfg(target_arch = "x86_64")]
+            Op::DynamicQuantizeLinear(_) => self.dynamic_quantize(inputs),
             Op::LayerNorm(l) => self.layernorm(l, inputs),
             Op::Transpose(t) => transpose(t, inputs),
             Op::Binary(b) => binary_f32(b.kind, inputs),
@@ -1064,6 +1218,82 @@ mod tests {
             let got = fast.eval(&context, &ins).expect("handled").unwrap().remove(0);
             assert_eq!(got.shape(), &[b, s, h, d]);
             assert_close(&format!("{tier} context"), &got, &want, 1e-5);
+        }
+    }
+
+    /// `MatMulInteger` by constant `s8` weights on the VNNI kernel: the reference's exact `i32`
+    /// on full-range data, odd shapes (k not a multiple of four), batch dims, with and without
+    /// the activations' zero point.
+    #[test]
+    fn matmul_integer_on_prepared_weights_is_exact() {
+        if !crate::kernels::int8::vnni512_supported() {
+            eprintln!("no AVX-512 VNNI here: path not run");
+            return;
+        }
+        let op: Op = crate::op::MatMulInteger {}.into();
+        for &(batch, m, k, n, za) in
+            &[(1, 1, 1, 1, 0u8), (2, 5, 7, 33, 128), (1, 37, 384, 100, 3), (3, 12, 65, 64, 255)]
+        {
+            let wv: Vec<i8> = (0..k * n).map(|i| ((i * 7919 + 13) % 256) as u8 as i8).collect();
+            let w = Tensor::new(vec![k, n], wv).unwrap();
+            let av: Vec<u8> = (0..batch * m * k).map(|i| ((i * 104729 + 7) % 256) as u8).collect();
+            let a = Tensor::new(vec![batch, m, k], av).unwrap();
+            let zpa = Tensor::new(vec![], vec![za]).unwrap();
+            let zpb = Tensor::new(vec![], vec![0i8]).unwrap();
+            let plan = Plan {
+                steps: vec![crate::plan::Step {
+                    op: op.clone(),
+                    inputs: vec![Some(0), Some(1), Some(2), Some(3)],
+                    outputs: vec![4],
+                    name: String::new(),
+                }],
+                ..Default::default()
+            };
+            let mut fast = Fast::new(&plan, Tier::detect()).unwrap();
+            fast.prepare_int8(&plan, &[(1, w.clone())]);
+            for ins in [vec![Some(&a), Some(&w), Some(&zpa), Some(&zpb)], vec![Some(&a), Some(&w)]] {
+                let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+                assert!(got.bit_eq(&want), "{batch}x{m}x{k}x{n} zero point {za}");
+            }
+        }
+    }
+
+    /// Dynamic quantization and standalone GELU (the integer models' element-wise work) on
+    /// AVX-512: the reference's bytes and parameters exactly; GELU within the epilogues'
+    /// approximation error.
+    #[test]
+    fn dynamic_quantization_and_gelu_fast_paths() {
+        let Some(fast) = fast_for(Tier::Avx512, &[]) else { return };
+        let ctx = EvalContext::default();
+        for n in [1usize, 15, 16, 17, 1000, 4099] {
+            let mut v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 - 400.0) / 37.0).collect();
+            if n > 20 {
+                v[3] = f32::NAN;
+                v[5] = f32::INFINITY;
+                v[7] = -0.0;
+                // A value on a rounding midpoint of the grid.
+                v[9] = 0.5 * (v.iter().filter(|x| x.is_finite()).fold(0f32, |a, &b| a.max(b)) - -400.0 / 37.0) / 255.0;
+            }
+            let x = Tensor::new(vec![n], v).unwrap();
+            let op: Op = crate::op::DynamicQuantizeLinear {}.into();
+            let want = op.eval(&ctx, &[Some(&x)]).unwrap();
+            let got = fast.eval(&op, &[Some(&x)]).expect("handled").unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                assert!(g.bit_eq(w), "dynamic quantization of {n} values");
+            }
+            for approximate in [crate::op::GeluApprox::None, crate::op::GeluApprox::Tanh] {
+                let op: Op = crate::op::Gelu { approximate }.into();
+                let want = op.eval(&ctx, &[Some(&x)]).unwrap().remove(0);
+                let got = fast.eval(&op, &[Some(&x)]).expect("handled").unwrap().remove(0);
+                let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
+                for (a, b) in g.iter().zip(w) {
+                    assert!(
+                        a == b || (a - b).abs() <= 1e-5 * (1.0 + b.abs()) || (a.is_nan() && b.is_nan()),
+                        "gelu {a} vs {b}"
+                    );
+                }
+            }
         }
     }
 

@@ -81,12 +81,15 @@ impl Model {
     pub fn from_artifact_with(a: Artifact, opts: &LoadOptions) -> Result<Model> {
         let plan = a.header.plan;
         let facts = plan.validate(&a.weights)?;
-        let fast = if opts.jit { Some(Fast::new(&plan, opts.tier.unwrap_or_else(Tier::detect))?) } else { None };
+        let mut fast = if opts.jit { Some(Fast::new(&plan, opts.tier.unwrap_or_else(Tier::detect))?) } else { None };
         let constants: Vec<(Slot, Tensor)> = plan
             .constants
             .iter()
             .map(|c| (c.slot, a.weights.get(&c.weight).cloned().expect("validated: every constant's weight exists")))
             .collect();
+        if let Some(f) = fast.as_mut() {
+            f.prepare_int8(&plan, &constants);
+        }
         let parameters = constants.iter().filter(|(_, t)| t.dtype() != DType::I64).map(|(_, t)| t.len()).sum();
         let last_use = plan.last_uses();
         let mut keep = vec![false; plan.slots as usize];

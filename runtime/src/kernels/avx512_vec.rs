@@ -514,6 +514,83 @@ pub unsafe fn reduce_tile(
     }
 }
 
+/// GELU of `n` floats (`x` and `y` may be the same buffer), erf form or tanh approximation:
+/// the standalone op of models whose products are not fused (integer products).
+///
+/// # Safety
+/// AVX-512F; `x` and `y` hold `n` floats.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn gelu_slice(x: *const f32, y: *mut f32, n: usize, tanh_form: bool) {
+    // SAFETY: the caller's contract; masked loads and stores stay within the n floats.
+    unsafe {
+        let mut i = 0;
+        while i < n {
+            let m = lane_mask(n - i);
+            let v = _mm512_maskz_loadu_ps(m, x.add(i));
+            let r = if tanh_form {
+                // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+                let x3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+                let inner = _mm512_mul_ps(splat(0.797_884_6), _mm512_fmadd_ps(x3, splat(0.044715), v));
+                _mm512_mul_ps(_mm512_mul_ps(v, splat(0.5)), _mm512_add_ps(tanh(inner), splat(1.0)))
+            } else {
+                gelu(v)
+            };
+            _mm512_mask_storeu_ps(y.add(i), m, r);
+            i += 16;
+        }
+    }
+}
+
+/// The minimum and maximum of `n` floats, NaN ignored (as `f32::min`/`max` fold them).
+///
+/// # Safety
+/// AVX-512F; `x` holds `n` floats.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn min_max(x: *const f32, n: usize) -> (f32, f32) {
+    // SAFETY: the caller's contract; masked loads stay within the n floats.
+    unsafe {
+        let (mut lo, mut hi) = (splat(f32::INFINITY), splat(f32::NEG_INFINITY));
+        let mut i = 0;
+        while i < n {
+            let m = lane_mask(n - i);
+            // min/max return their second operand when either is NaN: NaN lanes keep the
+            // running value.
+            lo = _mm512_min_ps(_mm512_mask_loadu_ps(splat(f32::INFINITY), m, x.add(i)), lo);
+            hi = _mm512_max_ps(_mm512_mask_loadu_ps(splat(f32::NEG_INFINITY), m, x.add(i)), hi);
+            i += 16;
+        }
+        (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi))
+    }
+}
+
+/// `y = saturate(round_half_even(x / scale) + zp)` to `u8` for `n` floats, exactly as
+/// [`crate::op::quant::quantize_value`] with the `u8` range (NaN gives `zp`).
+///
+/// # Safety
+/// AVX-512F; `x` holds `n` floats, `y` `n` bytes.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn quantize_u8(x: *const f32, y: *mut u8, n: usize, scale: f32, zp: u8) {
+    // SAFETY: the caller's contract; full vectors load 16 floats and store 16 bytes within n.
+    unsafe {
+        let s = splat(scale);
+        let (lo, hi, z) = (splat(-(zp as f32)), splat(255.0 - zp as f32), splat(zp as f32));
+        let mut i = 0;
+        while i + 16 <= n {
+            let v = _mm512_div_ps(_mm512_loadu_ps(x.add(i)), s);
+            let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            let v = _mm512_mask_mov_ps(v, nan, _mm512_setzero_ps());
+            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            let q = _mm512_cvtps_epi32(_mm512_add_ps(r, z));
+            _mm_storeu_si128(y.add(i) as *mut __m128i, _mm512_cvtusepi32_epi8(q));
+            i += 16;
+        }
+        for j in i..n {
+            *y.add(j) = crate::op::quant::quantize_value(*x.add(j), scale, zp as i64, 0.0, 255.0) as u8;
+        }
+    }
+}
+
 /// Lane masks of the two 16-float halves of a tile `nb <= 32` columns wide.
 #[inline(always)]
 fn tile_masks(nb: usize) -> [__mmask16; 2] {

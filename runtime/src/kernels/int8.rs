@@ -83,24 +83,50 @@ pub fn gemm_u8s8(
     if !fits || !vnni512_supported() {
         return None;
     }
+    // SAFETY: the sizes were checked just above, the CPU features too.
+    unsafe { gemm_u8s8_panels(m, groups, a.as_ptr(), lda, packed.as_ptr(), c.as_mut_ptr(), ldc, n, 0, panels) };
+    Some(())
+}
+
+/// [`gemm_u8s8`] on panels `p0..p1` only (threads split a product by panels, each writing
+/// its own columns of `c`).
+///
+/// # Safety
+/// The CPU has AVX-512F/BW/VNNI ([`vnni512_supported`]) and the buffers are as
+/// [`gemm_u8s8`] checks (`a`: `m` rows of `groups * 4` bytes at stride `lda`; `packed` the
+/// panels of `groups` groups; `c`: `m` rows of `n` i32 at stride `ldc`); no other thread
+/// writes the columns of panels `p0..p1`.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_u8s8_panels(
+    m: usize,
+    groups: usize,
+    a: *const u8,
+    lda: usize,
+    packed: *const i8,
+    c: *mut i32,
+    ldc: usize,
+    n: usize,
+    p0: usize,
+    p1: usize,
+) {
     #[cfg(target_arch = "x86_64")]
-    for p in 0..panels {
+    for p in p0..p1 {
         let cols = NR.min(n - p * NR);
-        let bp = packed[p * groups * NR * 4..].as_ptr();
+        let bp = packed.wrapping_add(p * groups * NR * 4);
         let mut i = 0;
         while i < m {
             let rows = 12.min(m - i);
-            // SAFETY: the CPU has AVX-512F/BW/VNNI (checked above); rows i..i+rows of `a` hold
+            // SAFETY: the caller's contract: AVX-512F/BW/VNNI; rows i..i+rows of `a` hold
             // `groups * 4` bytes each, the panel holds `groups` vectors of 2 x 64 bytes, and
-            // rows i..i+rows of `c` hold `cols` i32 from column p * NR (all checked by `fits`).
+            // rows i..i+rows of `c` hold `cols` i32 from column p * NR.
             unsafe {
                 vnni512::tile_any(
                     rows,
                     groups,
-                    a[i * lda..].as_ptr(),
+                    a.wrapping_add(i * lda),
                     lda,
                     bp,
-                    c[i * ldc + p * NR..].as_mut_ptr(),
+                    c.wrapping_add(i * ldc + p * NR),
                     ldc,
                     cols,
                 )
@@ -108,7 +134,8 @@ pub fn gemm_u8s8(
             i += rows;
         }
     }
-    Some(())
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (m, groups, a, lda, packed, c, ldc, n, p0, p1);
 }
 
 #[cfg(target_arch = "x86_64")]
