@@ -222,7 +222,7 @@ impl Fast {
     fn matmul_integer(&self, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
         let w = self.int8.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
-        if b.shape() != [w.k, w.n] || a.rank() < 2 || *a.shape().last()? != w.k || w.k >= 1 << 13 {
+        if b.shape() != [w.k, w.n] || a.rank() < 2 || *a.shape().last()? != w.k || w.k == 0 || w.k >= 1 << 13 {
             return None;
         }
         let xs = a.as_slice::<u8>().ok()?;
