@@ -10,7 +10,7 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::fast::Fast;
 use crate::kernels::Tier;
-use crate::op::{EvalContext, Fact};
+use crate::op::{EvalContext, Fact, Op};
 use crate::plan::{find_input as find, Input, Output, Plan, Slot};
 use crate::tensor::Tensor;
 use std::path::Path;
@@ -45,6 +45,8 @@ pub struct Model {
     plan: Plan,
     fast: Option<Fast>,
     constants: Vec<(Slot, Tensor)>,
+    /// Per step: computed once at load from constants alone (its outputs are in `constants`).
+    folded: Vec<bool>,
     last_use: Vec<Option<usize>>,
     keep: Vec<bool>,
     facts: Vec<Option<Fact>>,
@@ -57,6 +59,86 @@ pub struct Model {
     tokenizer: Option<(tokenizers::Tokenizer, u32)>,
     /// Milliseconds spent loading (mapping, verifying, validating).
     pub load_ms: f64,
+}
+
+/// Ops that turn stored weights into the weights a product reads (int8 weights kept small in
+/// the artifact: `Cast` then a scale `Mul`): with the JIT, steps of these ops whose inputs are
+/// all constants run once at load, not at every inference. The artifact keeps the small form;
+/// memory holds the computed one, as onnxruntime's constant folding does.
+const LOAD_TIME_OPS: &[&str] = &["Cast", "Mul", "Div", "Add", "Sub", "DequantizeLinear", "Transpose", "Reshape"];
+
+/// The most elements a step folded at load may produce (larger ones stay per-inference).
+const LOAD_TIME_MAX_ELEMENTS: usize = 1 << 26;
+
+/// Runs the steps computable from constants alone at load (see [`LOAD_TIME_OPS`]); returns the
+/// constants with their results added and, per step, whether it was folded. A step whose
+/// evaluation fails is left to run (and report) at inference.
+fn fold_at_load(plan: &Plan, mut constants: Vec<(Slot, Tensor)>, jit: bool) -> (Vec<(Slot, Tensor)>, Vec<bool>) {
+    let mut folded = vec![false; plan.steps.len()];
+    if !jit {
+        return (constants, folded);
+    }
+    let mut known: std::collections::HashMap<Slot, usize> =
+        constants.iter().enumerate().map(|(i, (s, _))| (*s, i)).collect();
+    let ctx = EvalContext::default();
+    for (n, step) in plan.steps.iter().enumerate() {
+        if !LOAD_TIME_OPS.contains(&step.op.name()) {
+            continue;
+        }
+        let ins: Option<Vec<Option<&Tensor>>> = step
+            .inputs
+            .iter()
+            .map(|i| match i {
+                None => Some(None),
+                Some(s) => known.get(s).map(|&k| Some(&constants[k].1)),
+            })
+            .collect();
+        let Some(ins) = ins else { continue };
+        // Only steps that grow a weight (what the artifact stores small): others fold at build.
+        let Ok(outs) = step.op.eval(&ctx, &ins) else { continue };
+        if outs.iter().map(|t| t.len()).sum::<usize>() > LOAD_TIME_MAX_ELEMENTS {
+            continue;
+        }
+        for (s, t) in step.outputs.iter().zip(outs) {
+            known.insert(*s, constants.len());
+            constants.push((*s, t));
+        }
+        folded[n] = true;
+    }
+    (constants, folded)
+}
+
+/// Products whose `B` became a constant at load (dequantized weights) read it packed in
+/// panels, as build-time packed weights are: the panels are made once here, and the step reads
+/// them from a new constant slot.
+fn pack_constant_products(plan: &mut Plan, constants: &mut Vec<(Slot, Tensor)>, facts: &mut Vec<Option<Fact>>) {
+    for n in 0..plan.steps.len() {
+        let Op::FusedMatMul(f) = &plan.steps[n].op else { continue };
+        let Some(Some(bs)) = plan.steps[n].inputs.get(1).copied() else { continue };
+        if f.packed.is_some() {
+            continue;
+        }
+        let Some((_, b)) = constants.iter().find(|(s, _)| *s == bs) else { continue };
+        let (Ok(data), 2) = (b.as_slice::<f32>(), b.rank()) else { continue };
+        let (r, c) = (b.shape()[0], b.shape()[1]);
+        let dense: Vec<f32> = match f.b_perm.as_deref() {
+            None | Some([0, 1]) => data.to_vec(),
+            Some([1, 0]) => (0..c * r).map(|i| data[(i % r) * c + i / r]).collect(),
+            _ => continue,
+        };
+        let (k, nn) = if matches!(f.b_perm.as_deref(), Some([1, 0])) { (c, r) } else { (r, c) };
+        let packed = crate::kernels::pack_b(k, nn, &dense);
+        let Ok(t) = Tensor::new(vec![packed.len()], packed) else { continue };
+        let slot = plan.slots;
+        plan.slots += 1;
+        facts.push(Some(Fact::of_tensor(&t)));
+        constants.push((slot, t));
+        let mut g = f.clone();
+        g.packed = Some([k, nn]);
+        g.b_perm = None;
+        plan.steps[n].op = g.into();
+        plan.steps[n].inputs[1] = Some(slot);
+    }
 }
 
 impl Model {
@@ -79,8 +161,8 @@ impl Model {
     }
 
     pub fn from_artifact_with(a: Artifact, opts: &LoadOptions) -> Result<Model> {
-        let plan = a.header.plan;
-        let facts = plan.validate(&a.weights)?;
+        let mut plan = a.header.plan;
+        let mut facts = plan.validate(&a.weights)?;
         let mut fast = if opts.jit { Some(Fast::new(&plan, opts.tier.unwrap_or_else(Tier::detect))?) } else { None };
         let constants: Vec<(Slot, Tensor)> = plan
             .constants
@@ -91,6 +173,17 @@ impl Model {
             f.prepare_int8(&plan, &constants);
         }
         let parameters = constants.iter().filter(|(_, t)| t.dtype() != DType::I64).map(|(_, t)| t.len()).sum();
+        let (mut constants, folded) = fold_at_load(&plan, constants, opts.jit);
+        if opts.jit {
+            pack_constant_products(&mut plan, &mut constants, &mut facts);
+            // Constants only folded or packed steps read (a dequantized weight, now packed)
+            // are not kept.
+            let mut read: std::collections::HashSet<Slot> = plan.outputs.iter().map(|o| o.slot).collect();
+            for (step, _) in plan.steps.iter().zip(&folded).filter(|(_, f)| !**f) {
+                read.extend(step.inputs.iter().flatten());
+            }
+            constants.retain(|(s, _)| read.contains(s));
+        }
         let last_use = plan.last_uses();
         let mut keep = vec![false; plan.slots as usize];
         for o in &plan.outputs {
@@ -113,6 +206,7 @@ impl Model {
             plan,
             fast,
             constants,
+            folded,
             last_use,
             keep,
             facts,
@@ -226,6 +320,9 @@ impl Model {
             v
         };
         for (n, step) in self.plan.steps.iter().enumerate() {
+            if self.folded[n] {
+                continue;
+            }
             let t0 = stats.is_some().then(Instant::now);
             let outs = {
                 let ins: Vec<Option<&Tensor>> = step
