@@ -73,7 +73,12 @@ const LOAD_TIME_MAX_ELEMENTS: usize = 1 << 26;
 /// Runs the steps computable from constants alone at load (see [`LOAD_TIME_OPS`]); returns the
 /// constants with their results added and, per step, whether it was folded. A step whose
 /// evaluation fails is left to run (and report) at inference.
-fn fold_at_load(plan: &Plan, mut constants: Vec<(Slot, Tensor)>, jit: bool) -> (Vec<(Slot, Tensor)>, Vec<bool>) {
+fn fold_at_load(
+    plan: &Plan,
+    mut constants: Vec<(Slot, Tensor)>,
+    facts: &[Option<Fact>],
+    jit: bool,
+) -> (Vec<(Slot, Tensor)>, Vec<bool>) {
     let mut folded = vec![false; plan.steps.len()];
     if !jit {
         return (constants, folded);
@@ -94,11 +99,16 @@ fn fold_at_load(plan: &Plan, mut constants: Vec<(Slot, Tensor)>, jit: bool) -> (
             })
             .collect();
         let Some(ins) = ins else { continue };
-        // Only steps that grow a weight (what the artifact stores small): others fold at build.
-        let Ok(outs) = step.op.eval(&ctx, &ins) else { continue };
-        if outs.iter().map(|t| t.len()).sum::<usize>() > LOAD_TIME_MAX_ELEMENTS {
+        // The outputs' sizes, known from the plan's facts, before anything is computed.
+        let elements: Option<usize> = step
+            .outputs
+            .iter()
+            .map(|s| facts.get(*s as usize)?.as_ref()?.concrete_shape().map(|d| d.iter().product::<usize>()))
+            .sum();
+        if elements.is_none_or(|e| e > LOAD_TIME_MAX_ELEMENTS) {
             continue;
         }
+        let Ok(outs) = step.op.eval(&ctx, &ins) else { continue };
         for (s, t) in step.outputs.iter().zip(outs) {
             known.insert(*s, constants.len());
             constants.push((*s, t));
@@ -173,7 +183,7 @@ impl Model {
             f.prepare_int8(&plan, &constants);
         }
         let parameters = constants.iter().filter(|(_, t)| t.dtype() != DType::I64).map(|(_, t)| t.len()).sum();
-        let (mut constants, folded) = fold_at_load(&plan, constants, opts.jit);
+        let (mut constants, folded) = fold_at_load(&plan, constants, &facts, opts.jit);
         if opts.jit {
             pack_constant_products(&mut plan, &mut constants, &mut facts);
             // Constants only folded or packed steps read (a dequantized weight, now packed)
