@@ -104,6 +104,12 @@ enum Elementwise {
     FakeQuant(tcc_ir::op::FakeQuant),
 }
 
+/// Whether `fuse-matmul` folds `op`, applied to a product's result, into the product's
+/// epilogue (the extraction cost model counts such ops almost free).
+pub(crate) fn folds_into_epilogue(op: &Op) -> bool {
+    elementwise(op).is_some()
+}
+
 fn elementwise(op: &Op) -> Option<Elementwise> {
     match op {
         Op::Unary(u) if Epilogue::supports_unary(u.kind) => Some(Elementwise::Unary(u.kind)),

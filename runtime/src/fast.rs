@@ -603,18 +603,17 @@ impl Fast {
                 }
                 #[cfg(not(target_arch = "x86_64"))]
                 softmax(scores.ptr(), scores.ptr(), sq, sk);
-                if at.nan_to_zero {
+                // One pass for what follows the softmax: NaN to 0, then the probabilities'
+                // quantization grid.
+                if at.nan_to_zero || at.probs_quant.is_some() {
                     for i in 0..sq * sk {
                         let p = scores.ptr().add(i);
-                        if (*p).is_nan() {
+                        if at.nan_to_zero && (*p).is_nan() {
                             *p = 0.0;
                         }
-                    }
-                }
-                if let Some(q) = &at.probs_quant {
-                    for i in 0..sq * sk {
-                        let p = scores.ptr().add(i);
-                        *p = q.apply(*p);
+                        if let Some(q) = &at.probs_quant {
+                            *p = q.apply(*p);
+                        }
                     }
                 }
                 cp.pack_one(self, vs, bi, vpack.ptr());
@@ -802,6 +801,43 @@ impl<'t> Product<'t> {
         }
     }
 
+    /// The driver's arguments for `k` rows of the inner dimension (of this product's panels,
+    /// `self.k * NR` floats apart) on panels `p0..p1`, without an epilogue.
+    #[allow(clippy::too_many_arguments)]
+    fn args(
+        &self,
+        fast: &Fast,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        ldc: usize,
+        k: usize,
+        p0: usize,
+        p1: usize,
+    ) -> GemmArgs {
+        GemmArgs {
+            m: self.m,
+            n: self.n,
+            k,
+            a,
+            lda,
+            b,
+            c,
+            ldc,
+            panel_begin: p0,
+            panel_end: p1,
+            kernel: fast.jit.micro_kernel as usize,
+            mr: fast.jit.tier.mr(),
+            kc: KC,
+            operands: std::ptr::null(),
+            epilogue_fn: 0,
+            epilogue_ctx: std::ptr::null(),
+            k_outer: usize::from(crate::jit::gemm::k_outer_pays(self.m, k, KC)),
+            panel_stride: self.k * NR,
+        }
+    }
+
     /// Calls `f` with batch `bi`'s epilogue context: the program, this batch's extra operands
     /// and, when the program is a chain, the chain.
     fn with_epilogue<R>(&self, fast: &Fast, bi: usize, f: impl FnOnce(&EpiContext) -> R) -> R {
@@ -852,24 +888,10 @@ impl<'t> Product<'t> {
             #[cfg(not(target_arch = "x86_64"))]
             let (epilogue_fn, epilogue_ctx) = (0usize, std::ptr::null());
             let args = GemmArgs {
-                m: self.m,
-                n: self.n,
-                k: self.k,
-                a,
-                lda,
-                b,
-                c,
-                ldc: self.ldc,
-                panel_begin: p0,
-                panel_end: p1,
-                kernel: fast.jit.micro_kernel as usize,
-                mr: fast.jit.tier.mr(),
-                kc: KC,
                 operands: ctx.operands,
                 epilogue_fn,
                 epilogue_ctx,
-                k_outer: usize::from(crate::jit::gemm::k_outer_pays(self.m, self.k, KC)),
-                panel_stride: self.k * NR,
+                ..self.args(fast, a, lda, b, c, self.ldc, self.k, p0, p1)
             };
             // SAFETY: forwarded from the caller; the operands, the program and the context outlive
             // the call.
@@ -896,26 +918,17 @@ impl Product<'_> {
         c: *mut f32,
         ldc: usize,
     ) {
-        let args = GemmArgs {
-            m: self.m,
-            n: self.n,
-            k: k1 - k0,
-            a: a.wrapping_add(k0),
-            lda: self.lda,
-            b: b.wrapping_add(k0 * NR),
+        let args = self.args(
+            fast,
+            a.wrapping_add(k0),
+            self.lda,
+            b.wrapping_add(k0 * NR),
             c,
             ldc,
-            panel_begin: 0,
-            panel_end: self.n.div_ceil(NR),
-            kernel: fast.jit.micro_kernel as usize,
-            mr: fast.jit.tier.mr(),
-            kc: KC,
-            operands: std::ptr::null(),
-            epilogue_fn: 0,
-            epilogue_ctx: std::ptr::null(),
-            k_outer: usize::from(crate::jit::gemm::k_outer_pays(self.m, k1 - k0, KC)),
-            panel_stride: self.k * NR,
-        };
+            k1 - k0,
+            0,
+            self.n.div_ceil(NR),
+        );
         // SAFETY: forwarded from the caller: columns k0..k1 of A's rows and rows k0..k1 of
         // every panel lie within them.
         unsafe { plain(&args) };

@@ -129,15 +129,12 @@ fn pack_constant_products(plan: &mut Plan, constants: &mut Vec<(Slot, Tensor)>, 
             continue;
         }
         let Some((_, b)) = constants.iter().find(|(s, _)| *s == bs) else { continue };
-        let (Ok(data), 2) = (b.as_slice::<f32>(), b.rank()) else { continue };
-        let (r, c) = (b.shape()[0], b.shape()[1]);
-        let dense: Vec<f32> = match f.b_perm.as_deref() {
-            None | Some([0, 1]) => data.to_vec(),
-            Some([1, 0]) => (0..c * r).map(|i| data[(i % r) * c + i / r]).collect(),
-            _ => continue,
-        };
-        let (k, nn) = if matches!(f.b_perm.as_deref(), Some([1, 0])) { (c, r) } else { (r, c) };
-        let packed = crate::kernels::pack_b(k, nn, &dense);
+        if b.rank() != 2 || b.dtype() != DType::F32 {
+            continue;
+        }
+        let Ok(w) = crate::op::fused::transpose_tensor(b, f.b_perm.as_deref().unwrap_or(&[0, 1])) else { continue };
+        let (Ok(dense), &[k, nn]) = (w.as_slice::<f32>(), w.shape()) else { continue };
+        let packed = crate::kernels::pack_b(k, nn, dense);
         let Ok(t) = Tensor::new(vec![packed.len()], packed) else { continue };
         let slot = plan.slots;
         plan.slots += 1;

@@ -30,9 +30,7 @@ pub struct CostModel<'a> {
     original: std::collections::HashSet<Tl>,
 }
 
-/// Elementwise ops that `fuse-matmul` folds into a product's epilogue.
-const EPILOGUE_OPS: &[&str] = &["Add", "Sub", "Mul", "Div", "Gelu", "Erf", "Tanh", "Relu", "Sigmoid", "FakeQuant"];
-/// The weight of such an op when it reads a product: it runs on the product's tiles in
+/// The weight of an element-wise op that `fuse-matmul` folds into a product's epilogue when it reads a product: it runs on the product's tiles in
 /// registers, almost free.
 pub const EPILOGUE: f64 = 0.02;
 
@@ -97,13 +95,14 @@ impl CostFunction<Tl> for CostModel<'_> {
                 // never extracted.
                 let facts: Vec<Option<&tcc_ir::Fact>> =
                     children.iter().map(|c| self.egraph[*c].data.fact.as_ref()).collect();
-                let out = match sym.op().infer(&facts) {
+                let op = sym.op();
+                let out = match op.infer(&facts) {
                     Ok(o) if o.len() == 1 && self.agrees(enode, &o[0]) => Self::elements(&o[0]),
                     _ => return f64::INFINITY,
                 };
                 let canonical = enode.clone().map_children(|c| self.egraph.find(c));
                 let mut weight = Self::node_cost(sym.name());
-                if EPILOGUE_OPS.contains(&sym.name()) && children.iter().any(|c| self.is_product(*c)) {
+                if crate::fuse::folds_into_epilogue(&op) && children.iter().any(|c| self.is_product(*c)) {
                     weight = EPILOGUE;
                 }
                 if !self.original.contains(&canonical) {

@@ -125,13 +125,19 @@ pub fn rank_of(egraph: &TlGraph, subst: &Subst, v: Var) -> Option<usize> {
     egraph[subst[v]].data.fact.as_ref().map(|f| f.rank())
 }
 
+/// Whether the matched `v` has no more dims than `x` (a constant no wider than the tensor it
+/// combines with leaves the result's shape that tensor's).
+pub fn no_wider(egraph: &TlGraph, subst: &Subst, v: Var, x: Var) -> bool {
+    rank_of(egraph, subst, v).zip(rank_of(egraph, subst, x)).is_some_and(|(a, b)| a <= b)
+}
+
 /// `?v` is a scalar within `rel` of `want`, and no wider than `?other` (so that using it in a
 /// broadcast does not change the result's rank).
 pub fn is_scalar(v: &str, want: f32, rel: f32, other: &str) -> Cond {
     let (v, other) = (var(v), var(other));
     Arc::new(move |eg, s| {
         let close = scalar_of(eg, s, v).is_some_and(|x| (x - want).abs() <= rel * want.abs().max(f32::MIN_POSITIVE));
-        close && rank_of(eg, s, v).zip(rank_of(eg, s, other)).is_some_and(|(a, b)| a <= b)
+        close && no_wider(eg, s, v, other)
     })
 }
 
@@ -236,7 +242,7 @@ pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
             let epsilon = scalar_of(eg, s, eps)?;
             let ok = is_last_axis(eg, s, a1, x)
                 && is_last_axis(eg, s, a2, x)
-                && rank_of(eg, s, eps).zip(rank_of(eg, s, x)).is_some_and(|(e, r)| e <= r)
+                && no_wider(eg, s, eps, x)
                 && is_channel_vector(eg, s, g, x)
                 && is_channel_vector(eg, s, b, x)
                 && epsilon >= 0.0;
@@ -250,8 +256,7 @@ pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
         let (x, r, one, h) = (var("?x"), var("?r"), var("?one"), var("?h"));
         op_rule(name, &lhs, move |eg, s| {
             let near = |v: Var, want: f32| scalar_of(eg, s, v).is_some_and(|k| (k - want).abs() <= 1e-6 * want.abs());
-            let narrow =
-                [r, one, h].iter().all(|v| rank_of(eg, s, *v).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b));
+            let narrow = [r, one, h].iter().all(|v| no_wider(eg, s, *v, x));
             let ok = near(r, std::f32::consts::FRAC_1_SQRT_2) && near(one, 1.0) && near(h, 0.5) && narrow;
             ok.then(|| (Op::from(Gelu { approximate: GeluApprox::None }), vec![x]))
         })
@@ -262,9 +267,7 @@ pub fn recognize() -> Vec<Rewrite<Tl, TlAnalysis>> {
         let lhs = "(Mul (Mul ?x ?h) (Add (Tanh (Mul (Add ?x (Mul (Pow ?x ?three) ?k)) ?s)) ?one))";
         op_rule("gelu-tanh", lhs, move |eg, s| {
             let near = |v: Var, want: f32| scalar_of(eg, s, v).is_some_and(|c| (c - want).abs() <= 1e-5 * want.abs());
-            let narrow = [h, one, s2, k, three]
-                .iter()
-                .all(|v| rank_of(eg, s, *v).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b));
+            let narrow = [h, one, s2, k, three].iter().all(|v| no_wider(eg, s, *v, x));
             let ok = narrow
                 && near(h, 0.5)
                 && near(one, 1.0)
@@ -325,8 +328,7 @@ pub fn attention() -> Vec<Rewrite<Tl, TlAnalysis>> {
     let nan_to_zero = {
         let (x, z) = (var("?x"), var("?z"));
         op_rule("softmax-nan-to-zero", "(Where (IsNaN (Softmax ?x)) ?z (Softmax ?x))", move |eg, s| {
-            let zero = scalar_of(eg, s, z) == Some(0.0)
-                && rank_of(eg, s, z).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b);
+            let zero = scalar_of(eg, s, z) == Some(0.0) && no_wider(eg, s, z, x);
             zero.then(|| (Op::from(tcc_ir::op::Softmax { axis: -1, log: false, nan_to_zero: true }), vec![x]))
         })
     };
@@ -359,8 +361,7 @@ pub fn fake_quant() -> Vec<Rewrite<Tl, TlAnalysis>> {
             tcc_ir::DType::I8 => (-128, 127),
             _ => return None,
         };
-        let narrow =
-            [sc, z, sc2, z2].iter().all(|v| rank_of(eg, s, *v).zip(rank_of(eg, s, x)).is_some_and(|(a, b)| a <= b));
+        let narrow = [sc, z, sc2, z2].iter().all(|v| no_wider(eg, s, *v, x));
         let same = scale.to_bits() == scale2.to_bits() && zp == zp2 && dt == dt2;
         let op = tcc_ir::op::FakeQuant { scale, zero_point: zp, lo, hi };
         // The op's own checks (a positive finite scale, the zero point in range).

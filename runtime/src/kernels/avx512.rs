@@ -6,20 +6,6 @@
 use super::{Prefetch, NR};
 use std::arch::x86_64::*;
 
-/// Write masks for the first `n` of 32 columns, as two 16-lane halves.
-#[inline(always)]
-fn masks(n: usize) -> (__mmask16, __mmask16) {
-    let lo = if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
-    let hi = if n >= 32 {
-        0xffff
-    } else if n > 16 {
-        ((1u32 << (n - 16)) - 1) as u16
-    } else {
-        0
-    };
-    (lo, hi)
-}
-
 #[inline(always)]
 unsafe fn tile<const MR: usize>(
     k: usize,
@@ -48,7 +34,7 @@ unsafe fn tile<const MR: usize>(
                 acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
             }
         }
-        let (m0, m1) = masks(n);
+        let [m0, m1] = super::tile_masks(n);
         for r in 0..MR {
             let cp = c.add(r * ldc);
             let (mut v0, mut v1) = (acc0[r], acc1[r]);
@@ -117,7 +103,7 @@ pub unsafe fn reference(
 ) {
     // SAFETY: as `sgemm_12x32`.
     unsafe {
-        let (m0, m1) = masks(n);
+        let [m0, m1] = super::tile_masks(n);
         for r in 0..m {
             let mut v0 = _mm512_setzero_ps();
             let mut v1 = _mm512_setzero_ps();
@@ -187,7 +173,7 @@ unsafe fn plain<const MR: usize>(
                 acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
             }
         }
-        let (m0, m1) = masks(n);
+        let [m0, m1] = super::tile_masks(n);
         for r in 0..MR {
             _mm512_mask_storeu_ps(c.add(r * ldc), m0, acc0[r]);
             _mm512_mask_storeu_ps(c.add(r * ldc + 16), m1, acc1[r]);

@@ -7,6 +7,7 @@
 
 #![allow(clippy::too_many_arguments)]
 
+use super::tile_masks;
 use crate::jit::EpiOperand;
 use crate::op::{BinaryKind, EpiOp, UnaryKind};
 use std::arch::x86_64::*;
@@ -588,18 +589,6 @@ pub unsafe fn quantize_u8(x: *const f32, y: *mut u8, n: usize, scale: f32, zp: u
         for j in i..n {
             *y.add(j) = crate::op::quant::quantize_value(*x.add(j), scale, zp as i64, 0.0, 255.0) as u8;
         }
-    }
-}
-
-/// Lane masks of the two 16-float halves of a tile `nb <= 32` columns wide.
-#[inline(always)]
-fn tile_masks(nb: usize) -> [__mmask16; 2] {
-    if nb >= 32 {
-        [0xffff, 0xffff]
-    } else if nb > 16 {
-        [0xffff, ((1u32 << (nb - 16)) - 1) as u16]
-    } else {
-        [((1u32 << nb) - 1) as u16, 0]
     }
 }
 

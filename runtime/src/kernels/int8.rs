@@ -209,14 +209,7 @@ mod vnni512 {
                     acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
                 }
             }
-            let m0: __mmask16 = if cols >= 16 { 0xffff } else { ((1u32 << cols) - 1) as u16 };
-            let m1: __mmask16 = if cols >= 32 {
-                0xffff
-            } else if cols > 16 {
-                ((1u32 << (cols - 16)) - 1) as u16
-            } else {
-                0
-            };
+            let [m0, m1] = crate::kernels::tile_masks(cols);
             for (r, acc) in acc.iter().enumerate() {
                 let cp = c.add(r * ldc);
                 _mm512_mask_storeu_epi32(cp, m0, acc[0]);

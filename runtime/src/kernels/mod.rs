@@ -35,6 +35,15 @@ pub mod int8;
 /// Width of a packed weight panel, shared by every tier.
 pub const NR: usize = 32;
 
+/// Lane masks of the two 16-lane halves of a 32-wide tile whose first `n` columns are live
+/// (`n >= 32`: all), shared by the AVX-512 kernels and epilogues.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn tile_masks(n: usize) -> [u16; 2] {
+    let half = |n: usize| if n >= 16 { 0xffff } else { ((1u32 << n) - 1) as u16 };
+    [half(n), half(n.saturating_sub(16))]
+}
+
 /// `(k, a, lda, b_panel, c, ldc, m, n, accumulate, pf, pf_lines)`, strides in elements; `pf` and
 /// `pf_lines` are only a prefetch hint (any address is allowed: a prefetch never faults).
 pub type MicroKernel =
