@@ -8,6 +8,12 @@ noise of a shared machine over both.
 
 usage: benches/compare.py MODEL.onnx [MODEL.onnx ...] [--batch 1] [--seq 128] [--threads 2]
                           [--rounds 5] [--runs 20] [--tcc target/release/tcc] [--json out.json]
+                          [--build-args "--quantize int8"]
+
+A model given as ORT.onnx,TCC.onnx runs ORT.onnx in onnxruntime and builds TCC.onnx with tcc
+(`tcc build TCC.onnx --build-args...`): how tcc's own int8 quantization of the f32 model is
+compared with onnxruntime running its dynamic int8 model,
+e.g. `minilm_l6_dynint8.onnx,minilm_l6.onnx --build-args "--quantize int8"`.
 Needs numpy and onnxruntime (the test fixtures' venv has both).
 """
 import argparse
@@ -95,15 +101,20 @@ def main():
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--tcc", default=os.path.join(os.path.dirname(__file__), "..", "target", "release", "tcc"))
     ap.add_argument("--json")
+    ap.add_argument("--build-args", default="", help="extra arguments of `tcc build`")
     args = ap.parse_args()
     results = []
     tmp = tempfile.mkdtemp(prefix="tcc-compare-")
     print(f"batch {args.batch}, sequence {args.seq}, {args.threads} threads, {args.rounds} alternating rounds of {args.runs} runs")
-    print(f"{'model':36} {'onnxruntime ms':>15} {'tcc ms':>10} {'tcc/ort':>8} {'ort RSS MB':>11} {'tcc RSS MB':>11} {'tcc load+JIT ms':>16}")
-    for path in args.models:
+    print(f"{'model':52} {'onnxruntime ms':>15} {'tcc ms':>10} {'tcc/ort':>8} {'ort RSS MB':>11} {'tcc RSS MB':>11} {'tcc load+JIT ms':>16}")
+    for spec in args.models:
+        path, source = (spec.split(",", 1) + [spec])[:2]
         name = os.path.splitext(os.path.basename(path))[0]
-        artifact = os.path.join(tmp, name + ".tcc")
-        subprocess.run([args.tcc, "build", path, "-o", artifact], check=True, capture_output=True)
+        if source != path:
+            name += " / tcc " + os.path.splitext(os.path.basename(source))[0]
+        artifact = os.path.join(tmp, f"model{len(results)}.tcc")
+        subprocess.run([args.tcc, "build", source, "-o", artifact] + args.build_args.split(), check=True,
+                       capture_output=True)
         sess = ort_session(path, args.threads)
         feeds = ort_feeds(sess, args.batch, args.seq)
         time_ort(sess, feeds, 5)
@@ -117,7 +128,7 @@ def main():
         results.append({"model": name, "ort_median_ms": o, "tcc_median_ms": t, "ratio": t / o,
                         "ort_peak_rss_bytes": ort_rss, "tcc_peak_rss_bytes": info.get("peak_rss_bytes"),
                         "tcc_load_ms": info.get("load_ms"), "tcc_jit_ms": info.get("jit_ms"), "tier": info.get("tier")})
-        print(f"{name:36} {o:15.2f} {t:10.2f} {t / o:8.3f} {ort_rss / 1e6:11.1f} {info.get('peak_rss_bytes', 0) / 1e6:11.1f}"
+        print(f"{name:52} {o:15.2f} {t:10.2f} {t / o:8.3f} {ort_rss / 1e6:11.1f} {info.get('peak_rss_bytes', 0) / 1e6:11.1f}"
               f" {info.get('load_ms', 0):16.1f}", flush=True)
     if args.json:
         json.dump({"batch": args.batch, "seq": args.seq, "threads": args.threads, "results": results}, open(args.json, "w"), indent=1)

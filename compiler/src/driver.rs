@@ -10,7 +10,7 @@ use tcc_ir::{analysis, Def, Graph, ValueId};
 use tcc_passes::{PassContext, PassManager, PassReport, Pipeline, Registry};
 use tcc_runtime::artifact::{self, ArtifactContents};
 use tcc_runtime::plan::{Constant, Input, Output, Plan, Step};
-use tcc_runtime::Tensor;
+use tcc_runtime::{Model, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -24,6 +24,8 @@ pub enum BuildError {
     Runtime(#[from] tcc_runtime::Error),
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    #[error("--eval: {0}")]
+    Eval(String),
 }
 
 /// What `tcc build` is asked to do.
@@ -37,6 +39,12 @@ pub struct BuildOptions {
     pub print_after: Vec<String>,
     /// Show progress bars.
     pub progress: bool,
+    /// Quantize products by constant weights to int8 after the pipeline (`--quantize int8`),
+    /// activations as this says.
+    pub quantize: Option<tcc_runtime::op::fused::ActQuant>,
+    /// Samples to measure the compressed build against the `f32` build on (`--eval`):
+    /// sentences (one a line) or `.npz`/`.json` inputs.
+    pub eval: Option<PathBuf>,
 }
 
 impl Default for BuildOptions {
@@ -46,6 +54,8 @@ impl Default for BuildOptions {
             tokenizer: None,
             print_after: Vec::new(),
             progress: false,
+            quantize: None,
+            eval: None,
         }
     }
 }
@@ -91,6 +101,9 @@ pub struct BuildReport {
     pub summary: Summary,
     pub artifact_bytes: u64,
     pub tokenizer: bool,
+    /// The compressed build against the `f32` build on the `--eval` samples.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<crate::accuracy::AccuracyReport>,
 }
 
 fn spinner(progress: bool, len: u64) -> ProgressBar {
@@ -115,6 +128,19 @@ pub fn compile_with(
     registry: &Registry,
     pb: &ProgressBar,
 ) -> Result<(Graph, BuildReport), BuildError> {
+    let (g, _, report) = compile_stages(source, opts, registry, pb, false)?;
+    Ok((g, report))
+}
+
+/// [`compile_with`], also returning the graph before compression when `keep_f32` (the
+/// reference of the accuracy report).
+fn compile_stages(
+    source: &Path,
+    opts: &BuildOptions,
+    registry: &Registry,
+    pb: &ProgressBar,
+    keep_f32: bool,
+) -> Result<(Graph, Option<Graph>, BuildReport), BuildError> {
     let t0 = Instant::now();
     pb.set_message(format!("importing {}", source.display()));
     let imported = onnx::import_file(source)?;
@@ -132,7 +158,22 @@ pub fn compile_with(
         pb2.suspend(|| eprintln!("// IR after {name}\n{}", tcc_ir::text::print(&g.compact())));
     });
     let mut cx = PassContext { cpu_features: tcc_runtime::cpu::host().map(|c| c.features).unwrap_or_default() };
-    let passes = pm.run(&mut g, &mut cx)?;
+    let mut passes = pm.run(&mut g, &mut cx)?;
+    let mut f32_graph = None;
+    if let Some(act) = opts.quantize {
+        if keep_f32 {
+            f32_graph = Some(g.compact());
+        }
+        let act = match act {
+            tcc_runtime::op::fused::ActQuant::DynamicRow => "row",
+            tcc_runtime::op::fused::ActQuant::DynamicTensor => "tensor",
+        };
+        let text = format!("quantize-int8{{act={act}}},dce");
+        pb.set_message(format!("running passes: {text}"));
+        let mut pm = PassManager::new(&Pipeline::parse(&text, registry)?, registry)?;
+        pm.print_after = opts.print_after.clone();
+        passes.extend(pm.run(&mut g, &mut cx)?);
+    }
     pb.inc(1);
     let g = g.compact();
     let report = BuildReport {
@@ -149,8 +190,9 @@ pub fn compile_with(
         summary: summarize(&g),
         artifact_bytes: 0,
         tokenizer: false,
+        accuracy: None,
     };
-    Ok((g, report))
+    Ok((g, f32_graph, report))
 }
 
 /// Lowers a verified graph to a plan and its weights.
@@ -215,6 +257,32 @@ pub fn lower(g: &Graph) -> Result<(Plan, Vec<(String, Tensor)>), BuildError> {
     Ok((plan, weights))
 }
 
+/// Loads the `f32` graph and the compressed plan as models and compares them on `data`.
+fn evaluate(
+    reference: &Graph,
+    (plan, weights): (&Plan, &[(String, Tensor)]),
+    tokenizer: Option<&[u8]>,
+    data: &Path,
+    progress: bool,
+) -> Result<crate::accuracy::AccuracyReport, BuildError> {
+    let model = |plan: &Plan, weights: &[(String, Tensor)]| -> Result<Model, BuildError> {
+        let contents = ArtifactContents { plan, weights, tokenizer, report: serde_json::Value::Null };
+        let bytes: tcc_runtime::Bytes = std::sync::Arc::new(artifact::to_bytes(&contents)?);
+        Ok(Model::from_artifact(artifact::from_bytes(bytes)?)?)
+    };
+    let (rplan, rweights) = lower(reference)?;
+    let (reference, candidate) = (model(&rplan, &rweights)?, model(plan, weights)?);
+    let samples = crate::accuracy::samples(data, &candidate).map_err(BuildError::Eval)?;
+    let pb = if progress { ProgressBar::new(samples.len() as u64) } else { ProgressBar::hidden() };
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} samples: comparing with the f32 build ({elapsed})")
+            .expect("valid template"),
+    );
+    let r = crate::accuracy::compare(&reference, &candidate, &samples, &data.display().to_string(), &pb)?;
+    pb.finish_and_clear();
+    Ok(r)
+}
+
 /// Builds `source` into an artifact at `out`.
 pub fn build(source: &Path, out: &Path, opts: &BuildOptions) -> Result<BuildReport, BuildError> {
     build_with(source, out, opts, &Registry::builtin())
@@ -239,14 +307,21 @@ pub fn build_with(
             Some(bytes)
         }
     };
-    let (g, mut report) = compile_with(source, opts, registry, &pb)?;
+    let (g, f32_graph, mut report) = compile_stages(source, opts, registry, &pb, opts.eval.is_some())?;
     pb.set_message("lowering");
     let t1 = Instant::now();
     let (plan, weights) = lower(&g)?;
     report.lower_ms = t1.elapsed().as_secs_f64() * 1e3;
+    report.tokenizer = tokenizer.is_some();
+    if let Some(data) = &opts.eval {
+        let reference = match &f32_graph {
+            Some(f) => f,
+            None => return Err(BuildError::Eval("--eval measures a compressed build: give --quantize".into())),
+        };
+        report.accuracy = Some(evaluate(reference, (&plan, &weights), tokenizer.as_deref(), data, opts.progress)?);
+    }
     pb.set_message(format!("writing {}", out.display()));
     let t2 = Instant::now();
-    report.tokenizer = tokenizer.is_some();
     report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let json = serde_json::to_value(&report).unwrap_or_default();
     let bytes = artifact::write(

@@ -5,6 +5,7 @@
 //! - the only crate that knows ONNX; the IR it hands on is verified;
 //! - a user's bad model is an error naming the problem, never a panic.
 
+pub mod accuracy;
 pub mod driver;
 pub mod onnx;
 

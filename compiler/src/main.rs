@@ -54,6 +54,18 @@ enum Command {
         /// Write the build report as JSON to this file.
         #[arg(long, value_name = "FILE")]
         report_json: Option<PathBuf>,
+        /// Quantize: `int8` makes every product by constant weights an integer product
+        /// (s8 per-column weights, u8 activations quantized per token at run time).
+        #[arg(long, value_name = "KIND", value_parser = ["int8"])]
+        quantize: Option<String>,
+        /// How int8 activations are quantized: per `row` (token) or per `tensor` (as
+        /// onnxruntime's dynamic quantization).
+        #[arg(long, value_name = "GRANULARITY", default_value = "row", value_parser = ["row", "tensor"], requires = "quantize")]
+        act_quant: String,
+        /// Measure the compressed build against the f32 build on these samples: a text file
+        /// of sentences (one a line, needs --tokenizer) or .npz/.json inputs.
+        #[arg(long, value_name = "FILE", requires = "quantize")]
+        eval: Option<PathBuf>,
     },
     /// Run an artifact on inputs from a file or on text.
     Run {
@@ -133,11 +145,25 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn run(cmd: Command) -> Result<()> {
     match cmd {
-        Command::Build { model, output, tokenizer, passes, mut print_after, print_ir_after_all, report_json } => {
+        Command::Build {
+            model,
+            output,
+            tokenizer,
+            passes,
+            mut print_after,
+            print_ir_after_all,
+            report_json,
+            quantize,
+            act_quant,
+            eval,
+        } => {
             if print_ir_after_all {
                 print_after.push("*".into());
             }
-            let opts = BuildOptions { pipeline: passes, tokenizer, print_after, progress: true };
+            use tcc_runtime::op::fused::ActQuant;
+            let quantize =
+                quantize.map(|_| if act_quant == "tensor" { ActQuant::DynamicTensor } else { ActQuant::DynamicRow });
+            let opts = BuildOptions { pipeline: passes, tokenizer, print_after, progress: true, quantize, eval };
             let report = driver::build(&model, &output, &opts)?;
             print_build_report(&report, &output);
             if let Some(p) = report_json {
@@ -373,6 +399,31 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
     out!("  total      {:>8.1} ms", r.total_ms);
     let s = &r.summary;
     out!("  {} layers, {} parameters, {} ops", s.layers, thousands(s.parameters), s.op_counts.values().sum::<usize>());
+    if let Some(a) = &r.accuracy {
+        out!("accuracy against the f32 build, {} samples from {}:", a.samples, a.data);
+        out!(
+            "  {:24} {:20} {:>11} {:>10} {:>10}  worst sample",
+            "output",
+            "compared",
+            "mean cosine",
+            "min cosine",
+            "max error"
+        );
+        for o in &a.outputs {
+            let mut worst = o.worst.clone();
+            if worst.chars().count() > 48 {
+                worst = worst.chars().take(45).collect::<String>() + "...";
+            }
+            out!(
+                "  {:24} {:20} {:>11.4} {:>10.4} {:>10.2e}  {worst}",
+                o.output,
+                o.compared,
+                o.mean_cosine,
+                o.min_cosine,
+                o.max_rel_error
+            );
+        }
+    }
 }
 
 fn inspect(path: &Path, json: bool) -> Result<()> {

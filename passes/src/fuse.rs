@@ -138,6 +138,7 @@ fn fuse_one(
         epilogue: Epilogue::default(),
         extra: 0,
         fused: vec![],
+        int8: None,
     };
 
     // Operand transposes.

@@ -12,17 +12,19 @@
 //! Architecture invariants:
 //! - a pass leaves a graph that passes [`tcc_ir::verify`] (the manager checks);
 //! - passes never change what a graph computes beyond float rounding, except passes whose
-//!   documentation says they approximate (none yet), which report it.
+//!   documentation says they approximate (`quantize-int8`), which report what they changed.
 
 pub mod eqsat;
 mod fold;
 mod fuse;
 mod manager;
+mod quantize;
 pub mod tutorial;
 
 pub use fold::{DeadCode, FoldConstants};
 pub use fuse::{FuseAttention, FuseMatMul};
 pub use manager::{Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry};
+pub use quantize::{scale_first, QuantizeInt8};
 
 /// The pipeline `tcc build` runs by default.
 pub const DEFAULT_PIPELINE: &str = "canon,recognize,fuse-matmul,fuse-attention,dce";

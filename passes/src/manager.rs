@@ -123,6 +123,11 @@ impl Registry {
                 Ok(Box::new(crate::eqsat::EqSat::new("eqsat", rules, limits)))
             },
         );
+        r.register(
+            "quantize-int8",
+            "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time (options: act=row|tensor)",
+            |o| Ok(Box::new(crate::QuantizeInt8::from_options(o)?)),
+        );
         r.alias("canon", "fold,dce");
         r
     }

@@ -105,6 +105,17 @@ fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<Vec<u8>> {
 
 /// Writes an artifact to `path` (through a temporary file renamed into place).
 pub fn write(path: &Path, contents: &ArtifactContents) -> Result<u64> {
+    let bytes = to_bytes(contents)?;
+    let tmp = path.with_extension("tcc.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    Ok(bytes.len() as u64)
+}
+
+/// An artifact's bytes, as [`write`] writes them and [`from_bytes`] reads them.
+pub fn to_bytes(contents: &ArtifactContents) -> Result<Vec<u8>> {
     let weights = safetensors_blob(contents.weights)?;
     let mut sections: Vec<(&str, &[u8])> = vec![("weights", &weights)];
     if let Some(t) = contents.tokenizer {
@@ -149,12 +160,7 @@ pub fn write(path: &Path, contents: &ArtifactContents) -> Result<u64> {
     let mut bytes = bytes;
     let sum = xxhash_rust::xxh3::xxh3_64(&bytes[24..]);
     bytes[16..24].copy_from_slice(&sum.to_le_bytes());
-    let tmp = path.with_extension("tcc.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    Ok(bytes.len() as u64)
+    Ok(bytes)
 }
 
 /// A loaded, verified artifact: its header, weights (borrowed from the mapping) and sections.

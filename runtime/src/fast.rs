@@ -74,6 +74,14 @@ pub struct Fast {
     /// Constant `s8` weights of `MatMulInteger` steps, packed for the integer kernel at load,
     /// by the address of the weight tensor's data.
     int8: HashMap<usize, Int8Weights>,
+    /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, by the address of
+    /// the weight tensor's data.
+    colsums: HashMap<usize, Vec<i32>>,
+    /// The last activations an integer product quantized (Q, K and V read the same): the
+    /// tensor is held, so its data cannot be freed and its address reused while cached.
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::type_complexity)]
+    quantized: std::sync::Mutex<Option<((Tensor, fused::ActQuant, Option<Vec<usize>>), std::sync::Arc<QuantizedA>)>>,
 }
 
 /// `s8` weights `[k, n]` packed for [`crate::kernels::int8`], with their column sums (for the
@@ -149,6 +157,9 @@ impl Fast {
             #[cfg(target_arch = "x86_64")]
             chains,
             int8: HashMap::new(),
+            colsums: HashMap::new(),
+            #[cfg(target_arch = "x86_64")]
+            quantized: std::sync::Mutex::new(None),
         })
     }
 
@@ -156,8 +167,17 @@ impl Fast {
     /// kernel (when this CPU has it): quantized models then multiply in `vpdpbusd`, not in the
     /// reference loop.
     pub fn prepare_int8(&mut self, plan: &Plan, constants: &[(crate::plan::Slot, Tensor)]) {
-        if !crate::kernels::int8::vnni512_supported() {
+        if !crate::kernels::int8::vnni512_supported() || self.jit.tier != Tier::Avx512 {
             return;
+        }
+        for step in &plan.steps {
+            let (Op::FusedMatMul(f), Some(Some(b))) = (&step.op, step.inputs.get(1)) else { continue };
+            let (Some(_), Some([k, n])) = (f.int8, f.packed) else { continue };
+            let Some((_, w)) = constants.iter().find(|(s, _)| s == b) else { continue };
+            let Ok(data) = w.as_slice::<i8>() else { continue };
+            if data.len() == f.packed_len(k, n) {
+                self.colsums.entry(data.as_ptr() as usize).or_insert_with(|| crate::kernels::int8::colsums(k, n, data));
+            }
         }
         for step in &plan.steps {
             let (Op::MatMulInteger(_), Some(Some(b))) = (&step.op, step.inputs.get(1)) else { continue };
@@ -378,6 +398,12 @@ impl Fast {
     }
 
     fn fused_matmul(&self, f: &FusedMatMul, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+        if let Some(act) = f.int8 {
+            #[cfg(target_arch = "x86_64")]
+            return self.fused_matmul_int8(f, act, inputs);
+            #[cfg(not(target_arch = "x86_64"))]
+            return None;
+        }
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
         let extras: Vec<&Tensor> = (0..f.extra).map(|i| inputs.get(2 + i).copied().flatten()).collect::<Option<_>>()?;
         let p = match Product::prepare(f, a.shape(), b, &extras)? {
@@ -435,6 +461,107 @@ impl Fast {
         });
         // SAFETY: the items cover every batch and every panel, and each driver call writes all
         // m rows of its panels' columns.
+        let v = unsafe { out.assume_init() };
+        Some(Tensor::new(p.out_shape, v).map(|t| vec![t]))
+    }
+
+    /// An integer `FusedMatMul` on the VNNI kernel: `A` quantized (AVX-512, bit-exact with the
+    /// reference), the product summed in `i32` tile by tile, dequantized and run through the
+    /// epilogue while the tile is in L1. Work is split by panels as for `f32` products.
+    #[cfg(target_arch = "x86_64")]
+    fn fused_matmul_int8(
+        &self,
+        f: &FusedMatMul,
+        act: fused::ActQuant,
+        inputs: &[Option<&Tensor>],
+    ) -> Option<Result<Vec<Tensor>>> {
+        use crate::kernels::avx512_vec as v;
+        use crate::kernels::int8;
+        let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
+        let epilogue_fn = self.jit.tile_epilogue?;
+        let colsum = self.colsums.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
+        if f.epilogue.0.len() > v::MAX_PROGRAM {
+            return None;
+        }
+        let extras: Vec<&Tensor> = (0..f.extra).map(|i| inputs.get(2 + i).copied().flatten()).collect::<Option<_>>()?;
+        let p = match Product::prepare(f, a.shape(), b, &extras)? {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        if !matches!(p.b, BSource::Packed) || colsum.len() != p.n {
+            return None;
+        }
+        let xs = a.as_slice::<f32>().ok()?;
+        let (m, k, n) = (p.m, p.k, p.n);
+        let batches = p.offsets.len();
+        let ldq = int8::k_groups(k) * 4;
+        // A's rows quantized, or the same rows quantized by the previous product.
+        let key = (a.clone(), act, f.a_perm.clone());
+        let quantized = {
+            let cached = self.quantized.lock().unwrap_or_else(|e| e.into_inner());
+            match &*cached {
+                Some((k, qa)) if k.0.same_data(&key.0) && k.1 == key.1 && k.2 == key.2 => Some(qa.clone()),
+                _ => None,
+            }
+        };
+        let qa = match quantized {
+            Some(qa) => qa,
+            None => {
+                let qa = std::sync::Arc::new(quantize_rows(xs, &p, act));
+                *self.quantized.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, qa.clone()));
+                qa
+            }
+        };
+        let (q, scale, zero) = (&qa.q, &qa.scale, &qa.zero);
+        let mut out = Uninit::new(p.total);
+        let c = SendPtr(out.ptr());
+        let panels = n.div_ceil(NR);
+        let threads = pool::global().threads();
+        let splits = if batches >= threads { 1 } else { threads.div_ceil(batches).min(panels).max(1) };
+        let per = panels.div_ceil(splits);
+        let items: Vec<(usize, usize, usize)> = (0..batches)
+            .flat_map(|bi| (0..splits).map(move |s| (bi, s * per, ((s + 1) * per).min(panels))))
+            .filter(|&(_, p0, p1)| p0 < p1)
+            .collect();
+        let bp = b.as_slice::<i8>().ok()?.as_ptr() as usize;
+        pool::global().run_static(items.len(), &|item| {
+            let (bi, p0, p1) = items[item];
+            let cb = c.get().wrapping_add(p.offsets[bi][2]);
+            p.with_epilogue(self, bi, |ctx| {
+                let epi = |row: usize, rows: usize, n0: usize, cols: usize| {
+                    if ctx.len > 0 {
+                        // SAFETY: the AVX-512 tier (the function exists only there); the
+                        // context's operands cover this batch's rows and columns (`prepare`).
+                        unsafe { epilogue_fn(ctx, cb, p.ldc, row, rows, n0, cols) };
+                    }
+                };
+                let dq = int8::Dequant {
+                    scale: scale.as_ptr().wrapping_add(bi * m),
+                    zero: zero.as_ptr().wrapping_add(bi * m),
+                    colsum: colsum.as_ptr(),
+                };
+                // SAFETY: colsums exist only where the CPU has VNNI (`prepare_int8`); q holds
+                // this batch's m rows of ldq bytes, the packed weights `k x n` (their size
+                // checked by `prepare`), C this batch's m rows at stride ldc with the panels'
+                // columns written by this item alone; the parameters hold m values from bi * m.
+                unsafe {
+                    int8::gemm_u8s8_f32_panels(
+                        m,
+                        ldq / 4,
+                        q.as_ptr().wrapping_add(bi * m * ldq),
+                        ldq,
+                        bp as *const i8,
+                        cb,
+                        p.ldc,
+                        n,
+                        (p0, p1),
+                        dq,
+                        &epi,
+                    )
+                };
+            });
+        });
+        // SAFETY: the items cover every batch and panel; each writes all m rows of its columns.
         let v = unsafe { out.assume_init() };
         Some(Tensor::new(p.out_shape, v).map(|t| vec![t]))
     }
@@ -682,7 +809,8 @@ impl<'t> Product<'t> {
     /// `None` when the fast path does not apply (the reference runs), `Some(Err)` when the
     /// operands are invalid.
     fn prepare(f: &FusedMatMul, a_shape: &[usize], b: &Tensor, extras: &[&'t Tensor]) -> Option<Result<Product<'t>>> {
-        if b.dtype() != crate::DType::F32 || a_shape.len() < 2 {
+        let b_dtype = if f.int8.is_some() { crate::DType::I8 } else { crate::DType::F32 };
+        if b.dtype() != b_dtype || a_shape.len() < 2 {
             return None;
         }
         let (ashape, astr) = view(a_shape, &f.a_perm);
@@ -694,7 +822,7 @@ impl<'t> Product<'t> {
         let lda = astr[r - 2];
         let (bbatch, bbstr, n, bk, bsrc) = match f.packed {
             Some([pk, pn]) => {
-                if b.len() != pn.div_ceil(NR) * pk * NR {
+                if b.len() != f.packed_len(pk, pn) {
                     return Some(Err(Error::op("FusedMatMul", "packed weights have the wrong size")));
                 }
                 (vec![], vec![], pn, pk, BSource::Packed)
@@ -935,6 +1063,55 @@ impl Product<'_> {
     }
 }
 
+/// The `u8` activations of an integer product with their per-row parameters: rows of `ldq`
+/// bytes (`k` padded to groups of four with zeros).
+#[cfg(target_arch = "x86_64")]
+struct QuantizedA {
+    q: Vec<u8>,
+    scale: Vec<f32>,
+    zero: Vec<i32>,
+}
+
+/// Quantizes `A` of product `p` (batch by batch, `m` rows at stride `lda`) with AVX-512,
+/// bit-exact with [`fused::ActQuant::quantize`], rows split over the threads.
+#[cfg(target_arch = "x86_64")]
+fn quantize_rows(xs: &[f32], p: &Product, act: fused::ActQuant) -> QuantizedA {
+    use crate::kernels::avx512_vec as v;
+    let (m, k) = (p.m.max(1), p.k);
+    let rows = p.offsets.len() * p.m;
+    let ldq = crate::kernels::int8::k_groups(k) * 4;
+    let row_at = |r: usize| p.offsets[r / m][0] + (r % m) * p.lda;
+    let mut qa = QuantizedA { q: vec![0u8; rows * ldq], scale: vec![0f32; rows], zero: vec![0i32; rows] };
+    let whole = (act == fused::ActQuant::DynamicTensor).then(|| {
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for r in 0..rows {
+            // SAFETY: the caller runs the AVX-512 tier; row r of A holds k floats (`prepare`).
+            let (l, h) = unsafe { v::min_max(xs.as_ptr().add(row_at(r)), k) };
+            (lo, hi) = (lo.min(l), hi.max(h));
+        }
+        crate::op::quant::dynamic_qparams(lo, hi)
+    });
+    let (qp, sp, zp) = (qa.q.as_mut_ptr() as usize, qa.scale.as_mut_ptr() as usize, qa.zero.as_mut_ptr() as usize);
+    let threads = pool::global().threads().max(1);
+    let per = rows.div_ceil(threads);
+    pool::global().run_static(threads, &|t| {
+        for r in (t * per).min(rows)..((t + 1) * per).min(rows) {
+            // SAFETY: as above; each task writes its own rows of q, scale and zero.
+            unsafe {
+                let x = xs.as_ptr().add(row_at(r));
+                let (s, z) = whole.unwrap_or_else(|| {
+                    let (l, h) = v::min_max(x, k);
+                    crate::op::quant::dynamic_qparams(l, h)
+                });
+                v::quantize_u8_by(x, (qp as *mut u8).add(r * ldq), k, 1.0 / s, z);
+                *(sp as *mut f32).add(r) = s;
+                *(zp as *mut i32).add(r) = z as i32;
+            }
+        }
+    });
+    qa
+}
+
 /// Strides of a batch view broadcast to `batch` (0 along broadcast dims).
 fn broadcast_strides_of(shape: &[usize], strides: &[usize], batch: &[usize]) -> Vec<usize> {
     let pad = batch.len() - shape.len();
@@ -1139,6 +1316,7 @@ mod tests {
             epilogue: epi.clone(),
             extra: 2,
             fused: vec![],
+            int8: None,
         }
         .into();
         for tier in Tier::ALL {
@@ -1162,6 +1340,7 @@ mod tests {
                     epilogue: epi.clone(),
                     extra: 2,
                     fused: vec![],
+                    int8: None,
                 }
                 .into();
                 let a = t(&[m, k], 1);
@@ -1197,6 +1376,7 @@ mod tests {
                 epilogue: epi,
                 extra: 1,
                 fused: vec![],
+                int8: None,
             },
             context: FusedMatMul {
                 a_perm: None,
@@ -1206,6 +1386,7 @@ mod tests {
                 epilogue: Epilogue::default(),
                 extra: 0,
                 fused: vec![],
+                int8: None,
             },
             nan_to_zero: false,
             probs_quant: None,
@@ -1275,6 +1456,165 @@ mod tests {
     /// Dynamic quantization and standalone GELU (the integer models' element-wise work) on
     /// AVX-512: the reference's bytes and parameters exactly; GELU within the epilogues'
     /// approximation error.
+    /// Integer products (activations quantized per row or per tensor, `s8` weights, exact
+    /// `i32` sums) on the VNNI kernel give the reference's values bit for bit, with a bias and
+    /// the weights' scales as the epilogue, on odd shapes, batched, with a transposed output;
+    /// with GELU in the epilogue, to its polynomial's accuracy.
+    #[test]
+    fn int8_products_match_the_reference() {
+        if !crate::kernels::int8::vnni512_supported() {
+            eprintln!("no AVX-512 VNNI here: kernel not run");
+            return;
+        }
+        let scale_bias = Epilogue(vec![
+            EpiOp::Acc,
+            EpiOp::Input(0),
+            EpiOp::Binary(BinaryKind::Mul, 0, 1),
+            EpiOp::Input(1),
+            EpiOp::Binary(BinaryKind::Add, 2, 3),
+        ]);
+        let mut gelu = gelu_bias_residual().0;
+        gelu.splice(1..1, [EpiOp::Input(2), EpiOp::Binary(BinaryKind::Mul, 0, 1)]);
+        // Shift the references of the instructions after the two inserted (Acc stays 0 ->
+        // now the scaled product at 2).
+        for op in gelu.iter_mut().skip(3) {
+            let f = |i: &mut usize| *i = if *i == 0 { 2 } else { *i + 2 };
+            match op {
+                EpiOp::Unary(_, a) | EpiOp::FakeQuant(a, _) => f(a),
+                EpiOp::Binary(_, a, b) => {
+                    f(a);
+                    f(b)
+                }
+                _ => {}
+            }
+        }
+        let cases = [
+            (vec![1usize, 1], 1usize, 1usize, scale_bias.clone(), 2usize, None),
+            (vec![5, 7], 7, 3, scale_bias.clone(), 2, None),
+            (vec![2, 37, 100], 100, 65, scale_bias.clone(), 2, None),
+            (vec![128, 384], 384, 1536, scale_bias.clone(), 2, None),
+            (vec![2, 13, 64], 64, 96, scale_bias.clone(), 2, Some(vec![1, 0, 2])),
+            (vec![33, 300], 300, 100, Epilogue(gelu), 3, None),
+        ];
+        for act in [fused::ActQuant::DynamicRow, fused::ActQuant::DynamicTensor] {
+            for (shape, k, n, epi, extra, c_perm) in &cases {
+                let (k, n) = (*k, *n);
+                let op: Op = FusedMatMul {
+                    a_perm: None,
+                    b_perm: None,
+                    packed: Some([k, n]),
+                    c_perm: c_perm.clone(),
+                    epilogue: epi.clone(),
+                    extra: *extra,
+                    fused: vec![],
+                    int8: Some(act),
+                }
+                .into();
+                let Some(mut fast) = fast_for(Tier::Avx512, std::slice::from_ref(&op)) else { return };
+                // Activations with an outlier column, weights over the full s8 range.
+                let mut av = rand(shape.iter().product(), 1);
+                for (i, x) in av.iter_mut().enumerate() {
+                    if i % k == 3 % k {
+                        *x *= 40.0;
+                    }
+                }
+                let a = Tensor::new(shape.clone(), av).unwrap();
+                let w: Vec<i8> = (0..k * n).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 as i8).collect();
+                let packed = crate::kernels::int8::pack_b_s8(k, n, &w);
+                let b = Tensor::new(vec![packed.len()], packed).unwrap();
+                let plan = Plan {
+                    steps: vec![crate::plan::Step {
+                        op: op.clone(),
+                        inputs: vec![Some(0), Some(1)],
+                        outputs: vec![2],
+                        name: "p".into(),
+                    }],
+                    ..Default::default()
+                };
+                fast.prepare_int8(&plan, &[(1, b.clone())]);
+                let wscale = Tensor::new(vec![n], (0..n).map(|j| 0.001 + j as f32 * 1e-5).collect()).unwrap();
+                let bias = t(&[n], 3);
+                let rows: usize = shape[..shape.len() - 1].iter().product();
+                let res = t(&[rows, n], 4);
+                let mut ins = vec![Some(&a), Some(&b), Some(&wscale), Some(&bias)];
+                if *extra == 3 {
+                    ins = vec![Some(&a), Some(&b), Some(&bias), Some(&res), Some(&wscale)];
+                }
+                let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+                let tag = format!("{act:?} {shape:?} x {k}x{n}");
+                if *extra == 2 {
+                    assert!(got.bit_eq(&want), "{tag}");
+                } else {
+                    assert_close(&tag, &got, &want, 2e-5);
+                }
+            }
+        }
+    }
+
+    /// Integer products on BERT shapes, all threads, weights hot (one copy) or cold (many
+    /// copies, `WEIGHT_COPIES`): a probe, run by hand with
+    /// `cargo test --release -p tcc-runtime --lib int8_linear_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing probe, asserts nothing"]
+    fn int8_linear_speed() {
+        if !crate::kernels::int8::vnni512_supported() {
+            return;
+        }
+        let epi = Epilogue(vec![
+            EpiOp::Acc,
+            EpiOp::Input(1),
+            EpiOp::Binary(BinaryKind::Mul, 0, 1),
+            EpiOp::Input(0),
+            EpiOp::Binary(BinaryKind::Add, 2, 3),
+        ]);
+        for &(m, k, n) in &[(128usize, 768usize, 768usize), (128, 768, 3072), (128, 3072, 768), (128, 384, 384)] {
+            let op: Op = FusedMatMul {
+                a_perm: None,
+                b_perm: None,
+                packed: Some([k, n]),
+                c_perm: None,
+                epilogue: epi.clone(),
+                extra: 2,
+                fused: vec![],
+                int8: Some(fused::ActQuant::DynamicRow),
+            }
+            .into();
+            let Some(mut fast) = fast_for(Tier::Avx512, std::slice::from_ref(&op)) else { return };
+            let a = t(&[m, k], 1);
+            let w: Vec<i8> = (0..k * n).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 as i8).collect();
+            let packed = crate::kernels::int8::pack_b_s8(k, n, &w);
+            let copies = std::env::var("WEIGHT_COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
+            let bs: Vec<Tensor> =
+                (0..copies).map(|_| Tensor::new(vec![packed.len()], packed.clone()).unwrap()).collect();
+            for b in &bs {
+                let plan = Plan {
+                    steps: vec![crate::plan::Step {
+                        op: op.clone(),
+                        inputs: vec![Some(0), Some(1)],
+                        outputs: vec![2],
+                        name: "p".into(),
+                    }],
+                    ..Default::default()
+                };
+                fast.prepare_int8(&plan, &[(1, b.clone())]);
+            }
+            let (bias, scale) = (t(&[n], 3), t(&[n], 4));
+            let iters = 300;
+            let t0 = std::time::Instant::now();
+            for i in 0..iters {
+                let ins = [Some(&a), Some(&bs[i % copies]), Some(&bias), Some(&scale)];
+                fast.eval(&op, &ins).unwrap().unwrap();
+            }
+            let s = t0.elapsed().as_secs_f64() / iters as f64;
+            eprintln!(
+                "int8 {m}x{k}x{n} ({copies} copies): {:.3} ms, {:.0} GOP/s",
+                s * 1e3,
+                2.0 * (m * k * n) as f64 / s / 1e9
+            );
+        }
+    }
+
     #[test]
     fn dynamic_quantization_and_gelu_fast_paths() {
         let Some(fast) = fast_for(Tier::Avx512, &[]) else { return };
@@ -1329,6 +1669,7 @@ mod tests {
             epilogue: Epilogue(vec![EpiOp::Acc, EpiOp::FakeQuant(0, q)]),
             extra: 0,
             fused: vec![],
+            int8: None,
         }
         .into();
         let at = Tensor::new(vec![m, k], a).unwrap();
@@ -1537,6 +1878,7 @@ mod gemm_timing {
                 epilogue: bias_epi.clone(),
                 extra: usize::from(!bias_epi.0.is_empty()),
                 fused: vec![],
+                int8: None,
             }
             .into();
             let plan = Plan {

@@ -102,6 +102,12 @@ pub fn numel(shape: &[usize]) -> Option<usize> {
 }
 
 impl Tensor {
+    /// Whether `self` and `other` are the same tensor: one buffer (shared, so equal values as
+    /// long as either lives: tensors are immutable) and one shape.
+    pub fn same_data(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.data, &other.data) && self.dtype == other.dtype && self.shape == other.shape
+    }
+
     /// A tensor from typed elements; the length must match the shape.
     pub fn new<T: Element>(shape: Vec<usize>, data: Vec<T>) -> Result<Tensor> {
         Tensor::with_dtype(T::DTYPE, shape, data)

@@ -548,19 +548,30 @@ pub unsafe fn gelu_slice(x: *const f32, y: *mut f32, n: usize, tanh_form: bool) 
 /// AVX-512F; `x` holds `n` floats.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn min_max(x: *const f32, n: usize) -> (f32, f32) {
-    // SAFETY: the caller's contract; masked loads stay within the n floats.
+    // SAFETY: the caller's contract; loads stay within the n floats (masked for the tail).
     unsafe {
-        let (mut lo, mut hi) = (splat(f32::INFINITY), splat(f32::NEG_INFINITY));
+        // Four running pairs: one min/max chain would wait on its own latency every vector.
+        let (mut lo, mut hi) = ([splat(f32::INFINITY); 4], [splat(f32::NEG_INFINITY); 4]);
         let mut i = 0;
+        // min/max return their second operand when either is NaN: NaN lanes keep the running
+        // value.
+        while i + 64 <= n {
+            for j in 0..4 {
+                let v = _mm512_loadu_ps(x.add(i + 16 * j));
+                lo[j] = _mm512_min_ps(v, lo[j]);
+                hi[j] = _mm512_max_ps(v, hi[j]);
+            }
+            i += 64;
+        }
         while i < n {
             let m = lane_mask(n - i);
-            // min/max return their second operand when either is NaN: NaN lanes keep the
-            // running value.
-            lo = _mm512_min_ps(_mm512_mask_loadu_ps(splat(f32::INFINITY), m, x.add(i)), lo);
-            hi = _mm512_max_ps(_mm512_mask_loadu_ps(splat(f32::NEG_INFINITY), m, x.add(i)), hi);
+            lo[0] = _mm512_min_ps(_mm512_mask_loadu_ps(splat(f32::INFINITY), m, x.add(i)), lo[0]);
+            hi[0] = _mm512_max_ps(_mm512_mask_loadu_ps(splat(f32::NEG_INFINITY), m, x.add(i)), hi[0]);
             i += 16;
         }
-        (_mm512_reduce_min_ps(lo), _mm512_reduce_max_ps(hi))
+        let l = _mm512_min_ps(_mm512_min_ps(lo[0], lo[1]), _mm512_min_ps(lo[2], lo[3]));
+        let h = _mm512_max_ps(_mm512_max_ps(hi[0], hi[1]), _mm512_max_ps(hi[2], hi[3]));
+        (_mm512_reduce_min_ps(l), _mm512_reduce_max_ps(h))
     }
 }
 
@@ -588,6 +599,35 @@ pub unsafe fn quantize_u8(x: *const f32, y: *mut u8, n: usize, scale: f32, zp: u
         }
         for j in i..n {
             *y.add(j) = crate::op::quant::quantize_value(*x.add(j), scale, zp as i64, 0.0, 255.0) as u8;
+        }
+    }
+}
+
+/// `y = saturate(round_half_even(x * inv_scale) + zp)` to `u8` for `n` floats, exactly as
+/// [`crate::op::fused::quantize_u8_by`] (the activations of integer products: a product by the
+/// reciprocal, not a division, which costs ten times as much).
+///
+/// # Safety
+/// AVX-512F; `x` holds `n` floats, `y` `n` bytes.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn quantize_u8_by(x: *const f32, y: *mut u8, n: usize, inv_scale: f32, zp: u8) {
+    // SAFETY: the caller's contract; masked loads and stores stay within the n values.
+    unsafe {
+        let s = splat(inv_scale);
+        let (lo, hi, z) = (splat(-(zp as f32)), splat(255.0 - zp as f32), splat(zp as f32));
+        let mut i = 0;
+        while i + 16 <= n {
+            let v = _mm512_mul_ps(_mm512_loadu_ps(x.add(i)), s);
+            let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            let v = _mm512_mask_mov_ps(v, nan, _mm512_setzero_ps());
+            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+            let q = _mm512_cvtps_epi32(_mm512_add_ps(r, z));
+            _mm_storeu_si128(y.add(i) as *mut __m128i, _mm512_cvtusepi32_epi8(q));
+            i += 16;
+        }
+        for j in i..n {
+            *y.add(j) = crate::op::fused::quantize_u8_by(*x.add(j), inv_scale, zp);
         }
     }
 }

@@ -36,6 +36,130 @@ pub fn pack_b_s8(k: usize, n: usize, w: &[i8]) -> Vec<i8> {
     out
 }
 
+/// Symmetric per-column quantization of `k x n` row-major `f32` weights to `s8` in
+/// `[-127, 127]`: `w[i, j] ~ q[i, j] * scale[j]`, `scale[j] = max_i |w[i, j]| / 127` (1 for a
+/// column of zeros), rounding half to even. Returns `(q, scale)`.
+pub fn quantize_per_column(k: usize, n: usize, w: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let mut scale = vec![0f32; n];
+    for row in w.chunks(n.max(1)).take(k) {
+        for (s, &v) in scale.iter_mut().zip(row) {
+            *s = s.max(v.abs());
+        }
+    }
+    for s in &mut scale {
+        *s = if *s > 0.0 && s.is_finite() { *s / 127.0 } else { 1.0 };
+    }
+    let q = w
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v / scale[i % n.max(1)]).round_ties_even().clamp(-127.0, 127.0) as i8)
+        .collect();
+    (q, scale)
+}
+
+/// The `k x n` row-major weights of [`pack_b_s8`]'s panels (`packed` must hold them all).
+pub fn unpack_b_s8(k: usize, n: usize, packed: &[i8]) -> Vec<i8> {
+    let groups = k_groups(k);
+    let mut w = vec![0i8; k * n];
+    for row in 0..k {
+        for col in 0..n {
+            let (p, c, g, r) = (col / NR, col % NR, row / 4, row % 4);
+            w[row * n + col] = packed[((p * groups + g) * NR + c) * 4 + r];
+        }
+    }
+    w
+}
+
+/// The column sums of [`pack_b_s8`]'s weights: `sum_k (q_a - z) w = sum_k q_a w - z colsum`.
+pub fn colsums(k: usize, n: usize, packed: &[i8]) -> Vec<i32> {
+    let groups = k_groups(k);
+    let mut sums = vec![0i32; n];
+    for (col, s) in sums.iter_mut().enumerate() {
+        let (p, c) = (col / NR, col % NR);
+        for g in 0..groups {
+            let at = ((p * groups + g) * NR + c) * 4;
+            *s += packed[at..at + 4].iter().map(|&v| v as i32).sum::<i32>();
+        }
+    }
+    sums
+}
+
+/// Per-row activation quantization parameters and the weights' column sums of an integer
+/// product with `f32` output: `C[i, j] = ((A.B)[i, j] - zero[i] * colsum[j]) as f32 * scale[i]`.
+#[derive(Clone, Copy)]
+pub struct Dequant {
+    pub scale: *const f32,
+    pub zero: *const i32,
+    pub colsum: *const i32,
+}
+
+/// [`gemm_u8s8_panels`] into `f32`: each tile of up to 12 rows by one panel is summed in
+/// `i32` in `c` itself, dequantized there ([`Dequant`]), then handed to `epilogue(row, rows,
+/// col, cols)` while it is in L1.
+///
+/// # Safety
+/// As [`gemm_u8s8_panels`] with `c` holding `f32`; `dq.scale` and `dq.zero` hold `m`
+/// values, `dq.colsum` `n`; `epilogue` may touch only the tile it is given.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_u8s8_f32_panels(
+    m: usize,
+    groups: usize,
+    a: *const u8,
+    lda: usize,
+    packed: *const i8,
+    c: *mut f32,
+    ldc: usize,
+    n: usize,
+    (p0, p1): (usize, usize),
+    dq: Dequant,
+    epilogue: &dyn Fn(usize, usize, usize, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    for p in p0..p1 {
+        let cols = NR.min(n - p * NR);
+        let panel = groups * NR * 4;
+        let bp = packed.wrapping_add(p * panel);
+        // The next panel's weights, read once per inference and so not in cache, are
+        // prefetched into L2 a share per row tile while this panel is multiplied.
+        let tiles = m.div_ceil(12).max(1);
+        let lines = if p + 1 < p1 { panel / 64 } else { 0 };
+        let (mut next, mut left) = (bp.wrapping_add(panel) as *const u8, lines);
+        let mut i = 0;
+        while i < m {
+            let rows = 12.min(m - i);
+            let share = lines.div_ceil(tiles).min(left);
+            let pf = crate::kernels::Prefetch::new(next, share, groups);
+            (next, left) = (next.wrapping_add(share * 64), left - share);
+            let cp = c.wrapping_add(i * ldc + p * NR);
+            let tile_dq = Dequant {
+                scale: dq.scale.wrapping_add(i),
+                zero: dq.zero.wrapping_add(i),
+                colsum: dq.colsum.wrapping_add(p * NR),
+            };
+            // SAFETY: the caller's contract, as in `gemm_u8s8_panels`; the dequantization
+            // reads rows i..i+rows of the parameters and this panel's columns of the sums; a
+            // prefetch never faults.
+            unsafe {
+                vnni512::tile_any(
+                    rows,
+                    groups,
+                    a.wrapping_add(i * lda),
+                    lda,
+                    bp,
+                    vnni512::Store::F32(cp, tile_dq),
+                    ldc,
+                    cols,
+                    pf,
+                )
+            };
+            epilogue(i, rows, p * NR, cols);
+            i += rows;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (m, groups, a, lda, packed, c, ldc, n, p0, p1, dq, epilogue);
+}
+
 /// `C[m x n] = A[m x k] . B[k x n]` in `i32`, the plain definition: the oracle of the kernels.
 #[allow(clippy::too_many_arguments)] // a GEMM's shape, operands and strides
 pub fn reference(m: usize, k: usize, n: usize, a: &[u8], lda: usize, b: &[i8], c: &mut [i32], ldc: usize) {
@@ -126,9 +250,10 @@ pub unsafe fn gemm_u8s8_panels(
                     a.wrapping_add(i * lda),
                     lda,
                     bp,
-                    c.wrapping_add(i * ldc + p * NR),
+                    vnni512::Store::I32(c.wrapping_add(i * ldc + p * NR)),
                     ldc,
                     cols,
+                    crate::kernels::Prefetch::new(bp as *const u8, 0, groups),
                 )
             };
             i += rows;
@@ -140,8 +265,17 @@ pub unsafe fn gemm_u8s8_panels(
 
 #[cfg(target_arch = "x86_64")]
 mod vnni512 {
-    use super::NR;
+    use super::{Dequant, NR};
+    use crate::kernels::Prefetch;
     use std::arch::x86_64::*;
+
+    /// What a tile stores: the `i32` sums, or the sums dequantized to `f32` ([`Dequant`], its
+    /// pointers at the tile's first row and column).
+    #[derive(Clone, Copy)]
+    pub enum Store {
+        I32(*mut i32),
+        F32(*mut f32, Dequant),
+    }
 
     /// [`tile`] for `rows <= 12` known at run time (the row count is a constant inside, so the
     /// accumulators stay in registers).
@@ -156,51 +290,57 @@ mod vnni512 {
         a: *const u8,
         lda: usize,
         b: *const i8,
-        c: *mut i32,
+        c: Store,
         ldc: usize,
         cols: usize,
+        pf: Prefetch,
     ) {
         // SAFETY: forwarded.
         unsafe {
             match rows {
-                12.. => tile::<12>(groups, a, lda, b, c, ldc, cols),
-                11 => tile::<11>(groups, a, lda, b, c, ldc, cols),
-                10 => tile::<10>(groups, a, lda, b, c, ldc, cols),
-                9 => tile::<9>(groups, a, lda, b, c, ldc, cols),
-                8 => tile::<8>(groups, a, lda, b, c, ldc, cols),
-                7 => tile::<7>(groups, a, lda, b, c, ldc, cols),
-                6 => tile::<6>(groups, a, lda, b, c, ldc, cols),
-                5 => tile::<5>(groups, a, lda, b, c, ldc, cols),
-                4 => tile::<4>(groups, a, lda, b, c, ldc, cols),
-                3 => tile::<3>(groups, a, lda, b, c, ldc, cols),
-                2 => tile::<2>(groups, a, lda, b, c, ldc, cols),
-                1 => tile::<1>(groups, a, lda, b, c, ldc, cols),
+                12.. => tile::<12>(groups, a, lda, b, c, ldc, cols, pf),
+                11 => tile::<11>(groups, a, lda, b, c, ldc, cols, pf),
+                10 => tile::<10>(groups, a, lda, b, c, ldc, cols, pf),
+                9 => tile::<9>(groups, a, lda, b, c, ldc, cols, pf),
+                8 => tile::<8>(groups, a, lda, b, c, ldc, cols, pf),
+                7 => tile::<7>(groups, a, lda, b, c, ldc, cols, pf),
+                6 => tile::<6>(groups, a, lda, b, c, ldc, cols, pf),
+                5 => tile::<5>(groups, a, lda, b, c, ldc, cols, pf),
+                4 => tile::<4>(groups, a, lda, b, c, ldc, cols, pf),
+                3 => tile::<3>(groups, a, lda, b, c, ldc, cols, pf),
+                2 => tile::<2>(groups, a, lda, b, c, ldc, cols, pf),
+                1 => tile::<1>(groups, a, lda, b, c, ldc, cols, pf),
                 0 => {}
             }
         }
     }
 
-    /// `ROWS` rows x up to 32 columns of `C = A . B`, `groups` groups of four `k`.
+    /// `ROWS` rows x up to 32 columns of `C = A . B`, `groups` groups of four `k`, stored as
+    /// `c` says; `pf` spreads its prefetches over the groups.
     ///
     /// # Safety
     /// AVX-512F/BW/VNNI; `a` holds `ROWS` rows of `groups * 4` bytes at stride `lda`; `b` holds
-    /// `groups` x `NR` x 4 bytes; `c` holds `ROWS` rows of `cols <= 32` i32 at stride `ldc`.
+    /// `groups` x `NR` x 4 bytes; `c` holds `ROWS` rows of `cols <= 32` values at stride
+    /// `ldc`, and for `F32` the dequantization parameters hold `ROWS` rows and `cols` columns.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile<const ROWS: usize>(
         groups: usize,
         a: *const u8,
         lda: usize,
         b: *const i8,
-        c: *mut i32,
+        c: Store,
         ldc: usize,
         cols: usize,
+        mut pf: Prefetch,
     ) {
         debug_assert!(cols <= NR);
-        // SAFETY: the caller's contract; loads stay within the rows and the panel, stores
-        // within `cols` columns (masked).
+        // SAFETY: the caller's contract; loads stay within the rows, the panel and the
+        // parameters, stores within `cols` columns (masked).
         unsafe {
             let mut acc = [[_mm512_setzero_si512(); 2]; ROWS];
             for g in 0..groups {
+                pf.step();
                 let b0 = _mm512_loadu_si512(b.add(g * NR * 4) as *const _);
                 let b1 = _mm512_loadu_si512(b.add(g * NR * 4 + 64) as *const _);
                 for (r, acc) in acc.iter_mut().enumerate() {
@@ -209,12 +349,36 @@ mod vnni512 {
                     acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
                 }
             }
-            let [m0, m1] = crate::kernels::tile_masks(cols);
-            for (r, acc) in acc.iter().enumerate() {
-                let cp = c.add(r * ldc);
-                _mm512_mask_storeu_epi32(cp, m0, acc[0]);
-                if m1 != 0 {
-                    _mm512_mask_storeu_epi32(cp.add(16), m1, acc[1]);
+            let masks = crate::kernels::tile_masks(cols);
+            match c {
+                Store::I32(c) => {
+                    for (r, acc) in acc.iter().enumerate() {
+                        for (h, &mask) in masks.iter().enumerate() {
+                            if mask != 0 {
+                                _mm512_mask_storeu_epi32(c.add(r * ldc + 16 * h), mask, acc[h]);
+                            }
+                        }
+                    }
+                }
+                // (sum - zero[r] * colsum[j]) as f32 * scale[r], as the reference.
+                Store::F32(c, dq) => {
+                    let sums = [
+                        _mm512_maskz_loadu_epi32(masks[0], dq.colsum),
+                        _mm512_maskz_loadu_epi32(masks[1], dq.colsum.add(16)),
+                    ];
+                    for (r, acc) in acc.iter().enumerate() {
+                        let (s, z) = (_mm512_set1_ps(*dq.scale.add(r)), _mm512_set1_epi32(*dq.zero.add(r)));
+                        for (h, &mask) in masks.iter().enumerate() {
+                            if mask != 0 {
+                                let v = _mm512_sub_epi32(acc[h], _mm512_mullo_epi32(z, sums[h]));
+                                _mm512_mask_storeu_ps(
+                                    c.add(r * ldc + 16 * h),
+                                    mask,
+                                    _mm512_mul_ps(_mm512_cvtepi32_ps(v), s),
+                                );
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -271,6 +435,24 @@ mod tests {
             gemm_u8s8(m, k, n, &a, lda, &packed, &mut got, n).expect("runs");
             assert_eq!(got, want, "{m}x{k}x{n}");
         }
+    }
+
+    #[test]
+    fn packing_round_trips_and_column_sums() {
+        let (k, n) = (13, 70);
+        let w: Vec<f32> = (0..k * n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let (q, scale) = quantize_per_column(k, n, &w);
+        for (i, (&x, &y)) in w.iter().zip(&q).enumerate() {
+            assert!((x - y as f32 * scale[i % n]).abs() <= scale[i % n] / 2.0 + 1e-6, "weight {i}");
+        }
+        // Each column's largest magnitude maps to 127 exactly.
+        assert!((0..n).all(|j| (0..k).any(|i| q[i * n + j].unsigned_abs() == 127)));
+        let packed = pack_b_s8(k, n, &q);
+        assert_eq!(unpack_b_s8(k, n, &packed), q);
+        let sums: Vec<i32> = (0..n).map(|j| (0..k).map(|i| q[i * n + j] as i32).sum()).collect();
+        assert_eq!(colsums(k, n, &packed), sums);
+        // A zero column has scale 1, not a division by zero.
+        assert_eq!(quantize_per_column(2, 1, &[0.0, 0.0]), (vec![0, 0], vec![1.0]));
     }
 
     #[test]

@@ -118,6 +118,61 @@ pub struct FusedMatMul {
     /// `tcc inspect`, never read to compute.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fused: Vec<String>,
+    /// When set, the product is integer: `A` is quantized to `u8` at run time as this says,
+    /// `B` holds `s8` weights packed by [`kernels::int8::pack_b_s8`] (`packed` gives `[k, n]`),
+    /// and the epilogue's `Acc` is `scale_a * sum_k (q_a - zero_a) * w`, summed exactly in
+    /// `i32` (the weights' own scales are an epilogue input like a bias).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub int8: Option<ActQuant>,
+}
+
+/// How an integer [`FusedMatMul`] quantizes its `f32` activations to `u8`: asymmetric, the
+/// range widened to include 0, scale and zero point as `DynamicQuantizeLinear` computes them
+/// ([`super::quant::dynamic_qparams`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActQuant {
+    /// One scale and zero point per row of `A` (per token), from the row's range: an outlier
+    /// in one token costs only that token precision.
+    DynamicRow,
+    /// One scale and zero point for all of `A`, from its whole range (`DynamicQuantizeLinear`).
+    DynamicTensor,
+}
+
+/// An activation of an integer product in `u8`: `saturate(round_half_even(x * inv_scale) +
+/// zp)`, NaN giving `zp` (by the reciprocal of the scale: within an ulp of the division, and
+/// what the kernels compute).
+pub fn quantize_u8_by(x: f32, inv_scale: f32, zp: u8) -> u8 {
+    let v = (x * inv_scale).clamp(-(zp as f32), 255.0 - zp as f32);
+    let v = if v.is_nan() { 0.0 } else { v };
+    (super::elementwise::round_half_even(v) + zp as f32) as u8
+}
+
+/// Largest inner dimension of an integer product: `|sum| <= 2 * 255 * 128 * k` stays in `i32`.
+pub const MAX_INT8_K: usize = 1 << 15;
+
+impl ActQuant {
+    /// Quantizes `rows` rows of `k` floats (`a`, contiguous) into `q` (rows of `ldq >= k`
+    /// bytes; the bytes past `k` are left as they are); returns each row's scale and zero point.
+    pub fn quantize(self, a: &[f32], rows: usize, k: usize, q: &mut [u8], ldq: usize) -> (Vec<f32>, Vec<i32>) {
+        let params = |xs: &[f32]| {
+            let (lo, hi) = xs.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+            super::quant::dynamic_qparams(lo, hi)
+        };
+        let whole = (self == ActQuant::DynamicTensor).then(|| params(&a[..rows * k]));
+        let (mut scales, mut zps) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        for r in 0..rows {
+            let x = &a[r * k..(r + 1) * k];
+            let (s, z) = whole.unwrap_or_else(|| params(x));
+            let inv = 1.0 / s;
+            for (d, &v) in q[r * ldq..r * ldq + k].iter_mut().zip(x) {
+                *d = quantize_u8_by(v, inv, z);
+            }
+            scales.push(s);
+            zps.push(z as i32);
+        }
+        (scales, zps)
+    }
 }
 
 pub(crate) fn permute<T: Clone>(v: &[T], perm: &Option<Vec<usize>>) -> Vec<T> {
@@ -145,11 +200,19 @@ pub(crate) fn transpose_tensor(t: &Tensor, perm: &[usize]) -> Result<Tensor> {
 }
 
 impl FusedMatMul {
+    /// Elements of packed weights `[k, n]`: f32 panels, or `s8` panels of groups of four rows.
+    pub fn packed_len(&self, k: usize, n: usize) -> usize {
+        match self.int8 {
+            None => n.div_ceil(kernels::NR) * k * kernels::NR,
+            Some(_) => n.div_ceil(kernels::NR) * kernels::int8::k_groups(k) * 4 * kernels::NR,
+        }
+    }
+
     /// Shape of `B` as the product sees it.
     fn b_dims(&self, b: &Fact) -> Result<Vec<Dim>> {
         match self.packed {
             Some([k, n]) => {
-                let want = n.div_ceil(kernels::NR) * k * kernels::NR;
+                let want = self.packed_len(k, n);
                 if b.shape.len() != 1 || b.shape[0].as_const() != Some(want as i64) {
                     return Err(Error::op(
                         "FusedMatMul",
@@ -172,6 +235,43 @@ impl FusedMatMul {
     }
 }
 
+impl FusedMatMul {
+    /// An integer product needs packed `s8` weights read as they are.
+    fn check_int8(&self) -> Result<()> {
+        match (self.int8, self.packed) {
+            (None, _) => Ok(()),
+            (Some(_), Some([k, _])) if self.b_perm.is_none() && k <= MAX_INT8_K => Ok(()),
+            (Some(_), _) => Err(Error::op(
+                "FusedMatMul",
+                format!("an integer product needs packed weights with k <= {MAX_INT8_K}, not permuted"),
+            )),
+        }
+    }
+}
+
+/// The reference integer product: `rows x k` activations quantized by `act`, times `k x n`
+/// `s8` weights, exact in `i32`, then scaled by each row's activation scale.
+pub fn int8_product(act: ActQuant, a: &[f32], w: &[i8], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut q = vec![0u8; rows * k];
+    let (scales, zps) = act.quantize(a, rows, k, &mut q, k);
+    let colsum: Vec<i32> = (0..n).map(|j| (0..k).map(|p| w[p * n + j] as i32).sum()).collect();
+    let mut out = vec![0f32; rows * n];
+    let mut acc = vec![0i32; n];
+    for r in 0..rows {
+        acc.iter_mut().zip(&colsum).for_each(|(c, s)| *c = -zps[r] * s);
+        for p in 0..k {
+            let x = q[r * k + p] as i32;
+            for (c, &y) in acc.iter_mut().zip(&w[p * n..(p + 1) * n]) {
+                *c += x * y as i32;
+            }
+        }
+        for (o, &c) in out[r * n..(r + 1) * n].iter_mut().zip(&acc) {
+            *o = c as f32 * scales[r];
+        }
+    }
+    out
+}
+
 impl OpDef for FusedMatMul {
     const NAMES: &'static [&'static str] = &["FusedMatMul"];
 
@@ -181,9 +281,11 @@ impl OpDef for FusedMatMul {
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let (a, b) = (req("FusedMatMul", inputs, 0)?, req("FusedMatMul", inputs, 1)?);
-        if a.dtype != DType::F32 || b.dtype != DType::F32 {
-            return Err(Error::op("FusedMatMul", "operands must be f32"));
+        let b_dtype = if self.int8.is_some() { DType::I8 } else { DType::F32 };
+        if a.dtype != DType::F32 || b.dtype != b_dtype {
+            return Err(Error::op("FusedMatMul", format!("operands must be f32 and {b_dtype}")));
         }
+        self.check_int8()?;
         self.epilogue.check(self.extra)?;
         let out = self.product_dims(a, b)?;
         for i in 0..self.extra {
@@ -210,29 +312,42 @@ impl OpDef for FusedMatMul {
             Some(p) => transpose_tensor(a, p)?,
             None => a.clone(),
         };
-        let b = match (self.packed, &self.b_perm) {
-            (Some([k, n]), _) => {
-                let want = n.div_ceil(kernels::NR) * k * kernels::NR;
-                if b.len() != want {
-                    return Err(Error::op(
-                        "FusedMatMul",
-                        format!("packed weights [{k}, {n}] need {want} elements, got {}", b.len()),
-                    ));
-                }
-                Tensor::new(vec![k, n], kernels::unpack_b(k, n, b.as_slice::<f32>()?))?
+        self.check_int8()?;
+        if let Some([k, n]) = self.packed {
+            let want = self.packed_len(k, n);
+            if b.len() != want {
+                return Err(Error::op(
+                    "FusedMatMul",
+                    format!("packed weights [{k}, {n}] need {want} elements, got {}", b.len()),
+                ));
             }
-            (None, Some(p)) => transpose_tensor(b, p)?,
-            (None, None) => b.clone(),
-        };
-        let s = matmul_shape("FusedMatMul", a.shape(), b.shape())?;
-        super::check_alloc("FusedMatMul", &s.out)?;
-        let (x, y) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
-        let offsets = super::linalg::batch_offsets(&s);
-        let (m, k, n) = (s.m, s.k, s.n);
-        let mut out = vec![0f32; offsets.len() * m * n];
-        for (c, &(i, j)) in out.chunks_mut((m * n).max(1)).zip(offsets.iter()) {
-            gemm_f32(m, k, n, &x[i * m * k..(i + 1) * m * k], &y[j * k * n..(j + 1) * k * n], c);
         }
+        let (s, mut out) = match (self.int8, self.packed, &self.b_perm) {
+            (Some(act), Some([k, n]), _) => {
+                let w = kernels::int8::unpack_b_s8(k, n, b.as_slice::<i8>()?);
+                let s = matmul_shape("FusedMatMul", a.shape(), &[k, n])?;
+                super::check_alloc("FusedMatMul", &s.out)?;
+                let out = int8_product(act, a.as_slice::<f32>()?, &w, s.out.iter().product::<usize>() / n.max(1), k, n);
+                (s, out)
+            }
+            (_, packed, perm) => {
+                let b = match (packed, perm) {
+                    (Some([k, n]), _) => Tensor::new(vec![k, n], kernels::unpack_b(k, n, b.as_slice::<f32>()?))?,
+                    (None, Some(p)) => transpose_tensor(b, p)?,
+                    (None, None) => b.clone(),
+                };
+                let s = matmul_shape("FusedMatMul", a.shape(), b.shape())?;
+                super::check_alloc("FusedMatMul", &s.out)?;
+                let (x, y) = (a.as_slice::<f32>()?, b.as_slice::<f32>()?);
+                let offsets = super::linalg::batch_offsets(&s);
+                let (m, k, n) = (s.m, s.k, s.n);
+                let mut out = vec![0f32; offsets.len() * m * n];
+                for (c, &(i, j)) in out.chunks_mut((m * n).max(1)).zip(offsets.iter()) {
+                    gemm_f32(m, k, n, &x[i * m * k..(i + 1) * m * k], &y[j * k * n..(j + 1) * k * n], c);
+                }
+                (s, out)
+            }
+        };
         if !self.epilogue.is_identity() {
             let extras: Vec<&Tensor> =
                 (0..self.extra).map(|i| req("FusedMatMul", inputs, 2 + i)).collect::<Result<_>>()?;
@@ -302,6 +417,7 @@ mod tests {
             epilogue: epi,
             extra: 2,
             fused: vec![],
+            int8: None,
         }
         .into();
         let ctx = EvalContext::default();
@@ -333,6 +449,7 @@ mod tests {
             epilogue: Epilogue::default(),
             extra: 0,
             fused: vec![],
+            int8: None,
         }
         .into();
         let ctx = EvalContext::default();
@@ -369,6 +486,8 @@ impl Attention {
     fn check(&self) -> Result<()> {
         let ok = self.scores.packed.is_none()
             && self.context.packed.is_none()
+            && self.scores.int8.is_none()
+            && self.context.int8.is_none()
             && self.context.a_perm.is_none()
             && self.context.extra == 0
             && self.scores.c_perm.is_none()

@@ -375,6 +375,8 @@ pub(crate) fn check_alloc(op: &str, shape: &[usize]) -> Result<usize> {
 macro_rules! ops {
     ($($variant:ident),* $(,)?) => {
         /// An op with its attributes.
+        // `Attention` (two products) is the largest; ops live one per plan step, built once.
+        #[allow(clippy::large_enum_variant)]
         #[derive(Clone, Debug, PartialEq)]
         pub enum Op {
             $($variant($variant)),*

@@ -1,0 +1,156 @@
+//! `quantize-int8`: products by constant weights become integer products.
+//!
+//! Each `FusedMatMul` whose `B` is packed constant `f32` weights gets symmetric per-column `s8`
+//! weights (`w ~ q * scale[column]`, [`kernels::int8::quantize_per_column`]), packed for the
+//! VNNI kernel, and quantizes its activations to `u8` at run time ([`ActQuant`]: per row by
+//! default, so an outlier token costs only itself). The weights' scales become the first
+//! instruction of the epilogue (`acc * scale`), before the bias and whatever else was fused,
+//! so the integer product's epilogue is the `f32` one's, unchanged.
+//!
+//! This pass approximates: it changes what the graph computes by the quantization error. The
+//! build reports it, and `tcc build --eval` measures it against the `f32` model.
+
+use crate::manager::{Pass, PassContext, PassOutcome};
+use std::collections::{BTreeMap, HashMap};
+use tcc_ir::op::fused::{ActQuant, MAX_INT8_K};
+use tcc_ir::op::{BinaryKind, EpiOp, Epilogue, FusedMatMul};
+use tcc_ir::{DType, Graph, Op, Tensor, ValueId};
+use tcc_runtime::kernels;
+
+/// The `quantize-int8` pass.
+pub struct QuantizeInt8 {
+    pub act: ActQuant,
+}
+
+impl QuantizeInt8 {
+    /// From pipeline options: `act=row|tensor`.
+    pub fn from_options(o: &BTreeMap<String, String>) -> Result<QuantizeInt8, String> {
+        let mut act = ActQuant::DynamicRow;
+        for (key, v) in o {
+            match (key.as_str(), v.as_str()) {
+                ("act", "row") => act = ActQuant::DynamicRow,
+                ("act", "tensor") => act = ActQuant::DynamicTensor,
+                ("act", other) => return Err(format!("quantize-int8: act={other}: expected row or tensor")),
+                (other, _) => return Err(format!("quantize-int8: unknown option `{other}` (known: act)")),
+            }
+        }
+        Ok(QuantizeInt8 { act })
+    }
+}
+
+/// `old` with its product scaled by extra input `input` first: `[Acc, Input, Mul, old...]`,
+/// the old program's `Acc` reading the scaled product.
+pub fn scale_first(old: &Epilogue, input: usize) -> Epilogue {
+    let mut new = vec![EpiOp::Acc, EpiOp::Input(input), EpiOp::Binary(BinaryKind::Mul, 0, 1)];
+    if old.is_identity() {
+        return Epilogue(new);
+    }
+    let mut at = Vec::with_capacity(old.0.len());
+    for (i, op) in old.0.iter().enumerate() {
+        let op = match *op {
+            EpiOp::Acc if i + 1 < old.0.len() => {
+                at.push(2);
+                continue;
+            }
+            EpiOp::Acc => EpiOp::Unary(tcc_ir::op::UnaryKind::Identity, 2),
+            EpiOp::Input(j) => EpiOp::Input(j),
+            EpiOp::Const(c) => EpiOp::Const(c),
+            EpiOp::Unary(k, a) => EpiOp::Unary(k, at[a]),
+            EpiOp::Binary(k, a, b) => EpiOp::Binary(k, at[a], at[b]),
+            EpiOp::FakeQuant(a, q) => EpiOp::FakeQuant(at[a], q),
+        };
+        at.push(new.len());
+        new.push(op);
+    }
+    Epilogue(new)
+}
+
+impl Pass for QuantizeInt8 {
+    fn name(&self) -> &'static str {
+        "quantize-int8"
+    }
+
+    fn run(&mut self, g: &mut Graph, _: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
+        let mut out = PassOutcome::default();
+        // Weights shared by several products are quantized once.
+        let mut done: HashMap<ValueId, (ValueId, ValueId)> = HashMap::new();
+        for n in 0..g.nodes.len() {
+            let Op::FusedMatMul(f) = &g.nodes[n].op else { continue };
+            let f = f.clone();
+            let (None, Some([k, cols]), None) = (f.int8, f.packed, &f.b_perm) else { continue };
+            let Some(Some(b)) = g.nodes[n].inputs.get(1).copied() else { continue };
+            let Some(w) = g.const_of(b).filter(|t| t.dtype() == DType::F32) else { continue };
+            if k > MAX_INT8_K || w.len() != f.packed_len(k, cols) {
+                continue;
+            }
+            let epilogue = scale_first(&f.epilogue, f.extra);
+            #[cfg(target_arch = "x86_64")]
+            if epilogue.0.len() > kernels::avx512_vec::MAX_PROGRAM {
+                out.stat("kept_f32_long_epilogue", 1);
+                continue;
+            }
+            let (qb, scale) = match done.get(&b) {
+                Some(&v) => v,
+                None => {
+                    let dense = kernels::unpack_b(k, cols, w.as_slice::<f32>().map_err(tcc_ir::Error::Runtime)?);
+                    let (q, scale) = kernels::int8::quantize_per_column(k, cols, &dense);
+                    let packed = kernels::int8::pack_b_s8(k, cols, &q);
+                    let name = g.value(b).name.clone();
+                    let qt = Tensor::new(vec![packed.len()], packed).map_err(tcc_ir::Error::Runtime)?;
+                    let st = Tensor::new(vec![cols], scale).map_err(tcc_ir::Error::Runtime)?;
+                    out.stat("weight_bytes_f32", (4 * k * cols) as i64);
+                    out.stat("weight_bytes_int8", (k * cols + 4 * cols) as i64);
+                    let v = (g.add_const(format!("{name}.s8"), qt), g.add_const(format!("{name}.scale"), st));
+                    done.insert(b, v);
+                    v
+                }
+            };
+            let mut nf: FusedMatMul = f;
+            nf.epilogue = epilogue;
+            nf.extra += 1;
+            nf.int8 = Some(self.act);
+            let node = &mut g.nodes[n];
+            node.op = nf.into();
+            node.inputs[1] = Some(qb);
+            node.inputs.push(Some(scale));
+            out.stat("quantized", 1);
+        }
+        if out.changed {
+            g.infer()?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcc_ir::op::UnaryKind;
+
+    #[test]
+    fn the_old_program_reads_the_scaled_product() {
+        let old = Epilogue(vec![
+            EpiOp::Acc,
+            EpiOp::Input(0),
+            EpiOp::Binary(BinaryKind::Add, 0, 1),
+            EpiOp::Unary(UnaryKind::Tanh, 2),
+            EpiOp::Binary(BinaryKind::Mul, 0, 3),
+        ]);
+        let new = scale_first(&old, 1);
+        let want = vec![
+            EpiOp::Acc,
+            EpiOp::Input(1),
+            EpiOp::Binary(BinaryKind::Mul, 0, 1),
+            EpiOp::Input(0),
+            EpiOp::Binary(BinaryKind::Add, 2, 3),
+            EpiOp::Unary(UnaryKind::Tanh, 4),
+            EpiOp::Binary(BinaryKind::Mul, 2, 5),
+        ];
+        assert_eq!(new.0, want);
+        let mut regs = Vec::new();
+        for (acc, bias, s) in [(0.7f32, -0.2f32, 0.5f32), (-3.0, 1.0, 2.0)] {
+            assert_eq!(new.eval(acc, &[bias, s], &mut regs), old.eval(acc * s, &[bias], &mut regs));
+        }
+        assert_eq!(scale_first(&Epilogue::default(), 0).0.len(), 3);
+    }
+}
