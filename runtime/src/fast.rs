@@ -493,75 +493,99 @@ impl Fast {
         }
         let xs = a.as_slice::<f32>().ok()?;
         let (m, k, n) = (p.m, p.k, p.n);
-        let batches = p.offsets.len();
+        let rows = p.offsets.len() * m;
         let ldq = int8::k_groups(k) * 4;
-        // A's rows quantized, or the same rows quantized by the previous product.
+        // The activations quantized by the previous product (Q, K and V read the same), or a
+        // buffer to quantize them into (the previous one's memory when nothing else holds it).
         let key = (a.clone(), act, f.a_perm.clone());
-        let quantized = {
-            let cached = self.quantized.lock().unwrap_or_else(|e| e.into_inner());
-            match &*cached {
-                Some((k, qa)) if k.0.same_data(&key.0) && k.1 == key.1 && k.2 == key.2 => Some(qa.clone()),
-                _ => None,
+        let (cached, mut fresh) = {
+            let mut slot = self.quantized.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.take() {
+                Some((k, qa)) if k.0.same_data(&key.0) && k.1 == key.1 && k.2 == key.2 => {
+                    *slot = Some((k, qa.clone()));
+                    (Some(qa), None)
+                }
+                old => {
+                    let mut qa = old.and_then(|(_, qa)| std::sync::Arc::try_unwrap(qa).ok()).unwrap_or_default();
+                    qa.q.resize(rows * ldq, 0);
+                    qa.scale.resize(rows, 0.0);
+                    qa.zero.resize(rows, 0);
+                    (None, Some(qa))
+                }
             }
         };
-        let qa = match quantized {
-            Some(qa) => qa,
-            None => {
-                let qa = std::sync::Arc::new(quantize_rows(xs, &p, act));
-                *self.quantized.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, qa.clone()));
-                qa
+        let quantized = cached.is_some();
+        let whole = (!quantized && act == fused::ActQuant::DynamicTensor).then(|| tensor_range(xs, &p));
+        // Written through (by each thread, its own rows) only when fresh.
+        let (qp, sp, zp) = match (&cached, fresh.as_mut()) {
+            (Some(qa), _) => (qa.q.as_ptr() as usize, qa.scale.as_ptr() as usize, qa.zero.as_ptr() as usize),
+            (None, Some(qa)) => {
+                (qa.q.as_mut_ptr() as usize, qa.scale.as_mut_ptr() as usize, qa.zero.as_mut_ptr() as usize)
             }
+            (None, None) => return None,
         };
-        let (q, scale, zero) = (&qa.q, &qa.scale, &qa.zero);
         let mut out = Uninit::new(p.total);
         let c = SendPtr(out.ptr());
-        let panels = n.div_ceil(NR);
-        let threads = pool::global().threads();
-        let splits = if batches >= threads { 1 } else { threads.div_ceil(batches).min(panels).max(1) };
-        let per = panels.div_ceil(splits);
-        let items: Vec<(usize, usize, usize)> = (0..batches)
-            .flat_map(|bi| (0..splits).map(move |s| (bi, s * per, ((s + 1) * per).min(panels))))
-            .filter(|&(_, p0, p1)| p0 < p1)
-            .collect();
         let bp = b.as_slice::<i8>().ok()?.as_ptr() as usize;
-        pool::global().run_static(items.len(), &|item| {
-            let (bi, p0, p1) = items[item];
-            let cb = c.get().wrapping_add(p.offsets[bi][2]);
-            p.with_epilogue(self, bi, |ctx| {
-                let epi = |row: usize, rows: usize, n0: usize, cols: usize| {
-                    if ctx.len > 0 {
-                        // SAFETY: the AVX-512 tier (the function exists only there); the
-                        // context's operands cover this batch's rows and columns (`prepare`).
-                        unsafe { epilogue_fn(ctx, cb, p.ldc, row, rows, n0, cols) };
-                    }
-                };
-                let dq = int8::Dequant {
-                    scale: scale.as_ptr().wrapping_add(bi * m),
-                    zero: zero.as_ptr().wrapping_add(bi * m),
-                    colsum: colsum.as_ptr(),
-                };
-                // SAFETY: colsums exist only where the CPU has VNNI (`prepare_int8`); q holds
-                // this batch's m rows of ldq bytes, the packed weights `k x n` (their size
-                // checked by `prepare`), C this batch's m rows at stride ldc with the panels'
-                // columns written by this item alone; the parameters hold m values from bi * m.
-                unsafe {
-                    int8::gemm_u8s8_f32_panels(
-                        m,
-                        ldq / 4,
-                        q.as_ptr().wrapping_add(bi * m * ldq),
-                        ldq,
-                        bp as *const i8,
-                        cb,
-                        p.ldc,
-                        n,
-                        (p0, p1),
-                        dq,
-                        &epi,
-                    )
-                };
-            });
+        // Rows (of all batches) split over the threads, each quantizing its own rows (no wait
+        // between quantization and product) then multiplying them by all the weights, which
+        // at a quarter of f32's bytes both cores can stream.
+        let threads = pool::global().threads().max(1);
+        let per = rows.div_ceil(threads).div_ceil(4) * 4;
+        pool::global().run_static(threads, &|t| {
+            let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
+            if !quantized {
+                // SAFETY: the AVX-512 tier; rows r0..r1 of A hold k floats (`prepare`), of the
+                // buffers ldq bytes and one parameter each, written by this thread alone (the
+                // buffer is not shared until this product is done).
+                unsafe { quantize_rows(xs, &p, whole, (r0, r1), (qp as *mut u8, sp as *mut f32, zp as *mut i32)) };
+            }
+            // Each batch's share of the rows.
+            let mut r = r0;
+            while r < r1 {
+                let (bi, i0) = (r / m, r % m);
+                let i1 = m.min(i0 + r1 - r);
+                let cb = c.get().wrapping_add(p.offsets[bi][2]);
+                p.with_epilogue(self, bi, |ctx| {
+                    let epi = |row: usize, rows: usize, n0: usize, cols: usize| {
+                        if ctx.len > 0 {
+                            // SAFETY: the AVX-512 tier (the function exists only there); the
+                            // context's operands cover this batch's rows and columns.
+                            unsafe { epilogue_fn(ctx, cb, p.ldc, i0 + row, rows, n0, cols) };
+                        }
+                    };
+                    let dq = int8::Dequant {
+                        scale: (sp as *const f32).wrapping_add(r),
+                        zero: (zp as *const i32).wrapping_add(r),
+                        colsum: colsum.as_ptr(),
+                    };
+                    // SAFETY: colsums exist only where the CPU has VNNI (`prepare_int8`); the
+                    // quantized rows r.. hold ldq bytes each, the packed weights are `k x n`
+                    // (their size checked by `prepare`), C holds this batch's rows i0..i1 at
+                    // stride ldc, written by this thread alone; the parameters hold the rows.
+                    unsafe {
+                        int8::gemm_u8s8_f32_panels(
+                            i1 - i0,
+                            ldq / 4,
+                            (qp as *const u8).wrapping_add(r * ldq),
+                            ldq,
+                            bp as *const i8,
+                            cb.wrapping_add(i0 * p.ldc),
+                            p.ldc,
+                            n,
+                            (0, n.div_ceil(NR)),
+                            dq,
+                            &epi,
+                        )
+                    };
+                });
+                r += i1 - i0;
+            }
         });
-        // SAFETY: the items cover every batch and panel; each writes all m rows of its columns.
+        if let Some(qa) = fresh {
+            *self.quantized.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, std::sync::Arc::new(qa)));
+        }
+        // SAFETY: the threads' rows cover every row of every batch, each written in full.
         let v = unsafe { out.assume_init() };
         Some(Tensor::new(p.out_shape, v).map(|t| vec![t]))
     }
@@ -1066,50 +1090,60 @@ impl Product<'_> {
 /// The `u8` activations of an integer product with their per-row parameters: rows of `ldq`
 /// bytes (`k` padded to groups of four with zeros).
 #[cfg(target_arch = "x86_64")]
+#[derive(Default)]
 struct QuantizedA {
     q: Vec<u8>,
     scale: Vec<f32>,
     zero: Vec<i32>,
 }
 
-/// Quantizes `A` of product `p` (batch by batch, `m` rows at stride `lda`) with AVX-512,
-/// bit-exact with [`fused::ActQuant::quantize`], rows split over the threads.
+/// Scale and zero point of all of `A` (per-tensor quantization).
 #[cfg(target_arch = "x86_64")]
-fn quantize_rows(xs: &[f32], p: &Product, act: fused::ActQuant) -> QuantizedA {
+fn tensor_range(xs: &[f32], p: &Product) -> (f32, u8) {
+    let m = p.m.max(1);
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for r in 0..p.offsets.len() * p.m {
+        // SAFETY: the caller runs the AVX-512 tier; row r of A holds k floats (`prepare`).
+        let (l, h) =
+            unsafe { crate::kernels::avx512_vec::min_max(xs.as_ptr().add(p.offsets[r / m][0] + (r % m) * p.lda), p.k) };
+        (lo, hi) = (lo.min(l), hi.max(h));
+    }
+    crate::op::quant::dynamic_qparams(lo, hi)
+}
+
+/// Quantizes rows `r0..r1` of `A` of product `p` (batch by batch, `m` rows at stride `lda`)
+/// into rows of `ldq` bytes (the padding zeroed) and their parameters, with AVX-512, bit-exact
+/// with [`fused::ActQuant::quantize`]: per row, or with `whole`'s parameters.
+///
+/// # Safety
+/// AVX-512F; `A` holds the product's rows (`prepare`); `q` holds rows `r0..r1` of
+/// `k_groups(k) * 4` bytes, `scale` and `zero` those rows' values.
+#[cfg(target_arch = "x86_64")]
+unsafe fn quantize_rows(
+    xs: &[f32],
+    p: &Product,
+    whole: Option<(f32, u8)>,
+    (r0, r1): (usize, usize),
+    (q, scale, zero): (*mut u8, *mut f32, *mut i32),
+) {
     use crate::kernels::avx512_vec as v;
     let (m, k) = (p.m.max(1), p.k);
-    let rows = p.offsets.len() * p.m;
     let ldq = crate::kernels::int8::k_groups(k) * 4;
-    let row_at = |r: usize| p.offsets[r / m][0] + (r % m) * p.lda;
-    let mut qa = QuantizedA { q: vec![0u8; rows * ldq], scale: vec![0f32; rows], zero: vec![0i32; rows] };
-    let whole = (act == fused::ActQuant::DynamicTensor).then(|| {
-        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-        for r in 0..rows {
-            // SAFETY: the caller runs the AVX-512 tier; row r of A holds k floats (`prepare`).
-            let (l, h) = unsafe { v::min_max(xs.as_ptr().add(row_at(r)), k) };
-            (lo, hi) = (lo.min(l), hi.max(h));
+    for r in r0..r1 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let x = xs.as_ptr().add(p.offsets[r / m][0] + (r % m) * p.lda);
+            let (s, z) = whole.unwrap_or_else(|| {
+                let (l, h) = v::min_max(x, k);
+                crate::op::quant::dynamic_qparams(l, h)
+            });
+            let row = q.add(r * ldq);
+            v::quantize_u8_by(x, row, k, 1.0 / s, z);
+            std::ptr::write_bytes(row.add(k), 0, ldq - k);
+            *scale.add(r) = s;
+            *zero.add(r) = z as i32;
         }
-        crate::op::quant::dynamic_qparams(lo, hi)
-    });
-    let (qp, sp, zp) = (qa.q.as_mut_ptr() as usize, qa.scale.as_mut_ptr() as usize, qa.zero.as_mut_ptr() as usize);
-    let threads = pool::global().threads().max(1);
-    let per = rows.div_ceil(threads);
-    pool::global().run_static(threads, &|t| {
-        for r in (t * per).min(rows)..((t + 1) * per).min(rows) {
-            // SAFETY: as above; each task writes its own rows of q, scale and zero.
-            unsafe {
-                let x = xs.as_ptr().add(row_at(r));
-                let (s, z) = whole.unwrap_or_else(|| {
-                    let (l, h) = v::min_max(x, k);
-                    crate::op::quant::dynamic_qparams(l, h)
-                });
-                v::quantize_u8_by(x, (qp as *mut u8).add(r * ldq), k, 1.0 / s, z);
-                *(sp as *mut f32).add(r) = s;
-                *(zp as *mut i32).add(r) = z as i32;
-            }
-        }
-    });
-    qa
+    }
 }
 
 /// Strides of a batch view broadcast to `batch` (0 along broadcast dims).
@@ -1568,7 +1602,32 @@ mod tests {
             EpiOp::Input(0),
             EpiOp::Binary(BinaryKind::Add, 2, 3),
         ]);
-        for &(m, k, n) in &[(128usize, 768usize, 768usize), (128, 768, 3072), (128, 3072, 768), (128, 384, 384)] {
+        use crate::op::UnaryKind;
+        let gelu = Epilogue(vec![
+            EpiOp::Acc,
+            EpiOp::Input(1),
+            EpiOp::Binary(BinaryKind::Mul, 0, 1),
+            EpiOp::Input(0),
+            EpiOp::Binary(BinaryKind::Add, 2, 3),
+            EpiOp::Const(std::f32::consts::FRAC_1_SQRT_2),
+            EpiOp::Binary(BinaryKind::Mul, 4, 5),
+            EpiOp::Unary(UnaryKind::Erf, 6),
+            EpiOp::Const(1.0),
+            EpiOp::Binary(BinaryKind::Add, 7, 8),
+            EpiOp::Binary(BinaryKind::Mul, 4, 9),
+            EpiOp::Const(0.5),
+            EpiOp::Binary(BinaryKind::Mul, 10, 11),
+        ]);
+        let shapes = [
+            (128usize, 768usize, 768usize, &epi),
+            (128, 768, 3072, &epi),
+            (128, 3072, 768, &epi),
+            (128, 384, 384, &epi),
+            (128, 384, 1536, &epi),
+            (128, 384, 1536, &gelu),
+            (128, 1536, 384, &epi),
+        ];
+        for &(m, k, n, epi) in &shapes {
             let op: Op = FusedMatMul {
                 a_perm: None,
                 b_perm: None,
@@ -1602,13 +1661,19 @@ mod tests {
             let (bias, scale) = (t(&[n], 3), t(&[n], 4));
             let iters = 300;
             let t0 = std::time::Instant::now();
+            let fresh = std::env::var_os("FRESH_A").is_some();
+            let avals = a.as_slice::<f32>().unwrap().to_vec();
             for i in 0..iters {
+                // A new tensor each time (as in a model: the previous op's output) or the same
+                // (quantized once, then reused).
+                let a = if fresh { Tensor::new(vec![m, k], avals.clone()).unwrap() } else { a.clone() };
                 let ins = [Some(&a), Some(&bs[i % copies]), Some(&bias), Some(&scale)];
                 fast.eval(&op, &ins).unwrap().unwrap();
             }
             let s = t0.elapsed().as_secs_f64() / iters as f64;
             eprintln!(
-                "int8 {m}x{k}x{n} ({copies} copies): {:.3} ms, {:.0} GOP/s",
+                "int8 {m}x{k}x{n} epilogue of {} ({copies} copies): {:.3} ms, {:.0} GOP/s",
+                epi.0.len(),
                 s * 1e3,
                 2.0 * (m * k * n) as f64 / s / 1e9
             );

@@ -125,8 +125,10 @@ pub unsafe fn gemm_u8s8_f32_panels(
         let lines = if p + 1 < p1 { panel / 64 } else { 0 };
         let (mut next, mut left) = (bp.wrapping_add(panel) as *const u8, lines);
         let mut i = 0;
-        while i < m {
-            let rows = 12.min(m - i);
+        for t in 0..tiles {
+            // Tiles of equal height (64 rows: 11, 11, 11, 11, 10, 10, not five of 12 and one
+            // of 4, whose few accumulators would wait on the dot products' latency).
+            let rows = m / tiles + usize::from(t < m % tiles);
             let share = lines.div_ceil(tiles).min(left);
             let pf = crate::kernels::Prefetch::new(next, share, groups);
             (next, left) = (next.wrapping_add(share * 64), left - share);
