@@ -7,6 +7,11 @@
 //! instruction of the epilogue (`acc * scale`), before the bias and whatever else was fused,
 //! so the integer product's epilogue is the `f32` one's, unchanged.
 //!
+//! Embedding tables (a `Gather` of rows from a large constant `f32` matrix) are stored as `s8`
+//! rows with one scale each and dequantized after the lookup (`Gather`, `Cast`, `Mul` by the
+//! rows' gathered scales): only the looked-up rows are ever converted, and the artifact, like
+//! memory, holds a quarter of the bytes (MiniLM's vocabulary is half its parameters).
+//!
 //! This pass approximates: it changes what the graph computes by the quantization error. The
 //! build reports it, and `tcc build --eval` measures it against the `f32` model.
 
@@ -20,21 +25,32 @@ use tcc_runtime::kernels;
 /// The `quantize-int8` pass.
 pub struct QuantizeInt8 {
     pub act: ActQuant,
+    /// Also quantize embedding tables (per row).
+    pub embeddings: bool,
 }
+
+/// Smallest table (elements) whose rows are stored in `s8`: vocabularies and positions, not
+/// the two rows of token types.
+const MIN_EMBEDDING: usize = 1 << 14;
 
 impl QuantizeInt8 {
     /// From pipeline options: `act=row|tensor`.
     pub fn from_options(o: &BTreeMap<String, String>) -> Result<QuantizeInt8, String> {
-        let mut act = ActQuant::DynamicRow;
+        let mut q = QuantizeInt8 { act: ActQuant::DynamicRow, embeddings: true };
         for (key, v) in o {
             match (key.as_str(), v.as_str()) {
-                ("act", "row") => act = ActQuant::DynamicRow,
-                ("act", "tensor") => act = ActQuant::DynamicTensor,
+                ("act", "row") => q.act = ActQuant::DynamicRow,
+                ("act", "tensor") => q.act = ActQuant::DynamicTensor,
                 ("act", other) => return Err(format!("quantize-int8: act={other}: expected row or tensor")),
-                (other, _) => return Err(format!("quantize-int8: unknown option `{other}` (known: act)")),
+                ("embeddings", "true") => q.embeddings = true,
+                ("embeddings", "false") => q.embeddings = false,
+                ("embeddings", other) => {
+                    return Err(format!("quantize-int8: embeddings={other}: expected true or false"))
+                }
+                (other, _) => return Err(format!("quantize-int8: unknown option `{other}` (known: act, embeddings)")),
             }
         }
-        Ok(QuantizeInt8 { act })
+        Ok(q)
     }
 }
 
@@ -115,11 +131,75 @@ impl Pass for QuantizeInt8 {
             node.inputs.push(Some(scale));
             out.stat("quantized", 1);
         }
+        if self.embeddings {
+            quantize_embeddings(g, &mut out)?;
+        }
         if out.changed {
             g.infer()?;
+            g.remove_dead_nodes();
+            g.toposort()?;
         }
         Ok(out)
     }
+}
+
+/// `Gather(table, ids)` of rows of a large constant `f32` table becomes
+/// `Cast(Gather(q, ids)) * Gather(scale, ids)` with `q` the table's rows in `s8`, symmetric,
+/// one scale per row (`[rows, 1]`, so the gathered scales broadcast over the row).
+fn quantize_embeddings(g: &mut Graph, out: &mut PassOutcome) -> tcc_ir::Result<()> {
+    let mut done: HashMap<ValueId, (ValueId, ValueId)> = HashMap::new();
+    for n in 0..g.nodes.len() {
+        let Op::Gather(gather) = &g.nodes[n].op else { continue };
+        let gather = gather.clone();
+        let (Some(Some(table)), Some(Some(ids)), Some(&old)) =
+            (g.nodes[n].inputs.first().copied(), g.nodes[n].inputs.get(1).copied(), g.nodes[n].outputs.first())
+        else {
+            continue;
+        };
+        let Some(t) = g.const_of(table).filter(|t| t.dtype() == DType::F32 && t.rank() == 2).cloned() else {
+            continue;
+        };
+        if !(gather.axis == 0 || gather.axis == -2) || t.len() < MIN_EMBEDDING {
+            continue;
+        }
+        let (rows, cols) = (t.shape()[0], t.shape()[1]);
+        let (q, scale) = match done.get(&table) {
+            Some(&v) => v,
+            None => {
+                // Per row: the transpose of per-column quantization.
+                let data = t.as_slice::<f32>().map_err(tcc_ir::Error::Runtime)?;
+                let mut tr = vec![0f32; data.len()];
+                for (i, row) in data.chunks(cols).enumerate() {
+                    for (j, &x) in row.iter().enumerate() {
+                        tr[j * rows + i] = x;
+                    }
+                }
+                let (qt, scale) = kernels::int8::quantize_per_column(cols, rows, &tr);
+                let mut qv = vec![0i8; qt.len()];
+                for j in 0..cols {
+                    for i in 0..rows {
+                        qv[i * cols + j] = qt[j * rows + i];
+                    }
+                }
+                let name = g.value(table).name.clone();
+                let qt = Tensor::new(vec![rows, cols], qv).map_err(tcc_ir::Error::Runtime)?;
+                let st = Tensor::new(vec![rows, 1], scale).map_err(tcc_ir::Error::Runtime)?;
+                out.stat("embedding_bytes_f32", (4 * rows * cols) as i64);
+                out.stat("embedding_bytes_int8", (rows * cols + 4 * rows) as i64);
+                let v = (g.add_const(format!("{name}.s8"), qt), g.add_const(format!("{name}.scale"), st));
+                done.insert(table, v);
+                v
+            }
+        };
+        let name = g.nodes[n].name.clone();
+        let gathered = g.add1(gather.clone(), &[q, ids], format!("{name}.s8"))?;
+        let wide = g.add1(tcc_ir::op::Cast { to: DType::F32 }, &[gathered], format!("{name}.f32"))?;
+        let scales = g.add1(gather.clone(), &[scale, ids], format!("{name}.scale"))?;
+        let deq = g.add1(tcc_ir::op::Binary::new(BinaryKind::Mul), &[wide, scales], format!("{name}.dequantized"))?;
+        g.replace_uses(old, deq);
+        out.stat("embeddings_quantized", 1);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1194,6 +1194,36 @@ fn binary_f32(kind: BinaryKind, inputs: &[Option<&Tensor>]) -> Option<Result<Vec
         }
         v
     }
+    // Whether `small` holds one value per row of `out` (its shape with the last dim 1:
+    // quantized embeddings' row scales).
+    let per_row = |small: &[usize]| {
+        let r = out.len();
+        r >= 1 && small.len() == r && small[r - 1] == 1 && small[..r - 1] == out[..r - 1] && out[r - 1] > 0
+    };
+    // `x op y` with `y` one value per row of `x` (or `x` of `y` when `swap`).
+    fn rows(xs: &[f32], ys: &[f32], swap: bool, f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+        let mut v = Vec::with_capacity(xs.len());
+        for (c, &y) in xs.chunks(xs.len() / ys.len()).zip(ys) {
+            if swap {
+                v.extend(c.iter().map(|&x| f(y, x)));
+            } else {
+                v.extend(c.iter().map(|&x| f(x, y)));
+            }
+        }
+        v
+    }
+    let by_row = |big: &[f32], small: &[f32], swap: bool| match kind {
+        BinaryKind::Add => rows(big, small, swap, |x, y| x + y),
+        BinaryKind::Sub => rows(big, small, swap, |x, y| x - y),
+        BinaryKind::Mul => rows(big, small, swap, |x, y| x * y),
+        _ => rows(big, small, swap, |x, y| x / y),
+    };
+    if a.shape() == out.as_slice() && per_row(b.shape()) {
+        return Some(Tensor::new(out, by_row(xs, ys, false)).map(|t| vec![t]));
+    }
+    if b.shape() == out.as_slice() && per_row(a.shape()) {
+        return Some(Tensor::new(out, by_row(ys, xs, true)).map(|t| vec![t]));
+    }
     let (big, small, swap) = if a.shape() == out.as_slice() && repeats(b.shape()) && !ys.is_empty() {
         (xs, ys, false)
     } else if b.shape() == out.as_slice() && repeats(a.shape()) && !xs.is_empty() {
@@ -1210,20 +1240,29 @@ fn binary_f32(kind: BinaryKind, inputs: &[Option<&Tensor>]) -> Option<Result<Vec
     Some(Tensor::new(out, v).map(|t| vec![t]))
 }
 
-/// f32 `Gather` on axis 0 with in-range indices (an embedding lookup) as row copies. Anything
-/// else, bad indices included, goes to the reference, which reports them.
+/// f32 or s8 (quantized embeddings) `Gather` on axis 0 with in-range indices (an embedding
+/// lookup) as row copies. Anything else, bad indices included, goes to the reference, which
+/// reports them.
 fn gather_rows(g: &Gather, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+    match inputs.first().copied().flatten()?.dtype() {
+        crate::DType::F32 => gather_rows_of::<f32>(g, inputs),
+        crate::DType::I8 => gather_rows_of::<i8>(g, inputs),
+        _ => None,
+    }
+}
+
+fn gather_rows_of<T: crate::tensor::Element>(g: &Gather, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
     let (x, i) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
     if !matches!(i.dtype(), crate::DType::I64 | crate::DType::I32) {
         return None;
     }
-    if x.dtype() != crate::DType::F32 || x.rank() == 0 || !(g.axis == 0 || g.axis == -(x.rank() as i64)) {
+    if x.rank() == 0 || !(g.axis == 0 || g.axis == -(x.rank() as i64)) {
         return None;
     }
     let rows = x.shape()[0];
     let inner: usize = x.shape()[1..].iter().product();
     let idx = i.to_i64s().ok()?;
-    let xs = x.as_slice::<f32>().ok()?;
+    let xs = x.as_slice::<T>().ok()?;
     // Oversized outputs too: the reference refuses them with an error.
     if idx.len().checked_mul(inner).is_none_or(|n| n > crate::op::MAX_ELEMENTS) {
         return None;
@@ -1785,7 +1824,10 @@ mod tests {
         use crate::op::{Binary, BinaryKind as K, Gather};
         let fast = fast_for(Tier::detect(), &[]).expect("fast");
         let ctx = EvalContext::default();
-        let cases: [(&[usize], &[usize], bool); 7] = [
+        let cases: [(&[usize], &[usize], bool); 10] = [
+            (&[2, 5, 6], &[2, 5, 1], true), // one value per row (quantized embeddings' scales)
+            (&[2, 5, 1], &[2, 5, 6], true),
+            (&[2, 5, 0], &[2, 5, 1], false),
             (&[2, 5, 6], &[2, 5, 6], true),
             (&[2, 5, 6], &[6], true),
             (&[1, 5, 6], &[2, 5, 6], true),
@@ -1816,6 +1858,11 @@ mod tests {
         let want = op.eval(&ctx, &[Some(&table), Some(&ids)]).unwrap().remove(0);
         let got = fast.eval(&op, &[Some(&table), Some(&ids)]).expect("handled").unwrap().remove(0);
         assert_eq!((got.shape(), got.as_slice::<f32>().unwrap()), (want.shape(), want.as_slice::<f32>().unwrap()));
+        // Quantized embeddings: rows of s8.
+        let q = Tensor::new(vec![7, 4], (0..28).map(|i| (i * 37 % 256) as u8 as i8).collect::<Vec<i8>>()).unwrap();
+        let want = op.eval(&ctx, &[Some(&q), Some(&ids)]).unwrap().remove(0);
+        let got = fast.eval(&op, &[Some(&q), Some(&ids)]).expect("handled").unwrap().remove(0);
+        assert!(got.bit_eq(&want));
         // Out-of-range ids are left to the reference, which names them.
         let bad = Tensor::new(vec![1], vec![7i64]).unwrap();
         assert!(fast.eval(&op, &[Some(&table), Some(&bad)]).is_none());
