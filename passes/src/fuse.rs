@@ -32,8 +32,18 @@ impl Pass for FuseMatMul {
     fn run(&mut self, g: &mut Graph, _: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
         let mut out = PassOutcome::default();
         let mut packed: HashMap<ValueId, ValueId> = HashMap::new();
-        while let Some(n) = g.nodes.iter().position(|node| matches!(node.op, Op::MatMul(_)) && eligible(g, node)) {
-            let stats = fuse_one(g, n, &mut packed)?;
+        // Integer products made by `integer-matmul` start bare; each grows its epilogue once.
+        let mut grown: HashSet<ValueId> = HashSet::new();
+        fn start(g: &Graph, node: &tcc_ir::Node, grown: &HashSet<ValueId>) -> bool {
+            match &node.op {
+                Op::MatMul(_) => eligible(g, node),
+                Op::FusedMatMul(f) => bare_int8(f) && !grown.contains(&node.outputs[0]),
+                _ => false,
+            }
+        }
+        while let Some(n) = g.nodes.iter().position(|node| start(g, node, &grown)) {
+            let (stats, v) = fuse_one(g, n, &mut packed)?;
+            grown.insert(v);
             for (k, v) in stats {
                 out.stat(k, v);
             }
@@ -42,6 +52,11 @@ impl Pass for FuseMatMul {
         }
         Ok(out)
     }
+}
+
+/// An integer product without an epilogue yet (as `integer-matmul` makes them).
+fn bare_int8(f: &FusedMatMul) -> bool {
+    f.int8.is_some() && f.epilogue.is_identity() && f.extra == 0 && f.c_perm.is_none()
 }
 
 fn eligible(g: &Graph, node: &tcc_ir::Node) -> bool {
@@ -120,29 +135,37 @@ fn elementwise(op: &Op) -> Option<Elementwise> {
     }
 }
 
+/// Fuses the product of node `n` (a `MatMul`, or a bare integer `FusedMatMul` whose operands
+/// are already settled) with what surrounds it; returns the statistics and the fused value.
 fn fuse_one(
     g: &mut Graph,
     n: usize,
     packed: &mut HashMap<ValueId, ValueId>,
-) -> tcc_ir::Result<Vec<(&'static str, i64)>> {
+) -> tcc_ir::Result<(Vec<(&'static str, i64)>, ValueId)> {
     let mut stats = vec![("fused", 1)];
     let producers = g.producers();
     let node = g.nodes[n].clone();
     let (mut a, mut b) = (node.inputs[0].expect("eligible"), node.inputs[1].expect("eligible"));
     let product = node.outputs[0];
-    let mut f = FusedMatMul {
-        a_perm: None,
-        b_perm: None,
-        packed: None,
-        c_perm: None,
-        epilogue: Epilogue::default(),
-        extra: 0,
-        fused: vec![],
-        int8: None,
+    let (mut f, settled) = match &node.op {
+        Op::FusedMatMul(f) => (f.clone(), true),
+        _ => (
+            FusedMatMul {
+                a_perm: None,
+                b_perm: None,
+                packed: None,
+                c_perm: None,
+                epilogue: Epilogue::default(),
+                extra: 0,
+                fused: vec![],
+                int8: None,
+            },
+            false,
+        ),
     };
 
     // Operand transposes.
-    while let Some((x, p)) = transpose_perm(g, &producers, a) {
+    while let Some((x, p)) = transpose_perm(g, &producers, a).filter(|_| !settled) {
         let perm = compose(&Some(p.clone()), &f.a_perm.clone().unwrap_or_else(|| (0..p.len()).collect()));
         if perm.last() != Some(&(perm.len() - 1)) {
             break;
@@ -151,7 +174,8 @@ fn fuse_one(
         a = x;
         stats.push(("transposes_folded", 1));
     }
-    if let Some(t) = g.const_of(b).filter(|t| t.rank() == 2).cloned() {
+    if settled {
+    } else if let Some(t) = g.const_of(b).filter(|t| t.rank() == 2).cloned() {
         let (k, nn) = (t.shape()[0], t.shape()[1]);
         let pv = match packed.get(&b) {
             Some(&pv) => pv,
@@ -282,7 +306,7 @@ fn fuse_one(
     let v = g.add_node(f, inputs, name)?[0];
     g.value_mut(v).quant = g.value(result).quant.clone();
     g.replace_uses(result, v);
-    Ok(stats)
+    Ok((stats, v))
 }
 
 /// GELU as an epilogue program on register `x`.

@@ -124,6 +124,14 @@ impl Registry {
             },
         );
         r.register(
+            "integer-matmul",
+            "onnxruntime's dynamic quantization (DynamicQuantizeLinear, MatMulInteger, Cast, scale Mul) becomes one integer product",
+            |o| {
+                no_options("integer-matmul", o)?;
+                Ok(Box::new(crate::IntegerMatMul))
+            },
+        );
+        r.register(
             "quantize-int8",
             "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time (options: act=row|tensor)",
             |o| Ok(Box::new(crate::QuantizeInt8::from_options(o)?)),

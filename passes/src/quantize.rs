@@ -202,6 +202,183 @@ fn quantize_embeddings(g: &mut Graph, out: &mut PassOutcome) -> tcc_ir::Result<(
     Ok(())
 }
 
+/// `integer-matmul`: onnxruntime's dynamic quantization of a product by constant weights,
+/// `Mul(Cast(MatMulInteger(DynamicQuantizeLinear(x), W, zero_x, zero_w)), scale_x * scale_w)`,
+/// becomes one integer `FusedMatMul` of `x` (quantized per tensor at run time, as
+/// `DynamicQuantizeLinear` does) by `W - zero_w` packed as `s8`, followed by the product with
+/// `scale_w`, which `fuse-matmul` then folds into the epilogue with the bias and what follows.
+/// The model's own weights, scales and zero points are kept; the activations are quantized by
+/// the reciprocal of the scale, which can round a value sitting on a midpoint the other way
+/// (one quantum).
+pub struct IntegerMatMul;
+
+impl Pass for IntegerMatMul {
+    fn name(&self) -> &'static str {
+        "integer-matmul"
+    }
+
+    fn run(&mut self, g: &mut Graph, _: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
+        let mut out = PassOutcome::default();
+        let mut weights: HashMap<(ValueId, Option<ValueId>), ValueId> = HashMap::new();
+        // One scan: the new nodes go at the end (the graph is sorted again after), the
+        // chains they replace die; the links between the old nodes stay as they were.
+        let (producers, users) = (g.producers(), g.users());
+        for n in 0..g.nodes.len() {
+            if let Some(m) = match_dynamic(g, n, &producers, &users) {
+                rewrite_dynamic(g, m, &mut weights, &mut out)?;
+                out.stat("integer_products", 1);
+            }
+        }
+        if out.changed {
+            g.remove_dead_nodes();
+            g.toposort()?;
+        }
+        Ok(out)
+    }
+}
+
+/// A matched `DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul` chain.
+struct Dynamic {
+    /// The f32 activations.
+    x: ValueId,
+    /// Weights `[k, n]` minus their zero point, in `s8`.
+    w: Tensor,
+    /// Which weights and zero point they came from (shared weights are packed once).
+    key: (ValueId, Option<ValueId>),
+    /// The weights' scale (one value or one per column).
+    w_scale: ValueId,
+    /// The value the chain computes (the scale `Mul`'s output).
+    result: ValueId,
+    name: String,
+}
+
+fn single_user(users: &HashMap<ValueId, Vec<usize>>, g: &Graph, v: ValueId) -> Option<usize> {
+    match users.get(&v).map(Vec::as_slice) {
+        Some(&[u]) if !g.outputs.iter().any(|o| o.value == v) => Some(u),
+        _ => None,
+    }
+}
+
+fn match_dynamic(
+    g: &Graph,
+    n: usize,
+    producers: &HashMap<ValueId, (usize, usize)>,
+    users: &HashMap<ValueId, Vec<usize>>,
+) -> Option<Dynamic> {
+    let node = &g.nodes[n];
+    let Op::MatMulInteger(_) = node.op else { return None };
+    let (aq, w, az, wz) = (
+        node.inputs.first()?.as_ref()?,
+        node.inputs.get(1)?.as_ref()?,
+        node.inputs.get(2)?,
+        node.inputs.get(3).copied().flatten(),
+    );
+    // The activations: outputs 0 and 2 of one DynamicQuantizeLinear.
+    let &(d, 0) = producers.get(aq)? else { return None };
+    let dq = &g.nodes[d];
+    let Op::DynamicQuantizeLinear(_) = dq.op else { return None };
+    if *az != Some(dq.outputs[2]) {
+        return None;
+    }
+    let x = dq.inputs.first().copied().flatten()?;
+    // The weights: a constant matrix whose zero point (if any) is constant, scalar or per
+    // column, and whose shifted values fit s8.
+    let wt = g.const_of(*w).filter(|t| t.rank() == 2)?;
+    let (k, cols) = (wt.shape()[0], wt.shape()[1]);
+    if k > MAX_INT8_K || g.fact(x).dtype != DType::F32 || g.fact(x).shape.last()?.as_const() != Some(k as i64) {
+        return None;
+    }
+    let wv = wt.to_i64s().ok()?;
+    let zv = match wz {
+        None => vec![0i64],
+        Some(z) => g.const_of(z)?.to_i64s().ok()?,
+    };
+    if !(zv.len() == 1 || zv.len() == cols) {
+        return None;
+    }
+    let shifted: Option<Vec<i8>> = wv
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| i8::try_from(v - zv[if zv.len() == 1 { 0 } else { i % cols }]).ok())
+        .collect();
+    let shifted = shifted?;
+    // Cast to f32, then the product with scale_x * scale_w.
+    let cast_n = single_user(users, g, node.outputs[0])?;
+    let Op::Cast(c) = &g.nodes[cast_n].op else { return None };
+    if c.to != DType::F32 {
+        return None;
+    }
+    let mul_n = single_user(users, g, g.nodes[cast_n].outputs[0])?;
+    let mul = &g.nodes[mul_n];
+    let Op::Binary(b) = &mul.op else { return None };
+    if b.kind != BinaryKind::Mul {
+        return None;
+    }
+    let casted = g.nodes[cast_n].outputs[0];
+    let (m0, m1) = (mul.inputs.first().copied().flatten()?, mul.inputs.get(1).copied().flatten()?);
+    let scale = if m0 == casted { m1 } else { m0 };
+    // scale = scale_x * scale_w (either order), scale_w constant: one value or one per column.
+    let &(s, _) = producers.get(&scale)?;
+    let sn = &g.nodes[s];
+    let Op::Binary(sb) = &sn.op else { return None };
+    if sb.kind != BinaryKind::Mul {
+        return None;
+    }
+    let (s0, s1) = (sn.inputs.first().copied().flatten()?, sn.inputs.get(1).copied().flatten()?);
+    let w_scale = match (s0 == dq.outputs[1], s1 == dq.outputs[1]) {
+        (true, false) => s1,
+        (false, true) => s0,
+        _ => return None,
+    };
+    let ws = g.const_of(w_scale).filter(|t| t.dtype() == DType::F32)?;
+    if !(ws.len() == 1 || ws.shape() == [cols]) {
+        return None;
+    }
+    Some(Dynamic {
+        x,
+        w: Tensor::new(vec![k, cols], shifted).ok()?,
+        key: (*w, wz),
+        w_scale,
+        result: mul.outputs[0],
+        name: g.value(mul.outputs[0]).name.clone(),
+    })
+}
+
+fn rewrite_dynamic(
+    g: &mut Graph,
+    m: Dynamic,
+    weights: &mut HashMap<(ValueId, Option<ValueId>), ValueId>,
+    out: &mut PassOutcome,
+) -> tcc_ir::Result<()> {
+    let (k, cols) = (m.w.shape()[0], m.w.shape()[1]);
+    let packed = match weights.get(&m.key) {
+        Some(&v) => v,
+        None => {
+            let data = kernels::int8::pack_b_s8(k, cols, m.w.as_slice::<i8>().map_err(tcc_ir::Error::Runtime)?);
+            let name = format!("{}.s8", g.value(m.key.0).name);
+            let v = g.add_const(name, Tensor::new(vec![data.len()], data).map_err(tcc_ir::Error::Runtime)?);
+            weights.insert(m.key, v);
+            out.stat("weights_packed", 1);
+            v
+        }
+    };
+    let f = FusedMatMul {
+        a_perm: None,
+        b_perm: None,
+        packed: Some([k, cols]),
+        c_perm: None,
+        epilogue: Epilogue::default(),
+        extra: 0,
+        fused: vec![],
+        int8: Some(ActQuant::DynamicTensor),
+    };
+    let product = g.add1(f, &[m.x, packed], format!("{}.int8", m.name))?;
+    let scaled = g.add1(tcc_ir::op::Binary::new(BinaryKind::Mul), &[product, m.w_scale], m.name.clone())?;
+    g.value_mut(scaled).quant = g.value(m.result).quant.clone();
+    g.replace_uses(m.result, scaled);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -328,6 +328,7 @@ impl Fast {
             Op::Transpose(t) => transpose(t, inputs),
             Op::Binary(b) => binary_f32(b.kind, inputs),
             Op::Gather(g) => gather_rows(g, inputs),
+            Op::DequantizeLinear(_) => dequantize(inputs),
             _ => None,
         }
     }
@@ -1240,6 +1241,27 @@ fn binary_f32(kind: BinaryKind, inputs: &[Option<&Tensor>]) -> Option<Result<Vec
     Some(Tensor::new(out, v).map(|t| vec![t]))
 }
 
+/// Per-tensor `DequantizeLinear` of `u8` or `s8` data (quantized embeddings after their
+/// lookup): `(q - zero_point) as f32 * scale`, as the reference computes it.
+fn dequantize(inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+    let (x, s) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
+    let z = inputs.get(2).copied().flatten();
+    let scale = *s.as_slice::<f32>().ok().filter(|v| v.len() == 1)?.first()?;
+    if z.is_some_and(|z| z.len() != 1 || z.dtype() != x.dtype()) {
+        return None;
+    }
+    let zp = match z {
+        Some(z) => z.to_i64s().ok()?[0],
+        None => 0,
+    };
+    let v: Vec<f32> = match x.dtype() {
+        crate::DType::U8 => x.as_slice::<u8>().ok()?.iter().map(|&q| (q as i64 - zp) as f32 * scale).collect(),
+        crate::DType::I8 => x.as_slice::<i8>().ok()?.iter().map(|&q| (q as i64 - zp) as f32 * scale).collect(),
+        _ => return None,
+    };
+    Some(Tensor::new(x.shape().to_vec(), v).map(|t| vec![t]))
+}
+
 /// f32 or s8 (quantized embeddings) `Gather` on axis 0 with in-range indices (an embedding
 /// lookup) as row copies. Anything else, bad indices included, goes to the reference, which
 /// reports them.
@@ -1247,6 +1269,7 @@ fn gather_rows(g: &Gather, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tens
     match inputs.first().copied().flatten()?.dtype() {
         crate::DType::F32 => gather_rows_of::<f32>(g, inputs),
         crate::DType::I8 => gather_rows_of::<i8>(g, inputs),
+        crate::DType::U8 => gather_rows_of::<u8>(g, inputs),
         _ => None,
     }
 }
@@ -1858,11 +1881,19 @@ mod tests {
         let want = op.eval(&ctx, &[Some(&table), Some(&ids)]).unwrap().remove(0);
         let got = fast.eval(&op, &[Some(&table), Some(&ids)]).expect("handled").unwrap().remove(0);
         assert_eq!((got.shape(), got.as_slice::<f32>().unwrap()), (want.shape(), want.as_slice::<f32>().unwrap()));
-        // Quantized embeddings: rows of s8.
+        // Quantized embeddings: rows of s8 or u8, then their per-tensor dequantization.
         let q = Tensor::new(vec![7, 4], (0..28).map(|i| (i * 37 % 256) as u8 as i8).collect::<Vec<i8>>()).unwrap();
-        let want = op.eval(&ctx, &[Some(&q), Some(&ids)]).unwrap().remove(0);
-        let got = fast.eval(&op, &[Some(&q), Some(&ids)]).expect("handled").unwrap().remove(0);
-        assert!(got.bit_eq(&want));
+        let u = Tensor::new(vec![7, 4], (0..28).map(|i| (i * 37 % 256) as u8).collect::<Vec<u8>>()).unwrap();
+        let dq: Op = crate::op::DequantizeLinear { axis: 1 }.into();
+        for (t, z) in [(&q, Tensor::scalar(-3i8)), (&u, Tensor::scalar(131u8))] {
+            let want = op.eval(&ctx, &[Some(t), Some(&ids)]).unwrap().remove(0);
+            let got = fast.eval(&op, &[Some(t), Some(&ids)]).expect("handled").unwrap().remove(0);
+            assert!(got.bit_eq(&want));
+            let s = Tensor::scalar(0.0173f32);
+            let want = dq.eval(&ctx, &[Some(&got), Some(&s), Some(&z)]).unwrap().remove(0);
+            let got = fast.eval(&dq, &[Some(&got), Some(&s), Some(&z)]).expect("handled").unwrap().remove(0);
+            assert!(got.bit_eq(&want));
+        }
         // Out-of-range ids are left to the reference, which names them.
         let bad = Tensor::new(vec![1], vec![7i64]).unwrap();
         assert!(fast.eval(&op, &[Some(&table), Some(&bad)]).is_none());
