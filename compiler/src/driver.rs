@@ -26,6 +26,8 @@ pub enum BuildError {
     Tokenizer { path: PathBuf, message: String },
     #[error("--eval: {0}")]
     Eval(String),
+    #[error("{0}")]
+    Options(String),
 }
 
 /// What `tcc build` is asked to do.
@@ -167,6 +169,9 @@ fn compile_stages(
         let act = match act {
             tcc_runtime::op::fused::ActQuant::DynamicRow => "row",
             tcc_runtime::op::fused::ActQuant::DynamicTensor => "tensor",
+            tcc_runtime::op::fused::ActQuant::Static { .. } => {
+                return Err(BuildError::Options("--quantize: static activations need calibration (not yet supported)".into()))
+            }
         };
         let text = format!("quantize-int8{{act={act}}},dce");
         pb.set_message(format!("running passes: {text}"));

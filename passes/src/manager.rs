@@ -132,6 +132,14 @@ impl Registry {
             },
         );
         r.register(
+            "qdq-matmul",
+            "a QDQ model's product of fake-quantized activations by dequantized weights becomes one integer product with the model's scales",
+            |o| {
+                no_options("qdq-matmul", o)?;
+                Ok(Box::new(crate::QdqMatMul))
+            },
+        );
+        r.register(
             "quantize-int8",
             "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time (options: act=row|tensor)",
             |o| Ok(Box::new(crate::QuantizeInt8::from_options(o)?)),

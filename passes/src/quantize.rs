@@ -225,7 +225,7 @@ impl Pass for IntegerMatMul {
         let (producers, users) = (g.producers(), g.users());
         for n in 0..g.nodes.len() {
             if let Some(m) = match_dynamic(g, n, &producers, &users) {
-                rewrite_dynamic(g, m, &mut weights, &mut out)?;
+                rewrite_integer(g, m, &mut weights, &mut out)?;
                 out.stat("integer_products", 1);
             }
         }
@@ -237,19 +237,34 @@ impl Pass for IntegerMatMul {
     }
 }
 
-/// A matched `DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul` chain.
-struct Dynamic {
+/// A matched quantized product: `x` quantized as `act`, times `w`, times `w_scale`.
+struct Integer {
     /// The f32 activations.
     x: ValueId,
+    act: ActQuant,
     /// Weights `[k, n]` minus their zero point, in `s8`.
     w: Tensor,
     /// Which weights and zero point they came from (shared weights are packed once).
     key: (ValueId, Option<ValueId>),
     /// The weights' scale (one value or one per column).
     w_scale: ValueId,
-    /// The value the chain computes (the scale `Mul`'s output).
+    /// The value the matched ops compute.
     result: ValueId,
     name: String,
+}
+
+/// Constant weights `[k, cols]` minus their zero point (none, one, or one per column), when
+/// every value fits `s8`.
+fn shifted_weights(g: &Graph, w: ValueId, wz: Option<ValueId>, cols: usize) -> Option<Vec<i8>> {
+    let wv = g.const_of(w)?.to_i64s().ok()?;
+    let zv = match wz {
+        None => vec![0i64],
+        Some(z) => g.const_of(z)?.to_i64s().ok()?,
+    };
+    if !(zv.len() == 1 || zv.len() == cols) || cols == 0 {
+        return None;
+    }
+    wv.iter().enumerate().map(|(i, &v)| i8::try_from(v - zv[if zv.len() == 1 { 0 } else { i % cols }]).ok()).collect()
 }
 
 fn single_user(users: &HashMap<ValueId, Vec<usize>>, g: &Graph, v: ValueId) -> Option<usize> {
@@ -264,7 +279,7 @@ fn match_dynamic(
     n: usize,
     producers: &HashMap<ValueId, (usize, usize)>,
     users: &HashMap<ValueId, Vec<usize>>,
-) -> Option<Dynamic> {
+) -> Option<Integer> {
     let node = &g.nodes[n];
     let Op::MatMulInteger(_) = node.op else { return None };
     let (aq, w, az, wz) = (
@@ -288,20 +303,7 @@ fn match_dynamic(
     if k > MAX_INT8_K || g.fact(x).dtype != DType::F32 || g.fact(x).shape.last()?.as_const() != Some(k as i64) {
         return None;
     }
-    let wv = wt.to_i64s().ok()?;
-    let zv = match wz {
-        None => vec![0i64],
-        Some(z) => g.const_of(z)?.to_i64s().ok()?,
-    };
-    if !(zv.len() == 1 || zv.len() == cols) {
-        return None;
-    }
-    let shifted: Option<Vec<i8>> = wv
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| i8::try_from(v - zv[if zv.len() == 1 { 0 } else { i % cols }]).ok())
-        .collect();
-    let shifted = shifted?;
+    let shifted = shifted_weights(g, *w, wz, cols)?;
     // Cast to f32, then the product with scale_x * scale_w.
     let cast_n = single_user(users, g, node.outputs[0])?;
     let Op::Cast(c) = &g.nodes[cast_n].op else { return None };
@@ -334,8 +336,9 @@ fn match_dynamic(
     if !(ws.len() == 1 || ws.shape() == [cols]) {
         return None;
     }
-    Some(Dynamic {
+    Some(Integer {
         x,
+        act: ActQuant::DynamicTensor,
         w: Tensor::new(vec![k, cols], shifted).ok()?,
         key: (*w, wz),
         w_scale,
@@ -344,9 +347,9 @@ fn match_dynamic(
     })
 }
 
-fn rewrite_dynamic(
+fn rewrite_integer(
     g: &mut Graph,
-    m: Dynamic,
+    m: Integer,
     weights: &mut HashMap<(ValueId, Option<ValueId>), ValueId>,
     out: &mut PassOutcome,
 ) -> tcc_ir::Result<()> {
@@ -370,13 +373,91 @@ fn rewrite_dynamic(
         epilogue: Epilogue::default(),
         extra: 0,
         fused: vec![],
-        int8: Some(ActQuant::DynamicTensor),
+        int8: Some(m.act),
     };
     let product = g.add1(f, &[m.x, packed], format!("{}.int8", m.name))?;
     let scaled = g.add1(tcc_ir::op::Binary::new(BinaryKind::Mul), &[product, m.w_scale], m.name.clone())?;
     g.value_mut(scaled).quant = g.value(m.result).quant.clone();
     g.replace_uses(m.result, scaled);
     Ok(())
+}
+
+/// `qdq-matmul`: a QDQ model's product of quantized activations by quantized weights,
+/// `MatMul(FakeQuant(x), DequantizeLinear(W, scale_w, zero_w))` (after `recognize` made the
+/// activations' Q/DQ pairs `FakeQuant`s), becomes one integer `FusedMatMul` of `x` quantized
+/// with the model's own scale and zero point (`ActQuant::Static`, bit for bit as its
+/// `QuantizeLinear`) by `W - zero_w` in `s8`, followed by the product with `scale_w` (one value
+/// or one per column), which `fuse-matmul` folds into the epilogue. What differs from the
+/// float graph is the summation order: exact in `i32` here.
+pub struct QdqMatMul;
+
+impl Pass for QdqMatMul {
+    fn name(&self) -> &'static str {
+        "qdq-matmul"
+    }
+
+    fn run(&mut self, g: &mut Graph, _: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
+        let mut out = PassOutcome::default();
+        let mut weights: HashMap<(ValueId, Option<ValueId>), ValueId> = HashMap::new();
+        let producers = g.producers();
+        for n in 0..g.nodes.len() {
+            if let Some(m) = match_qdq(g, n, &producers) {
+                rewrite_integer(g, m, &mut weights, &mut out)?;
+                out.stat("integer_products", 1);
+            }
+        }
+        if out.changed {
+            g.remove_dead_nodes();
+            g.toposort()?;
+        }
+        Ok(out)
+    }
+}
+
+fn match_qdq(g: &Graph, n: usize, producers: &HashMap<ValueId, (usize, usize)>) -> Option<Integer> {
+    let node = &g.nodes[n];
+    let Op::MatMul(_) = node.op else { return None };
+    let (a, b) = (node.inputs.first().copied().flatten()?, node.inputs.get(1).copied().flatten()?);
+    let &(fq_n, 0) = producers.get(&a)? else { return None };
+    let Op::FakeQuant(fq) = g.nodes[fq_n].op else { return None };
+    let x = g.nodes[fq_n].inputs.first().copied().flatten()?;
+    // The activations' grid as u8: s8 activations shift by 128 (same rounding, same sums).
+    let zero_point = match (fq.lo, fq.hi) {
+        (0, 255) => fq.zero_point,
+        (-128, 127) => fq.zero_point + 128,
+        _ => return None,
+    };
+    let zero_point = u8::try_from(zero_point).ok()?;
+    if fq.validate().is_err() || g.fact(x).dtype != DType::F32 || g.fact(x).rank() < 2 {
+        return None;
+    }
+    let &(dq_n, 0) = producers.get(&b)? else { return None };
+    let dq = &g.nodes[dq_n];
+    let Op::DequantizeLinear(d) = &dq.op else { return None };
+    let w = dq.inputs.first().copied().flatten()?;
+    let wt = g.const_of(w).filter(|t| t.rank() == 2 && t.dtype() == DType::I8)?;
+    let (k, cols) = (wt.shape()[0], wt.shape()[1]);
+    if k > MAX_INT8_K || g.fact(x).shape.last()?.as_const() != Some(k as i64) {
+        return None;
+    }
+    let w_scale = dq.inputs.get(1).copied().flatten()?;
+    let st = g.const_of(w_scale).filter(|t| t.dtype() == DType::F32)?;
+    // Per tensor, or per output column (axis 1 of [k, n]).
+    let per_column = st.len() == cols && st.rank() == 1 && (d.axis == 1 || d.axis == -1);
+    if !(st.len() == 1 || per_column) {
+        return None;
+    }
+    let wz = dq.inputs.get(2).copied().flatten();
+    let shifted = shifted_weights(g, w, wz, cols)?;
+    Some(Integer {
+        x,
+        act: ActQuant::Static { scale: fq.scale, zero_point },
+        w: Tensor::new(vec![k, cols], shifted).ok()?,
+        key: (w, wz),
+        w_scale,
+        result: node.outputs[0],
+        name: g.value(node.outputs[0]).name.clone(),
+    })
 }
 
 #[cfg(test)]

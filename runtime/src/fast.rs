@@ -217,6 +217,28 @@ impl Fast {
         Some(Tensor::new(x.shape().to_vec(), v).map(|t| vec![t]))
     }
 
+    /// A standalone `FakeQuant` (QDQ models' activations) with AVX-512, bit-exact.
+    #[cfg(target_arch = "x86_64")]
+    fn fake_quant(&self, q: &crate::op::FakeQuant, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+        let x = inputs.first().copied().flatten()?;
+        self.jit.tile_epilogue?;
+        q.validate().ok()?;
+        let xs = x.as_slice::<f32>().ok()?;
+        let n = xs.len();
+        let mut out = Uninit::new(n);
+        let y = SendPtr(out.ptr());
+        let chunk = 1 << 14;
+        pool::global().run(n.div_ceil(chunk), &|t| {
+            let (i0, len) = (t * chunk, chunk.min(n - t * chunk));
+            // SAFETY: the AVX-512 tier is in use; elements i0..i0+len of x and y are in
+            // bounds; tasks write disjoint ranges.
+            unsafe { crate::kernels::avx512_vec::fake_quant_slice(xs.as_ptr().add(i0), y.get().add(i0), len, q) };
+        });
+        // SAFETY: every element was written.
+        let v = unsafe { out.assume_init() };
+        Some(Tensor::new(x.shape().to_vec(), v).map(|t| vec![t]))
+    }
+
     /// `DynamicQuantizeLinear` with AVX-512: the reference's range, parameters and bytes (the
     /// reference rounds with a library call per element on baseline x86-64).
     #[cfg(target_arch = "x86_64")]
@@ -324,6 +346,8 @@ impl Fast {
             Op::Gelu(g) => self.gelu(g, inputs),
             #[cfg(target_arch = "x86_64")]
             Op::DynamicQuantizeLinear(_) => self.dynamic_quantize(inputs),
+            #[cfg(target_arch = "x86_64")]
+            Op::FakeQuant(q) => self.fake_quant(q, inputs),
             Op::LayerNorm(l) => self.layernorm(l, inputs),
             Op::Transpose(t) => transpose(t, inputs),
             Op::Binary(b) => binary_f32(b.kind, inputs),
@@ -516,7 +540,13 @@ impl Fast {
             }
         };
         let quantized = cached.is_some();
-        let whole = (!quantized && act == fused::ActQuant::DynamicTensor).then(|| tensor_range(xs, &p));
+        let whole = match act {
+            _ if quantized => None,
+            fused::ActQuant::DynamicRow => None,
+            fused::ActQuant::DynamicTensor => Some(tensor_range(xs, &p)),
+            fused::ActQuant::Static { scale, zero_point } => Some((scale, zero_point)),
+        };
+        let divide = matches!(act, fused::ActQuant::Static { .. });
         // Written through (by each thread, its own rows) only when fresh.
         let (qp, sp, zp) = match (&cached, fresh.as_mut()) {
             (Some(qa), _) => (qa.q.as_ptr() as usize, qa.scale.as_ptr() as usize, qa.zero.as_ptr() as usize),
@@ -539,7 +569,9 @@ impl Fast {
                 // SAFETY: the AVX-512 tier; rows r0..r1 of A hold k floats (`prepare`), of the
                 // buffers ldq bytes and one parameter each, written by this thread alone (the
                 // buffer is not shared until this product is done).
-                unsafe { quantize_rows(xs, &p, whole, (r0, r1), (qp as *mut u8, sp as *mut f32, zp as *mut i32)) };
+                unsafe {
+                    quantize_rows(xs, &p, (whole, divide), (r0, r1), (qp as *mut u8, sp as *mut f32, zp as *mut i32))
+                };
             }
             // Each batch's share of the rows.
             let mut r = r0;
@@ -1114,7 +1146,8 @@ fn tensor_range(xs: &[f32], p: &Product) -> (f32, u8) {
 
 /// Quantizes rows `r0..r1` of `A` of product `p` (batch by batch, `m` rows at stride `lda`)
 /// into rows of `ldq` bytes (the padding zeroed) and their parameters, with AVX-512, bit-exact
-/// with [`fused::ActQuant::quantize`]: per row, or with `whole`'s parameters.
+/// with [`fused::ActQuant::quantize`]: per row, or with `whole`'s parameters (`divide`: by
+/// the scale, as static quantization does, not by its reciprocal).
 ///
 /// # Safety
 /// AVX-512F; `A` holds the product's rows (`prepare`); `q` holds rows `r0..r1` of
@@ -1123,7 +1156,7 @@ fn tensor_range(xs: &[f32], p: &Product) -> (f32, u8) {
 unsafe fn quantize_rows(
     xs: &[f32],
     p: &Product,
-    whole: Option<(f32, u8)>,
+    (whole, divide): (Option<(f32, u8)>, bool),
     (r0, r1): (usize, usize),
     (q, scale, zero): (*mut u8, *mut f32, *mut i32),
 ) {
@@ -1139,7 +1172,11 @@ unsafe fn quantize_rows(
                 crate::op::quant::dynamic_qparams(l, h)
             });
             let row = q.add(r * ldq);
-            v::quantize_u8_by(x, row, k, 1.0 / s, z);
+            if divide {
+                v::quantize_u8(x, row, k, s, z);
+            } else {
+                v::quantize_u8_by(x, row, k, 1.0 / s, z);
+            }
             std::ptr::write_bytes(row.add(k), 0, ldq - k);
             *scale.add(r) = s;
             *zero.add(r) = z as i32;
@@ -1592,7 +1629,11 @@ mod tests {
             (vec![2, 13, 64], 64, 96, scale_bias.clone(), 2, Some(vec![1, 0, 2])),
             (vec![33, 300], 300, 100, Epilogue(gelu), 3, None),
         ];
-        for act in [fused::ActQuant::DynamicRow, fused::ActQuant::DynamicTensor] {
+        for act in [
+            fused::ActQuant::DynamicRow,
+            fused::ActQuant::DynamicTensor,
+            fused::ActQuant::Static { scale: 0.0371, zero_point: 131 },
+        ] {
             for (shape, k, n, epi, extra, c_perm) in &cases {
                 let (k, n) = (*k, *n);
                 let op: Op = FusedMatMul {
@@ -1812,6 +1853,17 @@ mod tests {
                     "{tier}: {} -> {x}, reference {y}",
                     a_at(&at, i)
                 );
+            }
+            // The standalone op (QDQ models' activations) on the same data.
+            let fq: Op = q.into();
+            let x = Tensor::new(vec![data.len()], data.clone()).unwrap();
+            let want = fq.eval(&EvalContext::default(), &[Some(&x)]).unwrap().remove(0);
+            if let Some(got) = fast.eval(&fq, &[Some(&x)]) {
+                let got = got.unwrap().remove(0);
+                let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
+                assert!(g.iter().zip(w).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan())));
+            } else {
+                assert_ne!(tier, Tier::Avx512, "the AVX-512 tier runs FakeQuant");
             }
         }
         fn a_at(a: &Tensor, i: usize) -> f32 {

@@ -64,13 +64,19 @@ fn check(name: &str, tol: f64) {
         (layers, 2 * layers + 1, layers),
         "{name}: fused structures {st:?}"
     );
-    // onnxruntime's dynamic quantization runs as integer products: no quantization op of the
-    // activations is left.
-    if imported.source_op_counts.contains_key("MatMulInteger") {
+    // onnxruntime's dynamic and QDQ quantizations run as integer products: no quantization op
+    // of the activations is left, and every product by weights is an integer product.
+    if ["MatMulInteger", "QuantizeLinear"].iter().any(|op| imported.source_op_counts.contains_key(*op)) {
         let ops = plan.op_counts();
         for op in ["MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear"] {
             assert!(!ops.contains_key(op), "{name}: {op} left in the plan: {ops:?}");
         }
+        let products = plan.steps.iter().filter_map(|s| match &s.op {
+            tcc_runtime::Op::FusedMatMul(f) if f.packed.is_some() => Some(f.int8.is_some()),
+            _ => None,
+        });
+        let (integer, all) = products.fold((0, 0), |(i, a), int| (i + usize::from(int), a + 1));
+        assert!(all > 0 && integer == all, "{name}: {integer} of {all} products by weights are integer");
     }
     let model = Model::load(&art).unwrap();
     let got_rt = model.run(&inputs).unwrap_or_else(|e| panic!("{name}: runtime failed: {e}"));

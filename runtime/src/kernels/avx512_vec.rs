@@ -515,6 +515,25 @@ pub unsafe fn reduce_tile(
     }
 }
 
+/// [`crate::op::FakeQuant::apply`] on `n` floats (`x` and `y` may be the same buffer): QDQ
+/// models' standalone quantization of activations, the same bits as the reference.
+///
+/// # Safety
+/// AVX-512F; `x` and `y` hold `n` floats.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn fake_quant_slice(x: *const f32, y: *mut f32, n: usize, q: &crate::op::FakeQuant) {
+    // SAFETY: the caller's contract; masked loads and stores stay within the n floats.
+    unsafe {
+        let mut i = 0;
+        while i < n {
+            let m = lane_mask(n - i);
+            let v = fake_quant(_mm512_maskz_loadu_ps(m, x.add(i)), q);
+            _mm512_mask_storeu_ps(y.add(i), m, v);
+            i += 16;
+        }
+    }
+}
+
 /// GELU of `n` floats (`x` and `y` may be the same buffer), erf form or tanh approximation:
 /// the standalone op of models whose products are not fused (integer products).
 ///

@@ -129,7 +129,7 @@ pub struct FusedMatMul {
 /// How an integer [`FusedMatMul`] quantizes its `f32` activations to `u8`: asymmetric, the
 /// range widened to include 0, scale and zero point as `DynamicQuantizeLinear` computes them
 /// ([`super::quant::dynamic_qparams`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ActQuant {
     /// One scale and zero point per row of `A` (per token), from the row's range: an outlier
@@ -137,6 +137,9 @@ pub enum ActQuant {
     DynamicRow,
     /// One scale and zero point for all of `A`, from its whole range (`DynamicQuantizeLinear`).
     DynamicTensor,
+    /// The model's own scale and zero point (QDQ models: calibrated at export), applied as
+    /// `QuantizeLinear` does, by division: `saturate(round_half_even(x / scale) + zero_point)`.
+    Static { scale: f32, zero_point: u8 },
 }
 
 /// An activation of an integer product in `u8`: `saturate(round_half_even(x * inv_scale) +
@@ -159,14 +162,21 @@ impl ActQuant {
             let (lo, hi) = xs.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
             super::quant::dynamic_qparams(lo, hi)
         };
-        let whole = (self == ActQuant::DynamicTensor).then(|| params(&a[..rows * k]));
+        let whole = match self {
+            ActQuant::DynamicRow => None,
+            ActQuant::DynamicTensor => Some(params(&a[..rows * k])),
+            ActQuant::Static { scale, zero_point } => Some((scale, zero_point)),
+        };
         let (mut scales, mut zps) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
         for r in 0..rows {
             let x = &a[r * k..(r + 1) * k];
             let (s, z) = whole.unwrap_or_else(|| params(x));
             let inv = 1.0 / s;
             for (d, &v) in q[r * ldq..r * ldq + k].iter_mut().zip(x) {
-                *d = quantize_u8_by(v, inv, z);
+                *d = match self {
+                    ActQuant::Static { .. } => super::quant::quantize_value(v, s, z as i64, 0.0, 255.0) as u8,
+                    _ => quantize_u8_by(v, inv, z),
+                };
             }
             scales.push(s);
             zps.push(z as i32);
@@ -238,6 +248,11 @@ impl FusedMatMul {
 impl FusedMatMul {
     /// An integer product needs packed `s8` weights read as they are.
     fn check_int8(&self) -> Result<()> {
+        if let Some(ActQuant::Static { scale, .. }) = self.int8 {
+            if !(scale.is_finite() && scale > 0.0) {
+                return Err(Error::op("FusedMatMul", format!("activation scale {scale} must be finite and positive")));
+            }
+        }
         match (self.int8, self.packed) {
             (None, _) => Ok(()),
             (Some(_), Some([k, _])) if self.b_perm.is_none() && k <= MAX_INT8_K => Ok(()),
