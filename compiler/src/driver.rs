@@ -170,7 +170,9 @@ fn compile_stages(
             tcc_runtime::op::fused::ActQuant::DynamicRow => "row",
             tcc_runtime::op::fused::ActQuant::DynamicTensor => "tensor",
             tcc_runtime::op::fused::ActQuant::Static { .. } => {
-                return Err(BuildError::Options("--quantize: static activations need calibration (not yet supported)".into()))
+                return Err(BuildError::Options(
+                    "--quantize: static activations need calibration (not yet supported)".into(),
+                ))
             }
         };
         let text = format!("quantize-int8{{act={act}}},dce");

@@ -24,7 +24,7 @@ pub mod tutorial;
 pub use fold::{DeadCode, FoldConstants};
 pub use fuse::{FuseAttention, FuseMatMul};
 pub use manager::{Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry};
-pub use quantize::{scale_first, IntegerMatMul, QdqMatMul, QuantizeInt8};
+pub use quantize::{IntegerMatMul, QdqMatMul, QuantizeInt8};
 
 /// The pipeline `tcc build` runs by default.
 pub const DEFAULT_PIPELINE: &str = "canon,recognize,integer-matmul,qdq-matmul,fuse-matmul,fuse-attention,dce";

@@ -18,7 +18,7 @@
 use crate::manager::{Pass, PassContext, PassOutcome};
 use std::collections::{BTreeMap, HashMap};
 use tcc_ir::op::fused::{ActQuant, MAX_INT8_K};
-use tcc_ir::op::{BinaryKind, EpiOp, Epilogue, FusedMatMul};
+use tcc_ir::op::{BinaryKind, Epilogue, FusedMatMul};
 use tcc_ir::{DType, Graph, Op, Tensor, ValueId};
 use tcc_runtime::kernels;
 
@@ -54,33 +54,6 @@ impl QuantizeInt8 {
     }
 }
 
-/// `old` with its product scaled by extra input `input` first: `[Acc, Input, Mul, old...]`,
-/// the old program's `Acc` reading the scaled product.
-pub fn scale_first(old: &Epilogue, input: usize) -> Epilogue {
-    let mut new = vec![EpiOp::Acc, EpiOp::Input(input), EpiOp::Binary(BinaryKind::Mul, 0, 1)];
-    if old.is_identity() {
-        return Epilogue(new);
-    }
-    let mut at = Vec::with_capacity(old.0.len());
-    for (i, op) in old.0.iter().enumerate() {
-        let op = match *op {
-            EpiOp::Acc if i + 1 < old.0.len() => {
-                at.push(2);
-                continue;
-            }
-            EpiOp::Acc => EpiOp::Unary(tcc_ir::op::UnaryKind::Identity, 2),
-            EpiOp::Input(j) => EpiOp::Input(j),
-            EpiOp::Const(c) => EpiOp::Const(c),
-            EpiOp::Unary(k, a) => EpiOp::Unary(k, at[a]),
-            EpiOp::Binary(k, a, b) => EpiOp::Binary(k, at[a], at[b]),
-            EpiOp::FakeQuant(a, q) => EpiOp::FakeQuant(at[a], q),
-        };
-        at.push(new.len());
-        new.push(op);
-    }
-    Epilogue(new)
-}
-
 impl Pass for QuantizeInt8 {
     fn name(&self) -> &'static str {
         "quantize-int8"
@@ -99,7 +72,7 @@ impl Pass for QuantizeInt8 {
             if k > MAX_INT8_K || w.len() != f.packed_len(k, cols) {
                 continue;
             }
-            let epilogue = scale_first(&f.epilogue, f.extra);
+            let epilogue = f.epilogue.scale_first(f.extra);
             #[cfg(target_arch = "x86_64")]
             if epilogue.0.len() > kernels::avx512_vec::MAX_PROGRAM {
                 out.stat("kept_f32_long_epilogue", 1);
@@ -463,7 +436,7 @@ fn match_qdq(g: &Graph, n: usize, producers: &HashMap<ValueId, (usize, usize)>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tcc_ir::op::UnaryKind;
+    use tcc_ir::op::{EpiOp, UnaryKind};
 
     #[test]
     fn the_old_program_reads_the_scaled_product() {
@@ -474,7 +447,7 @@ mod tests {
             EpiOp::Unary(UnaryKind::Tanh, 2),
             EpiOp::Binary(BinaryKind::Mul, 0, 3),
         ]);
-        let new = scale_first(&old, 1);
+        let new = old.scale_first(1);
         let want = vec![
             EpiOp::Acc,
             EpiOp::Input(1),
@@ -489,6 +462,6 @@ mod tests {
         for (acc, bias, s) in [(0.7f32, -0.2f32, 0.5f32), (-3.0, 1.0, 2.0)] {
             assert_eq!(new.eval(acc, &[bias, s], &mut regs), old.eval(acc * s, &[bias], &mut regs));
         }
-        assert_eq!(scale_first(&Epilogue::default(), 0).0.len(), 3);
+        assert_eq!(Epilogue::default().scale_first(0).0.len(), 3);
     }
 }

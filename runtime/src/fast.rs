@@ -77,6 +77,9 @@ pub struct Fast {
     /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, by the address of
     /// the weight tensor's data.
     colsums: HashMap<usize, Vec<i32>>,
+    /// Without VNNI: the `s8` weights of integer `FusedMatMul`s as f32 panels (exact integers),
+    /// by the address of the weight tensor's data.
+    f32_weights: HashMap<usize, Tensor>,
     /// The last activations an integer product quantized (Q, K and V read the same): the
     /// tensor is held, so its data cannot be freed and its address reused while cached.
     #[cfg(target_arch = "x86_64")]
@@ -121,31 +124,48 @@ impl Fast {
         // exact pattern is only known from shapes at run time; compile both variants for
         // single-extra programs (bias rows vs residuals), the all-false variant otherwise.
         let mut specs: Vec<GemmSpec> = Vec::new();
+        // Epilogues the AVX-512 executor runs on integer products' tiles (no driver needed).
+        let mut tile_only: Vec<GemmSpec> = Vec::new();
+        let native_int8 = Fast::native_int8(tier);
         let products = plan.steps.iter().flat_map(|s| match &s.op {
             Op::FusedMatMul(f) => vec![f],
             Op::Attention(a) => vec![&a.scores, &a.context],
             _ => vec![],
         });
         for f in products {
-            {
-                let mut patterns = vec![vec![false; f.extra]];
-                for i in 0..f.extra {
-                    let mut p = vec![false; f.extra];
+            // Without the integer kernel, an integer product runs on the f32 driver with its
+            // activations' row scales as a last, column-broadcast operand (`int8_on_f32`).
+            let (epilogue, extra, last_bcast) = match f.int8 {
+                Some(_) if !native_int8 => (f.epilogue.scale_first(f.extra), f.extra + 1, true),
+                _ => (f.epilogue.clone(), f.extra, false),
+            };
+            let mut patterns = vec![vec![false; extra]];
+            for i in 0..extra {
+                let mut p = vec![false; extra];
+                p[i] = true;
+                patterns.push(p);
+            }
+            if last_bcast {
+                let mut two = vec![false; extra];
+                two[extra - 1] = true;
+                for i in 0..extra - 1 {
+                    let mut p = two.clone();
                     p[i] = true;
                     patterns.push(p);
                 }
-                for col_broadcast in patterns {
-                    let s = GemmSpec { epilogue: f.epilogue.clone(), col_broadcast };
-                    if !specs.contains(&s) {
-                        specs.push(s);
-                    }
+            }
+            let into = if f.int8.is_some() && native_int8 { &mut tile_only } else { &mut specs };
+            for col_broadcast in patterns {
+                let s = GemmSpec { epilogue: epilogue.clone(), col_broadcast };
+                if !into.contains(&s) {
+                    into.push(s);
                 }
             }
         }
         #[cfg(target_arch = "x86_64")]
         let mut chains: Vec<(Epilogue, crate::kernels::avx512_vec::Chain)> = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        for s in &specs {
+        for s in specs.iter().chain(&tile_only) {
             if chains.iter().all(|(e, _)| *e != s.epilogue) {
                 if let Some(c) = crate::kernels::avx512_vec::Chain::of(&s.epilogue.0) {
                     chains.push((s.epilogue.clone(), c));
@@ -158,16 +178,36 @@ impl Fast {
             chains,
             int8: HashMap::new(),
             colsums: HashMap::new(),
+            f32_weights: HashMap::new(),
             #[cfg(target_arch = "x86_64")]
             quantized: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Whether integer products run on the VNNI kernel (else on the f32 driver).
+    fn native_int8(tier: Tier) -> bool {
+        tier == Tier::Avx512 && crate::kernels::int8::vnni512_supported()
     }
 
     /// Packs the constant `s8` weights of the plan's `MatMulInteger` steps for the integer
     /// kernel (when this CPU has it): quantized models then multiply in `vpdpbusd`, not in the
     /// reference loop.
     pub fn prepare_int8(&mut self, plan: &Plan, constants: &[(crate::plan::Slot, Tensor)]) {
-        if !crate::kernels::int8::vnni512_supported() || self.jit.tier != Tier::Avx512 {
+        if !Fast::native_int8(self.jit.tier) {
+            for step in &plan.steps {
+                let (Op::FusedMatMul(f), Some(Some(b))) = (&step.op, step.inputs.get(1)) else { continue };
+                let (Some(_), Some([k, n])) = (f.int8, f.packed) else { continue };
+                let Some((_, w)) = constants.iter().find(|(s, _)| s == b) else { continue };
+                let Ok(data) = w.as_slice::<i8>() else { continue };
+                if data.len() != f.packed_len(k, n) || self.f32_weights.contains_key(&(data.as_ptr() as usize)) {
+                    continue;
+                }
+                let dense: Vec<f32> = crate::kernels::int8::unpack_b_s8(k, n, data).iter().map(|&v| v as f32).collect();
+                let packed = crate::kernels::pack_b(k, n, &dense);
+                if let Ok(t) = Tensor::new(vec![packed.len()], packed) {
+                    self.f32_weights.insert(data.as_ptr() as usize, t);
+                }
+            }
             return;
         }
         for step in &plan.steps {
@@ -424,6 +464,9 @@ impl Fast {
 
     fn fused_matmul(&self, f: &FusedMatMul, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
         if let Some(act) = f.int8 {
+            if !Fast::native_int8(self.jit.tier) {
+                return self.int8_on_f32(f, act, inputs);
+            }
             #[cfg(target_arch = "x86_64")]
             return self.fused_matmul_int8(f, act, inputs);
             #[cfg(not(target_arch = "x86_64"))]
@@ -488,6 +531,54 @@ impl Fast {
         // m rows of its panels' columns.
         let v = unsafe { out.assume_init() };
         Some(Tensor::new(p.out_shape, v).map(|t| vec![t]))
+    }
+
+    /// An integer `FusedMatMul` without the VNNI kernel: the activations quantized as the
+    /// reference does, then `q - zero` (small integers, exact in f32) times the weights
+    /// (integers in f32 panels, prepared at load) on the f32 driver, the row scales first in
+    /// the epilogue. Products of integers this small are exact in f32, and so is their sum
+    /// while it stays below 2^24: the reference's values, to float rounding of larger sums.
+    fn int8_on_f32(
+        &self,
+        f: &FusedMatMul,
+        act: fused::ActQuant,
+        inputs: &[Option<&Tensor>],
+    ) -> Option<Result<Vec<Tensor>>> {
+        let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
+        let w = self.f32_weights.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
+        let [k, _] = f.packed?;
+        let a = match &f.a_perm {
+            Some(p) => match fused::transpose_tensor(a, p) {
+                Ok(t) => t,
+                Err(e) => return Some(Err(e)),
+            },
+            None => a.clone(),
+        };
+        if a.rank() < 2 || a.shape().last() != Some(&k) {
+            return None;
+        }
+        let xs = a.as_slice::<f32>().ok()?;
+        let rows = xs.len() / k.max(1);
+        let mut q = vec![0u8; rows * k];
+        let (scales, zeros) = act.quantize(xs, rows, k, &mut q, k);
+        let centered: Vec<f32> = q.iter().enumerate().map(|(i, &v)| (v as i32 - zeros[i / k.max(1)]) as f32).collect();
+        let mut scale_shape = a.shape().to_vec();
+        *scale_shape.last_mut()? = 1;
+        let (centered, scales) = match (Tensor::new(a.shape().to_vec(), centered), Tensor::new(scale_shape, scales)) {
+            (Ok(c), Ok(s)) => (c, s),
+            (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
+        };
+        let g = FusedMatMul {
+            a_perm: None,
+            int8: None,
+            epilogue: f.epilogue.scale_first(f.extra),
+            extra: f.extra + 1,
+            ..f.clone()
+        };
+        let mut ins: Vec<Option<&Tensor>> = vec![Some(&centered), Some(w)];
+        ins.extend(inputs.iter().skip(2).take(f.extra).copied());
+        ins.push(Some(&scales));
+        self.fused_matmul(&g, &ins)
     }
 
     /// An integer `FusedMatMul` on the VNNI kernel: `A` quantized (AVX-512, bit-exact with the
@@ -1589,16 +1680,13 @@ mod tests {
     /// Dynamic quantization and standalone GELU (the integer models' element-wise work) on
     /// AVX-512: the reference's bytes and parameters exactly; GELU within the epilogues'
     /// approximation error.
-    /// Integer products (activations quantized per row or per tensor, `s8` weights, exact
-    /// `i32` sums) on the VNNI kernel give the reference's values bit for bit, with a bias and
-    /// the weights' scales as the epilogue, on odd shapes, batched, with a transposed output;
-    /// with GELU in the epilogue, to its polynomial's accuracy.
+    /// Integer products (activations quantized per row, per tensor or statically, `s8`
+    /// weights, exact `i32` sums) give the reference's values bit for bit with a bias and the
+    /// weights' scales as the epilogue, on odd shapes, batched, with a transposed output, on
+    /// every tier: the VNNI kernel, and without it the f32 driver on exact integers; with GELU
+    /// in the epilogue, to its polynomial's accuracy.
     #[test]
     fn int8_products_match_the_reference() {
-        if !crate::kernels::int8::vnni512_supported() {
-            eprintln!("no AVX-512 VNNI here: kernel not run");
-            return;
-        }
         let scale_bias = Epilogue(vec![
             EpiOp::Acc,
             EpiOp::Input(0),
@@ -1629,61 +1717,63 @@ mod tests {
             (vec![2, 13, 64], 64, 96, scale_bias.clone(), 2, Some(vec![1, 0, 2])),
             (vec![33, 300], 300, 100, Epilogue(gelu), 3, None),
         ];
-        for act in [
-            fused::ActQuant::DynamicRow,
-            fused::ActQuant::DynamicTensor,
-            fused::ActQuant::Static { scale: 0.0371, zero_point: 131 },
-        ] {
-            for (shape, k, n, epi, extra, c_perm) in &cases {
-                let (k, n) = (*k, *n);
-                let op: Op = FusedMatMul {
-                    a_perm: None,
-                    b_perm: None,
-                    packed: Some([k, n]),
-                    c_perm: c_perm.clone(),
-                    epilogue: epi.clone(),
-                    extra: *extra,
-                    fused: vec![],
-                    int8: Some(act),
-                }
-                .into();
-                let Some(mut fast) = fast_for(Tier::Avx512, std::slice::from_ref(&op)) else { return };
-                // Activations with an outlier column, weights over the full s8 range.
-                let mut av = rand(shape.iter().product(), 1);
-                for (i, x) in av.iter_mut().enumerate() {
-                    if i % k == 3 % k {
-                        *x *= 40.0;
+        for tier in Tier::ALL {
+            for act in [
+                fused::ActQuant::DynamicRow,
+                fused::ActQuant::DynamicTensor,
+                fused::ActQuant::Static { scale: 0.0371, zero_point: 131 },
+            ] {
+                for (shape, k, n, epi, extra, c_perm) in &cases {
+                    let (k, n) = (*k, *n);
+                    let op: Op = FusedMatMul {
+                        a_perm: None,
+                        b_perm: None,
+                        packed: Some([k, n]),
+                        c_perm: c_perm.clone(),
+                        epilogue: epi.clone(),
+                        extra: *extra,
+                        fused: vec![],
+                        int8: Some(act),
                     }
-                }
-                let a = Tensor::new(shape.clone(), av).unwrap();
-                let w: Vec<i8> = (0..k * n).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 as i8).collect();
-                let packed = crate::kernels::int8::pack_b_s8(k, n, &w);
-                let b = Tensor::new(vec![packed.len()], packed).unwrap();
-                let plan = Plan {
-                    steps: vec![crate::plan::Step {
-                        op: op.clone(),
-                        inputs: vec![Some(0), Some(1)],
-                        outputs: vec![2],
-                        name: "p".into(),
-                    }],
-                    ..Default::default()
-                };
-                fast.prepare_int8(&plan, &[(1, b.clone())]);
-                let wscale = Tensor::new(vec![n], (0..n).map(|j| 0.001 + j as f32 * 1e-5).collect()).unwrap();
-                let bias = t(&[n], 3);
-                let rows: usize = shape[..shape.len() - 1].iter().product();
-                let res = t(&[rows, n], 4);
-                let mut ins = vec![Some(&a), Some(&b), Some(&wscale), Some(&bias)];
-                if *extra == 3 {
-                    ins = vec![Some(&a), Some(&b), Some(&bias), Some(&res), Some(&wscale)];
-                }
-                let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
-                let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
-                let tag = format!("{act:?} {shape:?} x {k}x{n}");
-                if *extra == 2 {
-                    assert!(got.bit_eq(&want), "{tag}");
-                } else {
-                    assert_close(&tag, &got, &want, 2e-5);
+                    .into();
+                    let Some(mut fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
+                    // Activations with an outlier column, weights over the full s8 range.
+                    let mut av = rand(shape.iter().product(), 1);
+                    for (i, x) in av.iter_mut().enumerate() {
+                        if i % k == 3 % k {
+                            *x *= 40.0;
+                        }
+                    }
+                    let a = Tensor::new(shape.clone(), av).unwrap();
+                    let w: Vec<i8> = (0..k * n).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 as i8).collect();
+                    let packed = crate::kernels::int8::pack_b_s8(k, n, &w);
+                    let b = Tensor::new(vec![packed.len()], packed).unwrap();
+                    let plan = Plan {
+                        steps: vec![crate::plan::Step {
+                            op: op.clone(),
+                            inputs: vec![Some(0), Some(1)],
+                            outputs: vec![2],
+                            name: "p".into(),
+                        }],
+                        ..Default::default()
+                    };
+                    fast.prepare_int8(&plan, &[(1, b.clone())]);
+                    let wscale = Tensor::new(vec![n], (0..n).map(|j| 0.001 + j as f32 * 1e-5).collect()).unwrap();
+                    let bias = t(&[n], 3);
+                    let rows: usize = shape[..shape.len() - 1].iter().product();
+                    let res = t(&[rows, n], 4);
+                    let mut ins = vec![Some(&a), Some(&b), Some(&wscale), Some(&bias)];
+                    if *extra == 3 {
+                        ins = vec![Some(&a), Some(&b), Some(&bias), Some(&res), Some(&wscale)];
+                    }
+                    let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                    let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+                    let tag = format!("{tier} {act:?} {shape:?} x {k}x{n}");
+                    if *extra == 2 {
+                        assert!(got.bit_eq(&want), "{tag}");
+                    } else {
+                        assert_close(&tag, &got, &want, 2e-5);
+                    }
                 }
             }
         }

@@ -287,6 +287,38 @@ fn int8_quantization_of_every_float_model() {
     }
 }
 
+/// An int8 build on each kernel tier, forced: without VNNI its integer products run on the
+/// f32 kernels (exact integers), so every tier agrees with the others and with onnxruntime's
+/// fp32 outputs (per sentence: float rounding elsewhere moves a few activations across a
+/// quantization midpoint, see `int8_quantization_of_every_float_model`).
+#[test]
+fn int8_on_every_kernel_tier() {
+    use tcc_runtime::kernels::Tier;
+    let opts =
+        driver::BuildOptions { quantize: Some(tcc_runtime::op::fused::ActQuant::DynamicRow), ..Default::default() };
+    for name in ["minilm_l6", "tinybert_4l_312"] {
+        let f = fixtures().model(name);
+        let dir = scratch(&format!("int8-tiers-{name}"));
+        let art = dir.join("int8.tcc");
+        driver::build(&f.path, &art, &opts).unwrap();
+        let (inputs, want) = (f.inputs(), f.reference());
+        let reference = Model::load_with(&art, &tcc_runtime::LoadOptions { jit: false, tier: None }).unwrap();
+        let expected = reference.run(&inputs).unwrap();
+        for tier in Tier::ALL {
+            if !tier.supported() {
+                continue;
+            }
+            let m = Model::load_with(&art, &tcc_runtime::LoadOptions { jit: true, tier: Some(tier) }).unwrap();
+            let got = m.run(&inputs).unwrap();
+            let (same, ort) =
+                (min_sentence_cosine(&got, &expected, &inputs), min_sentence_cosine(&got, &want, &inputs));
+            eprintln!("{name:24} int8 {tier:9} vs reference {same:.6}, vs onnxruntime fp32 {ort:.5}");
+            assert!(same >= 0.998 && ort >= MIN_SENTENCE_COSINE, "{name} int8 on {tier}: {same} / {ort}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 /// One loaded model run from several threads at once gives bit-identical results to one
 /// thread, in f32 and int8.
 #[test]

@@ -40,6 +40,34 @@ pub enum EpiOp {
 pub struct Epilogue(pub Vec<EpiOp>);
 
 impl Epilogue {
+    /// This program with the product scaled by extra input `input` first: `[Acc, Input,
+    /// Mul, old...]`, the old program's `Acc` reading the scaled product (how weights' scales,
+    /// or activations' row scales, enter an epilogue).
+    pub fn scale_first(&self, input: usize) -> Epilogue {
+        let mut new = vec![EpiOp::Acc, EpiOp::Input(input), EpiOp::Binary(BinaryKind::Mul, 0, 1)];
+        if self.is_identity() {
+            return Epilogue(new);
+        }
+        let mut at = Vec::with_capacity(self.0.len());
+        for (i, op) in self.0.iter().enumerate() {
+            let op = match *op {
+                EpiOp::Acc if i + 1 < self.0.len() => {
+                    at.push(2);
+                    continue;
+                }
+                EpiOp::Acc => EpiOp::Unary(UnaryKind::Identity, 2),
+                EpiOp::Input(j) => EpiOp::Input(j),
+                EpiOp::Const(c) => EpiOp::Const(c),
+                EpiOp::Unary(k, a) => EpiOp::Unary(k, at[a]),
+                EpiOp::Binary(k, a, b) => EpiOp::Binary(k, at[a], at[b]),
+                EpiOp::FakeQuant(a, q) => EpiOp::FakeQuant(at[a], q),
+            };
+            at.push(new.len());
+            new.push(op);
+        }
+        Epilogue(new)
+    }
+
     pub fn is_identity(&self) -> bool {
         self.0.is_empty() || self.0 == [EpiOp::Acc]
     }
