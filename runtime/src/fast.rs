@@ -854,7 +854,8 @@ impl Fast {
             // SAFETY: as in `fused_matmul`; the scratch buffers hold exactly one batch's packed
             // K (k x sk), scores (sq x sk) and packed V (sk x dv); the pack, driver and softmax
             // calls write every element of them before reading; each batch writes its own
-            // rows of the output.
+            // rows of the output; the AVX-512 quantization of the probabilities runs only on
+            // that tier (its tile epilogue exists) over the sq x sk scores.
             unsafe {
                 sp.pack_one(self, ks, bi, kpack.ptr());
                 sp.run(
@@ -880,7 +881,16 @@ impl Fast {
                 softmax(scores.ptr(), scores.ptr(), sq, sk);
                 // One pass for what follows the softmax: NaN to 0, then the probabilities'
                 // quantization grid.
-                if at.nan_to_zero || at.probs_quant.is_some() {
+                #[cfg(target_arch = "x86_64")]
+                let vector_quant = at.probs_quant.filter(|_| !at.nan_to_zero && self.jit.tile_epilogue.is_some());
+                #[cfg(not(target_arch = "x86_64"))]
+                let vector_quant: Option<crate::op::FakeQuant> = None;
+                #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+                if let Some(q) = vector_quant {
+                    // The AVX-512 tier: the same bits as `apply`, sixteen at a time.
+                    #[cfg(target_arch = "x86_64")]
+                    crate::kernels::avx512_vec::fake_quant_slice(scores.ptr(), scores.ptr(), sq * sk, &q);
+                } else if at.nan_to_zero || at.probs_quant.is_some() {
                     for i in 0..sq * sk {
                         let p = scores.ptr().add(i);
                         if at.nan_to_zero && (*p).is_nan() {
@@ -1981,6 +1991,32 @@ mod tests {
             assert!(g.iter().all(|x| !x.is_nan()), "{tier}: NaN in the output");
             assert!(g[..s * h * d].iter().all(|&x| x == 0.0), "{tier}: masked batch not zero");
             assert_close(&format!("{tier} attention"), &got, &want, 1e-5);
+        }
+    }
+
+    /// QDQ attention: the probabilities rounded to their quantization grid before the context
+    /// product, on every tier (AVX-512 quantizes them sixteen at a time): within a quantum of
+    /// the reference (softmax's float rounding may move a probability across a midpoint).
+    #[test]
+    fn attention_with_quantized_probabilities() {
+        let (b, s, h, d) = (2, 23, 3, 16);
+        let q8 = crate::op::FakeQuant { scale: 1.0 / 255.0, zero_point: 0, lo: 0, hi: 255 };
+        let op: Op = Attention { probs_quant: Some(q8), ..attention_products() }.into();
+        for tier in Tier::ALL {
+            let Some(fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
+            let (q, kk, v) = (t(&[b, s, h, d], 5), t(&[b, s, h, d], 6), t(&[b, s, h, d], 7));
+            let mask = t(&[b, 1, 1, s], 8);
+            let ins = [Some(&q), Some(&kk), Some(&v), Some(&mask)];
+            let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+            let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+            let vmax = v.as_slice::<f32>().unwrap().iter().fold(0f32, |m, x| m.max(x.abs()));
+            let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
+            // A flipped probability moves an output by at most a quantum times |v|.
+            let worst = g.iter().zip(w).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= 2.0 * q8.scale * vmax + 1e-5, "{tier}: {worst}");
+            // Flips are rare: unquantized probabilities would move nearly every output.
+            let moved = g.iter().zip(w).filter(|(x, y)| (*x - *y).abs() > 1e-5).count();
+            assert!(moved * 20 <= g.len(), "{tier}: {moved} of {} outputs differ", g.len());
         }
     }
 
