@@ -45,6 +45,54 @@ pub fn samples(path: &Path, model: &Model) -> Result<Vec<Sample>, String> {
     }
 }
 
+/// Calibration with the runtime: the graph, with the observed values as extra outputs, is
+/// lowered and loaded (JIT) and run on every sample of `data` (sentences tokenized with
+/// `tokenizer`, or `.npz`/`.json` inputs).
+pub struct RuntimeCalibrator {
+    pub data: std::path::PathBuf,
+    pub tokenizer: Option<std::path::PathBuf>,
+}
+
+/// Most elements kept per value for percentiles.
+const SAMPLE: usize = 1 << 18;
+
+impl tcc_passes::Calibrator for RuntimeCalibrator {
+    fn observe(&self, g: &tcc_ir::Graph, values: &[tcc_ir::ValueId]) -> Result<Vec<tcc_passes::ValueStats>, String> {
+        let mut g = g.clone();
+        let names: Vec<String> = (0..values.len()).map(|i| format!("calibration:{i}")).collect();
+        for (n, v) in names.iter().zip(values) {
+            g.add_output(n.clone(), *v);
+        }
+        let (plan, weights) = crate::driver::lower(&g.compact()).map_err(|e| e.to_string())?;
+        let tokenizer = match &self.tokenizer {
+            Some(p) => Some(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?),
+            None => None,
+        };
+        let model = crate::driver::in_memory_model(&plan, &weights, tokenizer.as_deref()).map_err(|e| e.to_string())?;
+        let samples = samples(&self.data, &model)?;
+        let mut stats = vec![
+            tcc_passes::ValueStats { min: f32::INFINITY, max: f32::NEG_INFINITY, sample: Vec::new() };
+            values.len()
+        ];
+        // Each sample contributes evenly to the kept elements.
+        let per_sample = (SAMPLE / samples.len().max(1)).max(1);
+        for s in &samples {
+            let outs = model.run(&s.inputs).map_err(|e| e.to_string())?;
+            for (st, name) in stats.iter_mut().zip(&names) {
+                let Some((_, t)) = outs.iter().find(|(n, _)| n == name) else { continue };
+                let v = t.as_slice::<f32>().map_err(|e| e.to_string())?;
+                for &x in v.iter().filter(|x| !x.is_nan()) {
+                    st.min = st.min.min(x);
+                    st.max = st.max.max(x);
+                }
+                let stride = v.len().div_ceil(per_sample).max(1);
+                st.sample.extend(v.iter().step_by(stride).filter(|x| !x.is_nan()));
+            }
+        }
+        Ok(stats)
+    }
+}
+
 /// Agreement of one output over the samples.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct OutputAccuracy {

@@ -43,7 +43,10 @@ pub struct BuildOptions {
     pub progress: bool,
     /// Quantize products by constant weights to int8 after the pipeline (`--quantize int8`),
     /// activations as this says.
-    pub quantize: Option<tcc_runtime::op::fused::ActQuant>,
+    pub quantize: Option<tcc_passes::Activations>,
+    /// Samples to calibrate static activations on (`--calibration`): sentences or inputs,
+    /// as for `eval`.
+    pub calibration: Option<PathBuf>,
     /// Samples to measure the compressed build against the `f32` build on (`--eval`):
     /// sentences (one a line) or `.npz`/`.json` inputs.
     pub eval: Option<PathBuf>,
@@ -57,6 +60,7 @@ impl Default for BuildOptions {
             print_after: Vec::new(),
             progress: false,
             quantize: None,
+            calibration: None,
             eval: None,
         }
     }
@@ -159,20 +163,32 @@ fn compile_stages(
     pm.printer = Box::new(move |name, g| {
         pb2.suspend(|| eprintln!("// IR after {name}\n{}", tcc_ir::text::print(&g.compact())));
     });
-    let mut cx = PassContext { cpu_features: tcc_runtime::cpu::host().map(|c| c.features).unwrap_or_default() };
+    let mut cx = PassContext {
+        cpu_features: tcc_runtime::cpu::host().map(|c| c.features).unwrap_or_default(),
+        ..Default::default()
+    };
     let mut passes = pm.run(&mut g, &mut cx)?;
     let mut f32_graph = None;
     if let Some(act) = opts.quantize {
         if keep_f32 {
             f32_graph = Some(g.compact());
         }
+        use tcc_runtime::op::fused::ActQuant;
         let act = match act {
-            tcc_runtime::op::fused::ActQuant::DynamicRow => "row",
-            tcc_runtime::op::fused::ActQuant::DynamicTensor => "tensor",
-            tcc_runtime::op::fused::ActQuant::Static { .. } => {
-                return Err(BuildError::Options(
-                    "--quantize: static activations need calibration (not yet supported)".into(),
-                ))
+            tcc_passes::Activations::Dynamic(ActQuant::DynamicRow) => "row".to_string(),
+            tcc_passes::Activations::Dynamic(ActQuant::DynamicTensor) => "tensor".to_string(),
+            tcc_passes::Activations::Dynamic(ActQuant::Static { .. }) => {
+                return Err(BuildError::Options("--quantize: static parameters come from --calibration".into()))
+            }
+            tcc_passes::Activations::Static { tail } => {
+                let data = opts.calibration.clone().ok_or_else(|| {
+                    BuildError::Options("static activations need calibration samples: give --calibration FILE".into())
+                })?;
+                cx.calibrator = Some(std::sync::Arc::new(crate::accuracy::RuntimeCalibrator {
+                    data,
+                    tokenizer: opts.tokenizer.clone(),
+                }));
+                format!("static, tail={tail}")
             }
         };
         let text = format!("quantize-int8{{act={act}}},dce");
@@ -264,6 +280,17 @@ pub fn lower(g: &Graph) -> Result<(Plan, Vec<(String, Tensor)>), BuildError> {
     Ok((plan, weights))
 }
 
+/// A plan loaded by the runtime as an artifact would be, without a file.
+pub fn in_memory_model(
+    plan: &Plan,
+    weights: &[(String, Tensor)],
+    tokenizer: Option<&[u8]>,
+) -> Result<Model, BuildError> {
+    let contents = ArtifactContents { plan, weights, tokenizer, report: serde_json::Value::Null };
+    let bytes: tcc_runtime::Bytes = std::sync::Arc::new(artifact::to_bytes(&contents)?);
+    Ok(Model::from_artifact(artifact::from_bytes(bytes)?)?)
+}
+
 /// Loads the `f32` graph and the compressed plan as models and compares them on `data`.
 fn evaluate(
     reference: &Graph,
@@ -272,13 +299,9 @@ fn evaluate(
     data: &Path,
     progress: bool,
 ) -> Result<crate::accuracy::AccuracyReport, BuildError> {
-    let model = |plan: &Plan, weights: &[(String, Tensor)]| -> Result<Model, BuildError> {
-        let contents = ArtifactContents { plan, weights, tokenizer, report: serde_json::Value::Null };
-        let bytes: tcc_runtime::Bytes = std::sync::Arc::new(artifact::to_bytes(&contents)?);
-        Ok(Model::from_artifact(artifact::from_bytes(bytes)?)?)
-    };
     let (rplan, rweights) = lower(reference)?;
-    let (reference, candidate) = (model(&rplan, &rweights)?, model(plan, weights)?);
+    let (reference, candidate) =
+        (in_memory_model(&rplan, &rweights, tokenizer)?, in_memory_model(plan, weights, tokenizer)?);
     let samples = crate::accuracy::samples(data, &candidate).map_err(BuildError::Eval)?;
     let pb = if progress { ProgressBar::new(samples.len() as u64) } else { ProgressBar::hidden() };
     pb.set_style(

@@ -58,10 +58,18 @@ enum Command {
         /// (s8 per-column weights, u8 activations quantized per token at run time).
         #[arg(long, value_name = "KIND", value_parser = ["int8"])]
         quantize: Option<String>,
-        /// How int8 activations are quantized: per `row` (token) or per `tensor` (as
-        /// onnxruntime's dynamic quantization).
+        /// How int8 activations are quantized at run time: per `row` (token) or per `tensor`
+        /// (as onnxruntime's dynamic quantization). With --calibration they are static.
         #[arg(long, value_name = "GRANULARITY", default_value = "row", value_parser = ["row", "tensor"], requires = "quantize")]
         act_quant: String,
+        /// Calibrate static activation ranges on these samples (sentences one a line, needs
+        /// --tokenizer, or .npz/.json inputs): no range computed at run time.
+        #[arg(long, value_name = "FILE", requires = "quantize")]
+        calibration: Option<PathBuf>,
+        /// How calibration sets each range: `minmax` (all values) or `percentile` (clips the
+        /// 0.01% most extreme values at each end).
+        #[arg(long, value_name = "METHOD", default_value = "minmax", value_parser = ["minmax", "percentile"], requires = "calibration")]
+        calibrate: String,
         /// Measure the compressed build against the f32 build on these samples: a text file
         /// of sentences (one a line, needs --tokenizer) or .npz/.json inputs.
         #[arg(long, value_name = "FILE", requires = "quantize")]
@@ -155,15 +163,29 @@ fn run(cmd: Command) -> Result<()> {
             report_json,
             quantize,
             act_quant,
+            calibration,
+            calibrate,
             eval,
         } => {
             if print_ir_after_all {
                 print_after.push("*".into());
             }
+            use tcc_passes::Activations;
             use tcc_runtime::op::fused::ActQuant;
-            let quantize =
-                quantize.map(|_| if act_quant == "tensor" { ActQuant::DynamicTensor } else { ActQuant::DynamicRow });
-            let opts = BuildOptions { pipeline: passes, tokenizer, print_after, progress: true, quantize, eval };
+            let act = match (&calibration, act_quant.as_str()) {
+                (Some(_), _) => Activations::Static { tail: if calibrate == "percentile" { 1e-4 } else { 0.0 } },
+                (None, "tensor") => Activations::Dynamic(ActQuant::DynamicTensor),
+                (None, _) => Activations::Dynamic(ActQuant::DynamicRow),
+            };
+            let opts = BuildOptions {
+                pipeline: passes,
+                tokenizer,
+                print_after,
+                progress: true,
+                quantize: quantize.map(|_| act),
+                calibration,
+                eval,
+            };
             let report = driver::build(&model, &output, &opts)?;
             print_build_report(&report, &output);
             if let Some(p) = report_json {

@@ -18,6 +18,9 @@ pub enum Error {
     /// Evaluation failed (reference interpreter).
     #[error(transparent)]
     Runtime(#[from] tcc_runtime::Error),
+    /// Calibration (running the graph on the user's samples) failed or was not given.
+    #[error("calibration: {0}")]
+    Calibration(String),
 }
 
 impl Error {

@@ -23,8 +23,10 @@ pub mod tutorial;
 
 pub use fold::{DeadCode, FoldConstants};
 pub use fuse::{FuseAttention, FuseMatMul};
-pub use manager::{Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry};
-pub use quantize::{IntegerMatMul, QdqMatMul, QuantizeInt8};
+pub use manager::{
+    Calibrator, Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry, ValueStats,
+};
+pub use quantize::{Activations, IntegerMatMul, QdqMatMul, QuantizeInt8};
 
 /// The pipeline `tcc build` runs by default.
 pub const DEFAULT_PIPELINE: &str = "canon,recognize,integer-matmul,qdq-matmul,fuse-matmul,fuse-attention,dce";

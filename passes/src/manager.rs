@@ -22,11 +22,52 @@ pub enum PassError {
     },
 }
 
-/// What a pass may consult: the target CPU, statistics shared between passes.
-#[derive(Clone, Debug, Default)]
+/// What a pass may consult: the target CPU, the calibration data.
+#[derive(Clone, Default)]
 pub struct PassContext {
     /// Features of the CPU the artifact is built for (Cranelift names, `has_avx2`...).
     pub cpu_features: Vec<String>,
+    /// Runs the graph on the user's calibration samples (`tcc build --calibration`).
+    pub calibrator: Option<std::sync::Arc<dyn Calibrator>>,
+}
+
+impl std::fmt::Debug for PassContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassContext")
+            .field("cpu_features", &self.cpu_features)
+            .field("calibrator", &self.calibrator.as_ref().map(|_| "..."))
+            .finish()
+    }
+}
+
+/// What calibration saw of one value over all samples.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ValueStats {
+    pub min: f32,
+    pub max: f32,
+    /// Up to a few hundred thousand of its elements, sampled evenly (for percentiles).
+    pub sample: Vec<f32>,
+}
+
+impl ValueStats {
+    /// The range `[lo, hi]` that keeps the central `1 - 2 * tail` of the sampled values
+    /// (`tail = 0`: the whole observed range).
+    pub fn range(&self, tail: f64) -> (f32, f32) {
+        if tail <= 0.0 || self.sample.is_empty() {
+            return (self.min, self.max);
+        }
+        let mut v = self.sample.clone();
+        v.sort_by(f32::total_cmp);
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        (at(tail), at(1.0 - tail))
+    }
+}
+
+/// Runs a graph on calibration samples and reports what some of its values held: how passes
+/// see real activations (the driver implements it with the runtime, so calibrating a BERT
+/// takes the time of running it).
+pub trait Calibrator {
+    fn observe(&self, g: &Graph, values: &[tcc_ir::ValueId]) -> Result<Vec<ValueStats>, String>;
 }
 
 /// What a pass did.

@@ -24,9 +24,19 @@ use tcc_runtime::kernels;
 
 /// The `quantize-int8` pass.
 pub struct QuantizeInt8 {
-    pub act: ActQuant,
+    pub act: Activations,
     /// Also quantize embedding tables (per row).
     pub embeddings: bool,
+}
+
+/// How `quantize-int8` quantizes the products' activations.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activations {
+    /// At run time, from each row's or the tensor's range.
+    Dynamic(ActQuant),
+    /// With fixed parameters from the ranges calibration observed, each range the central
+    /// `1 - 2 * tail` of the values (`tail = 0`: min/max).
+    Static { tail: f64 },
 }
 
 /// Smallest table (elements) whose rows are stored in `s8`: vocabularies and positions, not
@@ -34,20 +44,32 @@ pub struct QuantizeInt8 {
 const MIN_EMBEDDING: usize = 1 << 14;
 
 impl QuantizeInt8 {
-    /// From pipeline options: `act=row|tensor`.
+    /// From pipeline options: `act=row|tensor|static`, `tail=F` (static: the share of values
+    /// clipped at each end of the observed ranges, e.g. `1e-4`; default 0, min/max).
     pub fn from_options(o: &BTreeMap<String, String>) -> Result<QuantizeInt8, String> {
-        let mut q = QuantizeInt8 { act: ActQuant::DynamicRow, embeddings: true };
+        let mut q = QuantizeInt8 { act: Activations::Dynamic(ActQuant::DynamicRow), embeddings: true };
+        let tail = match o.get("tail") {
+            None => 0.0,
+            Some(t) => match t.parse::<f64>() {
+                Ok(t) if (0.0..0.5).contains(&t) => t,
+                _ => return Err(format!("quantize-int8: tail={t}: expected a number in [0, 0.5)")),
+            },
+        };
         for (key, v) in o {
             match (key.as_str(), v.as_str()) {
-                ("act", "row") => q.act = ActQuant::DynamicRow,
-                ("act", "tensor") => q.act = ActQuant::DynamicTensor,
-                ("act", other) => return Err(format!("quantize-int8: act={other}: expected row or tensor")),
+                ("act", "row") => q.act = Activations::Dynamic(ActQuant::DynamicRow),
+                ("act", "tensor") => q.act = Activations::Dynamic(ActQuant::DynamicTensor),
+                ("act", "static") => q.act = Activations::Static { tail },
+                ("act", other) => return Err(format!("quantize-int8: act={other}: expected row, tensor or static")),
+                ("tail", _) => {}
                 ("embeddings", "true") => q.embeddings = true,
                 ("embeddings", "false") => q.embeddings = false,
                 ("embeddings", other) => {
                     return Err(format!("quantize-int8: embeddings={other}: expected true or false"))
                 }
-                (other, _) => return Err(format!("quantize-int8: unknown option `{other}` (known: act, embeddings)")),
+                (other, _) => {
+                    return Err(format!("quantize-int8: unknown option `{other}` (known: act, tail, embeddings)"))
+                }
             }
         }
         Ok(q)
@@ -59,14 +81,49 @@ impl Pass for QuantizeInt8 {
         "quantize-int8"
     }
 
-    fn run(&mut self, g: &mut Graph, _: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
+    fn run(&mut self, g: &mut Graph, cx: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
         let mut out = PassOutcome::default();
+        // Static activations: every product's input range, from one calibration run.
+        let mut ranges: HashMap<ValueId, (f32, f32)> = HashMap::new();
+        if let Activations::Static { tail } = self.act {
+            let calibrator = cx.calibrator.clone().ok_or_else(|| {
+                tcc_ir::Error::Calibration("quantize-int8{act=static} needs calibration samples (--calibration)".into())
+            })?;
+            let mut inputs: Vec<ValueId> = g
+                .nodes
+                .iter()
+                .filter(|n| matches!(&n.op, Op::FusedMatMul(f) if f.int8.is_none() && f.packed.is_some()))
+                .filter_map(|n| n.inputs.first().copied().flatten())
+                .collect();
+            inputs.sort();
+            inputs.dedup();
+            let stats = calibrator.observe(g, &inputs).map_err(tcc_ir::Error::Calibration)?;
+            for (v, s) in inputs.iter().zip(&stats) {
+                ranges.insert(*v, s.range(tail));
+            }
+            out.stat("calibrated_values", inputs.len() as i64);
+        }
         // Weights shared by several products are quantized once.
         let mut done: HashMap<ValueId, (ValueId, ValueId)> = HashMap::new();
         for n in 0..g.nodes.len() {
             let Op::FusedMatMul(f) = &g.nodes[n].op else { continue };
             let f = f.clone();
             let (None, Some([k, cols]), None) = (f.int8, f.packed, &f.b_perm) else { continue };
+            let act = match self.act {
+                Activations::Dynamic(a) => a,
+                Activations::Static { .. } => {
+                    let Some(&(lo, hi)) = g.nodes[n].inputs.first().copied().flatten().and_then(|a| ranges.get(&a))
+                    else {
+                        continue;
+                    };
+                    if !(lo.is_finite() && hi.is_finite()) {
+                        out.stat("kept_f32_no_range", 1);
+                        continue;
+                    }
+                    let (scale, zero_point) = tcc_runtime::op::dynamic_qparams(lo, hi);
+                    ActQuant::Static { scale, zero_point }
+                }
+            };
             let Some(Some(b)) = g.nodes[n].inputs.get(1).copied() else { continue };
             let Some(w) = g.const_of(b).filter(|t| t.dtype() == DType::F32) else { continue };
             if k > MAX_INT8_K || w.len() != f.packed_len(k, cols) {
@@ -97,7 +154,7 @@ impl Pass for QuantizeInt8 {
             let mut nf: FusedMatMul = f;
             nf.epilogue = epilogue;
             nf.extra += 1;
-            nf.int8 = Some(self.act);
+            nf.int8 = Some(act);
             let node = &mut g.nodes[n];
             node.op = nf.into();
             node.inputs[1] = Some(qb);

@@ -251,8 +251,10 @@ fn every_kernel_tier_on_real_models() {
 /// so a quantum is large): per sentence (cosine >= 0.998), not to 1e-4.
 #[test]
 fn int8_quantization_of_every_float_model() {
-    let opts =
-        driver::BuildOptions { quantize: Some(tcc_runtime::op::fused::ActQuant::DynamicRow), ..Default::default() };
+    let opts = driver::BuildOptions {
+        quantize: Some(tcc_passes::Activations::Dynamic(tcc_runtime::op::fused::ActQuant::DynamicRow)),
+        ..Default::default()
+    };
     for name in [
         "minilm_l6",
         "minilm_l6_opset11",
@@ -294,8 +296,10 @@ fn int8_quantization_of_every_float_model() {
 #[test]
 fn int8_on_every_kernel_tier() {
     use tcc_runtime::kernels::Tier;
-    let opts =
-        driver::BuildOptions { quantize: Some(tcc_runtime::op::fused::ActQuant::DynamicRow), ..Default::default() };
+    let opts = driver::BuildOptions {
+        quantize: Some(tcc_passes::Activations::Dynamic(tcc_runtime::op::fused::ActQuant::DynamicRow)),
+        ..Default::default()
+    };
     for name in ["minilm_l6", "tinybert_4l_312"] {
         let f = fixtures().model(name);
         let dir = scratch(&format!("int8-tiers-{name}"));
@@ -326,8 +330,10 @@ fn one_model_from_many_threads_is_bit_identical() {
     let f = fixtures().model("minilm_l6");
     let (dir, art) = artifact("minilm_l6", "threads");
     let int8 = dir.join("int8.tcc");
-    let opts =
-        driver::BuildOptions { quantize: Some(tcc_runtime::op::fused::ActQuant::DynamicRow), ..Default::default() };
+    let opts = driver::BuildOptions {
+        quantize: Some(tcc_passes::Activations::Dynamic(tcc_runtime::op::fused::ActQuant::DynamicRow)),
+        ..Default::default()
+    };
     driver::build(&f.path, &int8, &opts).unwrap();
     for art in [&art, &int8] {
         many_threads(&Model::load(art).unwrap(), f);

@@ -27,7 +27,7 @@ pub(crate) use gather::resolve as resolve_index;
 pub use gather::{Gather, GatherElements, GatherND};
 pub use linalg::MatMul;
 pub use nn::{gelu, Gelu, GeluApprox, LayerNorm, Softmax};
-pub use quant::{DequantizeLinear, DynamicQuantizeLinear, FakeQuant, MatMulInteger, QuantizeLinear};
+pub use quant::{dynamic_qparams, DequantizeLinear, DynamicQuantizeLinear, FakeQuant, MatMulInteger, QuantizeLinear};
 pub use reduce::{CumSum, Reduce, ReduceKind};
 pub use shape::{
     Concat, ConstantOfShape, DimValue, Expand, Flatten, Range, Reshape, Shape, Size, Slice, Split, Squeeze, Tile,
