@@ -95,17 +95,20 @@ pub fn colsums(k: usize, n: usize, packed: &[i8]) -> Vec<i32> {
 }
 
 /// Per-row activation quantization parameters and the weights' column sums of an integer
-/// product with `f32` output: `C[i, j] = ((A.B)[i, j] - zero[i] * colsum[j]) as f32 * scale[i]`.
+/// product with `f32` output: `C[i, j] = ((A.B)[i, j] - zero[i] * colsum[j]) as f32 * scale[i]`,
+/// then `* colscale[j]` when `colscale` is not null (the weights' scales, the epilogue's first
+/// instruction done in the same pass: the same operations in the same order).
 #[derive(Clone, Copy)]
 pub struct Dequant {
     pub scale: *const f32,
     pub zero: *const i32,
     pub colsum: *const i32,
+    pub colscale: *const f32,
 }
 
 /// [`gemm_u8s8_panels`] into `f32`: each tile of up to 12 rows by one panel is summed in
-/// `i32` in `c` itself, dequantized there ([`Dequant`]), then handed to `epilogue(row, rows,
-/// col, cols)` while it is in L1.
+/// `i32` registers and stored dequantized ([`Dequant`]); each panel's rows are then handed to
+/// `epilogue(row, rows, col, cols)` while they are in L1.
 ///
 /// # Safety
 /// As [`gemm_u8s8_panels`] with `c` holding `f32`; `dq.scale` and `dq.zero` hold `m`
@@ -147,6 +150,7 @@ pub unsafe fn gemm_u8s8_f32_panels(
                 scale: dq.scale.wrapping_add(i),
                 zero: dq.zero.wrapping_add(i),
                 colsum: dq.colsum.wrapping_add(p * NR),
+                colscale: if dq.colscale.is_null() { dq.colscale } else { dq.colscale.wrapping_add(p * NR) },
             };
             // SAFETY: the caller's contract, as in `gemm_u8s8_panels`; the dequantization
             // reads rows i..i+rows of the parameters and this panel's columns of the sums; a
@@ -164,9 +168,10 @@ pub unsafe fn gemm_u8s8_f32_panels(
                     pf,
                 )
             };
-            epilogue(i, rows, p * NR, cols);
             i += rows;
         }
+        // The panel's rows are in L1 (m x 32 floats): one epilogue call for all of them.
+        epilogue(0, m, p * NR, cols);
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (m, groups, a, lda, packed, c, ldc, n, p0, p1, dq, epilogue);
@@ -400,16 +405,22 @@ mod vnni512 {
                         _mm512_maskz_loadu_epi32(masks[0], dq.colsum),
                         _mm512_maskz_loadu_epi32(masks[1], dq.colsum.add(16)),
                     ];
+                    // One for the product's plain scales (no column scales): x * 1 is x.
+                    let colscale = if dq.colscale.is_null() {
+                        [_mm512_set1_ps(1.0); 2]
+                    } else {
+                        [
+                            _mm512_maskz_loadu_ps(masks[0], dq.colscale),
+                            _mm512_maskz_loadu_ps(masks[1], dq.colscale.add(16)),
+                        ]
+                    };
                     for (r, acc) in acc.iter().enumerate() {
                         let (s, z) = (_mm512_set1_ps(*dq.scale.add(r)), _mm512_set1_epi32(*dq.zero.add(r)));
                         for (h, &mask) in masks.iter().enumerate() {
                             if mask != 0 {
                                 let v = _mm512_sub_epi32(acc[h], _mm512_mullo_epi32(z, sums[h]));
-                                _mm512_mask_storeu_ps(
-                                    c.add(r * ldc + 16 * h),
-                                    mask,
-                                    _mm512_mul_ps(_mm512_cvtepi32_ps(v), s),
-                                );
+                                let f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), colscale[h]);
+                                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * h), mask, f);
                             }
                         }
                     }
