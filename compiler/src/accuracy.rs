@@ -93,6 +93,20 @@ impl tcc_passes::Calibrator for RuntimeCalibrator {
     }
 }
 
+/// The prefix of the extra outputs that probe compressed products inside the model.
+pub const PROBE: &str = "probe:";
+
+/// How far one compressed product's output is from the f32 build's, over all samples:
+/// `|int8 - f32| / |f32|` (Euclidean norms over every element of every sample). Errors add up
+/// down the layers; where one jumps, that product costs accuracy.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct LayerError {
+    pub product: String,
+    pub rel_error: f64,
+    /// This product's error minus the largest of the products before it.
+    pub added: f64,
+}
+
 /// Agreement of one output over the samples.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct OutputAccuracy {
@@ -113,6 +127,19 @@ pub struct AccuracyReport {
     pub data: String,
     pub samples: usize,
     pub outputs: Vec<OutputAccuracy>,
+    /// Every compressed product, in graph order.
+    #[serde(default)]
+    pub layers: Vec<LayerError>,
+}
+
+impl AccuracyReport {
+    /// The `n` products that add the most error.
+    pub fn worst_layers(&self, n: usize) -> Vec<&LayerError> {
+        let mut v: Vec<&LayerError> = self.layers.iter().collect();
+        v.sort_by(|a, b| b.added.total_cmp(&a.added));
+        v.truncate(n);
+        v
+    }
 }
 
 fn cosine(a: &[f64], b: &[f64]) -> f64 {
@@ -175,11 +202,23 @@ pub fn compare(
         max_ref: f64,
     }
     let mut accs: Vec<(String, Acc)> = Vec::new();
+    // Per probe: sum of squared differences and of squared reference values.
+    let mut probes: Vec<(String, f64, f64)> = Vec::new();
     for s in samples {
         let (want, got) = (reference.run(&s.inputs)?, candidate.run(&s.inputs)?);
         let mask = s.inputs.iter().find(|(n, _)| n.to_ascii_lowercase().contains("mask")).map(|(_, t)| t);
         for ((name, w), (_, g)) in want.iter().zip(&got) {
             if w.dtype() != DType::F32 || g.shape() != w.shape() {
+                continue;
+            }
+            if let Some(product) = name.strip_prefix(PROBE) {
+                let (ws, gs) = (w.as_slice::<f32>()?, g.as_slice::<f32>()?);
+                let d: f64 = ws.iter().zip(gs).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+                let r: f64 = ws.iter().map(|x| (*x as f64).powi(2)).sum();
+                match probes.iter_mut().find(|p| p.0 == product) {
+                    Some(p) => (p.1, p.2) = (p.1 + d, p.2 + r),
+                    None => probes.push((product.to_string(), d, r)),
+                }
                 continue;
             }
             let (Some((wv, pooled)), Some((gv, _))) = (vectors(w, mask), vectors(g, mask)) else { continue };
@@ -209,9 +248,20 @@ pub fn compare(
         }
         pb.inc(1);
     }
+    let mut worst = 0f64;
+    let layers = probes
+        .into_iter()
+        .map(|(product, d, r)| {
+            let rel_error = (d / r.max(f64::MIN_POSITIVE)).sqrt();
+            let added = rel_error - worst;
+            worst = worst.max(rel_error);
+            LayerError { product, rel_error, added }
+        })
+        .collect();
     Ok(AccuracyReport {
         data: data.to_string(),
         samples: samples.len(),
+        layers,
         outputs: accs
             .into_iter()
             .map(|(output, a)| OutputAccuracy {

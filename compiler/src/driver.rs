@@ -6,7 +6,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tcc_ir::{analysis, Def, Graph, ValueId};
+use tcc_ir::{analysis, Def, Graph, Op, ValueId};
 use tcc_passes::{PassContext, PassManager, PassReport, Pipeline, Registry};
 use tcc_runtime::artifact::{self, ArtifactContents};
 use tcc_runtime::plan::{Constant, Input, Output, Plan, Step};
@@ -294,14 +294,35 @@ pub fn in_memory_model(
 /// Loads the `f32` graph and the compressed plan as models and compares them on `data`.
 fn evaluate(
     reference: &Graph,
-    (plan, weights): (&Plan, &[(String, Tensor)]),
+    candidate: &Graph,
     tokenizer: Option<&[u8]>,
     data: &Path,
     progress: bool,
 ) -> Result<crate::accuracy::AccuracyReport, BuildError> {
-    let (rplan, rweights) = lower(reference)?;
+    // Each compressed product's output, probed in both builds (found by name): where the
+    // error enters.
+    let mut probes = Vec::new();
+    let (mut rg, mut cg) = (reference.clone(), candidate.clone());
+    let computed: std::collections::HashMap<&str, ValueId> =
+        reference.nodes.iter().flat_map(|n| &n.outputs).map(|&v| (reference.value(v).name.as_str(), v)).collect();
+    for node in &candidate.nodes {
+        let (Op::FusedMatMul(f), Some(&v)) = (&node.op, node.outputs.first()) else { continue };
+        if f.int8.is_none() {
+            continue;
+        }
+        let name = candidate.value(v).name.clone();
+        let Some(&rv) = computed.get(name.as_str()) else { continue };
+        if reference.fact(rv).shape != candidate.fact(v).shape {
+            continue;
+        }
+        let probe = format!("{}{name}", crate::accuracy::PROBE);
+        rg.add_output(probe.clone(), rv);
+        cg.add_output(probe.clone(), v);
+        probes.push(probe);
+    }
+    let ((rplan, rweights), (cplan, cweights)) = (lower(&rg.compact())?, lower(&cg.compact())?);
     let (reference, candidate) =
-        (in_memory_model(&rplan, &rweights, tokenizer)?, in_memory_model(plan, weights, tokenizer)?);
+        (in_memory_model(&rplan, &rweights, tokenizer)?, in_memory_model(&cplan, &cweights, tokenizer)?);
     let samples = crate::accuracy::samples(data, &candidate).map_err(BuildError::Eval)?;
     let pb = if progress { ProgressBar::new(samples.len() as u64) } else { ProgressBar::hidden() };
     pb.set_style(
@@ -337,18 +358,20 @@ pub fn build_with(
             Some(bytes)
         }
     };
-    let (g, f32_graph, mut report) = compile_stages(source, opts, registry, &pb, opts.eval.is_some())?;
+    // Accuracy on the held-out samples, else on the calibration samples.
+    let eval = opts.eval.as_ref().or(opts.calibration.as_ref().filter(|_| opts.quantize.is_some()));
+    let (g, f32_graph, mut report) = compile_stages(source, opts, registry, &pb, eval.is_some())?;
     pb.set_message("lowering");
     let t1 = Instant::now();
     let (plan, weights) = lower(&g)?;
     report.lower_ms = t1.elapsed().as_secs_f64() * 1e3;
     report.tokenizer = tokenizer.is_some();
-    if let Some(data) = &opts.eval {
+    if let Some(data) = eval {
         let reference = match &f32_graph {
             Some(f) => f,
             None => return Err(BuildError::Eval("--eval measures a compressed build: give --quantize".into())),
         };
-        report.accuracy = Some(evaluate(reference, (&plan, &weights), tokenizer.as_deref(), data, opts.progress)?);
+        report.accuracy = Some(evaluate(reference, &g, tokenizer.as_deref(), data, opts.progress)?);
     }
     pb.set_message(format!("writing {}", out.display()));
     let t2 = Instant::now();

@@ -445,6 +445,12 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
                 o.max_rel_error
             );
         }
+        if !a.layers.is_empty() {
+            out!("  where the error enters ({} compressed products; relative error of each output, added over the products before):", a.layers.len());
+            for l in a.worst_layers(3) {
+                out!("    {:>9.2e} (+{:.2e})  {}", l.rel_error, l.added, l.product);
+            }
+        }
     }
 }
 

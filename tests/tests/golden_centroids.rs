@@ -164,6 +164,11 @@ fn int8_minilm_keeps_the_embeddings_and_the_task() {
     assert!(acc8 >= acc32 - 0.01, "accuracy {acc8} vs fp32 {acc32}");
     let acc = report.accuracy.expect("--eval gives an accuracy report");
     assert_eq!(acc.samples, 217);
+    // Every integer product's error is measured; errors grow down the layers.
+    assert_eq!(acc.layers.len(), 36);
+    assert!(acc.layers.iter().all(|l| l.rel_error > 0.0 && l.rel_error < 0.2), "{:?}", acc.layers);
+    assert!(acc.layers.last().unwrap().rel_error > acc.layers[0].rel_error);
+    assert_eq!(acc.worst_layers(3).len(), 3);
     let o = &acc.outputs[0];
     assert_eq!(o.compared, "sentence embedding");
     assert!((o.mean_cosine - mean).abs() < 2e-3 && (o.min_cosine - min).abs() < 5e-3, "{o:?} vs {mean} {min}");
