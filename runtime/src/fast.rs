@@ -564,9 +564,37 @@ impl Fast {
         }
         let xs = a.as_slice::<f32>().ok()?;
         let rows = xs.len() / k.max(1);
-        let mut q = vec![0u8; rows * k];
-        let (scales, zeros) = act.quantize(xs, rows, k, &mut q, k);
-        let centered: Vec<f32> = q.iter().enumerate().map(|(i, &v)| (v as i32 - zeros[i / k.max(1)]) as f32).collect();
+        let range = |x: &[f32]| x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        let whole = match act {
+            fused::ActQuant::DynamicRow => None,
+            fused::ActQuant::DynamicTensor => {
+                let (l, h) = range(xs);
+                Some(crate::op::dynamic_qparams(l, h))
+            }
+            fused::ActQuant::Static { scale, zero_point } => Some((scale, zero_point)),
+        };
+        let divide = matches!(act, fused::ActQuant::Static { .. });
+        let mut centered = Uninit::new(rows * k);
+        let mut scales = vec![0f32; rows];
+        let (cp, sp) = (SendPtr(centered.ptr()), scales.as_mut_ptr() as usize);
+        let chunk = (1 << 14) / k.max(1) + 1;
+        pool::global().run(rows.div_ceil(chunk), &|t| {
+            for r in t * chunk..((t + 1) * chunk).min(rows) {
+                let x = &xs[r * k..(r + 1) * k];
+                let (s, z) = whole.unwrap_or_else(|| {
+                    let (l, h) = range(x);
+                    crate::op::dynamic_qparams(l, h)
+                });
+                // SAFETY: row r of the buffer (k floats) and scale r are this task's alone.
+                unsafe {
+                    let out = std::slice::from_raw_parts_mut(cp.get().add(r * k), k);
+                    centered_row(x, out, s, z, divide);
+                    *(sp as *mut f32).add(r) = s;
+                }
+            }
+        });
+        // SAFETY: every row was written.
+        let centered = unsafe { centered.assume_init() };
         let mut scale_shape = a.shape().to_vec();
         *scale_shape.last_mut()? = 1;
         let (centered, scales) = match (Tensor::new(a.shape().to_vec(), centered), Tensor::new(scale_shape, scales)) {
@@ -1241,6 +1269,32 @@ impl Product<'_> {
         // every panel lie within them.
         unsafe { plain(&args) };
     }
+}
+
+/// `q - zero` (as f32) of one row quantized to `u8` as [`fused::ActQuant::quantize`] does:
+/// `round_half_even(clamp(x / scale or x * (1 / scale), -zero, 255 - zero))`, NaN giving 0.
+/// With AVX2 the loop runs eight lanes at a time (the same operations, so the same values).
+fn centered_row(x: &[f32], out: &mut [f32], s: f32, z: u8, divide: bool) {
+    #[inline(always)]
+    fn body(x: &[f32], out: &mut [f32], s: f32, z: u8, divide: bool) {
+        let (inv, lo, hi) = (1.0 / s, -(z as f32), 255.0 - z as f32);
+        for (o, &v) in out.iter_mut().zip(x) {
+            let t = if divide { v / s } else { v * inv };
+            let t = if t.is_nan() { 0.0 } else { t.clamp(lo, hi) };
+            *o = t.round_ties_even();
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn avx2(x: &[f32], out: &mut [f32], s: f32, z: u8, divide: bool) {
+        body(x, out, s, z, divide)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { avx2(x, out, s, z, divide) };
+    }
+    body(x, out, s, z, divide)
 }
 
 /// An epilogue that starts by scaling the product by an extra input, `[Acc, Input(j),
