@@ -521,4 +521,119 @@ mod tests {
         }
         assert_eq!(Epilogue::default().scale_first(0).0.len(), 3);
     }
+
+    use tcc_ir::op::{Binary, Cast, DequantizeLinear, DynamicQuantizeLinear, FakeQuant, MatMul, MatMulInteger};
+    use tcc_ir::{interp, Fact};
+
+    fn x_input(g: &mut Graph) -> ValueId {
+        g.add_input("x", Fact::new(DType::F32, vec![2usize.into(), 3usize.into(), 8usize.into()]))
+    }
+
+    fn inputs() -> Vec<(String, Tensor)> {
+        let v: Vec<f32> = (0..48).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
+        vec![("x".into(), Tensor::new(vec![2, 3, 8], v).unwrap())]
+    }
+
+    /// onnxruntime's dynamic chain over `w` (with zero point `wz`); `extra_user` gives the
+    /// `Cast` a second reader.
+    fn dynamic_graph(w: Tensor, wz: Tensor, extra_user: bool) -> Graph {
+        let mut g = Graph::new("dynamic");
+        let x = x_input(&mut g);
+        let d = g.add_node(DynamicQuantizeLinear {}, vec![Some(x)], "dq").unwrap();
+        let (w, wz) = (g.add_const("w", w), g.add_const("wz", wz));
+        let ws = g.add_const("ws", Tensor::scalar(0.02f32));
+        let mm = g.add_node(MatMulInteger {}, vec![Some(d[0]), Some(w), Some(d[2]), Some(wz)], "mm").unwrap()[0];
+        let c = g.add1(Cast { to: DType::F32 }, &[mm], "cast").unwrap();
+        let s = g.add1(Binary::new(BinaryKind::Mul), &[d[1], ws], "scale").unwrap();
+        let y = g.add1(Binary::new(BinaryKind::Mul), &[c, s], "y").unwrap();
+        g.add_output("y", y);
+        if extra_user {
+            g.add_output("raw", c);
+        }
+        g
+    }
+
+    fn run_passes(g: &mut Graph, pass: &mut dyn Pass) -> PassOutcome {
+        let out = pass.run(g, &mut PassContext::default()).unwrap();
+        crate::FuseMatMul.run(g, &mut PassContext::default()).unwrap();
+        tcc_ir::verify(g).unwrap();
+        out
+    }
+
+    fn integer_products(g: &Graph) -> usize {
+        g.nodes.iter().filter(|n| matches!(&n.op, Op::FusedMatMul(f) if f.int8.is_some())).count()
+    }
+
+    fn close(a: &[(String, Tensor)], b: &[(String, Tensor)], tol: f32) {
+        let (x, y) = (a[0].1.as_slice::<f32>().unwrap(), b[0].1.as_slice::<f32>().unwrap());
+        let scale = y.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        for (p, q) in x.iter().zip(y) {
+            assert!((p - q).abs() <= tol * scale, "{p} vs {q}");
+        }
+    }
+
+    #[test]
+    fn integer_matmul_keeps_the_model_s_quantization() {
+        let w: Vec<i8> = (0..40).map(|i| ((i * 53 % 241) as i32 - 120) as i8).collect();
+        let mut g = dynamic_graph(Tensor::new(vec![8, 5], w.clone()).unwrap(), Tensor::scalar(3i8), false);
+        let want = interp::run(&g, &inputs()).unwrap();
+        let out = run_passes(&mut g, &mut IntegerMatMul);
+        assert_eq!(out.stats["integer_products"], 1);
+        assert_eq!(integer_products(&g), 1);
+        assert!(!g.nodes.iter().any(|n| matches!(n.op, Op::MatMulInteger(_) | Op::DynamicQuantizeLinear(_))));
+        // The same integers, scales and zero points: float rounding apart, the same values.
+        close(&interp::run(&g, &inputs()).unwrap(), &want, 1e-5);
+    }
+
+    #[test]
+    fn integer_matmul_leaves_near_misses_alone() {
+        // Weights whose shift by the zero point leaves s8 (u8 weights with zero point 0).
+        let w = Tensor::new(vec![8, 5], (0..40).map(|i| (i * 6) as u8).collect::<Vec<u8>>()).unwrap();
+        let mut g = dynamic_graph(w, Tensor::scalar(0u8), false);
+        assert!(!IntegerMatMul.run(&mut g, &mut PassContext::default()).unwrap().changed);
+        // The integer product read by something else than the scale.
+        let w = Tensor::new(vec![8, 5], vec![1i8; 40]).unwrap();
+        let mut g = dynamic_graph(w, Tensor::scalar(0i8), true);
+        assert!(!IntegerMatMul.run(&mut g, &mut PassContext::default()).unwrap().changed);
+    }
+
+    /// A QDQ product: `MatMul(FakeQuant(x), DequantizeLinear(w, scale, zero, axis))`.
+    fn qdq_graph(fq: FakeQuant, scale: Tensor, axis: i64) -> Graph {
+        let mut g = Graph::new("qdq");
+        let x = x_input(&mut g);
+        let a = g.add1(fq, &[x], "fq").unwrap();
+        let w = g.add_const(
+            "w",
+            Tensor::new(vec![8, 5], (0..40).map(|i| ((i * 29 % 200) as i32 - 100) as i8).collect::<Vec<i8>>()).unwrap(),
+        );
+        let s = g.add_const("s", scale);
+        let b = g.add1(DequantizeLinear { axis }, &[w, s], "dqw").unwrap();
+        let y = g.add1(MatMul {}, &[a, b], "y").unwrap();
+        g.add_output("y", y);
+        g
+    }
+
+    #[test]
+    fn qdq_matmul_quantizes_statically_with_the_model_s_parameters() {
+        let per_column = Tensor::new(vec![5], vec![0.01f32, 0.02, 0.015, 0.03, 0.005]).unwrap();
+        for fq in [
+            FakeQuant { scale: 0.013, zero_point: 120, lo: 0, hi: 255 },
+            FakeQuant { scale: 0.011, zero_point: -5, lo: -128, hi: 127 },
+        ] {
+            let mut g = qdq_graph(fq, per_column.clone(), 1);
+            let want = interp::run(&g, &inputs()).unwrap();
+            let out = run_passes(&mut g, &mut QdqMatMul);
+            assert_eq!(out.stats["integer_products"], 1, "{fq:?}");
+            let static_act = g.nodes.iter().any(|n| {
+                matches!(&n.op, Op::FusedMatMul(f) if matches!(f.int8, Some(ActQuant::Static { scale, .. }) if scale == fq.scale))
+            });
+            assert!(static_act, "{fq:?}");
+            // Exact integer sums instead of float ones: the same values to float rounding.
+            close(&interp::run(&g, &inputs()).unwrap(), &want, 1e-5);
+        }
+        // Per-row weight scales (axis 0) cannot move after the product: left alone.
+        let per_row = Tensor::new(vec![8], vec![0.01f32; 8]).unwrap();
+        let mut g = qdq_graph(FakeQuant { scale: 0.013, zero_point: 120, lo: 0, hi: 255 }, per_row, 0);
+        assert!(!QdqMatMul.run(&mut g, &mut PassContext::default()).unwrap().changed);
+    }
 }
