@@ -574,7 +574,7 @@ mod tests {
 
     #[test]
     fn integer_matmul_keeps_the_model_s_quantization() {
-        let w: Vec<i8> = (0..40).map(|i| ((i * 53 % 241) as i32 - 120) as i8).collect();
+        let w: Vec<i8> = (0..40).map(|i| (i * 53 % 241 - 120) as i8).collect();
         let mut g = dynamic_graph(Tensor::new(vec![8, 5], w.clone()).unwrap(), Tensor::scalar(3i8), false);
         let want = interp::run(&g, &inputs()).unwrap();
         let out = run_passes(&mut g, &mut IntegerMatMul);
@@ -604,7 +604,7 @@ mod tests {
         let a = g.add1(fq, &[x], "fq").unwrap();
         let w = g.add_const(
             "w",
-            Tensor::new(vec![8, 5], (0..40).map(|i| ((i * 29 % 200) as i32 - 100) as i8).collect::<Vec<i8>>()).unwrap(),
+            Tensor::new(vec![8, 5], (0..40).map(|i| (i * 29 % 200 - 100) as i8).collect::<Vec<i8>>()).unwrap(),
         );
         let s = g.add_const("s", scale);
         let b = g.add1(DequantizeLinear { axis }, &[w, s], "dqw").unwrap();
