@@ -78,8 +78,10 @@ impl tcc_passes::Calibrator for RuntimeCalibrator {
         let per_sample = (SAMPLE / samples.len().max(1)).max(1);
         for s in &samples {
             let outs = model.run(&s.inputs).map_err(|e| e.to_string())?;
-            for (st, name) in stats.iter_mut().zip(&names) {
-                let Some((_, t)) = outs.iter().find(|(n, _)| n == name) else { continue };
+            // The observed values are the last outputs (by position: a model's own output may
+            // have any name).
+            let observed = &outs[outs.len().saturating_sub(names.len())..];
+            for (st, (_, t)) in stats.iter_mut().zip(observed) {
                 let v = t.as_slice::<f32>().map_err(|e| e.to_string())?;
                 for &x in v.iter().filter(|x| !x.is_nan()) {
                     st.min = st.min.min(x);
@@ -92,9 +94,6 @@ impl tcc_passes::Calibrator for RuntimeCalibrator {
         Ok(stats)
     }
 }
-
-/// The prefix of the extra outputs that probe compressed products inside the model.
-pub const PROBE: &str = "probe:";
 
 /// How far one compressed product's output is from the f32 build's, over all samples:
 /// `|int8 - f32| / |f32|` (Euclidean norms over every element of every sample). Errors add up
@@ -185,11 +184,14 @@ fn vectors(t: &Tensor, mask: Option<&Tensor>) -> Option<(Vec<Vec<f64>>, bool)> {
     Some(((0..batch).map(|b| v[b * per..(b + 1) * per].iter().map(|&x| x as f64).collect()).collect(), false))
 }
 
-/// Runs `reference` and `candidate` on every sample and compares their `f32` outputs.
+/// Runs `reference` and `candidate` on every sample and compares their `f32` outputs; the
+/// last `probes.len()` outputs of both are the compressed products' outputs, named by
+/// `probes`.
 pub fn compare(
     reference: &Model,
     candidate: &Model,
     samples: &[Sample],
+    probes: &[String],
     data: &str,
     pb: &indicatif::ProgressBar,
 ) -> Result<AccuracyReport, tcc_runtime::Error> {
@@ -203,21 +205,23 @@ pub fn compare(
     }
     let mut accs: Vec<(String, Acc)> = Vec::new();
     // Per probe: sum of squared differences and of squared reference values.
-    let mut probes: Vec<(String, f64, f64)> = Vec::new();
+    let mut errors: Vec<(String, f64, f64)> = Vec::new();
     for s in samples {
         let (want, got) = (reference.run(&s.inputs)?, candidate.run(&s.inputs)?);
         let mask = s.inputs.iter().find(|(n, _)| n.to_ascii_lowercase().contains("mask")).map(|(_, t)| t);
-        for ((name, w), (_, g)) in want.iter().zip(&got) {
+        let outputs = want.len().min(got.len()).saturating_sub(probes.len());
+        for (i, ((name, w), (_, g))) in want.iter().zip(&got).enumerate() {
             if w.dtype() != DType::F32 || g.shape() != w.shape() {
                 continue;
             }
-            if let Some(product) = name.strip_prefix(PROBE) {
+            if i >= outputs {
+                let product = &probes[i - outputs];
                 let (ws, gs) = (w.as_slice::<f32>()?, g.as_slice::<f32>()?);
                 let d: f64 = ws.iter().zip(gs).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
                 let r: f64 = ws.iter().map(|x| (*x as f64).powi(2)).sum();
-                match probes.iter_mut().find(|p| p.0 == product) {
+                match errors.iter_mut().find(|p| &p.0 == product) {
                     Some(p) => (p.1, p.2) = (p.1 + d, p.2 + r),
-                    None => probes.push((product.to_string(), d, r)),
+                    None => errors.push((product.clone(), d, r)),
                 }
                 continue;
             }
@@ -249,7 +253,7 @@ pub fn compare(
         pb.inc(1);
     }
     let mut worst = 0f64;
-    let layers = probes
+    let layers = errors
         .into_iter()
         .map(|(product, d, r)| {
             let rel_error = (d / r.max(f64::MIN_POSITIVE)).sqrt();

@@ -315,10 +315,10 @@ fn evaluate(
         if reference.fact(rv).shape != candidate.fact(v).shape {
             continue;
         }
-        let probe = format!("{}{name}", crate::accuracy::PROBE);
-        rg.add_output(probe.clone(), rv);
-        cg.add_output(probe.clone(), v);
-        probes.push(probe);
+        // Read back by position (the last outputs), whatever the model's own outputs are named.
+        rg.add_output(format!("probe {name}"), rv);
+        cg.add_output(format!("probe {name}"), v);
+        probes.push(name);
     }
     let ((rplan, rweights), (cplan, cweights)) = (lower(&rg.compact())?, lower(&cg.compact())?);
     let (reference, candidate) =
@@ -329,7 +329,7 @@ fn evaluate(
         ProgressStyle::with_template("{bar:30} {pos}/{len} samples: comparing with the f32 build ({elapsed})")
             .expect("valid template"),
     );
-    let r = crate::accuracy::compare(&reference, &candidate, &samples, &data.display().to_string(), &pb)?;
+    let r = crate::accuracy::compare(&reference, &candidate, &samples, &probes, &data.display().to_string(), &pb)?;
     pb.finish_and_clear();
     Ok(r)
 }

@@ -89,6 +89,36 @@ fn build_run_inspect_a_real_model() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `tcc build --quantize int8` as a user runs it: the report names the products and the
+/// accuracy against f32 on the user's sentences (from `--eval`, else from `--calibration`),
+/// `inspect` shows no f32 product left, and the mistakes get one-line errors.
+#[test]
+fn quantize_int8_with_an_accuracy_report() {
+    let f = fixtures();
+    let m = f.model("minilm_l6");
+    let dir = scratch("cli-int8");
+    let (art, sentences) = (dir.join("int8.tcc"), dir.join("sentences.txt"));
+    std::fs::write(&sentences, f.sentences.join("\n")).unwrap();
+    let base = ["build", s(&m.path), "-o", s(&art), "--tokenizer", s(&f.tokenizer), "--quantize", "int8"];
+    let report = ok(&[&base[..], &["--eval", s(&sentences)]].concat());
+    assert!(report.contains("quantize-int8") && report.contains("quantized=36"), "{report}");
+    assert!(report.contains("accuracy against the f32 build") && report.contains("sentence embedding"), "{report}");
+    assert!(report.contains("where the error enters"), "{report}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&art), "--json"])).unwrap();
+    assert_eq!(v["op_counts"]["FusedMatMul"], 36, "{}", v["op_counts"]);
+    let text = ok(&["run", s(&art), "--text", "how do I renew my policy?"]);
+    assert!(text.starts_with("last_hidden_state: f32[1, 9, 384] ["), "{text}");
+    // Static activations: the report comes from the calibration sentences.
+    let report = ok(&[&base[..], &["--calibration", s(&sentences)]].concat());
+    assert!(report.contains("calibrated_values=24") && report.contains("accuracy against the f32 build"), "{report}");
+    // Mistakes.
+    let err = fails(&["build", s(&m.path), "-o", s(&art), "--quantize", "int8", "--eval", s(&sentences)]);
+    assert!(err.contains("tokenizer"), "{err}");
+    let err = fails(&[&base[..], &["--eval", s(&dir.join("missing.txt"))]].concat());
+    assert!(err.contains("missing.txt"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn write_model(path: &Path, nodes: Vec<proto::NodeProto>, opset: i64) {
     let f32_input = |name: &str| proto::ValueInfoProto {
         name: Some(name.into()),

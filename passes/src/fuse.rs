@@ -281,6 +281,15 @@ fn fuse_one(
         }
         reg.insert(cand.outputs[0], prog.len() - 1);
     }
+    // An integer product's epilogue runs on the AVX-512 tile executor, which takes programs of
+    // at most `MAX_PROGRAM` instructions: a longer region stays unfused.
+    #[cfg(target_arch = "x86_64")]
+    if settled && prog.len() > kernels::avx512_vec::MAX_PROGRAM {
+        region.clear();
+        inputs.truncate(2);
+        f.fused.clear();
+        stats.push(("kept_long_epilogue", 1));
+    }
     if !region.is_empty() {
         f.extra = inputs.len() - 2;
         f.epilogue = Epilogue(prog);

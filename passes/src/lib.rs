@@ -12,7 +12,9 @@
 //! Architecture invariants:
 //! - a pass leaves a graph that passes [`tcc_ir::verify`] (the manager checks);
 //! - passes never change what a graph computes beyond float rounding, except passes whose
-//!   documentation says they approximate (`quantize-int8`), which report what they changed.
+//!   documentation says they approximate, which report what they changed: `quantize-int8`
+//!   (the quantization error) and `integer-matmul` (activations quantized by the reciprocal
+//!   of the scale, which can move a value on a rounding midpoint by one quantum).
 
 pub mod eqsat;
 mod fold;

@@ -182,7 +182,7 @@ impl Registry {
         );
         r.register(
             "quantize-int8",
-            "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time (options: act=row|tensor)",
+            "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time per row or tensor, or static from calibration; embedding tables s8 (options: act=row|tensor|static, tail=F, embeddings=true|false)",
             |o| Ok(Box::new(crate::QuantizeInt8::from_options(o)?)),
         );
         r.alias("canon", "fold,dce");

@@ -121,6 +121,10 @@ impl Pass for QuantizeInt8 {
                         continue;
                     }
                     let (scale, zero_point) = tcc_runtime::op::dynamic_qparams(lo, hi);
+                    if !(scale.is_finite() && scale > 0.0) {
+                        out.stat("kept_f32_no_range", 1);
+                        continue;
+                    }
                     ActQuant::Static { scale, zero_point }
                 }
             };
@@ -478,6 +482,12 @@ fn match_qdq(g: &Graph, n: usize, producers: &HashMap<ValueId, (usize, usize)>) 
         return None;
     }
     let wz = dq.inputs.get(2).copied().flatten();
+    // A zero point has the scale's shape (the reference refuses anything else).
+    if let Some(z) = wz {
+        if g.fact(z).shape != g.fact(w_scale).shape {
+            return None;
+        }
+    }
     let shifted = shifted_weights(g, w, wz, cols)?;
     Some(Integer {
         x,

@@ -76,10 +76,10 @@ pub struct Fast {
     int8: HashMap<usize, Int8Weights>,
     /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, by the address of
     /// the weight tensor's data.
-    colsums: HashMap<usize, Vec<i32>>,
+    colsums: HashMap<usize, (Tensor, Vec<i32>)>,
     /// Without VNNI: the `s8` weights of integer `FusedMatMul`s as f32 panels (exact integers),
     /// by the address of the weight tensor's data.
-    f32_weights: HashMap<usize, Tensor>,
+    f32_weights: HashMap<usize, (Tensor, Tensor)>,
     /// The last activations an integer product quantized (Q, K and V read the same): the
     /// tensor is held, so its data cannot be freed and its address reused while cached.
     #[cfg(target_arch = "x86_64")]
@@ -210,7 +210,7 @@ impl Fast {
                 let dense: Vec<f32> = crate::kernels::int8::unpack_b_s8(k, n, data).iter().map(|&v| v as f32).collect();
                 let packed = crate::kernels::pack_b(k, n, &dense);
                 if let Ok(t) = Tensor::new(vec![packed.len()], packed) {
-                    self.f32_weights.insert(data.as_ptr() as usize, t);
+                    self.f32_weights.insert(data.as_ptr() as usize, (w.clone(), t));
                 }
             }
             return;
@@ -221,7 +221,11 @@ impl Fast {
             let Some((_, w)) = constants.iter().find(|(s, _)| s == b) else { continue };
             let Ok(data) = w.as_slice::<i8>() else { continue };
             if data.len() == f.packed_len(k, n) {
-                self.colsums.entry(data.as_ptr() as usize).or_insert_with(|| crate::kernels::int8::colsums(k, n, data));
+                // The weights are held with their sums: their address cannot be reused while it
+                // is a key.
+                self.colsums
+                    .entry(data.as_ptr() as usize)
+                    .or_insert_with(|| (w.clone(), crate::kernels::int8::colsums(k, n, data)));
             }
         }
         for step in &plan.steps {
@@ -550,7 +554,7 @@ impl Fast {
         inputs: &[Option<&Tensor>],
     ) -> Option<Result<Vec<Tensor>>> {
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
-        let w = self.f32_weights.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
+        let (_, w) = self.f32_weights.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
         let [k, _] = f.packed?;
         let a = match &f.a_perm {
             Some(p) => match fused::transpose_tensor(a, p) {
@@ -616,7 +620,7 @@ impl Fast {
 
     /// An integer `FusedMatMul` on the VNNI kernel: `A` quantized (AVX-512, bit-exact with the
     /// reference), the product summed in `i32` tile by tile, dequantized and run through the
-    /// epilogue while the tile is in L1. Work is split by panels as for `f32` products.
+    /// epilogue while the panel's rows are in L1. Work is split by rows over the threads.
     #[cfg(target_arch = "x86_64")]
     fn fused_matmul_int8(
         &self,
@@ -628,7 +632,7 @@ impl Fast {
         use crate::kernels::int8;
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
         let epilogue_fn = self.jit.tile_epilogue?;
-        let colsum = self.colsums.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
+        let (_, colsum) = self.colsums.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
         if f.epilogue.0.len() > v::MAX_PROGRAM {
             return None;
         }
@@ -1444,7 +1448,7 @@ fn binary_f32(kind: BinaryKind, inputs: &[Option<&Tensor>]) -> Option<Result<Vec
     // quantized embeddings' row scales).
     let per_row = |small: &[usize]| {
         let r = out.len();
-        r >= 1 && small.len() == r && small[r - 1] == 1 && small[..r - 1] == out[..r - 1] && out[r - 1] > 0
+        r >= 1 && small.len() == r && small[r - 1] == 1 && small[..r - 1] == out[..r - 1] && out.iter().all(|&d| d > 0)
     };
     // `x op y` with `y` one value per row of `x` (or `x` of `y` when `swap`).
     fn rows(xs: &[f32], ys: &[f32], swap: bool, f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
@@ -2139,10 +2143,11 @@ mod tests {
         use crate::op::{Binary, BinaryKind as K, Gather};
         let fast = fast_for(Tier::detect(), &[]).expect("fast");
         let ctx = EvalContext::default();
-        let cases: [(&[usize], &[usize], bool); 10] = [
+        let cases: [(&[usize], &[usize], bool); 11] = [
             (&[2, 5, 6], &[2, 5, 1], true), // one value per row (quantized embeddings' scales)
             (&[2, 5, 1], &[2, 5, 6], true),
             (&[2, 5, 0], &[2, 5, 1], false),
+            (&[1, 0, 6], &[1, 0, 1], false), // an empty sequence: the reference's empty result
             (&[2, 5, 6], &[2, 5, 6], true),
             (&[2, 5, 6], &[6], true),
             (&[1, 5, 6], &[2, 5, 6], true),

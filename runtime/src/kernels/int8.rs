@@ -112,7 +112,8 @@ pub struct Dequant {
 ///
 /// # Safety
 /// As [`gemm_u8s8_panels`] with `c` holding `f32`; `dq.scale` and `dq.zero` hold `m`
-/// values, `dq.colsum` `n`; `epilogue` may touch only the tile it is given.
+/// values, `dq.colsum` `n`, `dq.colscale` is null or holds `n`; `epilogue` may touch only
+/// the rows and columns it is given (all `m` rows of one panel's columns).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_u8s8_f32_panels(
     m: usize,
