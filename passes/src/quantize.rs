@@ -92,7 +92,7 @@ impl Pass for QuantizeInt8 {
             let mut inputs: Vec<ValueId> = g
                 .nodes
                 .iter()
-                .filter(|n| matches!(&n.op, Op::FusedMatMul(f) if f.int8.is_none() && f.packed.is_some()))
+                .filter(|n| weights_of(g, n).is_some())
                 .filter_map(|n| n.inputs.first().copied().flatten())
                 .collect();
             inputs.sort();
@@ -108,7 +108,7 @@ impl Pass for QuantizeInt8 {
         for n in 0..g.nodes.len() {
             let Op::FusedMatMul(f) = &g.nodes[n].op else { continue };
             let f = f.clone();
-            let (None, Some([k, cols]), None) = (f.int8, f.packed, &f.b_perm) else { continue };
+            let Some(source) = weights_of(g, &g.nodes[n]) else { continue };
             let act = match self.act {
                 Activations::Dynamic(a) => a,
                 Activations::Static { .. } => {
@@ -129,26 +129,38 @@ impl Pass for QuantizeInt8 {
                 }
             };
             let Some(Some(b)) = g.nodes[n].inputs.get(1).copied() else { continue };
-            let Some(w) = g.const_of(b).filter(|t| t.dtype() == DType::F32) else { continue };
-            if k > MAX_INT8_K || w.len() != f.packed_len(k, cols) {
-                continue;
-            }
             let epilogue = f.epilogue.scale_first(f.extra);
             #[cfg(target_arch = "x86_64")]
             if epilogue.0.len() > kernels::avx512_vec::MAX_PROGRAM {
                 out.stat("kept_f32_long_epilogue", 1);
                 continue;
             }
+            let (k, cols) = match &source {
+                Weights::Packed { k, n, .. } => (*k, *n),
+                Weights::WeightOnly { q, .. } => (q.shape()[0], q.shape()[1]),
+            };
             let (qb, scale) = match done.get(&b) {
                 Some(&v) => v,
                 None => {
-                    let dense = kernels::unpack_b(k, cols, w.as_slice::<f32>().map_err(tcc_ir::Error::Runtime)?);
-                    let (q, scale) = kernels::int8::quantize_per_column(k, cols, &dense);
-                    let packed = kernels::int8::pack_b_s8(k, cols, &q);
                     let name = g.value(b).name.clone();
+                    let (q, scale) = match source {
+                        Weights::Packed { w, .. } => {
+                            let dense =
+                                kernels::unpack_b(k, cols, w.as_slice::<f32>().map_err(tcc_ir::Error::Runtime)?);
+                            out.stat("weight_bytes_f32", (4 * k * cols) as i64);
+                            kernels::int8::quantize_per_column(k, cols, &dense)
+                        }
+                        // The model's own s8 weights and scales.
+                        Weights::WeightOnly { q, scale } => {
+                            out.stat("weight_only_products", 1);
+                            let q = q.as_slice::<i8>().map_err(tcc_ir::Error::Runtime)?.to_vec();
+                            let s = scale.as_slice::<f32>().map_err(tcc_ir::Error::Runtime)?;
+                            (q, if s.len() == 1 { vec![s[0]; cols] } else { s.to_vec() })
+                        }
+                    };
+                    let packed = kernels::int8::pack_b_s8(k, cols, &q);
                     let qt = Tensor::new(vec![packed.len()], packed).map_err(tcc_ir::Error::Runtime)?;
                     let st = Tensor::new(vec![cols], scale).map_err(tcc_ir::Error::Runtime)?;
-                    out.stat("weight_bytes_f32", (4 * k * cols) as i64);
                     out.stat("weight_bytes_int8", (k * cols + 4 * cols) as i64);
                     let v = (g.add_const(format!("{name}.s8"), qt), g.add_const(format!("{name}.scale"), st));
                     done.insert(b, v);
@@ -156,6 +168,7 @@ impl Pass for QuantizeInt8 {
                 }
             };
             let mut nf: FusedMatMul = f;
+            nf.packed = Some([k, cols]);
             nf.epilogue = epilogue;
             nf.extra += 1;
             nf.int8 = Some(act);
@@ -175,6 +188,58 @@ impl Pass for QuantizeInt8 {
         }
         Ok(out)
     }
+}
+
+/// The weights of a product `quantize-int8` makes integer.
+enum Weights {
+    /// Constant f32 weights packed at build time: quantized per column here.
+    Packed { k: usize, n: usize, w: Tensor },
+    /// Weight-only int8 models' `Mul(Cast(q), scale)`: `q` constant `s8` `[k, n]`, `scale` one
+    /// value or one per column; kept as they are.
+    WeightOnly { q: Tensor, scale: Tensor },
+}
+
+/// The weights of node `node` when it is an `f32` product that `quantize-int8` can make
+/// integer.
+fn weights_of(g: &Graph, node: &tcc_ir::Node) -> Option<Weights> {
+    let Op::FusedMatMul(f) = &node.op else { return None };
+    if f.int8.is_some() || f.b_perm.is_some() {
+        return None;
+    }
+    let b = node.inputs.get(1).copied().flatten()?;
+    if let Some([k, n]) = f.packed {
+        let w = g.const_of(b).filter(|t| t.dtype() == DType::F32 && t.len() == f.packed_len(k, n))?;
+        return (k <= MAX_INT8_K).then(|| Weights::Packed { k, n, w: w.clone() });
+    }
+    // B = Mul(Cast(q), scale), either order.
+    let producers = g.producers();
+    let &(m, _) = producers.get(&b)?;
+    let mul = &g.nodes[m];
+    let Op::Binary(bin) = &mul.op else { return None };
+    if bin.kind != BinaryKind::Mul {
+        return None;
+    }
+    let (x, y) = (mul.inputs.first().copied().flatten()?, mul.inputs.get(1).copied().flatten()?);
+    let cast_of = |v: ValueId| {
+        let &(c, _) = producers.get(&v)?;
+        match &g.nodes[c].op {
+            Op::Cast(c2) if c2.to == DType::F32 => g.nodes[c].inputs.first().copied().flatten(),
+            _ => None,
+        }
+    };
+    let (q, scale) = match (cast_of(x), cast_of(y)) {
+        (Some(q), None) => (q, y),
+        (None, Some(q)) => (q, x),
+        _ => return None,
+    };
+    let q = g.const_of(q).filter(|t| t.dtype() == DType::I8 && t.rank() == 2)?;
+    let s = g.const_of(scale).filter(|t| t.dtype() == DType::F32)?;
+    let (k, n) = (q.shape()[0], q.shape()[1]);
+    let per_column = s.len() == n && s.shape().last() == Some(&n);
+    if k > MAX_INT8_K || !(s.len() == 1 || per_column) {
+        return None;
+    }
+    Some(Weights::WeightOnly { q: q.clone(), scale: s.clone() })
 }
 
 /// `Gather(table, ids)` of rows of a large constant `f32` table becomes
