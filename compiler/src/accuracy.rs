@@ -29,10 +29,10 @@ pub fn samples(path: &Path, model: &Model) -> Result<Vec<Sample>, String> {
             Ok(vec![Sample { name: "input 0".into(), inputs: io::read_json(path, &dtype_of).map_err(|e| at(&e))? }])
         }
         _ => {
+            let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
             if !model.has_tokenizer() {
                 return Err(at(&"sentences need a tokenizer: give --tokenizer tokenizer.json"));
             }
-            let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
             let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
             if lines.is_empty() {
                 return Err(at(&"no sentences (one per line expected)"));
