@@ -85,6 +85,8 @@ impl Pass for QuantizeInt8 {
         let mut out = PassOutcome::default();
         // Static activations: every product's input range, from one calibration run.
         let mut ranges: HashMap<ValueId, (f32, f32)> = HashMap::new();
+        // The products loop below changes ops and adds constants, never nodes: computed once.
+        let producers = g.producers();
         if let Activations::Static { tail } = self.act {
             let calibrator = cx.calibrator.clone().ok_or_else(|| {
                 tcc_ir::Error::Calibration("quantize-int8{act=static} needs calibration samples (--calibration)".into())
@@ -92,7 +94,7 @@ impl Pass for QuantizeInt8 {
             let mut inputs: Vec<ValueId> = g
                 .nodes
                 .iter()
-                .filter(|n| weights_of(g, n).is_some())
+                .filter(|n| weights_of(g, &producers, n).is_some())
                 .filter_map(|n| n.inputs.first().copied().flatten())
                 .collect();
             inputs.sort();
@@ -108,7 +110,7 @@ impl Pass for QuantizeInt8 {
         for n in 0..g.nodes.len() {
             let Op::FusedMatMul(f) = &g.nodes[n].op else { continue };
             let f = f.clone();
-            let Some(source) = weights_of(g, &g.nodes[n]) else { continue };
+            let Some(source) = weights_of(g, &producers, &g.nodes[n]) else { continue };
             let act = match self.act {
                 Activations::Dynamic(a) => a,
                 Activations::Static { .. } => {
@@ -201,7 +203,7 @@ enum Weights {
 
 /// The weights of node `node` when it is an `f32` product that `quantize-int8` can make
 /// integer.
-fn weights_of(g: &Graph, node: &tcc_ir::Node) -> Option<Weights> {
+fn weights_of(g: &Graph, producers: &Producers, node: &tcc_ir::Node) -> Option<Weights> {
     let Op::FusedMatMul(f) = &node.op else { return None };
     if f.int8.is_some() || f.b_perm.is_some() {
         return None;
@@ -212,7 +214,6 @@ fn weights_of(g: &Graph, node: &tcc_ir::Node) -> Option<Weights> {
         return (k <= MAX_INT8_K).then(|| Weights::Packed { k, n, w: w.clone() });
     }
     // B = Mul(Cast(q), scale), either order.
-    let producers = g.producers();
     let &(m, _) = producers.get(&b)?;
     let mul = &g.nodes[m];
     let Op::Binary(bin) = &mul.op else { return None };
@@ -317,23 +318,34 @@ impl Pass for IntegerMatMul {
     }
 
     fn run(&mut self, g: &mut Graph, _: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
-        let mut out = PassOutcome::default();
-        let mut weights: HashMap<(ValueId, Option<ValueId>), ValueId> = HashMap::new();
-        // One scan: the new nodes go at the end (the graph is sorted again after), the
-        // chains they replace die; the links between the old nodes stay as they were.
-        let (producers, users) = (g.producers(), g.users());
-        for n in 0..g.nodes.len() {
-            if let Some(m) = match_dynamic(g, n, &producers, &users) {
-                rewrite_integer(g, m, &mut weights, &mut out)?;
-                out.stat("integer_products", 1);
-            }
-        }
-        if out.changed {
-            g.remove_dead_nodes();
-            g.toposort()?;
-        }
-        Ok(out)
+        rewrite_matches(g, match_dynamic)
     }
+}
+
+type Producers = HashMap<ValueId, (usize, usize)>;
+type Users = HashMap<ValueId, Vec<usize>>;
+
+/// Every node `find` matches becomes an integer product. One scan: the new nodes go at the
+/// end (the graph is sorted again after), the nodes they replace die; the links between the
+/// old nodes stay as they were, so the producers and users are computed once.
+fn rewrite_matches(
+    g: &mut Graph,
+    find: impl Fn(&Graph, usize, &Producers, &Users) -> Option<Integer>,
+) -> tcc_ir::Result<PassOutcome> {
+    let mut out = PassOutcome::default();
+    let mut weights: HashMap<(ValueId, Option<ValueId>), ValueId> = HashMap::new();
+    let (producers, users) = (g.producers(), g.users());
+    for n in 0..g.nodes.len() {
+        if let Some(m) = find(g, n, &producers, &users) {
+            rewrite_integer(g, m, &mut weights, &mut out)?;
+            out.stat("integer_products", 1);
+        }
+    }
+    if out.changed {
+        g.remove_dead_nodes();
+        g.toposort()?;
+    }
+    Ok(out)
 }
 
 /// A matched quantized product: `x` quantized as `act`, times `w`, times `w_scale`.
@@ -366,19 +378,14 @@ fn shifted_weights(g: &Graph, w: ValueId, wz: Option<ValueId>, cols: usize) -> O
     wv.iter().enumerate().map(|(i, &v)| i8::try_from(v - zv[if zv.len() == 1 { 0 } else { i % cols }]).ok()).collect()
 }
 
-fn single_user(users: &HashMap<ValueId, Vec<usize>>, g: &Graph, v: ValueId) -> Option<usize> {
+fn single_user(users: &Users, g: &Graph, v: ValueId) -> Option<usize> {
     match users.get(&v).map(Vec::as_slice) {
         Some(&[u]) if !g.outputs.iter().any(|o| o.value == v) => Some(u),
         _ => None,
     }
 }
 
-fn match_dynamic(
-    g: &Graph,
-    n: usize,
-    producers: &HashMap<ValueId, (usize, usize)>,
-    users: &HashMap<ValueId, Vec<usize>>,
-) -> Option<Integer> {
+fn match_dynamic(g: &Graph, n: usize, producers: &Producers, users: &Users) -> Option<Integer> {
     let node = &g.nodes[n];
     let Op::MatMulInteger(_) = node.op else { return None };
     let (aq, w, az, wz) = (
@@ -496,24 +503,11 @@ impl Pass for QdqMatMul {
     }
 
     fn run(&mut self, g: &mut Graph, _: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
-        let mut out = PassOutcome::default();
-        let mut weights: HashMap<(ValueId, Option<ValueId>), ValueId> = HashMap::new();
-        let producers = g.producers();
-        for n in 0..g.nodes.len() {
-            if let Some(m) = match_qdq(g, n, &producers) {
-                rewrite_integer(g, m, &mut weights, &mut out)?;
-                out.stat("integer_products", 1);
-            }
-        }
-        if out.changed {
-            g.remove_dead_nodes();
-            g.toposort()?;
-        }
-        Ok(out)
+        rewrite_matches(g, match_qdq)
     }
 }
 
-fn match_qdq(g: &Graph, n: usize, producers: &HashMap<ValueId, (usize, usize)>) -> Option<Integer> {
+fn match_qdq(g: &Graph, n: usize, producers: &Producers, _: &Users) -> Option<Integer> {
     let node = &g.nodes[n];
     let Op::MatMul(_) = node.op else { return None };
     let (a, b) = (node.inputs.first().copied().flatten()?, node.inputs.get(1).copied().flatten()?);

@@ -601,25 +601,8 @@ pub unsafe fn min_max(x: *const f32, n: usize) -> (f32, f32) {
 /// AVX-512F; `x` holds `n` floats, `y` `n` bytes.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn quantize_u8(x: *const f32, y: *mut u8, n: usize, scale: f32, zp: u8) {
-    // SAFETY: the caller's contract; full vectors load 16 floats and store 16 bytes within n.
-    unsafe {
-        let s = splat(scale);
-        let (lo, hi, z) = (splat(-(zp as f32)), splat(255.0 - zp as f32), splat(zp as f32));
-        let mut i = 0;
-        while i + 16 <= n {
-            let v = _mm512_div_ps(_mm512_loadu_ps(x.add(i)), s);
-            let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-            let v = _mm512_mask_mov_ps(v, nan, _mm512_setzero_ps());
-            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-            let q = _mm512_cvtps_epi32(_mm512_add_ps(r, z));
-            _mm_storeu_si128(y.add(i) as *mut __m128i, _mm512_cvtusepi32_epi8(q));
-            i += 16;
-        }
-        for j in i..n {
-            *y.add(j) = crate::op::quant::quantize_value(*x.add(j), scale, zp as i64, 0.0, 255.0) as u8;
-        }
-    }
+    // SAFETY: forwarded.
+    unsafe { quantize::<true>(x, y, n, scale, zp) }
 }
 
 /// `y = saturate(round_half_even(x * inv_scale) + zp)` to `u8` for `n` floats, exactly as
@@ -630,13 +613,24 @@ pub unsafe fn quantize_u8(x: *const f32, y: *mut u8, n: usize, scale: f32, zp: u
 /// AVX-512F; `x` holds `n` floats, `y` `n` bytes.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn quantize_u8_by(x: *const f32, y: *mut u8, n: usize, inv_scale: f32, zp: u8) {
-    // SAFETY: the caller's contract; masked loads and stores stay within the n values.
+    // SAFETY: forwarded.
+    unsafe { quantize::<false>(x, y, n, inv_scale, zp) }
+}
+
+/// [`quantize_u8`] (`DIVIDE`: `s` is the scale) or [`quantize_u8_by`] (`s` is its reciprocal).
+///
+/// # Safety
+/// As theirs.
+#[inline(always)]
+unsafe fn quantize<const DIVIDE: bool>(x: *const f32, y: *mut u8, n: usize, s: f32, zp: u8) {
+    // SAFETY: the caller's contract; full vectors load 16 floats and store 16 bytes within n.
     unsafe {
-        let s = splat(inv_scale);
+        let sv = splat(s);
         let (lo, hi, z) = (splat(-(zp as f32)), splat(255.0 - zp as f32), splat(zp as f32));
         let mut i = 0;
         while i + 16 <= n {
-            let v = _mm512_mul_ps(_mm512_loadu_ps(x.add(i)), s);
+            let v = _mm512_loadu_ps(x.add(i));
+            let v = if DIVIDE { _mm512_div_ps(v, sv) } else { _mm512_mul_ps(v, sv) };
             let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
             let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
             let v = _mm512_mask_mov_ps(v, nan, _mm512_setzero_ps());
@@ -646,7 +640,11 @@ pub unsafe fn quantize_u8_by(x: *const f32, y: *mut u8, n: usize, inv_scale: f32
             i += 16;
         }
         for j in i..n {
-            *y.add(j) = crate::op::fused::quantize_u8_by(*x.add(j), inv_scale, zp);
+            *y.add(j) = if DIVIDE {
+                crate::op::quant::quantize_value(*x.add(j), s, zp as i64, 0.0, 255.0) as u8
+            } else {
+                crate::op::fused::quantize_u8_by(*x.add(j), s, zp)
+            };
         }
     }
 }

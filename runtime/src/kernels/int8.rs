@@ -129,33 +129,23 @@ pub unsafe fn gemm_u8s8_f32_panels(
     epilogue: &dyn Fn(usize, usize, usize, usize),
 ) {
     #[cfg(target_arch = "x86_64")]
-    for p in p0..p1 {
-        let cols = NR.min(n - p * NR);
-        let panel = groups * NR * 4;
-        let bp = packed.wrapping_add(p * panel);
-        // The next panel's weights, read once per inference and so not in cache, are
-        // prefetched into L2 a share per row tile while this panel is multiplied.
-        let tiles = m.div_ceil(12).max(1);
-        let lines = if p + 1 < p1 { panel / 64 } else { 0 };
-        let (mut next, mut left) = (bp.wrapping_add(panel) as *const u8, lines);
-        let mut i = 0;
-        for t in 0..tiles {
-            // Tiles of equal height (64 rows: 11, 11, 11, 11, 10, 10, not five of 12 and one
-            // of 4, whose few accumulators would wait on the dot products' latency).
-            let rows = m / tiles + usize::from(t < m % tiles);
-            let share = lines.div_ceil(tiles).min(left);
-            let pf = crate::kernels::Prefetch::new(next, share, groups);
-            (next, left) = (next.wrapping_add(share * 64), left - share);
-            let cp = c.wrapping_add(i * ldc + p * NR);
+    walk_panels(
+        m,
+        groups,
+        packed,
+        n,
+        (p0, p1),
+        |p, i, rows, cols, bp, pf| {
             let tile_dq = Dequant {
                 scale: dq.scale.wrapping_add(i),
                 zero: dq.zero.wrapping_add(i),
                 colsum: dq.colsum.wrapping_add(p * NR),
                 colscale: if dq.colscale.is_null() { dq.colscale } else { dq.colscale.wrapping_add(p * NR) },
             };
+            let cp = c.wrapping_add(i * ldc + p * NR);
             // SAFETY: the caller's contract, as in `gemm_u8s8_panels`; the dequantization
-            // reads rows i..i+rows of the parameters and this panel's columns of the sums; a
-            // prefetch never faults.
+            // reads rows i..i+rows of the parameters and this panel's columns of the sums and
+            // scales; a prefetch never faults.
             unsafe {
                 vnni512::tile_any(
                     rows,
@@ -169,11 +159,10 @@ pub unsafe fn gemm_u8s8_f32_panels(
                     pf,
                 )
             };
-            i += rows;
-        }
+        },
         // The panel's rows are in L1 (m x 32 floats): one epilogue call for all of them.
-        epilogue(0, m, p * NR, cols);
-    }
+        |p, cols| epilogue(0, m, p * NR, cols),
+    );
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (m, groups, a, lda, packed, c, ldc, n, p0, p1, dq, epilogue);
 }
@@ -252,33 +241,73 @@ pub unsafe fn gemm_u8s8_panels(
     p1: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    for p in p0..p1 {
-        let cols = NR.min(n - p * NR);
-        let bp = packed.wrapping_add(p * groups * NR * 4);
-        let mut i = 0;
-        while i < m {
-            let rows = 12.min(m - i);
+    walk_panels(
+        m,
+        groups,
+        packed,
+        n,
+        (p0, p1),
+        |p, i, rows, cols, bp, pf| {
             // SAFETY: the caller's contract: AVX-512F/BW/VNNI; rows i..i+rows of `a` hold
             // `groups * 4` bytes each, the panel holds `groups` vectors of 2 x 64 bytes, and
-            // rows i..i+rows of `c` hold `cols` i32 from column p * NR.
+            // rows i..i+rows of `c` hold `cols` i32 from column p * NR; a prefetch never faults.
             unsafe {
+                let cp = c.wrapping_add(i * ldc + p * NR);
                 vnni512::tile_any(
                     rows,
                     groups,
                     a.wrapping_add(i * lda),
                     lda,
                     bp,
-                    vnni512::Store::I32(c.wrapping_add(i * ldc + p * NR)),
+                    vnni512::Store::I32(cp),
                     ldc,
                     cols,
-                    crate::kernels::Prefetch::new(bp as *const u8, 0, groups),
+                    pf,
                 )
             };
-            i += rows;
-        }
-    }
+        },
+        |_, _| {},
+    );
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (m, groups, a, lda, packed, c, ldc, n, p0, p1);
+}
+
+/// The walk of both integer drivers over panels `p0..p1` of `n` columns: each panel in tiles
+/// of equal height, at most 12 rows (64 rows: 11, 11, 11, 11, 10, 10, not five of 12 and one of
+/// 4, whose few accumulators would wait on the dot products' latency), `tile(panel, row, rows,
+/// cols, panel_weights, prefetch)` for each, then `done(panel, cols)`. The next panel's
+/// weights, read once per inference and so not in cache, are prefetched into L2 a share per
+/// tile while this panel is multiplied.
+#[cfg(target_arch = "x86_64")]
+fn walk_panels(
+    m: usize,
+    groups: usize,
+    packed: *const i8,
+    n: usize,
+    (p0, p1): (usize, usize),
+    mut tile: impl FnMut(usize, usize, usize, usize, *const i8, crate::kernels::Prefetch),
+    mut done: impl FnMut(usize, usize),
+) {
+    let panel = groups * NR * 4;
+    let tiles = m.div_ceil(12).max(1);
+    for p in p0..p1 {
+        let cols = NR.min(n - p * NR);
+        let bp = packed.wrapping_add(p * panel);
+        let lines = if p + 1 < p1 { panel / 64 } else { 0 };
+        let (mut next, mut left) = (bp.wrapping_add(panel) as *const u8, lines);
+        let mut i = 0;
+        for t in 0..tiles {
+            let rows = m / tiles + usize::from(t < m % tiles);
+            if rows == 0 {
+                continue;
+            }
+            let share = lines.div_ceil(tiles).min(left);
+            tile(p, i, rows, cols, bp, crate::kernels::Prefetch::new(next, share, groups));
+            (next, left) = (next.wrapping_add(share * 64), left - share);
+            i += rows;
+        }
+        done(p, cols);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
