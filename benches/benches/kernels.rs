@@ -33,14 +33,30 @@ fn gemm(c: &mut Criterion) {
 }
 
 /// The integer GEMM of `--quantize int8` models, one thread, against the f32 kernel above: this
-/// machine's measured `vpdpbusd` peak is 773 GOP/s per core, its FMA peak 179 GFLOP/s.
+/// machine's measured `vpdpbusd` peak is 773 GOP/s per core, its FMA peak 179 GFLOP/s. The
+/// VNNI-512 kernel, and the pair kernels CPUs without it run.
 fn gemm_int8(c: &mut Criterion) {
-    use tcc_runtime::kernels::int8;
-    if !int8::vnni512_supported() {
-        return;
-    }
+    use tcc_runtime::kernels::{int16, int8};
     let mut g = c.benchmark_group("gemm_int8_single_thread");
     for &(m, k, n) in &[(128usize, 768usize, 768usize), (128, 768, 3072), (128, 3072, 768)] {
+        // Without AVX-512 VNNI: `i16` pairs through the driver on each tier's pair kernel
+        // (AVX-VNNI `vpdpwssd` or AVX2 `pmaddwd`; the generated `pmaddwd` one on `portable`).
+        let kp = int16::pairs(k);
+        let a: Vec<f32> =
+            (0..m * kp).map(|i| int16::pair((i * 7919 % 511) as i16 - 255, (i * 31 % 511) as i16 - 255)).collect();
+        let w: Vec<i8> = (0..k * n).map(|i| (i * 104729 % 255) as i32 as i8).collect();
+        let packed = int16::pack_b_pairs(k, n, &w);
+        let mut out = vec![0f32; m * n];
+        g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+        for tier in Tier::ALL.into_iter().filter(|t| t.supported() && *t != Tier::Avx512) {
+            let jit = Jit::new(tier, &[]).expect("JIT compiles");
+            g.bench_with_input(BenchmarkId::new(format!("pairs_{tier}"), format!("{m}x{k}x{n}")), &(), |bench, _| {
+                bench.iter(|| jit.gemm_pairs_single_thread(m, kp, n, &a, &packed, &mut out).unwrap())
+            });
+        }
+        if !int8::vnni512_supported() {
+            continue;
+        }
         let lda = int8::k_groups(k) * 4;
         let a: Vec<u8> = (0..m * lda).map(|i| (i * 7919 % 251) as u8).collect();
         let w: Vec<i8> = (0..k * n).map(|i| (i * 104729 % 255) as i32 as i8).collect();

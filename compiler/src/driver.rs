@@ -180,7 +180,7 @@ fn compile_stages(
             tcc_passes::Activations::Dynamic(ActQuant::Static { .. }) => {
                 return Err(BuildError::Options("--quantize: static parameters come from --calibration".into()))
             }
-            tcc_passes::Activations::Static { tail } => {
+            tcc_passes::Activations::Static { range } => {
                 let data = opts.calibration.clone().ok_or_else(|| {
                     BuildError::Options("static activations need calibration samples: give --calibration FILE".into())
                 })?;
@@ -188,7 +188,13 @@ fn compile_stages(
                     data,
                     tokenizer: opts.tokenizer.clone(),
                 }));
-                format!("static, tail={tail}")
+                match range {
+                    tcc_passes::RangeMethod::MinMax => "static, calibrate=minmax".to_string(),
+                    tcc_passes::RangeMethod::Percentile { tail } => {
+                        format!("static, calibrate=percentile, tail={tail}")
+                    }
+                    tcc_passes::RangeMethod::Entropy => "static, calibrate=entropy".to_string(),
+                }
             }
         };
         let text = format!("quantize-int8{{act={act}}},dce");

@@ -66,9 +66,10 @@ enum Command {
         /// --tokenizer, or .npz/.json inputs): no range computed at run time.
         #[arg(long, value_name = "FILE", requires = "quantize")]
         calibration: Option<PathBuf>,
-        /// How calibration sets each range: `minmax` (all values) or `percentile` (clips the
-        /// 0.01% most extreme values at each end).
-        #[arg(long, value_name = "METHOD", default_value = "minmax", value_parser = ["minmax", "percentile"], requires = "calibration")]
+        /// How calibration sets each range: `minmax` (all values), `percentile` (clips the
+        /// 0.01% most extreme values at each end) or `entropy` (the clipping whose 256-level
+        /// histogram is nearest in KL divergence, as TensorRT calibrates).
+        #[arg(long, value_name = "METHOD", default_value = "minmax", value_parser = ["minmax", "percentile", "entropy"], requires = "calibration")]
         calibrate: String,
         /// Measure the compressed build against the f32 build on these samples: a text file
         /// of sentences (one a line, needs --tokenizer) or .npz/.json inputs.
@@ -173,7 +174,13 @@ fn run(cmd: Command) -> Result<()> {
             use tcc_passes::Activations;
             use tcc_runtime::op::fused::ActQuant;
             let act = match (&calibration, act_quant.as_str()) {
-                (Some(_), _) => Activations::Static { tail: if calibrate == "percentile" { 1e-4 } else { 0.0 } },
+                (Some(_), _) => Activations::Static {
+                    range: match calibrate.as_str() {
+                        "percentile" => tcc_passes::RangeMethod::Percentile { tail: 1e-4 },
+                        "entropy" => tcc_passes::RangeMethod::Entropy,
+                        _ => tcc_passes::RangeMethod::MinMax,
+                    },
+                },
                 (None, "tensor") => Activations::Dynamic(ActQuant::DynamicTensor),
                 (None, _) => Activations::Dynamic(ActQuant::DynamicRow),
             };

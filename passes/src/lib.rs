@@ -26,7 +26,8 @@ pub mod tutorial;
 pub use fold::{DeadCode, FoldConstants};
 pub use fuse::{FuseAttention, FuseMatMul};
 pub use manager::{
-    Calibrator, Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, Registry, ValueStats,
+    Calibrator, Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, RangeMethod, Registry,
+    ValueStats,
 };
 pub use quantize::{Activations, IntegerMatMul, QdqMatMul, QuantizeInt8};
 

@@ -49,18 +49,116 @@ pub struct ValueStats {
     pub sample: Vec<f32>,
 }
 
-impl ValueStats {
-    /// The range `[lo, hi]` that keeps the central `1 - 2 * tail` of the sampled values
-    /// (`tail = 0`: the whole observed range).
-    pub fn range(&self, tail: f64) -> (f32, f32) {
-        if tail <= 0.0 || self.sample.is_empty() {
-            return (self.min, self.max);
+/// How calibration turns what a value held into its quantization range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RangeMethod {
+    /// The whole observed range.
+    MinMax,
+    /// The central `1 - 2 * tail` of the sampled values.
+    Percentile { tail: f64 },
+    /// The clipping threshold whose 256-level quantization of the values' histogram is nearest
+    /// to it in KL divergence (TensorRT's entropy calibration; symmetric thresholds, applied to
+    /// the observed range).
+    Entropy,
+}
+
+impl std::fmt::Display for RangeMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RangeMethod::MinMax => write!(f, "minmax"),
+            RangeMethod::Percentile { tail } => write!(f, "percentile, tail={tail}"),
+            RangeMethod::Entropy => write!(f, "entropy"),
         }
-        let mut v = self.sample.clone();
-        v.sort_by(f32::total_cmp);
-        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        (at(tail), at(1.0 - tail))
     }
+}
+
+impl ValueStats {
+    /// The range `[lo, hi]` calibration gives this value.
+    pub fn range(&self, method: RangeMethod) -> (f32, f32) {
+        match method {
+            RangeMethod::Percentile { tail } if tail > 0.0 && !self.sample.is_empty() => {
+                let mut v = self.sample.clone();
+                v.sort_by(f32::total_cmp);
+                let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+                (at(tail), at(1.0 - tail))
+            }
+            RangeMethod::Entropy => match self.entropy_threshold() {
+                Some(t) => (self.min.max(-t), self.max.min(t)),
+                None => (self.min, self.max),
+            },
+            _ => (self.min, self.max),
+        }
+    }
+
+    /// The threshold `t` of [`RangeMethod::Entropy`]: over a histogram of the sample in 2048
+    /// bins across `[-m, m]` (`m` the largest magnitude seen), each candidate `[-t, t]` folds
+    /// the mass outside it into its edge bins (`p`) and is compared with its quantization to
+    /// 256 levels, each level's mass spread over the bins it covers that held values (`q`).
+    fn entropy_threshold(&self) -> Option<f32> {
+        const BINS: usize = 2048;
+        const LEVELS: usize = 256;
+        let m = self.min.abs().max(self.max.abs());
+        if !(m > 0.0 && m.is_finite()) || self.sample.is_empty() {
+            return None;
+        }
+        let mut hist = vec![0f64; BINS];
+        for &x in self.sample.iter().filter(|x| x.is_finite()) {
+            let b = ((x / m + 1.0) * 0.5 * BINS as f32) as usize;
+            hist[b.min(BINS - 1)] += 1.0;
+        }
+        let total: f64 = hist.iter().sum();
+        // below[i]: the mass of bins 0..i.
+        let below: Vec<f64> = std::iter::once(0.0)
+            .chain(hist.iter().scan(0.0, |acc, &h| {
+                *acc += h;
+                Some(*acc)
+            }))
+            .collect();
+        let zero = BINS / 2;
+        let (mut best, mut best_i) = (f64::INFINITY, zero);
+        let (mut p, mut q) = (vec![0f64; BINS], vec![0f64; BINS]);
+        for i in LEVELS / 2..=zero {
+            let (start, end, n) = (zero - i, zero + i, 2 * i);
+            let sliced = &hist[start..end];
+            p[..n].copy_from_slice(sliced);
+            p[0] += below[start];
+            p[n - 1] += total - below[end];
+            for j in 0..LEVELS {
+                let (s, e) = (j * n / LEVELS, (j + 1) * n / LEVELS);
+                let mass: f64 = sliced[s..e].iter().sum();
+                let used = sliced[s..e].iter().filter(|&&h| h > 0.0).count();
+                for (qt, &h) in q[s..e].iter_mut().zip(&sliced[s..e]) {
+                    *qt = if h > 0.0 { mass / used as f64 } else { 0.0 };
+                }
+            }
+            let kl = kl_divergence(&p[..n], &q[..n]);
+            if kl < best {
+                (best, best_i) = (kl, i);
+            }
+        }
+        Some(best_i as f32 / zero as f32 * m)
+    }
+}
+
+/// `KL(p || q)` of two histograms, normalized here; `q` smoothed where it is empty and `p` is
+/// not (as onnxruntime's calibrator does), so clipping mass away costs, and is finite.
+fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
+    const EPS: f64 = 1e-4;
+    let (ps, qs): (f64, f64) = (p.iter().sum(), q.iter().sum());
+    if ps <= 0.0 || qs <= 0.0 {
+        return f64::INFINITY;
+    }
+    let zeros = q.iter().filter(|&&v| v == 0.0).count();
+    let take = EPS * zeros as f64 / (q.len() - zeros).max(1) as f64;
+    p.iter()
+        .zip(q)
+        .filter(|(&pv, _)| pv > 0.0)
+        .map(|(&pv, &qv)| {
+            let (pn, qn) = (pv / ps, qv / qs);
+            let qn = if qn == 0.0 { EPS } else { (qn - take).max(EPS) };
+            pn * (pn / qn).ln()
+        })
+        .sum()
 }
 
 /// Runs a graph on calibration samples and reports what some of its values held: how passes
@@ -182,7 +280,7 @@ impl Registry {
         );
         r.register(
             "quantize-int8",
-            "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time per row or tensor, or static from calibration; embedding tables s8 (options: act=row|tensor|static, tail=F, embeddings=true|false)",
+            "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time per row or tensor, or static from calibration; embedding tables s8 (options: act=row|tensor|static, calibrate=minmax|percentile|entropy, tail=F, embeddings=true|false)",
             |o| Ok(Box::new(crate::QuantizeInt8::from_options(o)?)),
         );
         r.alias("canon", "fold,dce");
@@ -356,6 +454,39 @@ impl PassManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values mostly within [-1, 1] with a few far outliers: min/max keeps them, percentile and
+    /// entropy clip them; without outliers entropy keeps (nearly) the whole range.
+    #[test]
+    fn calibration_ranges() {
+        let mut s = 1u64;
+        let mut next = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) as f32
+        };
+        // A bell-shaped bulk (sum of uniforms) and 20 outliers at +-40.
+        let mut sample: Vec<f32> = (0..100_000).map(|_| (0..4).map(|_| next() - 0.5).sum::<f32>() * 0.9).collect();
+        sample.extend((0..20).map(|i| if i % 2 == 0 { 40.0 } else { -40.0 }));
+        let stats = |v: &[f32]| ValueStats {
+            min: v.iter().copied().fold(f32::INFINITY, f32::min),
+            max: v.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+            sample: v.to_vec(),
+        };
+        let outliers = stats(&sample);
+        assert_eq!(outliers.range(RangeMethod::MinMax), (-40.0, 40.0));
+        let (lo, hi) = outliers.range(RangeMethod::Percentile { tail: 1e-3 });
+        assert!(lo > -2.0 && hi < 2.0, "{lo} {hi}");
+        let (lo, hi) = outliers.range(RangeMethod::Entropy);
+        assert!(lo > -10.0 && hi < 10.0 && hi > 1.0, "entropy clips the outliers, keeps the bulk: {lo} {hi}");
+        assert!((lo + hi).abs() < 1e-6, "symmetric within the observed range");
+        // Uniform values: every bin holds mass, clipping any costs more than rounding.
+        let uniform: Vec<f32> = (0..100_000).map(|_| next() * 2.0 - 1.0).collect();
+        let (lo, hi) = stats(&uniform).range(RangeMethod::Entropy);
+        assert!(lo < -0.95 && hi > 0.95, "{lo} {hi}");
+        // Nothing observed, or only zeros: the observed range.
+        let zeros = ValueStats { min: 0.0, max: 0.0, sample: vec![0.0; 10] };
+        assert_eq!(zeros.range(RangeMethod::Entropy), (0.0, 0.0));
+    }
 
     #[test]
     fn pipelines_parse_with_options_and_aliases() {

@@ -15,7 +15,7 @@
 //! This pass approximates: it changes what the graph computes by the quantization error. The
 //! build reports it, and `tcc build --eval` measures it against the `f32` model.
 
-use crate::manager::{Pass, PassContext, PassOutcome};
+use crate::manager::{Pass, PassContext, PassOutcome, RangeMethod};
 use std::collections::{BTreeMap, HashMap};
 use tcc_ir::op::fused::{ActQuant, MAX_INT8_K};
 use tcc_ir::op::{BinaryKind, Epilogue, FusedMatMul};
@@ -34,9 +34,8 @@ pub struct QuantizeInt8 {
 pub enum Activations {
     /// At run time, from each row's or the tensor's range.
     Dynamic(ActQuant),
-    /// With fixed parameters from the ranges calibration observed, each range the central
-    /// `1 - 2 * tail` of the values (`tail = 0`: min/max).
-    Static { tail: f64 },
+    /// With fixed parameters from the ranges calibration observed, set by `range`.
+    Static { range: RangeMethod },
 }
 
 /// Smallest table (elements) whose rows are stored in `s8`: vocabularies and positions, not
@@ -44,31 +43,44 @@ pub enum Activations {
 const MIN_EMBEDDING: usize = 1 << 14;
 
 impl QuantizeInt8 {
-    /// From pipeline options: `act=row|tensor|static`, `tail=F` (static: the share of values
-    /// clipped at each end of the observed ranges, e.g. `1e-4`; default 0, min/max).
+    /// From pipeline options: `act=row|tensor|static`; for static activations
+    /// `calibrate=minmax|percentile|entropy` and `tail=F` (percentile: the share of values
+    /// clipped at each end of the observed ranges, default `1e-4`; `tail` alone means
+    /// percentile).
     pub fn from_options(o: &BTreeMap<String, String>) -> Result<QuantizeInt8, String> {
         let mut q = QuantizeInt8 { act: Activations::Dynamic(ActQuant::DynamicRow), embeddings: true };
         let tail = match o.get("tail") {
-            None => 0.0,
+            None => None,
             Some(t) => match t.parse::<f64>() {
-                Ok(t) if (0.0..0.5).contains(&t) => t,
+                Ok(t) if (0.0..0.5).contains(&t) => Some(t),
                 _ => return Err(format!("quantize-int8: tail={t}: expected a number in [0, 0.5)")),
             },
+        };
+        let range = match (o.get("calibrate").map(String::as_str), tail) {
+            (None, Some(tail)) | (Some("percentile"), Some(tail)) => RangeMethod::Percentile { tail },
+            (Some("percentile"), None) => RangeMethod::Percentile { tail: 1e-4 },
+            (None | Some("minmax"), _) => RangeMethod::MinMax,
+            (Some("entropy"), _) => RangeMethod::Entropy,
+            (Some(other), _) => {
+                return Err(format!("quantize-int8: calibrate={other}: expected minmax, percentile or entropy"))
+            }
         };
         for (key, v) in o {
             match (key.as_str(), v.as_str()) {
                 ("act", "row") => q.act = Activations::Dynamic(ActQuant::DynamicRow),
                 ("act", "tensor") => q.act = Activations::Dynamic(ActQuant::DynamicTensor),
-                ("act", "static") => q.act = Activations::Static { tail },
+                ("act", "static") => q.act = Activations::Static { range },
                 ("act", other) => return Err(format!("quantize-int8: act={other}: expected row, tensor or static")),
-                ("tail", _) => {}
+                ("tail" | "calibrate", _) => {}
                 ("embeddings", "true") => q.embeddings = true,
                 ("embeddings", "false") => q.embeddings = false,
                 ("embeddings", other) => {
                     return Err(format!("quantize-int8: embeddings={other}: expected true or false"))
                 }
                 (other, _) => {
-                    return Err(format!("quantize-int8: unknown option `{other}` (known: act, tail, embeddings)"))
+                    return Err(format!(
+                        "quantize-int8: unknown option `{other}` (known: act, calibrate, tail, embeddings)"
+                    ))
                 }
             }
         }
@@ -87,7 +99,7 @@ impl Pass for QuantizeInt8 {
         let mut ranges: HashMap<ValueId, (f32, f32)> = HashMap::new();
         // The products loop below changes ops and adds constants, never nodes: computed once.
         let producers = g.producers();
-        if let Activations::Static { tail } = self.act {
+        if let Activations::Static { range } = self.act {
             let calibrator = cx.calibrator.clone().ok_or_else(|| {
                 tcc_ir::Error::Calibration("quantize-int8{act=static} needs calibration samples (--calibration)".into())
             })?;
@@ -101,7 +113,7 @@ impl Pass for QuantizeInt8 {
             inputs.dedup();
             let stats = calibrator.observe(g, &inputs).map_err(tcc_ir::Error::Calibration)?;
             for (v, s) in inputs.iter().zip(&stats) {
-                ranges.insert(*v, s.range(tail));
+                ranges.insert(*v, s.range(range));
             }
             out.stat("calibrated_values", inputs.len() as i64);
         }
@@ -318,8 +330,64 @@ impl Pass for IntegerMatMul {
     }
 
     fn run(&mut self, g: &mut Graph, _: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
-        rewrite_matches(g, match_dynamic)
+        let mut out = rewrite_matches(g, match_dynamic)?;
+        let lowered = lower_dequantize(g)?;
+        if lowered > 0 {
+            out.changed = true;
+            out.stat("dequantize_lowered", lowered as i64);
+        }
+        Ok(out)
     }
+}
+
+/// What is left of onnxruntime's dynamic quantization after the products: the lookups in its
+/// `u8` embedding tables, `DequantizeLinear(Gather(table, ids), scale, zero)` with one scale
+/// and zero point. Every `DequantizeLinear` of 8-bit values with a constant scalar scale and
+/// zero point becomes `(Cast(x) - zero) * scale` in f32 (the same values: `q - zero` is an
+/// exact small integer either way), so that no quantization op is left in the compiled model
+/// and the table stays in `u8`. Returns how many were lowered.
+fn lower_dequantize(g: &mut Graph) -> tcc_ir::Result<usize> {
+    let mut lowered = 0;
+    for n in 0..g.nodes.len() {
+        let node = &g.nodes[n];
+        let Op::DequantizeLinear(_) = node.op else { continue };
+        let (Some(Some(x)), Some(Some(s)), z, Some(&old)) = (
+            node.inputs.first().copied(),
+            node.inputs.get(1).copied(),
+            node.inputs.get(2).copied().flatten(),
+            node.outputs.first(),
+        ) else {
+            continue;
+        };
+        // Constant weights are `qdq-matmul`'s (or folding's).
+        if !matches!(g.fact(x).dtype, DType::U8 | DType::I8) || g.const_of(x).is_some() {
+            continue;
+        }
+        let scale = g.const_of(s).filter(|t| t.dtype() == DType::F32 && t.len() == 1).cloned();
+        let zero = match z {
+            None => Some(0),
+            Some(z) => g.const_of(z).filter(|t| t.len() == 1).and_then(|t| t.to_i64s().ok()).map(|v| v[0]),
+        };
+        let (Some(scale), Some(zero)) = (scale, zero) else { continue };
+        let name = node.name.clone();
+        let scalar = |v: f32| Tensor::new(vec![], vec![v]).map_err(tcc_ir::Error::Runtime);
+        let wide = g.add1(tcc_ir::op::Cast { to: DType::F32 }, &[x], format!("{name}.f32"))?;
+        let centered = if zero == 0 {
+            wide
+        } else {
+            let zc = g.add_const(format!("{name}.zero"), scalar(zero as f32)?);
+            g.add1(tcc_ir::op::Binary::new(BinaryKind::Sub), &[wide, zc], format!("{name}.centered"))?
+        };
+        let sc = g.add_const(format!("{name}.scale"), scale.reshape(vec![]).map_err(tcc_ir::Error::Runtime)?);
+        let y = g.add1(tcc_ir::op::Binary::new(BinaryKind::Mul), &[centered, sc], g.value(old).name.clone())?;
+        g.replace_uses(old, y);
+        lowered += 1;
+    }
+    if lowered > 0 {
+        g.remove_dead_nodes();
+        g.toposort()?;
+    }
+    Ok(lowered)
 }
 
 type Producers = HashMap<ValueId, (usize, usize)>;
@@ -663,6 +731,37 @@ mod tests {
         // The integer product read by something else than the scale.
         let w = Tensor::new(vec![8, 5], vec![1i8; 40]).unwrap();
         let mut g = dynamic_graph(w, Tensor::scalar(0i8), true);
+        assert!(!IntegerMatMul.run(&mut g, &mut PassContext::default()).unwrap().changed);
+    }
+
+    /// onnxruntime's quantized embedding lookup: `DequantizeLinear(Gather(table, ids), s, z)`.
+    fn lookup_graph(scale: Tensor, zero: Tensor) -> (Graph, Vec<(String, Tensor)>) {
+        let mut g = Graph::new("lookup");
+        let ids = g.add_input("ids", tcc_ir::Fact::new(DType::I64, vec![tcc_ir::Dim::sym("batch"), 4i64.into()]));
+        let table: Vec<u8> = (0..60).map(|i| (i * 97 % 256) as u8).collect();
+        let t = g.add_const("table", Tensor::new(vec![10, 6], table).unwrap());
+        let rows = g.add1(tcc_ir::op::Gather { axis: 0 }, &[t, ids], "gather").unwrap();
+        let (s, z) = (g.add_const("s", scale), g.add_const("z", zero));
+        let y = g.add1(DequantizeLinear { axis: 1 }, &[rows, s, z], "dq").unwrap();
+        g.add_output("y", y);
+        (g, vec![("ids".into(), Tensor::new(vec![2, 4], vec![0i64, 9, 3, 3, 7, 1, 2, 8]).unwrap())])
+    }
+
+    #[test]
+    fn integer_matmul_lowers_quantized_lookups() {
+        let (mut g, ins) = lookup_graph(Tensor::scalar(0.0061048f32), Tensor::scalar(83u8));
+        let want = interp::run(&g, &ins).unwrap();
+        let out = IntegerMatMul.run(&mut g, &mut PassContext::default()).unwrap();
+        tcc_ir::verify(&g).unwrap();
+        assert_eq!(out.stats["dequantize_lowered"], 1);
+        assert!(!g.nodes.iter().any(|n| matches!(n.op, Op::DequantizeLinear(_))));
+        assert!(g.nodes.iter().any(|n| matches!(n.op, Op::Gather(_)) && g.fact(n.outputs[0]).dtype == DType::U8));
+        let got = interp::run(&g, &ins).unwrap();
+        let bits = |t: &Tensor| t.as_slice::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got[0].1), bits(&want[0].1), "the same values, bit for bit");
+        // One scale per column: left alone.
+        let (mut g, _) =
+            lookup_graph(Tensor::new(vec![6], vec![0.01f32; 6]).unwrap(), Tensor::new(vec![6], vec![3u8; 6]).unwrap());
         assert!(!IntegerMatMul.run(&mut g, &mut PassContext::default()).unwrap().changed);
     }
 

@@ -77,9 +77,9 @@ pub struct Fast {
     /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, by the address of
     /// the weight tensor's data.
     colsums: HashMap<usize, (Tensor, Vec<i32>)>,
-    /// Without VNNI: the `s8` weights of integer `FusedMatMul`s as f32 panels (exact integers),
-    /// by the address of the weight tensor's data.
-    f32_weights: HashMap<usize, (Tensor, Tensor)>,
+    /// Without VNNI: the `s8` weights of integer `FusedMatMul`s as panels of `i16` pairs
+    /// (`kernels::int16`), by the address of the weight tensor's data.
+    pair_weights: HashMap<usize, (Tensor, Tensor)>,
     /// The last activations an integer product quantized (Q, K and V read the same): the
     /// tensor is held, so its data cannot be freed and its address reused while cached.
     #[cfg(target_arch = "x86_64")]
@@ -133,8 +133,8 @@ impl Fast {
             _ => vec![],
         });
         for f in products {
-            // Without the integer kernel, an integer product runs on the f32 driver with its
-            // activations' row scales as a last, column-broadcast operand (`int8_on_f32`).
+            // Without the VNNI kernel, an integer product runs on the driver with the pair kernel
+            // and its activations' row scales as a last, column-broadcast operand (`int8_on_pairs`).
             let (epilogue, extra, last_bcast) = match f.int8 {
                 Some(_) if !native_int8 => (f.epilogue.scale_first(f.extra), f.extra + 1, true),
                 _ => (f.epilogue.clone(), f.extra, false),
@@ -183,13 +183,13 @@ impl Fast {
             chains,
             int8: HashMap::new(),
             colsums: HashMap::new(),
-            f32_weights: HashMap::new(),
+            pair_weights: HashMap::new(),
             #[cfg(target_arch = "x86_64")]
             quantized: std::sync::Mutex::new(None),
         })
     }
 
-    /// Whether integer products run on the VNNI kernel (else on the f32 driver).
+    /// Whether integer products run on the VNNI kernel (else on the pair kernel).
     fn native_int8(tier: Tier) -> bool {
         tier == Tier::Avx512 && crate::kernels::int8::vnni512_supported()
     }
@@ -204,13 +204,13 @@ impl Fast {
                 let (Some(_), Some([k, n])) = (f.int8, f.packed) else { continue };
                 let Some((_, w)) = constants.iter().find(|(s, _)| s == b) else { continue };
                 let Ok(data) = w.as_slice::<i8>() else { continue };
-                if data.len() != f.packed_len(k, n) || self.f32_weights.contains_key(&(data.as_ptr() as usize)) {
+                if data.len() != f.packed_len(k, n) || self.pair_weights.contains_key(&(data.as_ptr() as usize)) {
                     continue;
                 }
-                let dense: Vec<f32> = crate::kernels::int8::unpack_b_s8(k, n, data).iter().map(|&v| v as f32).collect();
-                let packed = crate::kernels::pack_b(k, n, &dense);
+                let dense = crate::kernels::int8::unpack_b_s8(k, n, data);
+                let packed = crate::kernels::int16::pack_b_pairs(k, n, &dense);
                 if let Ok(t) = Tensor::new(vec![packed.len()], packed) {
-                    self.f32_weights.insert(data.as_ptr() as usize, (w.clone(), t));
+                    self.pair_weights.insert(data.as_ptr() as usize, (w.clone(), t));
                 }
             }
             return;
@@ -474,17 +474,23 @@ impl Fast {
     fn fused_matmul(&self, f: &FusedMatMul, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
         if let Some(act) = f.int8 {
             if !Fast::native_int8(self.jit.tier) {
-                return self.int8_on_f32(f, act, inputs);
+                return self.int8_on_pairs(f, act, inputs);
             }
             #[cfg(target_arch = "x86_64")]
             return self.fused_matmul_int8(f, act, inputs);
             #[cfg(not(target_arch = "x86_64"))]
             return None;
         }
+        self.product(f, inputs, false)
+    }
+
+    /// A float `FusedMatMul` on the generated driver, or with `pairs` an integer one whose
+    /// operands are `i16` pairs (`int8_on_pairs`) on the pair kernel.
+    fn product(&self, f: &FusedMatMul, inputs: &[Option<&Tensor>], pairs: bool) -> Option<Result<Vec<Tensor>>> {
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
         let extras: Vec<&Tensor> = (0..f.extra).map(|i| inputs.get(2 + i).copied().flatten()).collect::<Option<_>>()?;
         let p = match Product::prepare(f, a.shape(), b, &extras)? {
-            Ok(p) => p,
+            Ok(p) => Product { pairs, ..p },
             Err(e) => return Some(Err(e)),
         };
         let driver = self.jit.gemm(&p.spec)?;
@@ -543,19 +549,19 @@ impl Fast {
     }
 
     /// An integer `FusedMatMul` without the VNNI kernel: the activations quantized as the
-    /// reference does, then `q - zero` (small integers, exact in f32) times the weights
-    /// (integers in f32 panels, prepared at load) on the f32 driver, the row scales first in
-    /// the epilogue. Products of integers this small are exact in f32, and so is their sum
-    /// while it stays below 2^24: the reference's values, to float rounding of larger sums.
-    fn int8_on_f32(
+    /// reference does and centered (`q - zero`, in `i16` pairs), times the weights (`i16` pairs,
+    /// prepared at load) on the pair kernel, whose exact `i32` sums the driver's epilogue
+    /// scales by the row scales first: the reference's values, bit for bit.
+    fn int8_on_pairs(
         &self,
         f: &FusedMatMul,
         act: fused::ActQuant,
         inputs: &[Option<&Tensor>],
     ) -> Option<Result<Vec<Tensor>>> {
+        use crate::kernels::int16;
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
-        let (_, w) = self.f32_weights.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
-        let [k, _] = f.packed?;
+        let (_, w) = self.pair_weights.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
+        let [k, n] = f.packed?;
         let a = match &f.a_perm {
             Some(p) => match fused::transpose_tensor(a, p) {
                 Ok(t) => t,
@@ -568,6 +574,7 @@ impl Fast {
         }
         let xs = a.as_slice::<f32>().ok()?;
         let rows = xs.len() / k.max(1);
+        let kp = int16::pairs(k);
         let range = |x: &[f32]| x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
         let whole = match act {
             fused::ActQuant::DynamicRow => None,
@@ -578,7 +585,7 @@ impl Fast {
             fused::ActQuant::Static { scale, zero_point } => Some((scale, zero_point)),
         };
         let divide = matches!(act, fused::ActQuant::Static { .. });
-        let mut centered = Uninit::new(rows * k);
+        let mut centered = Uninit::new(rows * kp);
         let mut scales = vec![0f32; rows];
         let (cp, sp) = (SendPtr(centered.ptr()), scales.as_mut_ptr() as usize);
         let chunk = (1 << 14) / k.max(1) + 1;
@@ -589,25 +596,29 @@ impl Fast {
                     let (l, h) = range(x);
                     crate::op::dynamic_qparams(l, h)
                 });
-                // SAFETY: row r of the buffer (k floats) and scale r are this task's alone.
+                // SAFETY: row r of the buffer (kp pair units, 2 * kp `i16`: f32's alignment
+                // covers i16's) and scale r are this task's alone.
                 unsafe {
-                    let out = std::slice::from_raw_parts_mut(cp.get().add(r * k), k);
+                    let out = std::slice::from_raw_parts_mut(cp.get().add(r * kp) as *mut i16, 2 * kp);
                     centered_row(x, out, s, z, divide);
                     *(sp as *mut f32).add(r) = s;
                 }
             }
         });
-        // SAFETY: every row was written.
+        // SAFETY: every row was written (with its padding).
         let centered = unsafe { centered.assume_init() };
+        let mut pair_shape = a.shape().to_vec();
+        *pair_shape.last_mut()? = kp;
         let mut scale_shape = a.shape().to_vec();
         *scale_shape.last_mut()? = 1;
-        let (centered, scales) = match (Tensor::new(a.shape().to_vec(), centered), Tensor::new(scale_shape, scales)) {
+        let (centered, scales) = match (Tensor::new(pair_shape, centered), Tensor::new(scale_shape, scales)) {
             (Ok(c), Ok(s)) => (c, s),
             (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
         };
         let g = FusedMatMul {
             a_perm: None,
             int8: None,
+            packed: Some([kp, n]),
             epilogue: f.epilogue.scale_first(f.extra),
             extra: f.extra + 1,
             ..f.clone()
@@ -615,7 +626,7 @@ impl Fast {
         let mut ins: Vec<Option<&Tensor>> = vec![Some(&centered), Some(w)];
         ins.extend(inputs.iter().skip(2).take(f.extra).copied());
         ins.push(Some(&scales));
-        self.fused_matmul(&g, &ins)
+        self.product(&g, &ins, true)
     }
 
     /// An integer `FusedMatMul` on the VNNI kernel: `A` quantized (AVX-512, bit-exact with the
@@ -771,6 +782,9 @@ impl Fast {
     /// epilogue.
     #[cfg(target_arch = "x86_64")]
     fn split_k(&self, p: &Product, threads: usize) -> Option<usize> {
+        if p.pairs {
+            return None;
+        }
         self.split_k_for(p.m, p.k, p.n, p.offsets.len(), &p.spec.epilogue, threads)
     }
 
@@ -1010,6 +1024,9 @@ struct Product<'t> {
     /// Extra epilogue inputs: data, per-batch offsets, row stride.
     extras: Vec<(&'t [f32], Vec<usize>, usize)>,
     spec: GemmSpec,
+    /// A and B hold `i16` pairs (`kernels::int16`, `k` counted in pairs): the pair kernel runs,
+    /// over the whole of `k` at once (its `i32` sums are exact, f32 partial sums would not be).
+    pairs: bool,
 }
 
 impl<'t> Product<'t> {
@@ -1099,7 +1116,21 @@ impl<'t> Product<'t> {
             col_broadcast.push(cb);
         }
         let spec = GemmSpec { epilogue: f.epilogue.clone(), col_broadcast };
-        Some(Ok(Product { m, n, k, lda, ldc, batch, offsets, b: bsrc, out_shape, total, extras: ex, spec }))
+        Some(Ok(Product {
+            m,
+            n,
+            k,
+            lda,
+            ldc,
+            batch,
+            offsets,
+            b: bsrc,
+            out_shape,
+            total,
+            extras: ex,
+            spec,
+            pairs: false,
+        }))
     }
 
     fn panel_len(&self) -> usize {
@@ -1162,13 +1193,13 @@ impl<'t> Product<'t> {
             ldc,
             panel_begin: p0,
             panel_end: p1,
-            kernel: fast.jit.micro_kernel as usize,
-            mr: fast.jit.tier.mr(),
-            kc: KC,
+            kernel: if self.pairs { fast.jit.pair_kernel } else { fast.jit.micro_kernel } as usize,
+            mr: if self.pairs { fast.jit.pair_mr } else { fast.jit.tier.mr() },
+            kc: if self.pairs { k.max(1) } else { KC },
             operands: std::ptr::null(),
             epilogue_fn: 0,
             epilogue_ctx: std::ptr::null(),
-            k_outer: usize::from(crate::jit::gemm::k_outer_pays(self.m, k, KC)),
+            k_outer: usize::from(!self.pairs && crate::jit::gemm::k_outer_pays(self.m, k, KC)),
             panel_stride: self.k * NR,
         }
     }
@@ -1275,22 +1306,25 @@ impl Product<'_> {
     }
 }
 
-/// `q - zero` (as f32) of one row quantized to `u8` as [`fused::ActQuant::quantize`] does:
-/// `round_half_even(clamp(x / scale or x * (1 / scale), -zero, 255 - zero))`, NaN giving 0.
-/// With AVX2 the loop runs eight lanes at a time (the same operations, so the same values).
-fn centered_row(x: &[f32], out: &mut [f32], s: f32, z: u8, divide: bool) {
+/// `q - zero` of one row quantized to `u8` as [`fused::ActQuant::quantize`] does:
+/// `round_half_even(clamp(x / scale or x * (1 / scale), -zero, 255 - zero))`, NaN giving 0;
+/// `out` past the row's length is zeroed. With AVX2 the loop runs eight lanes at a time (the
+/// same operations, so the same values).
+fn centered_row(x: &[f32], out: &mut [i16], s: f32, z: u8, divide: bool) {
     #[inline(always)]
-    fn body(x: &[f32], out: &mut [f32], s: f32, z: u8, divide: bool) {
+    fn body(x: &[f32], out: &mut [i16], s: f32, z: u8, divide: bool) {
         let (inv, lo, hi) = (1.0 / s, -(z as f32), 255.0 - z as f32);
-        for (o, &v) in out.iter_mut().zip(x) {
+        let (head, pad) = out.split_at_mut(x.len().min(out.len()));
+        for (o, &v) in head.iter_mut().zip(x) {
             let t = if divide { v / s } else { v * inv };
             let t = if t.is_nan() { 0.0 } else { t.clamp(lo, hi) };
-            *o = t.round_ties_even();
+            *o = t.round_ties_even() as i16;
         }
+        pad.fill(0);
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    fn avx2(x: &[f32], out: &mut [f32], s: f32, z: u8, divide: bool) {
+    fn avx2(x: &[f32], out: &mut [i16], s: f32, z: u8, divide: bool) {
         body(x, out, s, z, divide)
     }
     #[cfg(target_arch = "x86_64")]
@@ -1798,14 +1832,12 @@ mod tests {
         }
     }
 
-    /// Dynamic quantization and standalone GELU (the integer models' element-wise work) on
-    /// AVX-512: the reference's bytes and parameters exactly; GELU within the epilogues'
-    /// approximation error.
     /// Integer products (activations quantized per row, per tensor or statically, `s8`
     /// weights, exact `i32` sums) give the reference's values bit for bit with a bias and the
     /// weights' scales as the epilogue, on odd shapes, batched, with a transposed output, on
-    /// every tier: the VNNI kernel, and without it the f32 driver on exact integers; with GELU
-    /// in the epilogue, to its polynomial's accuracy.
+    /// every tier: the VNNI kernel, and without it the pair kernels (AVX-VNNI or AVX2 `pmaddwd`,
+    /// the generated one on the portable tier); with GELU in the epilogue, to its polynomial's
+    /// accuracy.
     #[test]
     fn int8_products_match_the_reference() {
         let scale_bias = Epilogue(vec![
@@ -2001,6 +2033,9 @@ mod tests {
         }
     }
 
+    /// Dynamic quantization and standalone GELU (the integer models' element-wise work) on
+    /// AVX-512: the reference's bytes and parameters exactly; GELU within the epilogues'
+    /// approximation error.
     #[test]
     fn dynamic_quantization_and_gelu_fast_paths() {
         let Some(fast) = fast_for(Tier::Avx512, &[]) else { return };

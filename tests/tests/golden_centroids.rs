@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use tcc_compiler::driver::{self, BuildOptions};
+use tcc_passes::RangeMethod;
 use tcc_runtime::Model;
 use tcc_tests::support::{cosine, fixtures, scratch};
 
@@ -192,15 +193,15 @@ fn static_int8_minilm_calibrated_on_other_sentences() {
     let lines = |v: &[&str]| v.join("\n");
     std::fs::write(&calibration, lines(&calib)).unwrap();
     std::fs::write(&eval, lines(&held)).unwrap();
-    let build = |tail: f64| {
+    let build = |range: RangeMethod| {
         let opts = BuildOptions {
             tokenizer: Some(f.tokenizer.clone()),
-            quantize: Some(tcc_passes::Activations::Static { tail }),
+            quantize: Some(tcc_passes::Activations::Static { range }),
             calibration: Some(calibration.clone()),
             eval: Some(eval.clone()),
             ..Default::default()
         };
-        let art = dir.join(format!("static-{tail}.tcc"));
+        let art = dir.join(format!("static-{}.tcc", range.to_string().replace([' ', ',', '='], "_")));
         let report = driver::build(&f.model("minilm_l6").path, &art, &opts).unwrap();
         let m = Model::load(&art).unwrap();
         let statics = m.plan().steps.iter().filter(|s| {
@@ -209,20 +210,28 @@ fn static_int8_minilm_calibrated_on_other_sentences() {
         assert_eq!(statics.count(), 36);
         report.accuracy.unwrap().outputs[0].clone()
     };
-    let minmax = build(0.0);
-    let clipped = build(1e-4);
+    let minmax = build(RangeMethod::MinMax);
+    let clipped = build(RangeMethod::Percentile { tail: 1e-4 });
+    let entropy = build(RangeMethod::Entropy);
     eprintln!(
-        "static int8 MiniLM-L6 on {} held-out queries: min/max ranges cosine mean {:.4} worst {:.4}; 99.99% ranges {:.4} / {:.4}",
+        "static int8 MiniLM-L6 on {} held-out queries, cosine mean / worst: min/max ranges {:.4} / {:.4}; 99.99% ranges {:.4} / {:.4}; entropy {:.4} / {:.4}",
         held.len(),
         minmax.mean_cosine,
         minmax.min_cosine,
         clipped.mean_cosine,
-        clipped.min_cosine
+        clipped.min_cosine,
+        entropy.mean_cosine,
+        entropy.min_cosine,
     );
     assert!(minmax.mean_cosine >= 0.99 && minmax.min_cosine >= 0.97, "{minmax:?}");
+    // MiniLM's outlier channels matter: ranges that clip them cost accuracy.
     assert!(clipped.mean_cosine < minmax.mean_cosine);
+    assert!(entropy.mean_cosine < minmax.mean_cosine);
     // Static quantization without calibration samples is a clear error.
-    let opts = BuildOptions { quantize: Some(tcc_passes::Activations::Static { tail: 0.0 }), ..Default::default() };
+    let opts = BuildOptions {
+        quantize: Some(tcc_passes::Activations::Static { range: RangeMethod::MinMax }),
+        ..Default::default()
+    };
     let err = driver::build(&f.model("minilm_l6").path, &dir.join("x.tcc"), &opts).unwrap_err().to_string();
     assert!(err.contains("--calibration"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);

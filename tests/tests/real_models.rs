@@ -65,10 +65,11 @@ fn check(name: &str, tol: f64) {
         "{name}: fused structures {st:?}"
     );
     // onnxruntime's dynamic and QDQ quantizations run as integer products: no quantization op
-    // of the activations is left, and every product by weights is an integer product.
+    // is left (the embedding tables' lookups dequantize in plain arithmetic), and every product
+    // by weights is an integer product.
     if ["MatMulInteger", "QuantizeLinear"].iter().any(|op| imported.source_op_counts.contains_key(*op)) {
         let ops = plan.op_counts();
-        for op in ["MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear"] {
+        for op in ["MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"] {
             assert!(!ops.contains_key(op), "{name}: {op} left in the plan: {ops:?}");
         }
         let products = plan.steps.iter().filter_map(|s| match &s.op {

@@ -5,7 +5,7 @@ use super::emit::{mem, Emitter};
 use crate::kernels::NR;
 use crate::op::{BinaryKind, EpiOp, Epilogue, UnaryKind};
 use cranelift_codegen::ir::condcodes::{FloatCC, IntCC};
-use cranelift_codegen::ir::{types, AbiParam, InstBuilder, Signature, Type, Value};
+use cranelift_codegen::ir::{types, AbiParam, Endianness, InstBuilder, MemFlagsData, Signature, Type, Value};
 use cranelift_codegen::isa::CallConv;
 
 /// Arguments of a generated GEMM driver, read by the generated code at fixed offsets.
@@ -354,8 +354,11 @@ fn emit_tile_epilogue(
 }
 
 /// The portable micro-kernel, `kernels::MicroKernel` in 128-bit vectors: tiles of up to 4 rows
-/// by 8 columns, four times across the 32-column panel. Params as the Rust kernels.
-pub fn emit_portable_kernel(e: &mut Emitter, params: &[Value]) {
+/// by 8 columns, four times across the 32-column panel. Params as the Rust kernels. With
+/// `pairs`, the integer kernel over `i16` pairs of `kernels::int16` (`k` in pairs): `pmaddwd`
+/// (the `imul`/`swiden`/`iadd_pairwise` tree Cranelift folds into it) into `i32` lanes,
+/// converted to f32 as they are stored.
+pub fn emit_portable_kernel(e: &mut Emitter, params: &[Value], pairs: bool) {
     let (k, a, lda, b, c, ldc, m, n, accumulate) =
         (params[0], params[1], params[2], params[3], params[4], params[5], params[6], params[7], params[8]);
     // One specialized body per row count.
@@ -375,7 +378,7 @@ pub fn emit_portable_kernel(e: &mut Emitter, params: &[Value]) {
     e.b.ins().jump(done, &[]);
     for (r, &blk) in bodies.iter().enumerate() {
         e.b.switch_to_block(blk);
-        emit_portable_tile(e, r + 1, k, a, lda, b, c, ldc, n, accumulate);
+        emit_portable_tile(e, r + 1, k, a, lda, b, c, ldc, n, accumulate, pairs);
         e.b.ins().jump(done, &[]);
     }
     e.b.switch_to_block(done);
@@ -393,7 +396,9 @@ fn emit_portable_tile(
     ldc: Value,
     n: Value,
     accumulate: Value,
+    pairs: bool,
 ) {
+    let acc_ty = if pairs { types::I32X4 } else { types::F32X4 };
     let lda4 = e.b.ins().imul_imm_s(lda, 4);
     let ldc4 = e.b.ins().imul_imm_s(ldc, 4);
     let zero = e.i64(0);
@@ -404,10 +409,15 @@ fn emit_portable_tile(
         let wanted = e.b.ins().icmp(IntCC::SignedLessThan, col0, n);
         e.if_then(wanted, |e| {
             let bs = e.addr(b, col0, 4);
-            let z = e.fconst(types::F32X4, 0.0);
+            let z = if pairs {
+                let z = e.b.ins().iconst(types::I32, 0);
+                e.b.ins().splat(types::I32X4, z)
+            } else {
+                e.fconst(types::F32X4, 0.0)
+            };
             let accs: Vec<_> = (0..rows * 2)
                 .map(|_| {
-                    let v = e.b.declare_var(types::F32X4);
+                    let v = e.b.declare_var(acc_ty);
                     e.b.def_var(v, z);
                     v
                 })
@@ -415,8 +425,9 @@ fn emit_portable_tile(
             let zero = e.i64(0);
             e.for_range(zero, k, 1, |e, p| {
                 let brow = e.addr(bs, p, (NR * 4) as i64);
-                let b0 = e.b.ins().load(types::F32X4, mem(), brow, 0);
-                let b1 = e.b.ins().load(types::F32X4, mem(), brow, 16);
+                let b_ty = if pairs { types::I16X8 } else { types::F32X4 };
+                let b0 = e.b.ins().load(b_ty, mem(), brow, 0);
+                let b1 = e.b.ins().load(b_ty, mem(), brow, 16);
                 let ap = e.addr(a, p, 4);
                 for r in 0..rows {
                     let row = if r == 0 {
@@ -425,12 +436,30 @@ fn emit_portable_tile(
                         let off = e.b.ins().imul_imm_s(lda4, r as i64);
                         e.b.ins().iadd(ap, off)
                     };
-                    let s = e.b.ins().load(types::F32, mem(), row, 0);
-                    let av = e.b.ins().splat(types::F32X4, s);
+                    let av = if pairs {
+                        let s = e.b.ins().load(types::I32, mem(), row, 0);
+                        let v = e.b.ins().splat(types::I32X4, s);
+                        let le = MemFlagsData::new().with_endianness(Endianness::Little);
+                        e.b.ins().bitcast(types::I16X8, le, v)
+                    } else {
+                        let s = e.b.ins().load(types::F32, mem(), row, 0);
+                        e.b.ins().splat(types::F32X4, s)
+                    };
                     for h in 0..2 {
                         let acc = e.b.use_var(accs[r * 2 + h]);
                         let bv = if h == 0 { b0 } else { b1 };
-                        let nv = e.fmadd(av, bv, acc);
+                        let nv = if pairs {
+                            let lo_a = e.b.ins().swiden_low(av);
+                            let lo_b = e.b.ins().swiden_low(bv);
+                            let lo = e.b.ins().imul(lo_a, lo_b);
+                            let hi_a = e.b.ins().swiden_high(av);
+                            let hi_b = e.b.ins().swiden_high(bv);
+                            let hi = e.b.ins().imul(hi_a, hi_b);
+                            let dot = e.b.ins().iadd_pairwise(lo, hi);
+                            e.b.ins().iadd(acc, dot)
+                        } else {
+                            e.fmadd(av, bv, acc)
+                        };
                         e.b.def_var(accs[r * 2 + h], nv);
                     }
                 }
@@ -444,8 +473,12 @@ fn emit_portable_tile(
                     let base = e.b.ins().iadd(c, off);
                     e.addr(base, col0, 4)
                 };
-                let v0 = e.b.use_var(accs[r * 2]);
-                let v1 = e.b.use_var(accs[r * 2 + 1]);
+                let mut v0 = e.b.use_var(accs[r * 2]);
+                let mut v1 = e.b.use_var(accs[r * 2 + 1]);
+                if pairs {
+                    v0 = e.b.ins().fcvt_from_sint(types::F32X4, v0);
+                    v1 = e.b.ins().fcvt_from_sint(types::F32X4, v1);
+                }
                 let full_block = e.b.create_block();
                 let part_block = e.b.create_block();
                 let join = e.b.create_block();

@@ -83,6 +83,10 @@ pub struct Jit {
     _code: CodeMemory,
     pub tier: Tier,
     pub micro_kernel: MicroKernel,
+    /// The integer micro-kernel over `i16` pairs (`kernels::int16`) for CPUs without AVX-512
+    /// VNNI, and its tile height.
+    pub pair_kernel: MicroKernel,
+    pub pair_mr: usize,
     pub softmax: SoftmaxFn,
     pub layernorm: LayerNormFn,
     pub pack: PackFn,
@@ -193,7 +197,18 @@ impl Jit {
         })?;
         let pack_id = define(&mut module, "pack", sig(&[i64, i64, i64, i64, i64, i64]), &|e, p| gemm::emit_pack(e, p))?;
         let portable_id = if rust_kernel.is_none() {
-            Some(define(&mut module, "portable_kernel", kernel_sig.clone(), &|e, p| gemm::emit_portable_kernel(e, p))?)
+            Some(define(&mut module, "portable_kernel", kernel_sig.clone(), &|e, p| {
+                gemm::emit_portable_kernel(e, p, false)
+            })?)
+        } else {
+            None
+        };
+        // The integer kernel over `i16` pairs (`kernels::int16`): native with AVX2, else generated.
+        let native_pairs = if tier == Tier::Portable { None } else { crate::kernels::int16::native_kernel() };
+        let pair_id = if native_pairs.is_none() {
+            Some(define(&mut module, "pair_kernel", kernel_sig.clone(), &|e, p| {
+                gemm::emit_portable_kernel(e, p, true)
+            })?)
         } else {
             None
         };
@@ -226,6 +241,13 @@ impl Jit {
             (None, Some(id)) => unsafe { std::mem::transmute::<*const u8, MicroKernel>(get(id)) },
             (None, None) => unreachable!("a portable kernel is generated when there is no Rust one"),
         };
+        let (pair_kernel, pair_mr) = match (native_pairs, pair_id) {
+            (Some(k), _) => k,
+            (None, Some(id)) => {
+                (unsafe { std::mem::transmute::<*const u8, MicroKernel>(get(id)) }, Tier::Portable.mr())
+            }
+            (None, None) => unreachable!("a pair kernel is generated when there is no native one"),
+        };
         let mut softmax = unsafe { std::mem::transmute::<*const u8, SoftmaxFn>(get(softmax_id)) };
         let mut layernorm = unsafe { std::mem::transmute::<*const u8, LayerNormFn>(get(ln_id)) };
         let mut tile_epilogue: Option<TileEpilogueFn> = None;
@@ -247,6 +269,8 @@ impl Jit {
             _code: CodeMemory(Some(module)),
             tier,
             micro_kernel,
+            pair_kernel,
+            pair_mr,
             softmax,
             layernorm,
             pack,
@@ -276,6 +300,37 @@ impl Jit {
         packed_b: &[f32],
         c: &mut [f32],
     ) -> Result<()> {
+        self.plain(m, k, n, a, packed_b, c, self.micro_kernel, self.tier.mr(), 256)
+    }
+
+    /// [`Jit::gemm_single_thread`] of an integer product on the pair kernel: `a` holds `m`
+    /// rows of `kp` `i16` pairs, `packed_b` the weights packed by
+    /// [`crate::kernels::int16::pack_b_pairs`]; `c` gets the exact sums as f32.
+    pub fn gemm_pairs_single_thread(
+        &self,
+        m: usize,
+        kp: usize,
+        n: usize,
+        a: &[f32],
+        packed_b: &[f32],
+        c: &mut [f32],
+    ) -> Result<()> {
+        self.plain(m, kp, n, a, packed_b, c, self.pair_kernel, self.pair_mr, kp)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn plain(
+        &self,
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[f32],
+        packed_b: &[f32],
+        c: &mut [f32],
+        kernel: MicroKernel,
+        mr: usize,
+        kc: usize,
+    ) -> Result<()> {
         let driver = self
             .gemm(&GemmSpec { epilogue: Epilogue::default(), col_broadcast: vec![] })
             .ok_or_else(|| jit_err("no plain driver"))?;
@@ -294,13 +349,13 @@ impl Jit {
             ldc: n,
             panel_begin: 0,
             panel_end: panels,
-            kernel: self.micro_kernel as usize,
-            mr: self.tier.mr(),
-            kc: 256,
+            kernel: kernel as usize,
+            mr,
+            kc,
             operands: std::ptr::null(),
             epilogue_fn: 0,
             epilogue_ctx: std::ptr::null(),
-            k_outer: usize::from(gemm::k_outer_pays(m, k, 256)),
+            k_outer: usize::from(gemm::k_outer_pays(m, k, kc)),
             panel_stride: k * crate::kernels::NR,
         };
         // SAFETY: the sizes were checked above; the identity epilogue reads no operand.

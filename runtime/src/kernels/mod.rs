@@ -30,6 +30,7 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512_vec;
+pub mod int16;
 pub mod int8;
 
 /// Width of a packed weight panel, shared by every tier.
