@@ -222,3 +222,32 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// tryaii's 217 real labelled queries, by class.
+pub fn queries() -> BTreeMap<String, Vec<String>> {
+    let text = std::fs::read_to_string(&fixtures().queries).expect("queries file");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("queries are JSON");
+    v["benchmarks"]
+        .as_object()
+        .expect("benchmarks")
+        .iter()
+        .map(|(k, b)| {
+            let qs = b["queries"].as_array().expect("queries").iter().map(|q| q.as_str().expect("a query").to_string());
+            (k.clone(), qs.collect())
+        })
+        .collect()
+}
+
+/// The real queries split in two files of sentences in `dir`: even-numbered ones to calibrate
+/// on, odd-numbered ones held out to measure on. Returns `(calibration, held_out, held-out count)`.
+pub fn calibration_split(dir: &Path) -> (PathBuf, PathBuf, usize) {
+    let qs: Vec<String> = queries().values().flatten().map(|q| q.replace('\n', " ")).collect();
+    let half = |parity: usize| {
+        qs.iter().enumerate().filter(|(i, _)| i % 2 == parity).map(|(_, q)| q.as_str()).collect::<Vec<_>>()
+    };
+    let (calib, held) = (half(0), half(1));
+    let (c, h) = (dir.join("calibration.txt"), dir.join("heldout.txt"));
+    std::fs::write(&c, calib.join("\n")).expect("write calibration");
+    std::fs::write(&h, held.join("\n")).expect("write held-out");
+    (c, h, held.len())
+}

@@ -56,8 +56,15 @@ pub struct RuntimeCalibrator {
 /// Most elements kept per value for percentiles.
 const SAMPLE: usize = 1 << 18;
 
-impl tcc_passes::Calibrator for RuntimeCalibrator {
-    fn observe(&self, g: &tcc_ir::Graph, values: &[tcc_ir::ValueId]) -> Result<Vec<tcc_passes::ValueStats>, String> {
+impl RuntimeCalibrator {
+    /// Runs `g` with `values` as extra outputs on every sample, handing each sample's observed
+    /// tensors to `seen`.
+    fn run(
+        &self,
+        g: &tcc_ir::Graph,
+        values: &[tcc_ir::ValueId],
+        mut seen: impl FnMut(&[(String, Tensor)]) -> Result<bool, String>,
+    ) -> Result<usize, String> {
         let mut g = g.clone();
         let names: Vec<String> = (0..values.len()).map(|i| format!("calibration:{i}")).collect();
         for (n, v) in names.iter().zip(values) {
@@ -70,17 +77,27 @@ impl tcc_passes::Calibrator for RuntimeCalibrator {
         };
         let model = crate::driver::in_memory_model(&plan, &weights, tokenizer.as_deref()).map_err(|e| e.to_string())?;
         let samples = samples(&self.data, &model)?;
+        for s in &samples {
+            let outs = model.run(&s.inputs).map_err(|e| e.to_string())?;
+            // The observed values are the last outputs (by position: a model's own output may
+            // have any name).
+            if !seen(&outs[outs.len().saturating_sub(names.len())..])? {
+                break;
+            }
+        }
+        Ok(samples.len())
+    }
+}
+
+impl tcc_passes::Calibrator for RuntimeCalibrator {
+    fn observe(&self, g: &tcc_ir::Graph, values: &[tcc_ir::ValueId]) -> Result<Vec<tcc_passes::ValueStats>, String> {
         let mut stats = vec![
             tcc_passes::ValueStats { min: f32::INFINITY, max: f32::NEG_INFINITY, sample: Vec::new() };
             values.len()
         ];
         // Each sample contributes evenly to the kept elements.
-        let per_sample = (SAMPLE / samples.len().max(1)).max(1);
-        for s in &samples {
-            let outs = model.run(&s.inputs).map_err(|e| e.to_string())?;
-            // The observed values are the last outputs (by position: a model's own output may
-            // have any name).
-            let observed = &outs[outs.len().saturating_sub(names.len())..];
+        let per_sample = (SAMPLE / self.count()?.max(1)).max(1);
+        let seen = |observed: &[(String, Tensor)]| -> Result<bool, String> {
             for (st, (_, t)) in stats.iter_mut().zip(observed) {
                 let v = t.as_slice::<f32>().map_err(|e| e.to_string())?;
                 for &x in v.iter().filter(|x| !x.is_nan()) {
@@ -90,8 +107,44 @@ impl tcc_passes::Calibrator for RuntimeCalibrator {
                 let stride = v.len().div_ceil(per_sample).max(1);
                 st.sample.extend(v.iter().step_by(stride).filter(|x| !x.is_nan()));
             }
-        }
+            Ok(true)
+        };
+        self.run(g, values, seen)?;
         Ok(stats)
+    }
+
+    fn capture(&self, g: &tcc_ir::Graph, values: &[tcc_ir::ValueId], max_rows: usize) -> Result<Vec<Tensor>, String> {
+        let mut rows: Vec<(usize, Vec<f32>)> = vec![(0, Vec::new()); values.len()];
+        self.run(g, values, |observed| {
+            let mut room = false;
+            for ((width, data), (name, t)) in rows.iter_mut().zip(observed) {
+                let v = t.as_slice::<f32>().map_err(|e| format!("{name}: {e}"))?;
+                let w = t.shape().last().copied().unwrap_or(1).max(1);
+                if *width != 0 && *width != w {
+                    return Err(format!("{name}: rows of {w} values after rows of {width}"));
+                }
+                *width = w;
+                let take = (max_rows.saturating_sub(data.len() / w) * w).min(v.len());
+                data.extend_from_slice(&v[..take]);
+                room |= data.len() / w < max_rows;
+            }
+            Ok(room)
+        })?;
+        rows.into_iter()
+            .map(|(w, data)| Tensor::new(vec![data.len() / w.max(1), w.max(1)], data).map_err(|e| e.to_string()))
+            .collect()
+    }
+}
+
+impl RuntimeCalibrator {
+    /// How many samples the data holds (without running anything).
+    fn count(&self) -> Result<usize, String> {
+        let ext = self.data.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        if ext == "npz" || ext == "json" {
+            return Ok(1);
+        }
+        let text = std::fs::read_to_string(&self.data).map_err(|e| format!("{}: {e}", self.data.display()))?;
+        Ok(text.lines().filter(|l| !l.trim().is_empty()).count())
     }
 }
 

@@ -44,8 +44,11 @@ pub struct BuildOptions {
     /// Quantize products by constant weights to int8 after the pipeline (`--quantize int8`),
     /// activations as this says.
     pub quantize: Option<tcc_passes::Activations>,
-    /// Samples to calibrate static activations on (`--calibration`): sentences or inputs,
-    /// as for `eval`.
+    /// Remove attention heads and FFN neurons after the pipeline, before quantizing
+    /// (`--prune-heads`, `--prune-ffn`).
+    pub prune: Option<tcc_passes::Prune>,
+    /// Samples to calibrate on (`--calibration`): static activation ranges, what pruning
+    /// removes and refits; sentences or inputs, as for `eval`.
     pub calibration: Option<PathBuf>,
     /// Samples to measure the compressed build against the `f32` build on (`--eval`):
     /// sentences (one a line) or `.npz`/`.json` inputs.
@@ -60,6 +63,7 @@ impl Default for BuildOptions {
             print_after: Vec::new(),
             progress: false,
             quantize: None,
+            prune: None,
             calibration: None,
             eval: None,
         }
@@ -169,10 +173,21 @@ fn compile_stages(
     };
     let mut passes = pm.run(&mut g, &mut cx)?;
     let mut f32_graph = None;
+    if keep_f32 && (opts.quantize.is_some() || opts.prune.is_some()) {
+        f32_graph = Some(g.compact());
+    }
+    if let Some(data) = opts.calibration.clone() {
+        cx.calibrator =
+            Some(std::sync::Arc::new(crate::accuracy::RuntimeCalibrator { data, tokenizer: opts.tokenizer.clone() }));
+    }
+    if let Some(prune) = &opts.prune {
+        let text = format!("{},dce", prune.pipeline_text());
+        pb.set_message(format!("running passes: {text}"));
+        let mut pm = PassManager::new(&Pipeline::parse(&text, registry)?, registry)?;
+        pm.print_after = opts.print_after.clone();
+        passes.extend(pm.run(&mut g, &mut cx)?);
+    }
     if let Some(act) = opts.quantize {
-        if keep_f32 {
-            f32_graph = Some(g.compact());
-        }
         use tcc_runtime::op::fused::ActQuant;
         let act = match act {
             tcc_passes::Activations::Dynamic(ActQuant::DynamicRow) => "row".to_string(),
@@ -181,13 +196,11 @@ fn compile_stages(
                 return Err(BuildError::Options("--quantize: static parameters come from --calibration".into()))
             }
             tcc_passes::Activations::Static { range } => {
-                let data = opts.calibration.clone().ok_or_else(|| {
-                    BuildError::Options("static activations need calibration samples: give --calibration FILE".into())
-                })?;
-                cx.calibrator = Some(std::sync::Arc::new(crate::accuracy::RuntimeCalibrator {
-                    data,
-                    tokenizer: opts.tokenizer.clone(),
-                }));
+                if opts.calibration.is_none() {
+                    return Err(BuildError::Options(
+                        "static activations need calibration samples: give --calibration FILE".into(),
+                    ));
+                }
                 match range {
                     tcc_passes::RangeMethod::MinMax => "static, calibrate=minmax".to_string(),
                     tcc_passes::RangeMethod::Percentile { tail } => {
@@ -305,15 +318,15 @@ fn evaluate(
     data: &Path,
     progress: bool,
 ) -> Result<crate::accuracy::AccuracyReport, BuildError> {
-    // Each compressed product's output, probed in both builds (found by name): where the
-    // error enters.
+    // Each product by weights, probed in both builds (found by name, where the shapes agree:
+    // a pruned product's output is narrower): where the error enters.
     let mut probes = Vec::new();
     let (mut rg, mut cg) = (reference.clone(), candidate.clone());
     let computed: std::collections::HashMap<&str, ValueId> =
         reference.nodes.iter().flat_map(|n| &n.outputs).map(|&v| (reference.value(v).name.as_str(), v)).collect();
     for node in &candidate.nodes {
         let (Op::FusedMatMul(f), Some(&v)) = (&node.op, node.outputs.first()) else { continue };
-        if f.int8.is_none() {
+        if f.packed.is_none() {
             continue;
         }
         let name = candidate.value(v).name.clone();
@@ -365,7 +378,8 @@ pub fn build_with(
         }
     };
     // Accuracy on the held-out samples, else on the calibration samples.
-    let eval = opts.eval.as_ref().or(opts.calibration.as_ref().filter(|_| opts.quantize.is_some()));
+    let compressed = opts.quantize.is_some() || opts.prune.is_some();
+    let eval = opts.eval.as_ref().or(opts.calibration.as_ref().filter(|_| compressed));
     let (g, f32_graph, mut report) = compile_stages(source, opts, registry, &pb, eval.is_some())?;
     pb.set_message("lowering");
     let t1 = Instant::now();
@@ -375,7 +389,9 @@ pub fn build_with(
     if let Some(data) = eval {
         let reference = match &f32_graph {
             Some(f) => f,
-            None => return Err(BuildError::Eval("--eval measures a compressed build: give --quantize".into())),
+            None => {
+                return Err(BuildError::Eval("--eval measures a compressed build: give --quantize or --prune-*".into()))
+            }
         };
         report.accuracy = Some(evaluate(reference, &g, tokenizer.as_deref(), data, opts.progress)?);
     }

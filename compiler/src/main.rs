@@ -62,9 +62,19 @@ enum Command {
         /// (as onnxruntime's dynamic quantization). With --calibration they are static.
         #[arg(long, value_name = "GRANULARITY", default_value = "row", value_parser = ["row", "tensor"], requires = "quantize")]
         act_quant: String,
-        /// Calibrate static activation ranges on these samples (sentences one a line, needs
-        /// --tokenizer, or .npz/.json inputs): no range computed at run time.
-        #[arg(long, value_name = "FILE", requires = "quantize")]
+        /// Remove attention heads: a fraction of all heads (the least important on
+        /// --calibration's samples), or named heads, `l0h3+l5h11` (layer 0 head 3, layer 5
+        /// head 11). The output projections are refit on the calibration samples.
+        #[arg(long, value_name = "F|HEADS")]
+        prune_heads: Option<String>,
+        /// Remove this fraction of all FFN intermediate neurons (the least important on
+        /// --calibration's samples; the second FFN product is refit on them).
+        #[arg(long, value_name = "F")]
+        prune_ffn: Option<f64>,
+        /// Calibration samples (sentences one a line, needs --tokenizer, or .npz/.json
+        /// inputs): with --quantize, static activation ranges (none computed at run time);
+        /// with --prune-*, what to remove and how to refit what stays.
+        #[arg(long, value_name = "FILE")]
         calibration: Option<PathBuf>,
         /// How calibration sets each range: `minmax` (all values), `percentile` (clips the
         /// 0.01% most extreme values at each end) or `entropy` (the clipping whose 256-level
@@ -73,7 +83,7 @@ enum Command {
         calibrate: String,
         /// Measure the compressed build against the f32 build on these samples: a text file
         /// of sentences (one a line, needs --tokenizer) or .npz/.json inputs.
-        #[arg(long, value_name = "FILE", requires = "quantize")]
+        #[arg(long, value_name = "FILE")]
         eval: Option<PathBuf>,
     },
     /// Run an artifact on inputs from a file or on text.
@@ -164,10 +174,33 @@ fn run(cmd: Command) -> Result<()> {
             report_json,
             quantize,
             act_quant,
+            prune_heads,
+            prune_ffn,
             calibration,
             calibrate,
             eval,
         } => {
+            let prune = match (&prune_heads, prune_ffn) {
+                (None, None) => None,
+                (heads, ffn) => Some(tcc_passes::Prune {
+                    heads: heads
+                        .as_deref()
+                        .map(tcc_passes::parse_heads)
+                        .transpose()
+                        .map_err(|e| format!("--prune-heads {e}"))?,
+                    ffn: match ffn {
+                        Some(f) if (0.0..1.0).contains(&f) => f,
+                        Some(f) => return Err(format!("--prune-ffn {f}: expected a fraction in [0, 1)").into()),
+                        None => 0.0,
+                    },
+                    ..Default::default()
+                }),
+            };
+            if quantize.is_none() && prune.is_none() && (calibration.is_some() || eval.is_some()) {
+                return Err(
+                    "--calibration and --eval need something to calibrate or measure: --quantize or --prune-*".into()
+                );
+            }
             if print_ir_after_all {
                 print_after.push("*".into());
             }
@@ -190,6 +223,7 @@ fn run(cmd: Command) -> Result<()> {
                 print_after,
                 progress: true,
                 quantize: quantize.map(|_| act),
+                prune,
                 calibration,
                 eval,
             };

@@ -119,6 +119,42 @@ fn quantize_int8_with_an_accuracy_report() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `tcc build --prune-heads / --prune-ffn` as a user runs it: the report says what went per
+/// layer and how close the pruned build stays, `inspect` shows the heads per layer, the
+/// artifact runs, and the mistakes get one-line errors.
+#[test]
+fn prune_heads_and_neurons() {
+    let f = fixtures();
+    let m = f.model("minilm_l6");
+    let dir = scratch("cli-prune");
+    let (art, sentences) = (dir.join("pruned.tcc"), dir.join("sentences.txt"));
+    std::fs::write(&sentences, f.sentences.join("\n")).unwrap();
+    let base = ["build", s(&m.path), "-o", s(&art), "--tokenizer", s(&f.tokenizer)];
+    let calib = ["--calibration", s(&sentences)];
+    let report = ok(&[&base[..], &["--prune-heads", "0.25", "--prune-ffn", "0.25"], &calib[..]].concat());
+    assert!(report.contains("heads_removed=18") && report.contains("heads_kept.layer00="), "{report}");
+    assert!(report.contains("ffn_neurons_removed=") && report.contains("accuracy against the f32 build"), "{report}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&art), "--json"])).unwrap();
+    let heads: Vec<u64> = v["attention_heads"].as_array().unwrap().iter().map(|h| h.as_u64().unwrap()).collect();
+    assert_eq!(heads.iter().sum::<u64>(), 54, "{heads:?}");
+    let text = ok(&["run", s(&art), "--text", "how do I renew my policy?"]);
+    assert!(text.starts_with("last_hidden_state: f32[1, 9, 384] ["), "{text}");
+    // Named heads need no calibration.
+    ok(&[&base[..], &["--prune-heads", "l0h1+l5h11"]].concat());
+    // Mistakes.
+    let err = fails(&[&base[..], &["--prune-heads", "0.25"]].concat());
+    assert!(err.contains("--calibration"), "{err}");
+    let err = fails(&[&base[..], &["--prune-heads", "l0h99"]].concat());
+    assert!(err.contains("layer 0 has 12 heads, no head 99"), "{err}");
+    let err = fails(&[&base[..], &["--prune-heads", "half"]].concat());
+    assert!(err.contains("`half` is neither a fraction nor a head"), "{err}");
+    let err = fails(&[&base[..], &["--prune-ffn", "1.5"], &calib[..]].concat());
+    assert!(err.contains("--prune-ffn 1.5"), "{err}");
+    let err = fails(&[&base[..], &calib[..]].concat());
+    assert!(err.contains("--quantize or --prune"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn write_model(path: &Path, nodes: Vec<proto::NodeProto>, opset: i64) {
     let f32_input = |name: &str| proto::ValueInfoProto {
         name: Some(name.into()),

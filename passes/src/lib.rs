@@ -13,13 +13,15 @@
 //! - a pass leaves a graph that passes [`tcc_ir::verify`] (the manager checks);
 //! - passes never change what a graph computes beyond float rounding, except passes whose
 //!   documentation says they approximate, which report what they changed: `quantize-int8`
-//!   (the quantization error) and `integer-matmul` (activations quantized by the reciprocal
-//!   of the scale, which can move a value on a rounding midpoint by one quantum).
+//!   (the quantization error), `integer-matmul` (activations quantized by the reciprocal
+//!   of the scale, which can move a value on a rounding midpoint by one quantum) and `prune`
+//!   (what the removed heads and neurons contributed, less the refit's correction).
 
 pub mod eqsat;
 mod fold;
 mod fuse;
 mod manager;
+mod prune;
 mod quantize;
 pub mod tutorial;
 
@@ -29,6 +31,7 @@ pub use manager::{
     Calibrator, Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, RangeMethod, Registry,
     ValueStats,
 };
+pub use prune::{parse_heads, HeadChoice, Prune, Spread};
 pub use quantize::{Activations, IntegerMatMul, QdqMatMul, QuantizeInt8};
 
 /// The pipeline `tcc build` runs by default.

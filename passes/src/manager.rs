@@ -166,6 +166,14 @@ fn kl_divergence(p: &[f64], q: &[f64]) -> f64 {
 /// takes the time of running it).
 pub trait Calibrator {
     fn observe(&self, g: &Graph, values: &[tcc_ir::ValueId]) -> Result<Vec<ValueStats>, String>;
+
+    /// Every element the values held, each as rows of its last dimension (`[rows, features]`,
+    /// the samples' rows one after the other, at most `max_rows`): what pruning fits its
+    /// corrections on.
+    fn capture(&self, g: &Graph, values: &[tcc_ir::ValueId], max_rows: usize) -> Result<Vec<tcc_ir::Tensor>, String> {
+        let _ = (g, values, max_rows);
+        Err("this calibrator does not capture values".into())
+    }
 }
 
 /// What a pass did.
@@ -282,6 +290,11 @@ impl Registry {
             "quantize-int8",
             "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time per row or tensor, or static from calibration; embedding tables s8 (options: act=row|tensor|static, calibrate=minmax|percentile|entropy, tail=F, embeddings=true|false)",
             |o| Ok(Box::new(crate::QuantizeInt8::from_options(o)?)),
+        );
+        r.register(
+            "prune",
+            "structured pruning from calibration: the least important attention heads and FFN neurons removed, the projections after them refit by least squares (options: heads=F|l0h1+l2h5, ffn=F, rows=N)",
+            |o| Ok(Box::new(crate::Prune::from_options(o)?)),
         );
         r.alias("canon", "fold,dce");
         r

@@ -10,7 +10,7 @@ use std::path::Path;
 use tcc_compiler::driver::{self, BuildOptions};
 use tcc_passes::RangeMethod;
 use tcc_runtime::Model;
-use tcc_tests::support::{cosine, fixtures, scratch};
+use tcc_tests::support::{calibration_split, cosine, fixtures, queries, scratch};
 
 fn l2_normalize(v: &mut [f32]) {
     let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
@@ -35,18 +35,6 @@ fn embed(m: &Model, text: &str) -> Vec<f32> {
     e.iter_mut().for_each(|x| *x /= seq as f32);
     l2_normalize(&mut e);
     e
-}
-
-fn queries() -> BTreeMap<String, Vec<String>> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&fixtures().queries).unwrap()).unwrap();
-    v["benchmarks"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, b)| {
-            (k.clone(), b["queries"].as_array().unwrap().iter().map(|q| q.as_str().unwrap().to_string()).collect())
-        })
-        .collect()
 }
 
 fn shipped(path: &Path) -> BTreeMap<String, Vec<f32>> {
@@ -184,15 +172,7 @@ fn int8_minilm_keeps_the_embeddings_and_the_task() {
 fn static_int8_minilm_calibrated_on_other_sentences() {
     let f = fixtures();
     let dir = scratch("golden-static-int8");
-    let qs: Vec<String> = queries().values().flatten().map(|q| q.replace('\n', " ")).collect();
-    let half = |parity: usize| {
-        qs.iter().enumerate().filter(|(i, _)| i % 2 == parity).map(|(_, q)| q.as_str()).collect::<Vec<_>>()
-    };
-    let (calib, held) = (half(0), half(1));
-    let (calibration, eval) = (dir.join("calibration.txt"), dir.join("heldout.txt"));
-    let lines = |v: &[&str]| v.join("\n");
-    std::fs::write(&calibration, lines(&calib)).unwrap();
-    std::fs::write(&eval, lines(&held)).unwrap();
+    let (calibration, eval, held) = calibration_split(&dir);
     let build = |range: RangeMethod| {
         let opts = BuildOptions {
             tokenizer: Some(f.tokenizer.clone()),
@@ -215,7 +195,7 @@ fn static_int8_minilm_calibrated_on_other_sentences() {
     let entropy = build(RangeMethod::Entropy);
     eprintln!(
         "static int8 MiniLM-L6 on {} held-out queries, cosine mean / worst: min/max ranges {:.4} / {:.4}; 99.99% ranges {:.4} / {:.4}; entropy {:.4} / {:.4}",
-        held.len(),
+        held,
         minmax.mean_cosine,
         minmax.min_cosine,
         clipped.mean_cosine,
