@@ -171,14 +171,15 @@ fn compile_stages(
         cpu_features: tcc_runtime::cpu::host().map(|c| c.features).unwrap_or_default(),
         ..Default::default()
     };
+    // Any pass of any stage may calibrate (`prune` or `quantize-int8{act=static}` in `--passes` too).
+    if let Some(data) = opts.calibration.clone() {
+        cx.calibrator =
+            Some(std::sync::Arc::new(crate::accuracy::RuntimeCalibrator { data, tokenizer: opts.tokenizer.clone() }));
+    }
     let mut passes = pm.run(&mut g, &mut cx)?;
     let mut f32_graph = None;
     if keep_f32 && (opts.quantize.is_some() || opts.prune.is_some()) {
         f32_graph = Some(g.compact());
-    }
-    if let Some(data) = opts.calibration.clone() {
-        cx.calibrator =
-            Some(std::sync::Arc::new(crate::accuracy::RuntimeCalibrator { data, tokenizer: opts.tokenizer.clone() }));
     }
     if let Some(prune) = &opts.prune {
         let text = format!("{},dce", prune.pipeline_text());

@@ -196,7 +196,8 @@ fn run(cmd: Command) -> Result<()> {
                     ..Default::default()
                 }),
             };
-            if quantize.is_none() && prune.is_none() && (calibration.is_some() || eval.is_some()) {
+            let calibrating_pass = ["prune", "quantize-int8"].iter().any(|p| passes.contains(p));
+            if quantize.is_none() && prune.is_none() && !calibrating_pass && (calibration.is_some() || eval.is_some()) {
                 return Err(
                     "--calibration and --eval need something to calibrate or measure: --quantize or --prune-*".into()
                 );

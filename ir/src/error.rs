@@ -21,6 +21,9 @@ pub enum Error {
     /// Calibration (running the graph on the user's samples) failed or was not given.
     #[error("calibration: {0}")]
     Calibration(String),
+    /// A pass cannot do what it was asked on this graph (the message says why).
+    #[error("{0}")]
+    Pass(String),
 }
 
 impl Error {

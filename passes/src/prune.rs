@@ -595,11 +595,11 @@ impl Pass for Prune {
         if self.heads.is_none() && self.ffn == 0.0 {
             return Ok(out);
         }
-        let fail = |m: String| tcc_ir::Error::Calibration(format!("prune: {m}"));
+        let fail = |m: String| tcc_ir::Error::Pass(m);
         let heads = if self.heads.is_some() { head_blocks(g) } else { Vec::new() };
         let ffns = if self.ffn > 0.0 { ffn_blocks(g) } else { Vec::new() };
         if self.heads.is_some() && heads.is_empty() {
-            return Err(fail("no attention block whose heads can be removed (Q, K, V and the output projection as products by weights)".into()));
+            return Err(fail("no attention block whose heads can be removed (separate Q, K and V products by weights, then the output projection; onnxruntime's fused Attention with one QKV weight is not handled yet)".into()));
         }
         if self.ffn > 0.0 && ffns.is_empty() {
             return Err(fail("no FFN block (two products by weights in a row, widening then back)".into()));
@@ -607,7 +607,9 @@ impl Pass for Prune {
         let calibrator = cx.calibrator.clone();
         let fractions = matches!(self.heads, Some(HeadChoice::Fraction(_))) || self.ffn > 0.0;
         if fractions && calibrator.is_none() {
-            return Err(fail("choosing what to remove needs calibration samples (--calibration)".into()));
+            return Err(tcc_ir::Error::Calibration(
+                "choosing what to remove needs calibration samples (--calibration)".into(),
+            ));
         }
         // The unpruned model on the calibration samples: each block's projection input (what
         // the refit targets) and output (what scores are relative to).
@@ -738,7 +740,7 @@ impl Prune {
         rows: &[f32],
         shift: &[f32],
     ) -> tcc_ir::Result<()> {
-        let fail = |m: String| tcc_ir::Error::Calibration(format!("prune: layer {l}: {m}"));
+        let fail = |m: String| tcc_ir::Error::Pass(format!("layer {l}: {m}"));
         let old = g.nodes[b.out.node].outputs[0];
         if keep.is_empty() {
             // No head left: the block is its projection's bias (plus the mean of what the
