@@ -71,6 +71,11 @@ enum Command {
         /// --calibration's samples; the second FFN product is refit on them).
         #[arg(long, value_name = "F")]
         prune_ffn: Option<f64>,
+        /// Remove whole layers: a count (those whose removal alone changes the outputs least
+        /// on --calibration's samples), or named layers, `l3+l5`. Runs before --prune-heads
+        /// and --prune-ffn, whose layers are then numbered among those left.
+        #[arg(long, value_name = "N|LAYERS")]
+        prune_layers: Option<String>,
         /// Calibration samples (sentences one a line, needs --tokenizer, or .npz/.json
         /// inputs): with --quantize, static activation ranges (none computed at run time);
         /// with --prune-*, what to remove and how to refit what stays.
@@ -176,13 +181,19 @@ fn run(cmd: Command) -> Result<()> {
             act_quant,
             prune_heads,
             prune_ffn,
+            prune_layers,
             calibration,
             calibrate,
             eval,
         } => {
-            let prune = match (&prune_heads, prune_ffn) {
-                (None, None) => None,
-                (heads, ffn) => Some(tcc_passes::Prune {
+            let prune = match (&prune_heads, prune_ffn, &prune_layers) {
+                (None, None, None) => None,
+                (heads, ffn, layers) => Some(tcc_passes::Prune {
+                    layers: layers
+                        .as_deref()
+                        .map(tcc_passes::parse_layers)
+                        .transpose()
+                        .map_err(|e| format!("--prune-layers {e}"))?,
                     heads: heads
                         .as_deref()
                         .map(tcc_passes::parse_heads)

@@ -141,6 +141,16 @@ fn prune_heads_and_neurons() {
     assert!(text.starts_with("last_hidden_state: f32[1, 9, 384] ["), "{text}");
     // Named heads need no calibration.
     ok(&[&base[..], &["--prune-heads", "l0h1+l5h11"]].concat());
+    // Whole layers: the one whose removal changes the outputs least, then heads of those left.
+    let report = ok(&[&base[..], &["--prune-layers", "1", "--prune-heads", "l4h0"], &calib[..]].concat());
+    assert!(report.contains("layers_removed=1") && report.contains("layer_error_ppm.layer05="), "{report}");
+    let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&art), "--json"])).unwrap();
+    assert_eq!(v["layers"], 5, "{v}");
+    assert_eq!(v["attention_heads"].as_array().unwrap().iter().map(|h| h.as_u64().unwrap()).sum::<u64>(), 59);
+    let err = fails(&[&base[..], &["--prune-layers", "l6"]].concat());
+    assert!(err.contains("layer 6 does not exist (6 layers)"), "{err}");
+    let err = fails(&[&base[..], &["--prune-layers", "2"]].concat());
+    assert!(err.contains("--calibration"), "{err}");
     // Mistakes.
     let err = fails(&[&base[..], &["--prune-heads", "0.25"]].concat());
     assert!(err.contains("--calibration"), "{err}");

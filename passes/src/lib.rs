@@ -31,7 +31,7 @@ pub use manager::{
     Calibrator, Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, RangeMethod, Registry,
     ValueStats,
 };
-pub use prune::{parse_heads, HeadChoice, Prune, Spread};
+pub use prune::{parse_heads, parse_layers, HeadChoice, LayerChoice, Prune, Spread};
 pub use quantize::{Activations, IntegerMatMul, QdqMatMul, QuantizeInt8};
 
 /// The pipeline `tcc build` runs by default.

@@ -293,7 +293,7 @@ impl Registry {
         );
         r.register(
             "prune",
-            "structured pruning from calibration: the least important attention heads and FFN neurons removed, the projections after them refit by least squares (options: heads=F|l0h1+l2h5, ffn=F, rows=N)",
+            "structured pruning from calibration: whole layers, then the least important attention heads and FFN neurons removed, the projections after them refit by least squares (options: layers=N|l3+l5, heads=F|l0h1+l2h5, ffn=F, spread=global|uniform, rows=N)",
             |o| Ok(Box::new(crate::Prune::from_options(o)?)),
         );
         r.alias("canon", "fold,dce");

@@ -44,6 +44,8 @@ pub enum HeadChoice {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Prune {
     pub heads: Option<HeadChoice>,
+    /// Whole layers to remove.
+    pub layers: Option<LayerChoice>,
     /// The fraction of all FFN intermediate neurons to remove.
     pub ffn: f64,
     /// Calibration tokens captured at most (rows of the captured activations).
@@ -53,8 +55,30 @@ pub struct Prune {
 
 impl Default for Prune {
     fn default() -> Self {
-        Prune { heads: None, ffn: 0.0, max_rows: 8192, spread: Spread::Global }
+        Prune { heads: None, layers: None, ffn: 0.0, max_rows: 8192, spread: Spread::Global }
     }
+}
+
+/// Which layers go.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerChoice {
+    /// This many, those whose removal alone changes the calibration outputs least.
+    Count(usize),
+    /// These layers (numbered from 0 in graph order).
+    Named(BTreeSet<usize>),
+}
+
+/// A layer spec: a count (`2`) or named layers (`l3+l5`).
+pub fn parse_layers(s: &str) -> Result<LayerChoice, String> {
+    if let Ok(n) = s.parse::<usize>() {
+        return Ok(LayerChoice::Count(n));
+    }
+    s.split(['+', ' '])
+        .filter(|t| !t.is_empty())
+        .map(|t| t.trim().strip_prefix('l').and_then(|l| l.parse().ok()).ok_or(t))
+        .collect::<Result<BTreeSet<usize>, _>>()
+        .map(LayerChoice::Named)
+        .map_err(|bad| format!("layers={s}: `{bad}` is neither a count nor a layer like l3"))
 }
 
 /// A head spec, `l0h1+l0h3+l2h5` (layer 0 heads 1 and 3, layer 2 head 5), or a fraction.
@@ -91,6 +115,13 @@ impl Prune {
             }
             None => {}
         }
+        match &self.layers {
+            Some(LayerChoice::Count(n)) => o.push(format!("layers={n}")),
+            Some(LayerChoice::Named(set)) => {
+                o.push(format!("layers={}", set.iter().map(|l| format!("l{l}")).collect::<Vec<_>>().join("+")))
+            }
+            None => {}
+        }
         if self.ffn > 0.0 {
             o.push(format!("ffn={}", self.ffn));
         }
@@ -109,6 +140,7 @@ impl Prune {
         for (k, v) in o {
             match k.as_str() {
                 "heads" => p.heads = Some(parse_heads(v)?),
+                "layers" => p.layers = Some(parse_layers(v).map_err(|e| format!("prune: {e}"))?),
                 "ffn" => {
                     p.ffn = v
                         .parse::<f64>()
@@ -124,7 +156,9 @@ impl Prune {
                     }
                 }
                 "rows" => p.max_rows = v.parse().ok().filter(|&n| n > 0).ok_or_else(|| format!("prune: rows={v}"))?,
-                other => return Err(format!("prune: unknown option `{other}` (known: heads, ffn, spread, rows)")),
+                other => {
+                    return Err(format!("prune: unknown option `{other}` (known: heads, layers, ffn, spread, rows)"))
+                }
             }
         }
         Ok(p)
@@ -592,8 +626,14 @@ impl Pass for Prune {
 
     fn run(&mut self, g: &mut Graph, cx: &mut PassContext) -> tcc_ir::Result<PassOutcome> {
         let mut out = PassOutcome::default();
-        if self.heads.is_none() && self.ffn == 0.0 {
+        if self.heads.is_none() && self.ffn == 0.0 && self.layers.is_none() {
             return Ok(out);
+        }
+        if let Some(choice) = &self.layers {
+            self.remove_layers(g, choice, cx, &mut out)?;
+            if self.heads.is_none() && self.ffn == 0.0 {
+                return Ok(out);
+            }
         }
         let fail = |m: String| tcc_ir::Error::Pass(m);
         let heads = if self.heads.is_some() { head_blocks(g) } else { Vec::new() };
@@ -726,7 +766,108 @@ impl Pass for Prune {
     }
 }
 
+/// The layers of a post-LayerNorm encoder: `(input, output)` of each, where the input feeds the
+/// layer's Q/K/V products and the output is the `LayerNorm` after its FFN block, whose input is
+/// the next layer's.
+fn layers(g: &Graph) -> Vec<(ValueId, ValueId)> {
+    let (heads, ffns, users) = (head_blocks(g), ffn_blocks(g), g.users());
+    let mut out = Vec::new();
+    for b in &heads {
+        let Some(x) = g.nodes[b.qkv[0].node].inputs.first().copied().flatten() else { return Vec::new() };
+        // The first FFN block after this attention block, and the LayerNorm after it.
+        let Some(f) = ffns.iter().filter(|f| f.down.node > b.out.node).min_by_key(|f| f.down.node) else {
+            return Vec::new();
+        };
+        let Some(ln) = sole_user(&users, g, g.nodes[f.down.node].outputs[0]) else { return Vec::new() };
+        if !matches!(g.nodes[ln].op, Op::LayerNorm(_)) {
+            return Vec::new();
+        }
+        out.push((x, g.nodes[ln].outputs[0]));
+    }
+    // Each layer's output is the next one's input.
+    let chained = out.windows(2).all(|w| w[0].1 == w[1].0);
+    if chained {
+        out
+    } else {
+        Vec::new()
+    }
+}
+
 impl Prune {
+    /// Removes whole layers: each one's output replaced by its input (LayerDrop at inference).
+    /// A count picks the layers whose removal alone changes the model's outputs least on the
+    /// calibration samples (one run per layer).
+    fn remove_layers(
+        &self,
+        g: &mut Graph,
+        choice: &LayerChoice,
+        cx: &PassContext,
+        out: &mut PassOutcome,
+    ) -> tcc_ir::Result<()> {
+        let all = layers(g);
+        if all.is_empty() {
+            return Err(tcc_ir::Error::Pass(
+                "no encoder layers found to remove (attention then FFN blocks, each ending in a LayerNorm)".into(),
+            ));
+        }
+        let drop: BTreeSet<usize> = match choice {
+            LayerChoice::Named(set) => {
+                if let Some(l) = set.iter().find(|&&l| l >= all.len()) {
+                    return Err(tcc_ir::Error::Pass(format!(
+                        "layers: layer {l} does not exist ({} layers)",
+                        all.len()
+                    )));
+                }
+                set.clone()
+            }
+            LayerChoice::Count(n) => {
+                if *n >= all.len() {
+                    return Err(tcc_ir::Error::Pass(format!("layers: {n} of {} layers would leave none", all.len())));
+                }
+                let calibrator = cx.calibrator.clone().ok_or_else(|| {
+                    tcc_ir::Error::Calibration(
+                        "choosing layers to remove needs calibration samples (--calibration)".into(),
+                    )
+                })?;
+                let outputs: Vec<ValueId> = g.outputs.iter().map(|o| o.value).collect();
+                let base = calibrator.capture(g, &outputs, self.max_rows).map_err(tcc_ir::Error::Calibration)?;
+                let mut cost: Vec<(f64, usize)> = Vec::new();
+                for (l, &(x, y)) in all.iter().enumerate() {
+                    let mut c = g.clone();
+                    c.replace_uses(y, x);
+                    c.remove_dead_nodes();
+                    let outs: Vec<ValueId> = c.outputs.iter().map(|o| o.value).collect();
+                    let got = calibrator.capture(&c, &outs, self.max_rows).map_err(tcc_ir::Error::Calibration)?;
+                    // Relative squared error over every output value.
+                    let (mut num, mut den) = (0f64, 0f64);
+                    for (a, b) in got.iter().zip(&base) {
+                        let (a, b) = (a.as_slice::<f32>().unwrap_or(&[]), b.as_slice::<f32>().unwrap_or(&[]));
+                        for (p, q) in a.iter().zip(b) {
+                            num += ((p - q) as f64).powi(2);
+                            den += (*q as f64).powi(2);
+                        }
+                    }
+                    let e = num / den.max(1e-30);
+                    out.stat(&format!("layer_error_ppm.layer{l:02}"), (e * 1e6).round() as i64);
+                    cost.push((e, l));
+                }
+                cost.sort_by(|a, b| a.0.total_cmp(&b.0));
+                cost.iter().take(*n).map(|&(_, l)| l).collect()
+            }
+        };
+        // Later layers first: each bypass reads the (unchanged) input of its own layer.
+        for &l in drop.iter().rev() {
+            let (x, y) = all[l];
+            g.replace_uses(y, x);
+            out.stat("layers_removed", 1);
+        }
+        if !drop.is_empty() {
+            g.remove_dead_nodes();
+            g.toposort()?;
+        }
+        Ok(())
+    }
+
     /// Rebuilds attention block `b` (layer `l`) with heads `keep` (columns `cols` of the
     /// context), its projection's rows `rows` and bias shift `shift`.
     #[allow(clippy::too_many_arguments)]
