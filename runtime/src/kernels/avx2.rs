@@ -36,23 +36,35 @@ unsafe fn half<const MR: usize>(
             }
         }
         for r in 0..MR {
-            let cp = c.add(r * ldc);
-            if n == 16 {
-                let (mut v0, mut v1) = (acc0[r], acc1[r]);
-                if accumulate {
-                    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cp));
-                    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cp.add(8)));
-                }
-                _mm256_storeu_ps(cp, v0);
-                _mm256_storeu_ps(cp.add(8), v1);
-            } else {
-                let mut tmp = [0f32; 16];
-                _mm256_storeu_ps(tmp.as_mut_ptr(), acc0[r]);
-                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), acc1[r]);
-                for (j, t) in tmp.iter().enumerate().take(n) {
-                    let dst = cp.add(j);
-                    *dst = if accumulate { *dst + t } else { *t };
-                }
+            store16(c.add(r * ldc), acc0[r], acc1[r], n, accumulate);
+        }
+    }
+}
+
+/// Stores (or with `accumulate` adds) the first `n <= 16` of a row's 16 values `v0, v1` at `cp`;
+/// a partial row goes through a stack buffer so that only `n` floats are touched.
+///
+/// # Safety
+/// AVX2 is enabled in the caller and `cp` covers `n` floats.
+#[inline(always)]
+pub(super) unsafe fn store16(cp: *mut f32, v0: __m256, v1: __m256, n: usize, accumulate: bool) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if n == 16 {
+            let (mut v0, mut v1) = (v0, v1);
+            if accumulate {
+                v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cp));
+                v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cp.add(8)));
+            }
+            _mm256_storeu_ps(cp, v0);
+            _mm256_storeu_ps(cp.add(8), v1);
+        } else {
+            let mut tmp = [0f32; 16];
+            _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
+            _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
+            for (j, t) in tmp.iter().enumerate().take(n) {
+                let dst = cp.add(j);
+                *dst = if accumulate { *dst + t } else { *t };
             }
         }
     }

@@ -116,7 +116,6 @@ pub(crate) mod x86 {
         // SAFETY (whole body): the caller guarantees the CPU features, that `a` covers R rows
         // of `k` pairs at stride `lda` (units), `b` points into a panel row with 16 readable
         // units per step of NR, and `c` covers R rows of `n <= 16` floats at stride `ldc`.
-        // Partial tiles go through a stack buffer so that only `n` columns are touched.
         unsafe {
             let mut acc0 = [_mm256_setzero_si256(); R];
             let mut acc1 = [_mm256_setzero_si256(); R];
@@ -133,24 +132,8 @@ pub(crate) mod x86 {
                 }
             }
             for r in 0..R {
-                let cp = c.add(r * ldc);
-                let (mut v0, mut v1) = (_mm256_cvtepi32_ps(acc0[r]), _mm256_cvtepi32_ps(acc1[r]));
-                if n == 16 {
-                    if accumulate {
-                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(cp));
-                        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(cp.add(8)));
-                    }
-                    _mm256_storeu_ps(cp, v0);
-                    _mm256_storeu_ps(cp.add(8), v1);
-                } else {
-                    let mut tmp = [0f32; 16];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), v0);
-                    _mm256_storeu_ps(tmp.as_mut_ptr().add(8), v1);
-                    for (j, t) in tmp.iter().enumerate().take(n) {
-                        let dst = cp.add(j);
-                        *dst = if accumulate { *dst + t } else { *t };
-                    }
-                }
+                let (v0, v1) = (_mm256_cvtepi32_ps(acc0[r]), _mm256_cvtepi32_ps(acc1[r]));
+                super::super::avx2::store16(c.add(r * ldc), v0, v1, n, accumulate);
             }
         }
     }
