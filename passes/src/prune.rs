@@ -2,8 +2,9 @@
 //! matrices around them shrink, and the kernels run on the smaller shapes.
 //!
 //! The pass finds each layer's blocks in the fused graph: an attention block is an `Attention`
-//! whose Q, K and V are `Reshape`s of products by packed weights and whose context, reshaped
-//! back, is the input of the output projection; an FFN block is a product by packed weights
+//! whose Q, K and V are `Reshape`s of products by packed weights (three, or onnxruntime's one
+//! QKV product `Split` in three) and whose context, reshaped back, is the input of the output
+//! projection; an FFN block is a product by packed weights
 //! whose element-wise epilogue (bias, GELU) feeds only the next product.
 //!
 //! **Importance, without labels or gradients.** One run over the calibration samples captures
@@ -204,16 +205,39 @@ fn linear(g: &Graph, node: usize) -> Option<Linear> {
     Some(Linear { node, k, n, w, per_column, bias })
 }
 
-/// An attention block: Q/K/V products, their reshapes, the attention, the reshape back and
-/// the output projection.
+/// An attention block: Q/K/V products (three, or one split in three as onnxruntime's fused
+/// `Attention` has them), their reshapes, the attention, the reshape back and the output
+/// projection.
 struct HeadBlock {
-    qkv: [Linear; 3],
+    qkv: Qkv,
     reshapes: [usize; 3],
     attention: usize,
     merge: usize,
     out: Linear,
     heads: usize,
     d: usize,
+}
+
+enum Qkv {
+    Separate([Linear; 3]),
+    /// One product whose columns are Q, K and V, and the `Split` node after it.
+    Fused(Linear, usize),
+}
+
+impl Qkv {
+    fn input_width(&self) -> usize {
+        match self {
+            Qkv::Separate(l) => l[0].k,
+            Qkv::Fused(l, _) => l.k,
+        }
+    }
+
+    fn first(&self) -> &Linear {
+        match self {
+            Qkv::Separate(l) => &l[0],
+            Qkv::Fused(l, _) => l,
+        }
+    }
 }
 
 /// An FFN block: the first product (columns = neurons) and the second (rows = neurons).
@@ -239,18 +263,32 @@ fn head_blocks(g: &Graph) -> Vec<HeadBlock> {
     for (a, nd) in g.nodes.iter().enumerate() {
         let Op::Attention(_) = nd.op else { continue };
         let found = (|| {
-            let mut qkv = Vec::new();
+            let mut sources = Vec::new();
             let mut reshapes = [0; 3];
             for (i, r) in reshapes.iter_mut().enumerate() {
                 let v = nd.inputs.get(i).copied().flatten()?;
                 let &(rn, _) = producers.get(&v)?;
                 let Op::Reshape(_) = g.nodes[rn].op else { return None };
                 let src = g.nodes[rn].inputs.first().copied().flatten()?;
-                let &(pn, _) = producers.get(&src)?;
                 sole_user(&users, g, src)?;
-                qkv.push(linear(g, pn)?);
+                sources.push(*producers.get(&src)?);
                 *r = rn;
             }
+            let qkv = match *sources.as_slice() {
+                // One `Split` of one product, its outputs 0, 1, 2 in order, equal constant sizes.
+                [(s0, 0), (s1, 1), (s2, 2)] if s0 == s1 && s1 == s2 && matches!(g.nodes[s0].op, Op::Split(_)) => {
+                    let x = g.nodes[s0].inputs.first().copied().flatten()?;
+                    let &(pn, _) = producers.get(&x)?;
+                    sole_user(&users, g, x)?;
+                    let sizes = g.const_of(g.nodes[s0].inputs.get(1).copied().flatten()?)?.to_i64s().ok()?;
+                    let l = linear(g, pn)?;
+                    let third = (l.n / 3) as i64;
+                    (sizes.len() == 3 && sizes.iter().all(|&z| z == third) && l.n % 3 == 0)
+                        .then_some(Qkv::Fused(l, s0))?
+                }
+                [(p0, 0), (p1, 0), (p2, 0)] => Qkv::Separate([linear(g, p0)?, linear(g, p1)?, linear(g, p2)?]),
+                _ => return None,
+            };
             let ctx = nd.outputs[0];
             let shape = &g.fact(ctx).shape;
             let (heads, d) = (const_dim(shape.get(shape.len().checked_sub(2)?)?)?, const_dim(shape.last()?)?);
@@ -261,8 +299,11 @@ fn head_blocks(g: &Graph) -> Vec<HeadBlock> {
                 return None;
             }
             let out = linear(g, o)?;
-            let qkv: [Linear; 3] = qkv.try_into().ok()?;
-            let fits = qkv.iter().all(|l| l.n == heads * d && l.per_column.iter().all(|&c| c)) && out.k == heads * d;
+            let fits = out.k == heads * d
+                && match &qkv {
+                    Qkv::Separate(l) => l.iter().all(|l| l.n == heads * d && l.per_column.iter().all(|&c| c)),
+                    Qkv::Fused(l, _) => l.n == 3 * heads * d && l.per_column.iter().all(|&c| c),
+                };
             fits.then_some(HeadBlock { qkv, reshapes, attention: a, merge, out, heads, d })
         })();
         out.extend(found);
@@ -639,7 +680,7 @@ impl Pass for Prune {
         let heads = if self.heads.is_some() { head_blocks(g) } else { Vec::new() };
         let ffns = if self.ffn > 0.0 { ffn_blocks(g) } else { Vec::new() };
         if self.heads.is_some() && heads.is_empty() {
-            return Err(fail("no attention block whose heads can be removed (separate Q, K and V products by weights, then the output projection; onnxruntime's fused Attention with one QKV weight is not handled yet)".into()));
+            return Err(fail("no attention block whose heads can be removed (Q, K and V as products by weights, then the output projection)".into()));
         }
         if self.ffn > 0.0 && ffns.is_empty() {
             return Err(fail("no FFN block (two products by weights in a row, widening then back)".into()));
@@ -732,7 +773,10 @@ impl Pass for Prune {
                     continue;
                 }
                 out.stat("heads_removed", (b.heads - keep.len()) as i64);
-                out.stat("parameters_removed", ((b.heads - keep.len()) * b.d * (3 * b.qkv[0].k + 3 + b.out.n)) as i64);
+                out.stat(
+                    "parameters_removed",
+                    ((b.heads - keep.len()) * b.d * (3 * b.qkv.input_width() + 3 + b.out.n)) as i64,
+                );
                 let cols: Vec<usize> = keep.iter().flat_map(|&h| h * b.d..(h + 1) * b.d).collect();
                 let (rows, shift) = refit(&gemm, &b.out.w, b.out.n, &cols, input_of(l), input_of(l))?;
                 self.remove_heads(g, l, b, &keep, &cols, &rows, &shift)?;
@@ -773,7 +817,7 @@ fn layers(g: &Graph) -> Vec<(ValueId, ValueId)> {
     let (heads, ffns, users) = (head_blocks(g), ffn_blocks(g), g.users());
     let mut out = Vec::new();
     for b in &heads {
-        let Some(x) = g.nodes[b.qkv[0].node].inputs.first().copied().flatten() else { return Vec::new() };
+        let Some(x) = g.nodes[b.qkv.first().node].inputs.first().copied().flatten() else { return Vec::new() };
         // The first FFN block after this attention block, and the LayerNorm after it.
         let Some(f) = ffns.iter().filter(|f| f.down.node > b.out.node).min_by_key(|f| f.down.node) else {
             return Vec::new();
@@ -899,11 +943,28 @@ impl Prune {
             g.replace_uses(old, y);
             return Ok(());
         }
+        // Q, K and V with the kept heads' columns.
+        let parts: Vec<ValueId> = match &b.qkv {
+            Qkv::Separate(lins) => lins
+                .iter()
+                .map(|lin| {
+                    let a = input(g, lin.node, 0)?;
+                    rebuild(g, lin, a, cols.len(), &columns(&lin.w, lin.k, lin.n, cols), Some(cols), None)
+                })
+                .collect::<tcc_ir::Result<_>>()?,
+            Qkv::Fused(lin, split) => {
+                let third = lin.n / 3;
+                let all: Vec<usize> = (0..3).flat_map(|p| cols.iter().map(move |&c| p * third + c)).collect();
+                let a = input(g, lin.node, 0)?;
+                let y = rebuild(g, lin, a, all.len(), &columns(&lin.w, lin.k, lin.n, &all), Some(&all), None)?;
+                let sizes = Tensor::new(vec![3], vec![cols.len() as i64; 3]).map_err(tcc_ir::Error::Runtime)?;
+                let name = g.nodes[*split].name.clone();
+                let sizes = g.add_const(format!("{name}.sizes"), sizes);
+                g.add_node(g.nodes[*split].op.clone(), vec![Some(y), Some(sizes)], name)?
+            }
+        };
         let mut qkv = Vec::new();
-        for (i, lin) in b.qkv.iter().enumerate() {
-            let a = input(g, lin.node, 0)?;
-            let w = columns(&lin.w, lin.k, lin.n, cols);
-            let y = rebuild(g, lin, a, cols.len(), &w, Some(cols), None)?;
+        for (i, &y) in parts.iter().enumerate() {
             let (op, name) = (g.nodes[b.reshapes[i]].op.clone(), g.nodes[b.reshapes[i]].name.clone());
             let shape = input(g, b.reshapes[i], 1)?;
             let shape = reshape_target(g, shape, 2, b.heads as i64, keep.len() as i64)

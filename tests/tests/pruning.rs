@@ -12,10 +12,10 @@ use tcc_passes::{HeadChoice, Pass, PassContext, PassManager, Pipeline, Prune, Re
 use tcc_runtime::kernels;
 use tcc_tests::support::{calibration_split, centroid_accuracy, fixtures, queries, scratch, shipped, worst_rel_err};
 
-/// The real MiniLM-L6 through the default pipeline (fused, packed weights).
-fn fused_minilm() -> Graph {
+/// A fixture model through the default pipeline (fused, packed weights).
+fn fused(name: &str) -> Graph {
     let f = fixtures();
-    let mut g = tcc_compiler::onnx::import_file(&f.model("minilm_l6").path).unwrap().graph;
+    let mut g = tcc_compiler::onnx::import_file(&f.model(name).path).unwrap().graph;
     let r = Registry::builtin();
     let pipeline = Pipeline::parse(tcc_passes::DEFAULT_PIPELINE, &r).unwrap();
     PassManager::new(&pipeline, &r).unwrap().run(&mut g, &mut PassContext::default()).unwrap();
@@ -59,7 +59,7 @@ fn masked(g: &Graph, heads: &BTreeSet<(usize, usize)>) -> Graph {
 #[test]
 fn removing_named_heads_is_masking_them() {
     let f = fixtures();
-    let g = fused_minilm();
+    let g = fused("minilm_l6");
     let mut heads: BTreeSet<(usize, usize)> = [(0, 1), (0, 3), (1, 11), (5, 0), (5, 6)].into_iter().collect();
     heads.extend((0..12).map(|h| (2, h)));
     let mut pruned = g.clone();
@@ -101,6 +101,24 @@ fn held_out_by_class() -> BTreeMap<String, Vec<String>> {
         }
     }
     out
+}
+
+/// onnxruntime's fused form of the same model (one packed QKV product split in three) loses the
+/// same named heads to the same outputs as the TorchScript export.
+#[test]
+fn fused_qkv_heads_are_removed_as_separate_ones() {
+    let f = fixtures();
+    let heads: BTreeSet<(usize, usize)> = [(0, 1), (3, 5), (3, 6), (5, 11)].into_iter().collect();
+    let prune = |name: &str| {
+        let mut g = fused(name);
+        let mut pass = Prune { heads: Some(HeadChoice::Named(heads.clone())), ..Default::default() };
+        assert_eq!(pass.run(&mut g, &mut PassContext::default()).unwrap().stats["heads_removed"], 4, "{name}");
+        tcc_ir::verify(&g).unwrap();
+        run(&g, &f.model("minilm_l6").inputs())
+    };
+    let (ort, torch) = (prune("minilm_l6_ortfused"), prune("minilm_l6"));
+    let (err, name) = worst_rel_err(&ort[..1], &torch[..1]);
+    assert!(err < 1e-4, "{name}: fused-QKV pruning vs separate: relative error {err:.2e}");
 }
 
 /// A quarter of the heads, chosen on half of the real queries, measured on the other half:
