@@ -194,15 +194,29 @@ fn linear(g: &Graph, node: usize) -> Option<Linear> {
             v.and_then(|v| g.const_of(v)).is_some_and(|t| t.len() == n && t.shape().last() == Some(&n))
         })
         .collect::<Vec<_>>();
-    let bias = match f.epilogue.0.as_slice() {
-        [EpiOp::Acc, EpiOp::Input(i), EpiOp::Binary(BinaryKind::Add, a, b), ..]
-            if matches!((*a, *b), (0, 1) | (1, 0)) && per_column.get(*i) == Some(&true) =>
-        {
-            Some(*i)
-        }
-        _ => None,
-    };
+    let (added, _) = additions(&f.epilogue.0);
+    let bias = added.into_iter().find(|&i| per_column.get(i) == Some(&true));
     Some(Linear { node, k, n, w, per_column, bias })
+}
+
+/// The extra inputs an epilogue adds to the product before anything else (`acc + a + b ...`,
+/// in any order of operands), and how many instructions that prefix takes: a constant among
+/// them is a bias (anything added to `acc` there may as well be added to it).
+fn additions(prog: &[EpiOp]) -> (Vec<usize>, usize) {
+    let mut added = Vec::new();
+    if !matches!(prog.first(), Some(EpiOp::Acc)) {
+        return (added, 0);
+    }
+    let (mut chain, mut at) = (0, 1);
+    while let (Some(EpiOp::Input(i)), Some(EpiOp::Binary(BinaryKind::Add, x, y))) = (prog.get(at), prog.get(at + 1)) {
+        if !matches!((*x, *y), (a, b) if (a, b) == (chain, at) || (a, b) == (at, chain)) {
+            break;
+        }
+        added.push(*i);
+        chain = at + 1;
+        at += 2;
+    }
+    (added, at)
 }
 
 /// An attention block: Q/K/V products (three, or one split in three as onnxruntime's fused
@@ -630,13 +644,14 @@ fn input(g: &Graph, n: usize, i: usize) -> tcc_ir::Result<ValueId> {
 /// `(bias, residual)` when the product's epilogue is exactly `acc + bias + residual`.
 fn bias_residual(g: &Graph, l: &Linear) -> Option<(ValueId, ValueId)> {
     let Op::FusedMatMul(f) = &g.nodes[l.node].op else { return None };
-    let [EpiOp::Acc, EpiOp::Input(b), EpiOp::Binary(BinaryKind::Add, x, y), EpiOp::Input(r), EpiOp::Binary(BinaryKind::Add, u, v)] =
-        f.epilogue.0.as_slice()
-    else {
-        return None;
+    let (added, len) = additions(&f.epilogue.0);
+    let b = l.bias?;
+    let r = match *added.as_slice() {
+        [x, y] if x == b => y,
+        [x, y] if y == b => x,
+        _ => return None,
     };
-    let ok = matches!((*x, *y), (0, 1) | (1, 0)) && matches!((*u, *v), (2, 3) | (3, 2)) && l.bias == Some(*b);
-    ok.then(|| Some((input(g, l.node, 2 + b).ok()?, input(g, l.node, 2 + r).ok()?))).flatten()
+    (len == f.epilogue.0.len()).then(|| Some((input(g, l.node, 2 + b).ok()?, input(g, l.node, 2 + r).ok()?))).flatten()
 }
 
 /// The columns of `w` (`k x n`) listed in `cols`.
@@ -983,5 +998,42 @@ impl Prune {
         let y = rebuild(g, &b.out, merged, b.out.n, rows, None, Some(shift))?;
         g.replace_uses(old, y);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bias is found wherever the epilogue adds it before anything else: onnxruntime's
+    /// fused models add the residual first (missing it dropped the refit's bias shift there).
+    #[test]
+    fn additions_find_the_bias_in_either_order() {
+        let add = |a, b| EpiOp::Binary(BinaryKind::Add, a, b);
+        let torch = [EpiOp::Acc, EpiOp::Input(0), add(1, 0), EpiOp::Input(1), add(2, 3)];
+        let ort = [EpiOp::Acc, EpiOp::Input(0), add(0, 1), EpiOp::Input(1), add(3, 2)];
+        assert_eq!(additions(&torch), (vec![0, 1], 5));
+        assert_eq!(additions(&ort), (vec![0, 1], 5));
+        // GELU after the bias: one addition, then the rest of the program.
+        let gelu = [EpiOp::Acc, EpiOp::Input(0), add(0, 1), EpiOp::Const(0.5), EpiOp::Binary(BinaryKind::Mul, 2, 3)];
+        assert_eq!(additions(&gelu), (vec![0], 3));
+        // An input added to something else than the running sum is not part of it.
+        let other = [EpiOp::Acc, EpiOp::Input(0), EpiOp::Input(1), add(1, 2)];
+        assert_eq!(additions(&other), (vec![], 1));
+    }
+
+    #[test]
+    fn specs_parse() {
+        assert_eq!(parse_heads("0.25"), Ok(HeadChoice::Fraction(0.25)));
+        assert_eq!(parse_heads("l0h1+l5h11"), Ok(HeadChoice::Named([(0, 1), (5, 11)].into_iter().collect())));
+        assert!(parse_heads("1.5").is_err() && parse_heads("l0x1").is_err());
+        assert_eq!(parse_layers("2"), Ok(LayerChoice::Count(2)));
+        assert_eq!(parse_layers("l3+l5"), Ok(LayerChoice::Named([3, 5].into_iter().collect())));
+        assert!(parse_layers("three").is_err());
+        let opts = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let p = Prune::from_options(&opts(&[("heads", "l0h1+l2h3")])).unwrap();
+        assert_eq!(p.heads, Some(HeadChoice::Named([(0, 1), (2, 3)].into_iter().collect())));
+        assert!(Prune::from_options(&opts(&[("spread", "sideways")])).is_err());
+        assert_eq!(p.pipeline_text(), "prune{heads=l0h1+l2h3}");
     }
 }
