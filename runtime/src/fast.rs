@@ -585,9 +585,10 @@ impl Fast {
             fused::ActQuant::Static { scale, zero_point } => Some((scale, zero_point)),
         };
         let divide = matches!(act, fused::ActQuant::Static { .. });
-        let mut centered = Uninit::new(rows * kp);
+        // Zeroed, not uninitialized: rows are written through `i16` slices of it.
+        let mut centered = vec![0f32; rows * kp];
         let mut scales = vec![0f32; rows];
-        let (cp, sp) = (SendPtr(centered.ptr()), scales.as_mut_ptr() as usize);
+        let (cp, sp) = (SendPtr(centered.as_mut_ptr()), scales.as_mut_ptr() as usize);
         let chunk = (1 << 14) / k.max(1) + 1;
         pool::global().run(rows.div_ceil(chunk), &|t| {
             for r in t * chunk..((t + 1) * chunk).min(rows) {
@@ -596,8 +597,8 @@ impl Fast {
                     let (l, h) = range(x);
                     crate::op::dynamic_qparams(l, h)
                 });
-                // SAFETY: row r of the buffer (kp pair units, 2 * kp `i16`: f32's alignment
-                // covers i16's) and scale r are this task's alone.
+                // SAFETY: row r of the buffer (kp initialized pair units, 2 * kp `i16`: f32's
+                // alignment covers i16's) and scale r are this task's alone.
                 unsafe {
                     let out = std::slice::from_raw_parts_mut(cp.get().add(r * kp) as *mut i16, 2 * kp);
                     centered_row(x, out, s, z, divide);
@@ -605,8 +606,6 @@ impl Fast {
                 }
             }
         });
-        // SAFETY: every row was written (with its padding).
-        let centered = unsafe { centered.assume_init() };
         let mut pair_shape = a.shape().to_vec();
         *pair_shape.last_mut()? = kp;
         let mut scale_shape = a.shape().to_vec();

@@ -149,8 +149,7 @@ pub struct FusedMatMul {
     /// When set, the product is integer: `A` is quantized to `u8` at run time as this says,
     /// `B` holds `s8` weights packed by [`kernels::int8::pack_b_s8`] (`packed` gives `[k, n]`),
     /// and the epilogue's `Acc` is `scale_a * sum_k (q_a - zero_a) * w`, the sum exact in
-    /// `i32` (the weights' own scales are an epilogue input like a bias). Without VNNI the
-    /// runtime sums in f32, exact while partial sums stay below 2^24.
+    /// `i32` (the weights' own scales are an epilogue input like a bias), on every kernel tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub int8: Option<ActQuant>,
 }
