@@ -58,13 +58,13 @@ const SAMPLE: usize = 1 << 18;
 
 impl RuntimeCalibrator {
     /// Runs `g` with `values` as extra outputs on every sample, handing each sample's observed
-    /// tensors to `seen`.
+    /// tensors and the number of samples to `seen`, until it answers `false`.
     fn run(
         &self,
         g: &tcc_ir::Graph,
         values: &[tcc_ir::ValueId],
-        mut seen: impl FnMut(&[(String, Tensor)]) -> Result<bool, String>,
-    ) -> Result<usize, String> {
+        mut seen: impl FnMut(&[(String, Tensor)], usize) -> Result<bool, String>,
+    ) -> Result<(), String> {
         let mut g = g.clone();
         let names: Vec<String> = (0..values.len()).map(|i| format!("calibration:{i}")).collect();
         for (n, v) in names.iter().zip(values) {
@@ -81,11 +81,11 @@ impl RuntimeCalibrator {
             let outs = model.run(&s.inputs).map_err(|e| e.to_string())?;
             // The observed values are the last outputs (by position: a model's own output may
             // have any name).
-            if !seen(&outs[outs.len().saturating_sub(names.len())..])? {
+            if !seen(&outs[outs.len().saturating_sub(names.len())..], samples.len())? {
                 break;
             }
         }
-        Ok(samples.len())
+        Ok(())
     }
 }
 
@@ -95,9 +95,9 @@ impl tcc_passes::Calibrator for RuntimeCalibrator {
             tcc_passes::ValueStats { min: f32::INFINITY, max: f32::NEG_INFINITY, sample: Vec::new() };
             values.len()
         ];
-        // Each sample contributes evenly to the kept elements.
-        let per_sample = (SAMPLE / self.count()?.max(1)).max(1);
-        let seen = |observed: &[(String, Tensor)]| -> Result<bool, String> {
+        let seen = |observed: &[(String, Tensor)], samples: usize| -> Result<bool, String> {
+            // Each sample contributes evenly to the kept elements.
+            let per_sample = (SAMPLE / samples.max(1)).max(1);
             for (st, (_, t)) in stats.iter_mut().zip(observed) {
                 let v = t.as_slice::<f32>().map_err(|e| e.to_string())?;
                 for &x in v.iter().filter(|x| !x.is_nan()) {
@@ -115,7 +115,7 @@ impl tcc_passes::Calibrator for RuntimeCalibrator {
 
     fn capture(&self, g: &tcc_ir::Graph, values: &[tcc_ir::ValueId], max_rows: usize) -> Result<Vec<Tensor>, String> {
         let mut rows: Vec<(usize, Vec<f32>)> = vec![(0, Vec::new()); values.len()];
-        self.run(g, values, |observed| {
+        self.run(g, values, |observed, _| {
             let mut room = false;
             for ((width, data), (name, t)) in rows.iter_mut().zip(observed) {
                 let v = t.as_slice::<f32>().map_err(|e| format!("{name}: {e}"))?;
@@ -133,18 +133,6 @@ impl tcc_passes::Calibrator for RuntimeCalibrator {
         rows.into_iter()
             .map(|(w, data)| Tensor::new(vec![data.len() / w.max(1), w.max(1)], data).map_err(|e| e.to_string()))
             .collect()
-    }
-}
-
-impl RuntimeCalibrator {
-    /// How many samples the data holds (without running anything).
-    fn count(&self) -> Result<usize, String> {
-        let ext = self.data.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-        if ext == "npz" || ext == "json" {
-            return Ok(1);
-        }
-        let text = std::fs::read_to_string(&self.data).map_err(|e| format!("{}: {e}", self.data.display()))?;
-        Ok(text.lines().filter(|l| !l.trim().is_empty()).count())
     }
 }
 

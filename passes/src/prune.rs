@@ -26,7 +26,7 @@
 //! `[.., -1, d]` and `[.., -1]` follow by themselves; explicit head counts are rewritten. A layer
 //! left with no head keeps only its output projection's bias on the residual.
 
-use crate::manager::{Pass, PassContext, PassOutcome};
+use crate::manager::{Calibrator, Pass, PassContext, PassOutcome};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tcc_ir::op::{BinaryKind, EpiOp, FusedMatMul};
 use tcc_ir::{Dim, Graph, Op, Tensor, ValueId};
@@ -327,21 +327,24 @@ fn head_blocks(g: &Graph) -> Vec<HeadBlock> {
 
 fn ffn_blocks(g: &Graph) -> Vec<FfnBlock> {
     let users = g.users();
+    // `[k, n]` of a float product by packed weights (read before unpacking any weights).
+    let dims = |n: usize| match &g.nodes[n].op {
+        Op::FusedMatMul(f) if f.int8.is_none() => f.packed,
+        _ => None,
+    };
     let mut out = Vec::new();
     for n in 0..g.nodes.len() {
-        let Some(up) = linear(g, n) else { continue };
-        if !up.per_column.iter().all(|&c| c) {
-            continue;
-        }
+        let Some([k, wide]) = dims(n) else { continue };
         let h = g.nodes[n].outputs[0];
         let Some(next) = sole_user(&users, g, h) else { continue };
-        if g.nodes[next].inputs.first().copied().flatten() != Some(h) {
+        // An expansion and the projection back (not a pooler feeding a classifier), reading it
+        // as its A.
+        let back = dims(next) == Some([wide, k]) && wide > k;
+        if !back || g.nodes[next].inputs.first().copied().flatten() != Some(h) {
             continue;
         }
-        // Not an attention block's projection (its columns are heads).
-        let Some(down) = linear(g, next) else { continue };
-        // An expansion and the projection back (not a pooler feeding a classifier).
-        if down.k == up.n && up.n > up.k && down.n == up.k {
+        let (Some(up), Some(down)) = (linear(g, n), linear(g, next)) else { continue };
+        if up.per_column.iter().all(|&c| c) {
             out.push(FfnBlock { up, down });
         }
     }
@@ -365,6 +368,22 @@ impl Gemm {
         }
         Ok(c)
     }
+}
+
+/// What `values` held on the calibration samples, checked to be what [`Calibrator::capture`]
+/// promises (a calibrator of a user's could answer anything): one `[rows, features]` f32 tensor
+/// per value.
+fn captured(c: &dyn Calibrator, g: &Graph, values: &[ValueId], max_rows: usize) -> tcc_ir::Result<Vec<Tensor>> {
+    let t = c.capture(g, values, max_rows).map_err(tcc_ir::Error::Calibration)?;
+    let ok = t.len() == values.len() && t.iter().all(|x| x.rank() == 2 && x.as_slice::<f32>().is_ok());
+    if !ok {
+        return Err(tcc_ir::Error::Calibration(format!(
+            "the calibrator gave {} tensors for {} values, or not [rows, features] f32 ones",
+            t.len(),
+            values.len()
+        )));
+    }
+    Ok(t)
 }
 
 /// `[t, k]` captured rows as `[k, t]` columns, with the column means.
@@ -522,35 +541,26 @@ fn solve_spd(mut a: Vec<f64>, mut b: Vec<f64>, m: usize, n: usize) -> Option<Vec
 /// no refit).
 const RIDGE: f64 = 0.1;
 
-/// The refit of a projection `w` (`k x n`) that now sees only inputs `keep`: on the same
-/// calibration tokens, with `x` the inputs the unpruned model targets and `xhat` the inputs the
-/// refit sees, `W' = argmin E|xhat_k W' - x W|^2 + lambda |W' - W_k|^2` on centered inputs, and
-/// the bias shift `E[x] W - E[xhat_k] W'`. The pass refits on the unpruned model's own inputs
-/// (`xhat = x`): re-capturing each layer's inputs from the model pruned so far, to correct
-/// earlier layers' errors too, fit 108 MiniLM sentences worse on held-out ones (0.975 vs 0.981
-/// for 25% of heads). Without calibration: the kept rows as they are.
-fn refit(
-    gemm: &Gemm,
-    w: &[f32],
-    n: usize,
-    keep: &[usize],
-    x: Option<&Tensor>,
-    xhat: Option<&Tensor>,
-) -> tcc_ir::Result<(Vec<f32>, Vec<f32>)> {
+/// The refit of a projection `w` (`k x n`) that now sees only inputs `keep`: on the calibration
+/// tokens' inputs `x` (`[t, k]`, the unpruned model's), `W' = argmin E|x_k W' - x W|^2 +
+/// lambda |W' - W_k|^2` on centered inputs, and the bias shift `E[x] W - E[x_k] W'`. (Refitting
+/// instead on inputs re-captured from the model pruned so far, to correct earlier layers' errors
+/// too, fit 108 MiniLM sentences worse on held-out ones: 0.975 vs 0.981 for 25% of heads.)
+/// Without calibration: the kept rows as they are.
+fn refit(gemm: &Gemm, w: &[f32], n: usize, keep: &[usize], x: Option<&Tensor>) -> tcc_ir::Result<(Vec<f32>, Vec<f32>)> {
     let kept_rows = || keep.iter().flat_map(|&i| w[i * n..(i + 1) * n].iter().copied()).collect::<Vec<f32>>();
-    let (Some(x), Some(xhat)) = (x, xhat) else { return Ok((kept_rows(), vec![0.0; n])) };
-    let (_, mu, t, k) = columns_of(x)?;
-    let (ht, muh, th, kh) = columns_of(xhat)?;
-    if t != th || k != kh || t == 0 {
+    let Some(x) = x else { return Ok((kept_rows(), vec![0.0; n])) };
+    let (xt, mu, t, k) = columns_of(x)?;
+    if t == 0 || k * n != w.len() {
         return Ok((kept_rows(), vec![0.0; n]));
     }
+    let (muh, ht) = (&mu, &xt);
     let m = keep.len();
-    // The kept columns of xhat, as rows `[m, t]`.
+    // The kept columns of x, as rows `[m, t]` and as columns `[t, m]`.
     let hk: Vec<f32> = keep.iter().flat_map(|&i| ht[i * t..(i + 1) * t].iter().copied()).collect();
-    let ht = &ht;
     let hk_rows: Vec<f32> = (0..t).flat_map(|r| keep.iter().map(move |&i| ht[i * t + r])).collect();
     let x_rows = x.as_slice::<f32>().map_err(tcc_ir::Error::Runtime)?;
-    // Centered moments: A = E[hk hk^T] - muh_k muh_k^T (+ ridge), C = E[hk x^T] - muh_k mu^T.
+    // Centered moments: A = E[x_k x_k^T] - mu_k mu_k^T (+ ridge), C = E[x_k x^T] - mu_k mu^T.
     let hh = gemm.run(m, t, m, &hk, &hk_rows)?;
     let hx = gemm.run(m, t, k, &hk, x_rows)?;
     let tf = t as f64;
@@ -566,7 +576,7 @@ fn refit(
     }
     let cov: Vec<f32> = (0..m)
         .flat_map(|r| {
-            let (hx, mu, muh) = (&hx, &mu, &muh);
+            let (hx, mu) = (&hx, &mu);
             (0..k).map(move |c| (hx[r * k + c] as f64 / tf - muh[keep[r]] * mu[c]) as f32)
         })
         .collect();
@@ -717,7 +727,7 @@ impl Pass for Prune {
             probe.extend([g.nodes[b.up.node].outputs[0], g.nodes[b.down.node].outputs[0]]);
         }
         let captured = match &calibrator {
-            Some(c) => c.capture(g, &probe, self.max_rows).map_err(tcc_ir::Error::Calibration)?,
+            Some(c) => captured(c.as_ref(), g, &probe, self.max_rows)?,
             None => Vec::new(),
         };
         if let Some(t) = captured.first() {
@@ -793,7 +803,7 @@ impl Pass for Prune {
                     ((b.heads - keep.len()) * b.d * (3 * b.qkv.input_width() + 3 + b.out.n)) as i64,
                 );
                 let cols: Vec<usize> = keep.iter().flat_map(|&h| h * b.d..(h + 1) * b.d).collect();
-                let (rows, shift) = refit(&gemm, &b.out.w, b.out.n, &cols, input_of(l), input_of(l))?;
+                let (rows, shift) = refit(&gemm, &b.out.w, b.out.n, &cols, input_of(l))?;
                 self.remove_heads(g, l, b, &keep, &cols, &rows, &shift)?;
                 if keep.is_empty() {
                     out.stat("attention_blocks_removed", 1);
@@ -807,8 +817,7 @@ impl Pass for Prune {
                 }
                 out.stat("ffn_neurons_removed", (b.up.n - keep.len()) as i64);
                 out.stat("parameters_removed", ((b.up.n - keep.len()) * (b.up.k + 1 + b.down.n)) as i64);
-                let x = input_of(heads.len() + l);
-                let (rows, shift) = refit(&gemm, &b.down.w, b.down.n, &keep, x, x)?;
+                let (rows, shift) = refit(&gemm, &b.down.w, b.down.n, &keep, input_of(heads.len() + l))?;
                 let a = input(g, b.up.node, 0)?;
                 let w = columns(&b.up.w, b.up.k, b.up.n, &keep);
                 let h = rebuild(g, &b.up, a, keep.len(), &w, Some(&keep), None)?;
@@ -888,18 +897,21 @@ impl Prune {
                         "choosing layers to remove needs calibration samples (--calibration)".into(),
                     )
                 })?;
-                let outputs: Vec<ValueId> = g.outputs.iter().map(|o| o.value).collect();
-                let base = calibrator.capture(g, &outputs, self.max_rows).map_err(tcc_ir::Error::Calibration)?;
+                // The float outputs (a model may also pass its integer inputs through).
+                let floats = |g: &Graph| -> Vec<ValueId> {
+                    g.outputs.iter().map(|o| o.value).filter(|&v| g.fact(v).dtype == tcc_ir::DType::F32).collect()
+                };
+                let base = captured(calibrator.as_ref(), g, &floats(g), self.max_rows)?;
                 let mut cost: Vec<(f64, usize)> = Vec::new();
                 for (l, &(x, y)) in all.iter().enumerate() {
                     let mut c = g.clone();
                     c.replace_uses(y, x);
                     c.remove_dead_nodes();
-                    let outs: Vec<ValueId> = c.outputs.iter().map(|o| o.value).collect();
-                    let got = calibrator.capture(&c, &outs, self.max_rows).map_err(tcc_ir::Error::Calibration)?;
+                    let got = captured(calibrator.as_ref(), &c, &floats(&c), self.max_rows)?;
                     // Relative squared error over every output value.
                     let (mut num, mut den) = (0f64, 0f64);
                     for (a, b) in got.iter().zip(&base) {
+                        // f32 (checked by `captured`).
                         let (a, b) = (a.as_slice::<f32>().unwrap_or(&[]), b.as_slice::<f32>().unwrap_or(&[]));
                         for (p, q) in a.iter().zip(b) {
                             num += ((p - q) as f64).powi(2);
