@@ -54,7 +54,9 @@ fn gemm_int8(c: &mut Criterion) {
                 bench.iter(|| jit.gemm_pairs_single_thread(m, kp, n, &a, &packed, &mut out).unwrap())
             });
         }
-        if !int8::vnni512_supported() {
+        let kernels: Vec<int8::Kernel> =
+            [int8::Kernel::Amx, int8::Kernel::Vnni512].into_iter().filter(|k| k.supported()).collect();
+        if kernels.is_empty() {
             continue;
         }
         let lda = int8::k_groups(k) * 4;
@@ -63,9 +65,11 @@ fn gemm_int8(c: &mut Criterion) {
         let packed = int8::pack_b_s8(k, n, &w);
         let mut out = vec![0i32; m * n];
         g.throughput(Throughput::Elements((2 * m * k * n) as u64));
-        g.bench_with_input(BenchmarkId::new("vnni512", format!("{m}x{k}x{n}")), &(), |bench, _| {
-            bench.iter(|| int8::gemm_u8s8(m, k, n, &a, lda, &packed, &mut out, n).unwrap())
-        });
+        for kernel in kernels {
+            g.bench_with_input(BenchmarkId::new(kernel.name(), format!("{m}x{k}x{n}")), &(), |bench, _| {
+                bench.iter(|| int8::gemm_u8s8(kernel, m, k, n, &a, lda, &packed, &mut out, n).unwrap())
+            });
+        }
     }
     g.finish();
 }

@@ -68,6 +68,8 @@ impl SendPtr {
 
 pub struct Fast {
     pub jit: Jit,
+    /// The kernel of integer products, chosen at load (`None`: the `i16` pair kernels).
+    pub int8_kernel: Option<crate::kernels::int8::Kernel>,
     /// The epilogues that are [`Chain`](crate::kernels::avx512_vec::Chain)s, recognized once.
     #[cfg(target_arch = "x86_64")]
     chains: Vec<(Epilogue, crate::kernels::avx512_vec::Chain)>,
@@ -126,7 +128,8 @@ impl Fast {
         let mut specs: Vec<GemmSpec> = Vec::new();
         // Epilogues the AVX-512 executor runs on integer products' tiles (no driver needed).
         let mut tile_only: Vec<GemmSpec> = Vec::new();
-        let native_int8 = Fast::native_int8(tier);
+        let int8_kernel = Fast::native_int8(tier);
+        let native_int8 = int8_kernel.is_some();
         let products = plan.steps.iter().flat_map(|s| match &s.op {
             Op::FusedMatMul(f) => vec![f],
             Op::Attention(a) => vec![&a.scores, &a.context],
@@ -179,6 +182,7 @@ impl Fast {
         }
         Ok(Fast {
             jit: Jit::new(tier, &specs)?,
+            int8_kernel,
             #[cfg(target_arch = "x86_64")]
             chains,
             int8: HashMap::new(),
@@ -189,16 +193,21 @@ impl Fast {
         })
     }
 
-    /// Whether integer products run on the VNNI kernel (else on the pair kernel).
-    fn native_int8(tier: Tier) -> bool {
-        tier == Tier::Avx512 && crate::kernels::int8::vnni512_supported()
+    /// The kernel integer products run on (`None`: the pair kernels): AMX or AVX-512 VNNI,
+    /// on the AVX-512 tier.
+    fn native_int8(tier: Tier) -> Option<crate::kernels::int8::Kernel> {
+        if tier == Tier::Avx512 {
+            crate::kernels::int8::Kernel::best()
+        } else {
+            None
+        }
     }
 
     /// Packs the constant `s8` weights of the plan's `MatMulInteger` steps for the integer
     /// kernel (when this CPU has it): quantized models then multiply in `vpdpbusd`, not in the
     /// reference loop.
     pub fn prepare_int8(&mut self, plan: &Plan, constants: &[(crate::plan::Slot, Tensor)]) {
-        if !Fast::native_int8(self.jit.tier) {
+        if self.int8_kernel.is_none() {
             for step in &plan.steps {
                 let (Op::FusedMatMul(f), Some(Some(b))) = (&step.op, step.inputs.get(1)) else { continue };
                 let (Some(_), Some([k, n])) = (f.int8, f.packed) else { continue };
@@ -311,6 +320,7 @@ impl Fast {
     /// `MatMulInteger` of `u8` activations by prepared `s8` weights (per-tensor zero points,
     /// the weights' zero): exact `i32`, as the reference.
     fn matmul_integer(&self, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
+        let kernel = self.int8_kernel?;
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
         let w = self.int8.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
         if b.shape() != [w.k, w.n] || a.rank() < 2 || *a.shape().last()? != w.k || w.k == 0 || w.k >= 1 << 13 {
@@ -353,6 +363,7 @@ impl Fast {
             // writes its own panels' columns.
             unsafe {
                 crate::kernels::int8::gemm_u8s8_panels(
+                    kernel,
                     m,
                     lda / 4,
                     ap as *const u8,
@@ -473,7 +484,7 @@ impl Fast {
 
     fn fused_matmul(&self, f: &FusedMatMul, inputs: &[Option<&Tensor>]) -> Option<Result<Vec<Tensor>>> {
         if let Some(act) = f.int8 {
-            if !Fast::native_int8(self.jit.tier) {
+            if self.int8_kernel.is_none() {
                 return self.int8_on_pairs(f, act, inputs);
             }
             #[cfg(target_arch = "x86_64")]
@@ -642,6 +653,7 @@ impl Fast {
         use crate::kernels::int8;
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
         let epilogue_fn = self.jit.tile_epilogue?;
+        let kernel = self.int8_kernel?;
         let (_, colsum) = self.colsums.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
         if f.epilogue.0.len() > v::MAX_PROGRAM {
             return None;
@@ -707,13 +719,8 @@ impl Fast {
         let mut out = Uninit::new(p.total);
         let c = SendPtr(out.ptr());
         let bp = b.as_slice::<i8>().ok()?.as_ptr() as usize;
-        // Rows (of all batches) split over the threads, each quantizing its own rows (no wait
-        // between quantization and product) then multiplying them by all the weights, which
-        // at a quarter of f32's bytes both cores can stream.
         let threads = pool::global().threads().max(1);
-        let per = rows.div_ceil(threads).div_ceil(4) * 4;
-        pool::global().run_static(threads, &|t| {
-            let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
+        let quantize = |r0: usize, r1: usize| {
             if !quantized {
                 // SAFETY: the AVX-512 tier; rows r0..r1 of A hold k floats (`prepare`), of the
                 // buffers ldq bytes and one parameter each, written by this thread alone (the
@@ -722,46 +729,62 @@ impl Fast {
                     quantize_rows(xs, &p, (whole, divide), (r0, r1), (qp as *mut u8, sp as *mut f32, zp as *mut i32))
                 };
             }
+        };
+        // Rows i0..i1 of batch `bi` (rows r.. of the quantized buffer) times panels p0..p1.
+        let product = |bi: usize, r: usize, (i0, i1): (usize, usize), panels: (usize, usize)| {
+            let cb = c.get().wrapping_add(p.offsets[bi][2]);
+            p.with_program(self, bi, &program, |ctx| {
+                let epi = |row: usize, rows: usize, n0: usize, cols: usize| {
+                    if ctx.len > 0 && !(ctx.len == 1 && program.0[0] == EpiOp::Acc) {
+                        // SAFETY: the AVX-512 tier (the function exists only there); the
+                        // context's operands cover this batch's rows and columns.
+                        unsafe { epilogue_fn(ctx, cb, p.ldc, i0 + row, rows, n0, cols) };
+                    }
+                };
+                let dq = int8::Dequant {
+                    scale: (sp as *const f32).wrapping_add(r),
+                    zero: (zp as *const i32).wrapping_add(r),
+                    colsum: colsum.as_ptr(),
+                    colscale: colscale as *const f32,
+                };
+                // SAFETY: colsums exist only where the CPU has VNNI (`prepare_int8`) and
+                // `kernel` runs here; the quantized rows r.. hold ldq bytes each, the packed
+                // weights are `k x n` (their size checked by `prepare`), C holds this batch's
+                // rows i0..i1 at stride ldc, whose columns of these panels only this thread
+                // writes; the parameters hold the rows.
+                unsafe {
+                    int8::gemm_u8s8_f32_panels(
+                        kernel,
+                        i1 - i0,
+                        ldq / 4,
+                        (qp as *const u8).wrapping_add(r * ldq),
+                        ldq,
+                        bp as *const i8,
+                        cb.wrapping_add(i0 * p.ldc),
+                        p.ldc,
+                        n,
+                        panels,
+                        dq,
+                        &epi,
+                    )
+                };
+            });
+        };
+        let panels = n.div_ceil(NR);
+        // Rows (of all batches) split over the threads, each quantizing its own rows (no
+        // wait between quantization and product) then multiplying them by all the weights,
+        // which at a quarter of f32's bytes both cores can stream (split by panels, after
+        // a quantization pass, measured 4% slower on BERT-base with AMX).
+        let per = rows.div_ceil(threads).div_ceil(4) * 4;
+        pool::global().run_static(threads, &|t| {
+            let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
+            quantize(r0, r1);
             // Each batch's share of the rows.
             let mut r = r0;
             while r < r1 {
                 let (bi, i0) = (r / m, r % m);
                 let i1 = m.min(i0 + r1 - r);
-                let cb = c.get().wrapping_add(p.offsets[bi][2]);
-                p.with_program(self, bi, &program, |ctx| {
-                    let epi = |row: usize, rows: usize, n0: usize, cols: usize| {
-                        if ctx.len > 0 && !(ctx.len == 1 && program.0[0] == EpiOp::Acc) {
-                            // SAFETY: the AVX-512 tier (the function exists only there); the
-                            // context's operands cover this batch's rows and columns.
-                            unsafe { epilogue_fn(ctx, cb, p.ldc, i0 + row, rows, n0, cols) };
-                        }
-                    };
-                    let dq = int8::Dequant {
-                        scale: (sp as *const f32).wrapping_add(r),
-                        zero: (zp as *const i32).wrapping_add(r),
-                        colsum: colsum.as_ptr(),
-                        colscale: colscale as *const f32,
-                    };
-                    // SAFETY: colsums exist only where the CPU has VNNI (`prepare_int8`); the
-                    // quantized rows r.. hold ldq bytes each, the packed weights are `k x n`
-                    // (their size checked by `prepare`), C holds this batch's rows i0..i1 at
-                    // stride ldc, written by this thread alone; the parameters hold the rows.
-                    unsafe {
-                        int8::gemm_u8s8_f32_panels(
-                            i1 - i0,
-                            ldq / 4,
-                            (qp as *const u8).wrapping_add(r * ldq),
-                            ldq,
-                            bp as *const i8,
-                            cb.wrapping_add(i0 * p.ldc),
-                            p.ldc,
-                            n,
-                            (0, n.div_ceil(NR)),
-                            dq,
-                            &epi,
-                        )
-                    };
-                });
+                product(bi, r, (i0, i1), (0, panels));
                 r += i1 - i0;
             }
         });

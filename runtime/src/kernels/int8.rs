@@ -5,8 +5,9 @@
 //! panels of [`NR`] columns: for each group of four rows of `k`, the panel's 32 columns hold
 //! their four bytes each, 128 contiguous bytes: one 64-byte vector per 16 columns. Activations
 //! are rows of `k` bytes padded to a multiple of four (the runtime quantizes them itself, into
-//! buffers it pads). Every kernel is checked bit for bit against [`reference`] on full-range
-//! data.
+//! buffers it pads). Where the CPU has AMX, products whose `k` fills whole tile rows run on
+//! `tdpbusd` tiles instead ([`Kernel`]), reading the same panels. Every kernel is checked bit
+//! for bit against [`reference`] on full-range data.
 
 use super::NR;
 
@@ -106,9 +107,9 @@ pub struct Dequant {
     pub colscale: *const f32,
 }
 
-/// [`gemm_u8s8_panels`] into `f32`: each tile of up to 12 rows by one panel is summed in
-/// `i32` registers and stored dequantized ([`Dequant`]); each panel's rows are then handed to
-/// `epilogue(row, rows, col, cols)` while they are in L1.
+/// [`gemm_u8s8_panels`] into `f32`: each tile (up to 12 rows by one panel with VNNI, 32
+/// with AMX) is summed in `i32` and stored dequantized ([`Dequant`]); each panel's rows are
+/// then handed to `epilogue(row, rows, col, cols)` while they are in L1.
 ///
 /// # Safety
 /// As [`gemm_u8s8_panels`] with `c` holding `f32`; `dq.scale` and `dq.zero` hold `m`
@@ -116,6 +117,7 @@ pub struct Dequant {
 /// the rows and columns it is given (all `m` rows of one panel's columns).
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_u8s8_f32_panels(
+    kernel: Kernel,
     m: usize,
     groups: usize,
     a: *const u8,
@@ -129,42 +131,31 @@ pub unsafe fn gemm_u8s8_f32_panels(
     epilogue: &dyn Fn(usize, usize, usize, usize),
 ) {
     #[cfg(target_arch = "x86_64")]
-    walk_panels(
-        m,
-        groups,
-        packed,
-        n,
-        (p0, p1),
-        |p, i, rows, cols, bp, pf| {
-            let tile_dq = Dequant {
-                scale: dq.scale.wrapping_add(i),
-                zero: dq.zero.wrapping_add(i),
-                colsum: dq.colsum.wrapping_add(p * NR),
-                colscale: if dq.colscale.is_null() { dq.colscale } else { dq.colscale.wrapping_add(p * NR) },
-            };
-            let cp = c.wrapping_add(i * ldc + p * NR);
-            // SAFETY: the caller's contract, as in `gemm_u8s8_panels`; the dequantization
-            // reads rows i..i+rows of the parameters and this panel's columns of the sums and
-            // scales; a prefetch never faults.
-            unsafe {
-                vnni512::tile_any(
-                    rows,
-                    groups,
-                    a.wrapping_add(i * lda),
-                    lda,
-                    bp,
-                    vnni512::Store::F32(cp, tile_dq),
-                    ldc,
-                    cols,
-                    pf,
-                )
-            };
-        },
-        // The panel's rows are in L1 (m x 32 floats): one epilogue call for all of them.
-        |p, cols| epilogue(0, m, p * NR, cols),
-    );
+    // SAFETY: the caller's contract; each tile's store starts at its first row and column.
+    unsafe {
+        walk_panels(
+            kernel,
+            m,
+            groups,
+            (a, lda),
+            packed,
+            n,
+            (p0, p1),
+            |p, i| {
+                let tile_dq = Dequant {
+                    scale: dq.scale.wrapping_add(i),
+                    zero: dq.zero.wrapping_add(i),
+                    colsum: dq.colsum.wrapping_add(p * NR),
+                    colscale: if dq.colscale.is_null() { dq.colscale } else { dq.colscale.wrapping_add(p * NR) },
+                };
+                (vnni512::Store::F32(c.wrapping_add(i * ldc + p * NR), tile_dq), ldc)
+            },
+            // The panel's rows are in L1 (m x 32 floats): one epilogue call for all of them.
+            |p, cols| epilogue(0, m, p * NR, cols),
+        )
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (m, groups, a, lda, packed, c, ldc, n, p0, p1, dq, epilogue);
+    let _ = (kernel, m, groups, a, lda, packed, c, ldc, n, p0, p1, dq, epilogue);
 }
 
 /// `C[m x n] = A[m x k] . B[k x n]` in `i32`, the plain definition: the oracle of the kernels.
@@ -189,12 +180,64 @@ pub fn vnni512_supported() -> bool {
     false
 }
 
-/// `C = A . B` over whole panels with the AVX-512 VNNI micro-kernel: `a` is `m` rows of
-/// `lda >= 4 * k_groups(k)` bytes (the bytes past `k` zero), `packed` is [`pack_b_s8`] of the
-/// `k x n` weights, `c` is `m` rows of `ldc >= n` `i32`. Returns `None` when the CPU lacks
-/// VNNI or the buffers are too small.
+/// The integer kernels, best first. CPUs with neither run the `i16` pair kernels of
+/// [`super::int16`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AMX tiles (`tdpbusd`), for products whose `k` fills whole 64-byte tile rows; the others
+    /// run on `Vnni512`.
+    Amx,
+    /// AVX-512 VNNI (`vpdpbusd` on zmm).
+    Vnni512,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Amx => "amx",
+            Kernel::Vnni512 => "vnni512",
+        }
+    }
+
+    /// Whether this CPU (and OS) runs the kernel.
+    pub fn supported(self) -> bool {
+        match self {
+            Kernel::Vnni512 => vnni512_supported(),
+            Kernel::Amx => amx_supported(),
+        }
+    }
+
+    /// The best kernel this CPU runs, unless `TCC_INT8_KERNEL` names another it runs
+    /// (`vnni512` on an AMX CPU, to compare them).
+    pub fn best() -> Option<Kernel> {
+        let asked = std::env::var("TCC_INT8_KERNEL").ok();
+        let named = [Kernel::Amx, Kernel::Vnni512].into_iter().find(|k| asked.as_deref() == Some(k.name()));
+        match named {
+            Some(k) if k.supported() => Some(k),
+            _ => [Kernel::Amx, Kernel::Vnni512].into_iter().find(|k| k.supported()),
+        }
+    }
+}
+
+/// Whether this CPU runs the AMX kernel: AMX-TILE and AMX-INT8, AVX-512 VNNI, and an OS that
+/// gives this process the tile registers (Linux 5.16 on, asked once).
+pub fn amx_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AMX.get_or_init(amx::enable)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `C = A . B` over whole panels with `kernel`: `a` is `m` rows of `lda >= 4 * k_groups(k)`
+/// bytes (the bytes past `k` zero), `packed` is [`pack_b_s8`] of the `k x n` weights, `c` is
+/// `m` rows of `ldc >= n` `i32`. Returns `None` when the CPU lacks the kernel or the buffers
+/// are too small.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_u8s8(
+    kernel: Kernel,
     m: usize,
     k: usize,
     n: usize,
@@ -211,11 +254,11 @@ pub fn gemm_u8s8(
         && (m == 0 || a.len() >= (m - 1) * lda + groups * 4)
         && packed.len() >= panels * groups * NR * 4
         && (m == 0 || c.len() >= (m - 1) * ldc + n);
-    if !fits || !vnni512_supported() {
+    if !fits || !kernel.supported() {
         return None;
     }
     // SAFETY: the sizes were checked just above, the CPU features too.
-    unsafe { gemm_u8s8_panels(m, groups, a.as_ptr(), lda, packed.as_ptr(), c.as_mut_ptr(), ldc, n, 0, panels) };
+    unsafe { gemm_u8s8_panels(kernel, m, groups, a.as_ptr(), lda, packed.as_ptr(), c.as_mut_ptr(), ldc, n, 0, panels) };
     Some(())
 }
 
@@ -223,12 +266,13 @@ pub fn gemm_u8s8(
 /// its own columns of `c`).
 ///
 /// # Safety
-/// The CPU has AVX-512F/BW/VNNI ([`vnni512_supported`]) and the buffers are as
-/// [`gemm_u8s8`] checks (`a`: `m` rows of `groups * 4` bytes at stride `lda`; `packed` the
-/// panels of `groups` groups; `c`: `m` rows of `n` i32 at stride `ldc`); no other thread
-/// writes the columns of panels `p0..p1`.
+/// The CPU runs `kernel` ([`Kernel::supported`]) and the buffers are as [`gemm_u8s8`]
+/// checks (`a`: `m` rows of `groups * 4` bytes at stride `lda`; `packed` the panels of
+/// `groups` groups; `c`: `m` rows of `n` i32 at stride `ldc`); no other thread writes the
+/// columns of panels `p0..p1`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_u8s8_panels(
+    kernel: Kernel,
     m: usize,
     groups: usize,
     a: *const u8,
@@ -241,68 +285,82 @@ pub unsafe fn gemm_u8s8_panels(
     p1: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    walk_panels(
-        m,
-        groups,
-        packed,
-        n,
-        (p0, p1),
-        |p, i, rows, cols, bp, pf| {
-            // SAFETY: the caller's contract: AVX-512F/BW/VNNI; rows i..i+rows of `a` hold
-            // `groups * 4` bytes each, the panel holds `groups` vectors of 2 x 64 bytes, and
-            // rows i..i+rows of `c` hold `cols` i32 from column p * NR; a prefetch never faults.
-            unsafe {
-                let cp = c.wrapping_add(i * ldc + p * NR);
-                vnni512::tile_any(
-                    rows,
-                    groups,
-                    a.wrapping_add(i * lda),
-                    lda,
-                    bp,
-                    vnni512::Store::I32(cp),
-                    ldc,
-                    cols,
-                    pf,
-                )
-            };
-        },
-        |_, _| {},
-    );
+    // SAFETY: the caller's contract; each tile's store starts at its first row and column.
+    unsafe {
+        walk_panels(
+            kernel,
+            m,
+            groups,
+            (a, lda),
+            packed,
+            n,
+            (p0, p1),
+            |p, i| (vnni512::Store::I32(c.wrapping_add(i * ldc + p * NR)), ldc),
+            |_, _| {},
+        )
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (m, groups, a, lda, packed, c, ldc, n, p0, p1);
+    let _ = (kernel, m, groups, a, lda, packed, c, ldc, n, p0, p1);
 }
 
 /// The walk of both integer drivers over panels `p0..p1` of `n` columns: each panel in tiles
-/// of equal height, at most 12 rows (64 rows: 11, 11, 11, 11, 10, 10, not five of 12 and one of
-/// 4, whose few accumulators would wait on the dot products' latency), `tile(panel, row, rows,
-/// cols, panel_weights, prefetch)` for each, then `done(panel, cols)`. The next panel's
-/// weights, read once per inference and so not in cache, are prefetched into L2 a share per
-/// tile while this panel is multiplied.
+/// of equal height (at most 12 rows with VNNI: 64 rows are 11, 11, 11, 11, 10, 10, not five of
+/// 12 and one of 4, whose few accumulators would wait on the dot products' latency; at most
+/// 32 with AMX), each multiplied and stored where `store(panel, row)` says, then `done(panel,
+/// cols)`. A later panel's weights, read once per inference and so not in cache, are
+/// prefetched into L2 a share per tile while this panel is multiplied. AMX runs products whose
+/// `k` fills whole tile rows (`groups % 16 == 0`), VNNI the others.
+///
+/// # Safety
+/// The CPU runs `kernel`; `a` holds `m` rows of `groups * 4` bytes at stride `lda`, `packed`
+/// the panels of `groups` groups for `n` columns; `store(p, i)` gives where rows `i..` of
+/// panel `p` go, valid for every row and column of the tile ([`vnni512::store`]).
 #[cfg(target_arch = "x86_64")]
-fn walk_panels(
+#[allow(clippy::too_many_arguments)]
+unsafe fn walk_panels(
+    kernel: Kernel,
     m: usize,
     groups: usize,
+    (a, lda): (*const u8, usize),
     packed: *const i8,
     n: usize,
     (p0, p1): (usize, usize),
-    mut tile: impl FnMut(usize, usize, usize, usize, *const i8, crate::kernels::Prefetch),
+    store: impl Fn(usize, usize) -> (vnni512::Store, usize),
     mut done: impl FnMut(usize, usize),
 ) {
+    let amx = kernel == Kernel::Amx && groups.is_multiple_of(amx::STEP);
+    let (most, steps) = if amx { (32, groups / amx::STEP) } else { (12, groups) };
+    // The panel prefetched into L2 while this one is multiplied: AMX is done with a panel
+    // before the next one's lines arrive, it prefetches two on (faster in 6 of 6 paired runs).
+    let ahead = if amx { 2 } else { 1 };
+    let mut tiles = amx::Tiles::new();
     let panel = groups * NR * 4;
-    let tiles = m.div_ceil(12).max(1);
+    let count = m.div_ceil(most).max(1);
     for p in p0..p1 {
         let cols = NR.min(n - p * NR);
         let bp = packed.wrapping_add(p * panel);
-        let lines = if p + 1 < p1 { panel / 64 } else { 0 };
-        let (mut next, mut left) = (bp.wrapping_add(panel) as *const u8, lines);
+        let lines = if p + ahead < p1 { panel / 64 } else { 0 };
+        let (mut next, mut left) = (bp.wrapping_add(ahead * panel) as *const u8, lines);
         let mut i = 0;
-        for t in 0..tiles {
-            let rows = m / tiles + usize::from(t < m % tiles);
+        for t in 0..count {
+            let rows = m / count + usize::from(t < m % count);
             if rows == 0 {
                 continue;
             }
-            let share = lines.div_ceil(tiles).min(left);
-            tile(p, i, rows, cols, bp, crate::kernels::Prefetch::new(next, share, groups));
+            let share = lines.div_ceil(count).min(left);
+            let pf = crate::kernels::Prefetch::new(next, share, steps);
+            let (c, ldc) = store(p, i);
+            let ai = a.wrapping_add(i * lda);
+            // SAFETY: the caller's contract: rows i..i+rows of `a`, this panel's weights, the
+            // tile's store; AMX only where it was enabled and `k` fills its tiles; a prefetch
+            // never faults.
+            unsafe {
+                if amx {
+                    amx::tile(&mut tiles, rows, steps, ai, lda, bp, c, ldc, cols, pf)
+                } else {
+                    vnni512::tile_any(rows, groups, ai, lda, bp, c, ldc, cols, pf)
+                }
+            };
             (next, left) = (next.wrapping_add(share * 64), left - share);
             i += rows;
         }
@@ -418,10 +476,25 @@ mod vnni512 {
                     acc[1] = _mm512_dpbusd_epi32(acc[1], av, b1);
                 }
             }
+            store(ROWS, |r| acc[r], c, ldc, cols);
+        }
+    }
+
+    /// Stores `rows` rows of up to 32 sums (`acc(r)`: row r's two 16-lane halves) as `c`
+    /// says: the one store of both integer kernels, so they give the same bits.
+    ///
+    /// # Safety
+    /// AVX-512F; `c` holds `rows` rows of `cols <= 32` values at stride `ldc`, and for `F32`
+    /// the dequantization parameters hold `rows` rows and `cols` columns.
+    #[inline(always)]
+    pub(super) unsafe fn store(rows: usize, acc: impl Fn(usize) -> [__m512i; 2], c: Store, ldc: usize, cols: usize) {
+        // SAFETY: the caller's contract; stores are masked to `cols` columns.
+        unsafe {
             let masks = crate::kernels::tile_masks(cols);
             match c {
                 Store::I32(c) => {
-                    for (r, acc) in acc.iter().enumerate() {
+                    for r in 0..rows {
+                        let acc = acc(r);
                         for (h, &mask) in masks.iter().enumerate() {
                             if mask != 0 {
                                 _mm512_mask_storeu_epi32(c.add(r * ldc + 16 * h), mask, acc[h]);
@@ -444,7 +517,8 @@ mod vnni512 {
                             _mm512_maskz_loadu_ps(masks[1], dq.colscale.add(16)),
                         ]
                     };
-                    for (r, acc) in acc.iter().enumerate() {
+                    for r in 0..rows {
+                        let acc = acc(r);
                         let (s, z) = (_mm512_set1_ps(*dq.scale.add(r)), _mm512_set1_epi32(*dq.zero.add(r)));
                         for (h, &mask) in masks.iter().enumerate() {
                             if mask != 0 {
@@ -456,6 +530,224 @@ mod vnni512 {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Intel AMX: `tdpbusd` multiplies a 16-row x 64-byte tile of `u8` by a 16 x 64-byte tile of
+/// `s8` (sixteen groups of four rows of `k`, sixteen columns) into 16 x 16 `i32`, without
+/// saturation, as `vpdpbusd` does lane by lane. [`pack_b_s8`]'s panels are already B tiles: a
+/// group's 16 columns are 64 contiguous bytes, the next group 128 bytes on. Tiles of 32 rows x
+/// one panel use all eight tile registers (four sums, two of `A`, two of `B`); the sums go
+/// through the VNNI kernel's store (the same dequantization, the same bits). `k` must fill
+/// whole tiles (`groups % 16 == 0`): other products run on the VNNI kernel.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::{vnni512, NR};
+    use crate::kernels::Prefetch;
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// Groups of four `k` per tile step (one 64-byte row of an `A` tile).
+    pub const STEP: usize = 16;
+
+    /// Whether the CPU has AMX-TILE and AMX-INT8 (and AVX-512 VNNI, whose store the kernel
+    /// shares) and Linux lets this process use the tile data (asked once, for the process).
+    pub fn enable() -> bool {
+        // Leaf 7 is read only where the CPU has it.
+        let leaf7 = (__get_cpuid_max(0).0 >= 7).then(|| __cpuid_count(7, 0));
+        let Some(leaf7) = leaf7 else { return false };
+        let (tile, int8) = ((leaf7.edx >> 24) & 1 == 1, (leaf7.edx >> 25) & 1 == 1);
+        if !(tile && int8 && super::vnni512_supported()) {
+            return false;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): tile data is off until a
+            // process asks (its state is 8 KiB per thread); refused by kernels before 5.16.
+            const ARCH_PRCTL: i64 = 158;
+            const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+            const XFEATURE_XTILEDATA: i64 = 18;
+            let ret: i64;
+            // SAFETY: a system call that only changes which CPU state this process may use;
+            // `syscall` clobbers rcx and r11, declared.
+            unsafe {
+                asm!(
+                    "syscall",
+                    inlateout("rax") ARCH_PRCTL => ret,
+                    in("rdi") ARCH_REQ_XCOMP_PERM,
+                    in("rsi") XFEATURE_XTILEDATA,
+                    lateout("rcx") _,
+                    lateout("r11") _,
+                    options(nostack),
+                )
+            };
+            if ret != 0 {
+                tracing::debug!(errno = -ret, "Linux refused AMX tile data: the int8 kernel is AVX-512 VNNI");
+            }
+            ret == 0
+        }
+        #[cfg(not(target_os = "linux"))]
+        false
+    }
+
+    /// The 64-byte tile configuration (palette 1) for tiles of `rows` (1..=32) rows: sums
+    /// in tmm0-1 (rows 0..16) and tmm2-3 (the rest), `A` in tmm4 and tmm5, `B` in tmm6-7.
+    #[repr(C, align(64))]
+    struct Config([u8; 64]);
+
+    fn config(rows: usize) -> Config {
+        let (top, bottom) = (rows.min(16), rows.saturating_sub(16));
+        let mut c = Config([0; 64]);
+        c.0[0] = 1;
+        let tiles = [top, top, bottom, bottom, top, bottom, 16, 16];
+        for (t, &r) in tiles.iter().enumerate() {
+            if r > 0 {
+                c.0[16 + 2 * t] = 64; // bytes per row
+                c.0[48 + t] = r as u8;
+            }
+        }
+        c
+    }
+
+    /// The tile registers of one thread, configured for tiles of `rows` rows; released when
+    /// dropped (`tilerelease` gives the OS back a small context switch).
+    pub struct Tiles {
+        rows: usize,
+    }
+
+    impl Tiles {
+        pub fn new() -> Tiles {
+            Tiles { rows: 0 }
+        }
+
+        /// # Safety
+        /// [`enable`] returned true.
+        #[inline]
+        unsafe fn shape(&mut self, rows: usize) {
+            if self.rows != rows {
+                let c = config(rows);
+                // SAFETY: AMX is enabled (the caller's contract); the configuration is valid
+                // (palette 1, rows <= 16, 64 bytes per row) and aligned.
+                unsafe { asm!("ldtilecfg [{0}]", in(reg) c.0.as_ptr(), options(nostack, readonly)) };
+                self.rows = rows;
+            }
+        }
+    }
+
+    impl Drop for Tiles {
+        fn drop(&mut self) {
+            if self.rows != 0 {
+                // SAFETY: tiles were configured, so AMX is enabled; release resets them.
+                unsafe { asm!("tilerelease", options(nostack, nomem)) };
+            }
+        }
+    }
+
+    #[repr(C, align(64))]
+    struct Sums([i32; 32 * NR]);
+
+    /// `rows <= 32` rows x up to 32 columns of `C = A . B` over `steps` tile steps of `k`,
+    /// stored as `c` says.
+    ///
+    /// # Safety
+    /// [`enable`] returned true; `a` holds `rows` rows of `steps * 64` bytes at stride `lda`;
+    /// `b` holds `steps * STEP` groups of one panel; `c` as [`vnni512::store`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn tile(
+        tiles: &mut Tiles,
+        rows: usize,
+        steps: usize,
+        a: *const u8,
+        lda: usize,
+        b: *const i8,
+        c: vnni512::Store,
+        ldc: usize,
+        cols: usize,
+        mut pf: Prefetch,
+    ) {
+        debug_assert!((1..=32).contains(&rows) && cols <= NR);
+        let two = rows > 16;
+        const AHEAD: usize = 1;
+        let mut sums = std::mem::MaybeUninit::<Sums>::uninit();
+        let row = NR * 4; // bytes of one group of a panel, and of one row of `sums`
+                          // SAFETY: the caller's contract: each tile load reads `rows` rows of 64 bytes of `a`
+                          // within `steps * 64`, or 16 groups' 64 bytes of the panel; the stores write `sums`.
+        unsafe {
+            tiles.shape(rows);
+            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+            if two {
+                asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            }
+            for s in 0..steps {
+                pf.step();
+                let bs = b.add(s * STEP * row);
+                // The next step's weights into L1 (this panel's are read here first, from
+                // L2 at best): the B tile loads are the kernel's stalls.
+                if s + AHEAD < steps {
+                    let nb = bs.add(AHEAD * STEP * row);
+                    for l in 0..2 * STEP {
+                        _mm_prefetch::<_MM_HINT_T0>(nb.add(l * 64));
+                    }
+                }
+                asm!(
+                    "tileloadd tmm4, [{a} + {lda}*1]",
+                    "tileloadd tmm6, [{b} + {row}*1]",
+                    "tdpbusd tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{b2} + {row}*1]",
+                    "tdpbusd tmm1, tmm4, tmm7",
+                    a = in(reg) a.add(s * 64),
+                    lda = in(reg) lda,
+                    b = in(reg) bs,
+                    b2 = in(reg) bs.add(64),
+                    row = in(reg) row,
+                    options(nostack, readonly),
+                );
+                if two {
+                    asm!(
+                        "tileloadd tmm5, [{a} + {lda}*1]",
+                        "tdpbusd tmm2, tmm5, tmm6",
+                        "tdpbusd tmm3, tmm5, tmm7",
+                        a = in(reg) a.add(16 * lda + s * 64),
+                        lda = in(reg) lda,
+                        options(nostack, readonly),
+                    );
+                }
+            }
+            let out = sums.as_mut_ptr() as *mut i32;
+            asm!(
+                "tilestored [{c} + {row}*1], tmm0",
+                "tilestored [{c2} + {row}*1], tmm1",
+                c = in(reg) out,
+                c2 = in(reg) out.add(16),
+                row = in(reg) row,
+                options(nostack),
+            );
+            if two {
+                asm!(
+                    "tilestored [{c} + {row}*1], tmm2",
+                    "tilestored [{c2} + {row}*1], tmm3",
+                    c = in(reg) out.add(16 * NR),
+                    c2 = in(reg) out.add(16 * NR + 16),
+                    row = in(reg) row,
+                    options(nostack),
+                );
+            }
+            // Rows 0..rows of `sums` were just stored by the tiles (16 rows each, or `rows`).
+            let sums = out as *const i32;
+            vnni512::store(
+                rows,
+                |r| {
+                    [
+                        _mm512_load_si512(sums.add(r * NR) as *const _),
+                        _mm512_load_si512(sums.add(r * NR + 16) as *const _),
+                    ]
+                },
+                c,
+                ldc,
+                cols,
+            );
         }
     }
 }
@@ -472,43 +764,124 @@ mod tests {
         }
     }
 
-    /// Full-range data (every byte value, extremes included) on odd shapes: bit for bit.
+    /// Full-range data: rows of `lda` bytes (zero past `k`) and `k x n` weights, with the
+    /// extremes often (0 and 255 against -128 and 127 stress the sums).
+    fn full_range(m: usize, k: usize, n: usize) -> (Vec<u8>, Vec<u8>, Vec<i8>) {
+        let mut r = lcg((m * 1000 + k * 10 + n) as u64);
+        let lda = k_groups(k) * 4;
+        let mut a = vec![0u8; m * lda];
+        let mut dense = vec![0u8; m * k];
+        for i in 0..m {
+            for p in 0..k {
+                let v = match r() % 4 {
+                    0 => 255,
+                    1 => 0,
+                    _ => (r() % 256) as u8,
+                };
+                a[i * lda + p] = v;
+                dense[i * k + p] = v;
+            }
+        }
+        let w = (0..k * n)
+            .map(|_| match r() % 4 {
+                0 => -128,
+                1 => 127,
+                _ => (r() % 256) as u8 as i8,
+            })
+            .collect();
+        (a, dense, w)
+    }
+
+    /// Each kernel this CPU runs, on odd shapes and on `k` filling AMX tiles (with tiles of
+    /// 1 to 32 rows and part-filled panels): bit for bit.
     #[test]
-    fn vnni512_matches_the_reference_on_full_range_data() {
-        if !vnni512_supported() {
-            eprintln!("no AVX-512 VNNI here: kernel not run");
+    fn kernels_match_the_reference_on_full_range_data() {
+        let kernels: Vec<Kernel> = [Kernel::Amx, Kernel::Vnni512].into_iter().filter(|k| k.supported()).collect();
+        if kernels.is_empty() {
+            eprintln!("no AVX-512 VNNI here: kernels not run");
             return;
         }
-        for &(m, k, n) in &[(1, 1, 1), (5, 7, 3), (13, 64, 33), (12, 768, 32), (37, 255, 65), (128, 384, 100)] {
-            let mut r = lcg((m * 1000 + k * 10 + n) as u64);
-            let lda = k_groups(k) * 4;
-            let mut a = vec![0u8; m * lda];
-            let mut dense = vec![0u8; m * k];
-            for i in 0..m {
-                for p in 0..k {
-                    // Extremes often: 0 and 255 against -128 and 127 stress the sums.
-                    let v = match r() % 4 {
-                        0 => 255,
-                        1 => 0,
-                        _ => (r() % 256) as u8,
-                    };
-                    a[i * lda + p] = v;
-                    dense[i * k + p] = v;
-                }
+        let shapes = [
+            (1, 1, 1),
+            (5, 7, 3),
+            (13, 64, 33),
+            (12, 768, 32),
+            (37, 255, 65),
+            (128, 384, 100),
+            (1, 64, 1),
+            (17, 128, 31),
+            (33, 192, 64),
+            (64, 768, 96),
+            (50, 256, 40),
+        ];
+        for kernel in kernels {
+            for &(m, k, n) in &shapes {
+                let (a, dense, w) = full_range(m, k, n);
+                let packed = pack_b_s8(k, n, &w);
+                let mut want = vec![0i32; m * n];
+                reference(m, k, n, &dense, k, &w, &mut want, n);
+                let mut got = vec![0i32; m * n];
+                gemm_u8s8(kernel, m, k, n, &a, k_groups(k) * 4, &packed, &mut got, n).expect("runs");
+                assert_eq!(got, want, "{kernel:?} {m}x{k}x{n}");
             }
-            let w: Vec<i8> = (0..k * n)
-                .map(|_| match r() % 4 {
-                    0 => -128,
-                    1 => 127,
-                    _ => (r() % 256) as u8 as i8,
-                })
-                .collect();
+        }
+    }
+
+    /// Dequantized to `f32` (per-row scales and zeros, per-column scales, an epilogue per
+    /// panel), AMX gives VNNI's bits.
+    #[test]
+    fn amx_dequantizes_as_vnni() {
+        if !amx_supported() {
+            eprintln!("no AMX here: kernel not run");
+            return;
+        }
+        for &(m, k, n) in &[(40, 384, 70), (128, 768, 64), (7, 64, 33)] {
+            let (a, _, w) = full_range(m, k, n);
             let packed = pack_b_s8(k, n, &w);
-            let mut want = vec![0i32; m * n];
-            reference(m, k, n, &dense, k, &w, &mut want, n);
-            let mut got = vec![0i32; m * n];
-            gemm_u8s8(m, k, n, &a, lda, &packed, &mut got, n).expect("runs");
-            assert_eq!(got, want, "{m}x{k}x{n}");
+            let colsum = colsums(k, n, &packed);
+            let scale: Vec<f32> = (0..m).map(|i| 0.01 + i as f32 * 1e-3).collect();
+            let zero: Vec<i32> = (0..m as i32).map(|i| (i * 37) % 256).collect();
+            let colscale: Vec<f32> = (0..n).map(|j| 0.5 + j as f32 * 1e-2).collect();
+            let run = |kernel: Kernel, with_colscale: bool| {
+                let mut c = vec![f32::NAN; m * n];
+                let panels = std::cell::RefCell::new(vec![]);
+                let dq = Dequant {
+                    scale: scale.as_ptr(),
+                    zero: zero.as_ptr(),
+                    colsum: colsum.as_ptr(),
+                    colscale: if with_colscale { colscale.as_ptr() } else { std::ptr::null() },
+                };
+                // SAFETY: the kernel runs here; `a` is m rows of k bytes (k a multiple of 4),
+                // `packed` the weights' panels, `c` m x n; the parameters hold m rows and n columns.
+                unsafe {
+                    gemm_u8s8_f32_panels(
+                        kernel,
+                        m,
+                        k / 4,
+                        a.as_ptr(),
+                        k,
+                        packed.as_ptr(),
+                        c.as_mut_ptr(),
+                        n,
+                        n,
+                        (0, n.div_ceil(NR)),
+                        dq,
+                        &|row, rows, col, cols| panels.borrow_mut().push((row, rows, col, cols)),
+                    )
+                };
+                (c, panels.into_inner())
+            };
+            for with_colscale in [false, true] {
+                let (amx, amx_panels) = run(Kernel::Amx, with_colscale);
+                let (vnni, vnni_panels) = run(Kernel::Vnni512, with_colscale);
+                assert!(amx.iter().all(|x| x.is_finite()), "{m}x{k}x{n}: every output written");
+                assert_eq!(
+                    amx.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    vnni.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                    "{m}x{k}x{n}"
+                );
+                assert_eq!(amx_panels, vnni_panels);
+            }
         }
     }
 
@@ -535,9 +908,9 @@ mod tests {
         let packed = pack_b_s8(8, 4, &[1i8; 32]);
         let mut c = vec![0i32; 4];
         // lda smaller than the padded row.
-        assert!(gemm_u8s8(1, 8, 4, &[1u8; 8], 4, &packed, &mut c, 4).is_none());
+        assert!(gemm_u8s8(Kernel::Vnni512, 1, 8, 4, &[1u8; 8], 4, &packed, &mut c, 4).is_none());
         // C too small.
-        assert!(gemm_u8s8(2, 8, 4, &[1u8; 16], 8, &packed, &mut c, 4).is_none());
+        assert!(gemm_u8s8(Kernel::Vnni512, 2, 8, 4, &[1u8; 16], 8, &packed, &mut c, 4).is_none());
     }
 
     /// Throughput on BERT shapes, one thread (a probe for performance work, run by hand:
@@ -545,20 +918,19 @@ mod tests {
     #[test]
     #[ignore = "timing probe, asserts nothing"]
     fn int8_speed() {
-        if !vnni512_supported() {
-            return;
-        }
-        for &(m, k, n) in &[(128usize, 768usize, 768usize), (128, 768, 3072), (128, 3072, 768)] {
-            let a = vec![3u8; m * k];
-            let packed = pack_b_s8(k, n, &vec![-2i8; k * n]);
-            let mut c = vec![0i32; m * n];
-            let iters = 50;
-            let t = std::time::Instant::now();
-            for _ in 0..iters {
-                gemm_u8s8(m, k, n, &a, k, &packed, &mut c, n).unwrap();
+        for kernel in [Kernel::Amx, Kernel::Vnni512].into_iter().filter(|k| k.supported()) {
+            for &(m, k, n) in &[(128usize, 768usize, 768usize), (128, 768, 3072), (128, 3072, 768), (64, 384, 1536)] {
+                let a = vec![3u8; m * k];
+                let packed = pack_b_s8(k, n, &vec![-2i8; k * n]);
+                let mut c = vec![0i32; m * n];
+                let iters = 50;
+                let t = std::time::Instant::now();
+                for _ in 0..iters {
+                    gemm_u8s8(kernel, m, k, n, &a, k, &packed, &mut c, n).unwrap();
+                }
+                let s = t.elapsed().as_secs_f64() / iters as f64;
+                eprintln!("{kernel:?} {m}x{k}x{n}: {:.3} ms, {:.0} GOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
             }
-            let s = t.elapsed().as_secs_f64() / iters as f64;
-            eprintln!("u8s8 {m}x{k}x{n}: {:.3} ms, {:.0} GOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
         }
     }
 }
