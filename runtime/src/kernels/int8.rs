@@ -918,15 +918,19 @@ mod tests {
     #[test]
     #[ignore = "timing probe, asserts nothing"]
     fn int8_speed() {
+        // Weights rotated over copies past L2, as a model's are (read from L3 or memory).
+        let copies = std::env::var("WEIGHT_COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
+        let shapes =
+            [(128usize, 768usize, 768usize), (128, 768, 3072), (128, 3072, 768), (64, 768, 3072), (64, 3072, 768)];
         for kernel in [Kernel::Amx, Kernel::Vnni512].into_iter().filter(|k| k.supported()) {
-            for &(m, k, n) in &[(128usize, 768usize, 768usize), (128, 768, 3072), (128, 3072, 768), (64, 384, 1536)] {
+            for &(m, k, n) in &shapes {
                 let a = vec![3u8; m * k];
-                let packed = pack_b_s8(k, n, &vec![-2i8; k * n]);
+                let packed: Vec<Vec<i8>> = (0..copies).map(|_| pack_b_s8(k, n, &vec![-2i8; k * n])).collect();
                 let mut c = vec![0i32; m * n];
                 let iters = 50;
                 let t = std::time::Instant::now();
-                for _ in 0..iters {
-                    gemm_u8s8(kernel, m, k, n, &a, k, &packed, &mut c, n).unwrap();
+                for i in 0..iters {
+                    gemm_u8s8(kernel, m, k, n, &a, k, &packed[i % copies], &mut c, n).unwrap();
                 }
                 let s = t.elapsed().as_secs_f64() / iters as f64;
                 eprintln!("{kernel:?} {m}x{k}x{n}: {:.3} ms, {:.0} GOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
