@@ -80,6 +80,9 @@ pub struct Summary {
     pub attention_heads: Vec<usize>,
     pub parameters: usize,
     pub weight_bytes: usize,
+    /// GFLOPs of the products on one sequence of 128 tokens ([`analysis::flops`]).
+    #[serde(default)]
+    pub gflops_s128: f64,
 }
 
 pub fn summarize(g: &Graph) -> Summary {
@@ -92,7 +95,69 @@ pub fn summarize(g: &Graph) -> Summary {
         attention_heads: heads,
         parameters: analysis::parameters(g),
         weight_bytes: analysis::weight_bytes(g),
+        gflops_s128: analysis::flops(g, 128) / 1e9,
     }
+}
+
+/// The compressed build timed against the `f32` build, after `--eval`'s accuracy: alternating
+/// rounds on the same random valid inputs, medians.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct Latency {
+    pub batch: usize,
+    pub seq: usize,
+    /// Timed runs of each build.
+    pub runs: usize,
+    pub reference_ms: f64,
+    pub compressed_ms: f64,
+    pub reference_gflops: f64,
+    pub compressed_gflops: f64,
+}
+
+impl Latency {
+    pub fn speedup(&self) -> f64 {
+        self.reference_ms / self.compressed_ms.max(1e-9)
+    }
+}
+
+/// [`Latency`] of `candidate` against `reference` at batch 1, sequence 128 (the sequence the
+/// model allows, if shorter), for about two seconds at most.
+fn time_builds(reference: &Graph, candidate: &Graph) -> Result<Latency, BuildError> {
+    let ((rplan, rweights), (cplan, cweights)) = (lower(&reference.compact())?, lower(&candidate.compact())?);
+    let (r, c) = (in_memory_model(&rplan, &rweights, None)?, in_memory_model(&cplan, &cweights, None)?);
+    let (batch, seq) = (1, 128);
+    let inputs = c.random_inputs(batch, seq, 42)?;
+    for _ in 0..2 {
+        r.run(&inputs)?;
+        c.run(&inputs)?;
+    }
+    let (mut tr, mut tc) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    for round in 0..20 {
+        for _ in 0..2 {
+            let t = Instant::now();
+            r.run(&inputs)?;
+            tr.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            c.run(&inputs)?;
+            tc.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if round >= 4 && start.elapsed().as_secs_f64() > 2.0 {
+            break;
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(Latency {
+        batch,
+        seq,
+        runs: tr.len(),
+        reference_ms: median(&mut tr),
+        compressed_ms: median(&mut tc),
+        reference_gflops: analysis::flops(reference, seq) / 1e9,
+        compressed_gflops: analysis::flops(candidate, seq) / 1e9,
+    })
 }
 
 /// The build report, stored in the artifact and printed by `tcc build`.
@@ -114,6 +179,9 @@ pub struct BuildReport {
     /// The compressed build against the `f32` build on the `--eval` samples.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accuracy: Option<crate::accuracy::AccuracyReport>,
+    /// The compressed build's latency against the `f32` build's, measured with `--eval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<Latency>,
 }
 
 fn spinner(progress: bool, len: u64) -> ProgressBar {
@@ -234,6 +302,7 @@ fn compile_stages(
         artifact_bytes: 0,
         tokenizer: false,
         accuracy: None,
+        latency: None,
     };
     Ok((g, f32_graph, report))
 }
@@ -395,6 +464,16 @@ pub fn build_with(
             }
         };
         report.accuracy = Some(evaluate(reference, &g, tokenizer.as_deref(), data, opts.progress)?);
+        pb.set_message("timing against the f32 build");
+        // A model whose inputs random_inputs cannot make (no sequence of 128) gets no timing,
+        // not a failed build.
+        report.latency = match time_builds(reference, &g) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!("latency against the f32 build not measured: {e}");
+                None
+            }
+        };
     }
     pb.set_message(format!("writing {}", out.display()));
     let t2 = Instant::now();

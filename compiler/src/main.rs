@@ -475,7 +475,13 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
     );
     out!("  total      {:>8.1} ms", r.total_ms);
     let s = &r.summary;
-    out!("  {} layers, {} parameters, {} ops", s.layers, thousands(s.parameters), s.op_counts.values().sum::<usize>());
+    out!(
+        "  {} layers, {} parameters, {} ops, {:.2} GFLOPs at sequence 128",
+        s.layers,
+        thousands(s.parameters),
+        s.op_counts.values().sum::<usize>(),
+        s.gflops_s128
+    );
     if let Some(a) = &r.accuracy {
         out!("accuracy against the f32 build, {} samples from {}:", a.samples, a.data);
         out!(
@@ -506,6 +512,22 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
                 out!("    {:>9.2e} (+{:.2e})  {}", l.rel_error, l.added, l.product);
             }
         }
+    }
+    if let Some(l) = &r.latency {
+        out!(
+            "latency against the f32 build (batch {}, sequence {}, median of {} alternating runs each):",
+            l.batch,
+            l.seq,
+            l.runs
+        );
+        out!("  {:12} {:>10} {:>10}", "", "ms", "GFLOPs");
+        out!("  {:12} {:>10.2} {:>10.2}", "f32", l.reference_ms, l.reference_gflops);
+        out!("  {:12} {:>10.2} {:>10.2}", "this build", l.compressed_ms, l.compressed_gflops);
+        out!(
+            "  {:.3}x faster, {:.1}% of the FLOPs removed",
+            l.speedup(),
+            100.0 * (1.0 - l.compressed_gflops / l.reference_gflops.max(1e-12))
+        );
     }
 }
 

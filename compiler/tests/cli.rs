@@ -134,6 +134,15 @@ fn prune_heads_and_neurons() {
     let report = ok(&[&base[..], &["--prune-heads", "0.25", "--prune-ffn", "0.25"], &calib[..]].concat());
     assert!(report.contains("heads_removed=18") && report.contains("heads_kept.layer00="), "{report}");
     assert!(report.contains("ffn_neurons_removed=") && report.contains("accuracy against the f32 build"), "{report}");
+    // A quarter of the heads and of the FFN neurons: about a quarter of the FLOPs, timed.
+    let removed: f64 = report
+        .lines()
+        .find_map(|l| l.split("% of the FLOPs removed").next().filter(|_| l.contains("FLOPs removed")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no FLOPs line: {report}"));
+    assert!((20.0..30.0).contains(&removed), "{removed}% of the FLOPs removed: {report}");
+    assert!(report.contains("latency against the f32 build (batch 1, sequence 128"), "{report}");
     let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&art), "--json"])).unwrap();
     let heads: Vec<u64> = v["attention_heads"].as_array().unwrap().iter().map(|h| h.as_u64().unwrap()).collect();
     assert_eq!(heads.iter().sum::<u64>(), 54, "{heads:?}");

@@ -19,6 +19,30 @@ pub fn weight_bytes(g: &Graph) -> usize {
     g.used_consts().into_iter().filter_map(|v| g.const_of(v)).map(|t| t.len() * t.dtype().size()).sum()
 }
 
+/// Floating-point operations (two per multiply-add) of the model's products on one sequence of
+/// `seq` tokens: `2 k n` per token for each product by constant weights `[k, n]`, and `4 seq h d`
+/// per token for each fused attention block of `h` heads of size `d` (scores, then context).
+/// Element-wise work is not counted; nor are products not yet fused with their weights.
+pub fn flops(g: &Graph, seq: usize) -> f64 {
+    let mut per_token = 0f64;
+    for node in &g.nodes {
+        match &node.op {
+            tcc_runtime::Op::FusedMatMul(f) => {
+                if let Some([k, n]) = f.packed {
+                    per_token += 2.0 * k as f64 * n as f64;
+                }
+            }
+            tcc_runtime::Op::Attention(a) => {
+                if let Some(w) = node.inputs.first().copied().flatten().and_then(|q| a.width(g.fact(q))) {
+                    per_token += 4.0 * seq as f64 * w as f64;
+                }
+            }
+            _ => {}
+        }
+    }
+    per_token * seq as f64
+}
+
 /// The attention blocks found in the graph, in order, with their number of heads.
 ///
 /// An attention block is a fused `Attention` op or, before fusion, a `Softmax` over the last

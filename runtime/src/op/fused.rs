@@ -549,6 +549,13 @@ impl Attention {
         let dims = permute(&q.shape, &self.scores.a_perm);
         (dims.len() == 4).then(|| dims[1].as_const().map(|h| h as usize)).flatten()
     }
+
+    /// Heads times the head size, for queries of fact `q` (when both are known statically).
+    pub fn width(&self, q: &Fact) -> Option<usize> {
+        let dims = permute(&q.shape, &self.scores.a_perm);
+        let d = dims.get(3)?.as_const()? as usize;
+        Some(self.heads(q)? * d)
+    }
 }
 
 impl OpDef for Attention {
