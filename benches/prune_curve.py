@@ -10,6 +10,10 @@ unpruned build in the same run).
 usage: benches/prune_curve.py MODEL.onnx --tokenizer tokenizer.json --calibration calib.txt
                               --eval heldout.txt [--rounds 5] [--runs 20] [--seq 128]
                               [--threads 2] [--tcc target/release/tcc] [--json out.json]
+                              [--plot curve.png]
+
+--plot draws speed-up against mean cosine, one line per kind of pruning (needs matplotlib:
+`pip install matplotlib`).
 """
 import argparse
 import json
@@ -47,7 +51,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tcc", default="target/release/tcc")
     ap.add_argument("--json")
+    ap.add_argument("--plot", help="write the accuracy/speed curve to this PNG (needs matplotlib)")
     a = ap.parse_args()
+    if a.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before the long builds)
+        except ImportError:
+            ap.error("--plot needs matplotlib: pip install matplotlib")
     work = tempfile.mkdtemp(prefix="prune-curve-")
     rows = []
     for name, args in SETTINGS:
@@ -61,6 +71,7 @@ def main():
         acc = (report.get("accuracy") or {}).get("outputs") or [{}]
         rows.append({"setting": name, "artifact": art, "mean_cosine": acc[0].get("mean_cosine", 1.0),
                      "min_cosine": acc[0].get("min_cosine", 1.0), "parameters": report["summary"]["parameters"],
+                     "gflops": report["summary"].get("gflops_s128", 0.0),
                      "heads": report["summary"]["attention_heads"], "ms": []})
         print(f"built {name}", flush=True)
     for _ in range(a.rounds):
@@ -68,17 +79,48 @@ def main():
             out = subprocess.run([a.tcc, "bench", r["artifact"], "--json", "--runs", str(a.runs), "--seq", str(a.seq),
                                   "--threads", str(a.threads)], check=True, capture_output=True, text=True).stdout
             r["ms"].append(json.loads(out)["median_ms"])
-    base = statistics.median(rows[0]["ms"])
-    print(f"\nbatch 1, sequence {a.seq}, {a.threads} threads, {a.rounds} alternating rounds of {a.runs} runs; "
+    # The speed-up of each round against the unpruned build's time in the same round (the
+    # machine's speed drifts between rounds), median over the rounds.
+    print(f"\nbatch 1, sequence {a.seq}, {a.threads} threads, {a.rounds} alternating rounds of {a.runs} runs "
+          f"(speed-up: median over rounds of the unpruned build's time in the same round over this one's); "
           f"cosine of the sentence embedding against the unpruned build on {a.eval}")
-    print(f"{'setting':24} {'mean cos':>9} {'worst cos':>9} {'params M':>9} {'ms':>8} {'speed-up':>9}  heads per layer")
+    print(f"{'setting':24} {'mean cos':>9} {'worst cos':>9} {'params M':>9} {'GFLOPs':>7} {'ms':>8} {'speed-up':>9}"
+          "  heads per layer")
     for r in rows:
         ms = statistics.median(r["ms"])
-        r["median_ms"], r["speedup"] = ms, base / ms
+        r["median_ms"] = ms
+        r["speedup"] = statistics.median(b / x for b, x in zip(rows[0]["ms"], r["ms"]))
         print(f"{r['setting']:24} {r['mean_cosine']:9.4f} {r['min_cosine']:9.4f} {r['parameters'] / 1e6:9.2f} "
-              f"{ms:8.2f} {base / ms:8.3f}x  {r['heads']}")
+              f"{r['gflops']:7.2f} {ms:8.2f} {r['speedup']:8.3f}x  {r['heads']}")
+    if a.plot:
+        plot(rows, a)
     if a.json:
         json.dump([{k: v for k, v in r.items() if k != "artifact"} for r in rows], open(a.json, "w"), indent=1)
+
+
+def plot(rows, a):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("heads", "o"), ("ffn", "s"), ("layer", "^")):
+        pts = [rows[0]] + [r for r in rows[1:] if kind in r["setting"] and "+" not in r["setting"]]
+        ax.plot([r["speedup"] for r in pts], [r["mean_cosine"] for r in pts], marker=marker, label=kind)
+        for r in pts[1:]:
+            label = r["setting"].split(" ", 1)[1] if kind != "layer" else r["setting"]
+            ax.annotate(label, (r["speedup"], r["mean_cosine"]), fontsize=7,
+                        xytext=(4, 2), textcoords="offset points")
+    for r in rows:
+        if "+" in r["setting"]:
+            ax.plot([r["speedup"]], [r["mean_cosine"]], marker="*", markersize=12, linestyle="", label=r["setting"])
+    ax.set_xlabel(f"speed-up over the unpruned build (batch 1, sequence {a.seq}, {a.threads} threads)")
+    ax.set_ylabel("mean cosine vs unpruned, held-out sentences")
+    ax.set_title(f"structured pruning: {os.path.basename(a.model)}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(a.plot, dpi=120)
+    print(f"wrote {a.plot}")
 
 
 if __name__ == "__main__":

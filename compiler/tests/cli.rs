@@ -262,6 +262,24 @@ fn bad_models_and_inputs_get_one_line_errors() {
     inputs[0].1 = tcc_runtime::op::cast_tensor(&inputs[0].1, tcc_runtime::DType::I32).unwrap();
     tcc_runtime::io::write_npz(&wrong, &inputs).unwrap();
     assert!(fails(&["run", s(&art), "--input", s(&wrong)]).contains("must be i64, got i32"));
+    // Longer than the model's 512 positions: said before any op runs, not as a broadcast
+    // failure deep in the embeddings.
+    let n = 600;
+    let long: Vec<(String, tcc_runtime::Tensor)> =
+        [("input_ids", 2000i64), ("attention_mask", 1), ("token_type_ids", 0)]
+            .into_iter()
+            .map(|(name, v)| (name.to_string(), tcc_runtime::Tensor::new(vec![1, n], vec![v; n]).unwrap()))
+            .collect();
+    let path = dir.join("long.npz");
+    tcc_runtime::io::write_npz(&path, &long).unwrap();
+    let e = fails(&["run", s(&art), "--input", s(&path)]);
+    assert!(e.contains("`sequence` = 600 is more than this model takes: at most 512"), "{e}");
+    // onnxruntime's fused embeddings look positions up from a `Range`: the same answer.
+    let fused = dir.join("fused.tcc");
+    ok(&["build", s(&f.model("minilm_l6_ortfused").path), "-o", s(&fused)]);
+    let e = fails(&["run", s(&fused), "--input", s(&path)]);
+    assert!(e.contains("`sequence` = 600 is more than this model takes: at most 512"), "{e}");
+    assert!(e.contains("looks up positions 0..sequence in a table of 512"), "{e}");
     let e = fails(&["run", s(&art), "--text", "hello"]);
     assert!(e.contains("no tokenizer"), "{e}");
 

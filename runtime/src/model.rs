@@ -50,6 +50,8 @@ pub struct Model {
     last_use: Vec<Option<usize>>,
     keep: Vec<bool>,
     facts: Vec<Option<Fact>>,
+    /// What the facts assume of the inputs' symbols, checked before a run.
+    limits: Vec<crate::plan::Limit>,
     producer: String,
     report: serde_json::Value,
     size: u64,
@@ -209,6 +211,7 @@ impl Model {
                 Some((t, pad_id))
             }
         };
+        let limits = crate::plan::Limit::of(&plan, &facts);
         Ok(Model {
             plan,
             fast,
@@ -217,6 +220,7 @@ impl Model {
             last_use,
             keep,
             facts,
+            limits,
             producer: a.header.producer,
             report: a.header.report,
             size: a.size,
@@ -309,6 +313,9 @@ impl Model {
             }
         };
         let symbols = crate::plan::bind_symbols(&self.plan.inputs, inputs)?;
+        for l in &self.limits {
+            l.check(&symbols)?;
+        }
         let ctx = EvalContext { symbols };
         let mut slots: Vec<Option<Tensor>> = vec![None; self.plan.slots as usize];
         for (s, t) in &self.constants {

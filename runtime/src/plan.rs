@@ -241,6 +241,87 @@ pub fn bind_symbols(specs: &[Input], inputs: &[(String, Tensor)]) -> Result<BTre
     Ok(symbols)
 }
 
+/// A bound the plan's facts assume of the inputs' symbols: a `Slice` whose end is symbolic
+/// (`position_ids[:, :sequence]`, a table of positions cut to the sequence) is inferred as if
+/// the end lay within the sliced dim, which holds only up to the dim's size (past it, `Slice`
+/// clamps, and a later op fails on shapes that disagree, far from the cause).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limit {
+    /// The symbolic end (`sequence`).
+    pub end: Dim,
+    /// The size of the sliced dim: the largest value the end may take.
+    pub max: i64,
+    /// What sets the bound, for the error.
+    pub why: String,
+}
+
+impl Limit {
+    /// The plan's limits, from its `Slice` steps and their facts.
+    pub fn of(plan: &Plan, facts: &[Option<Fact>]) -> Vec<Limit> {
+        let fact = |s: Option<&Option<Slot>>| s.copied().flatten().and_then(|s| facts.get(s as usize)?.as_ref());
+        let mut out = Vec::new();
+        for step in &plan.steps {
+            if !matches!(step.op, Op::Slice(_)) {
+                continue;
+            }
+            let (Some(x), Some(ends)) =
+                (fact(step.inputs.first()), fact(step.inputs.get(2)).and_then(crate::op::shape_operand))
+            else {
+                continue;
+            };
+            let axes: Vec<i64> = match step.inputs.get(3).copied().flatten() {
+                None => (0..ends.len() as i64).collect(),
+                Some(_) => match fact(step.inputs.get(3)).and_then(|f| f.const_i64s()) {
+                    Some(a) => a,
+                    None => continue,
+                },
+            };
+            for (end, &axis) in ends.iter().zip(&axes) {
+                let axis = if axis < 0 { axis + x.rank() as i64 } else { axis };
+                let dim = usize::try_from(axis).ok().and_then(|a| x.shape.get(a)).and_then(|d| d.as_const());
+                if let (None, Some(max)) = (end.as_const(), dim) {
+                    let why = format!("`{}` cuts a table of {max} entries to it", step.name);
+                    out.push(Limit { end: end.clone(), max, why });
+                }
+            }
+        }
+        // A lookup of positions `Range(0, n)` in a constant table of `max` rows (onnxruntime's
+        // fused embeddings): n <= max.
+        let producer: HashMap<Slot, &Step> =
+            plan.steps.iter().flat_map(|st| st.outputs.iter().map(move |&o| (o, st))).collect();
+        let constant = |s: Slot| plan.constants.iter().any(|c| c.slot == s);
+        for step in &plan.steps {
+            let Op::Gather(g) = &step.op else { continue };
+            let (Some(Some(data)), Some(Some(idx))) = (step.inputs.first(), step.inputs.get(1)) else { continue };
+            let Some(range) = producer.get(idx).filter(|r| matches!(r.op, Op::Range(_))) else { continue };
+            let scalar =
+                |i: usize| fact(range.inputs.get(i)).and_then(|f| f.const_i64s()).and_then(|v| v.first().copied());
+            let limit = fact(range.inputs.get(1)).and_then(|f| f.value.as_ref()?.data.first().cloned());
+            let rows = fact(step.inputs.first()).and_then(|f| f.shape.first()?.as_const());
+            if let (true, true, Some(0), Some(1), Some(end), Some(max)) =
+                (g.axis == 0, constant(*data), scalar(0), scalar(2), limit, rows)
+            {
+                if end.as_const().is_none() {
+                    let why = format!("`{}` looks up positions 0..{end} in a table of {max}", step.name);
+                    out.push(Limit { end, max, why });
+                }
+            }
+        }
+        out
+    }
+
+    /// An input error when the bound symbols put the end past the dim.
+    pub fn check(&self, symbols: &BTreeMap<String, i64>) -> Result<()> {
+        match self.end.eval(&|s: &str| symbols.get(s).copied()) {
+            Some(v) if v > self.max => Err(Error::Input(format!(
+                "`{}` = {v} is more than this model takes: at most {} ({})",
+                self.end, self.max, self.why
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// The tensor given for input `name`.
 pub fn find_input<'a>(inputs: &'a [(String, Tensor)], name: &str) -> Result<&'a Tensor> {
     inputs
