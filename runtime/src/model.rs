@@ -560,6 +560,8 @@ mod tests {
         assert!(err(&[("x".into(), f(&[1.])), ("y".into(), Tensor::new(vec![1], vec![1i64]).unwrap())])
             .contains("must be f32"));
         assert!(err(&[("x".into(), f(&[])), ("y".into(), f(&[]))]).contains("size 0"));
+        let matrix = Tensor::new(vec![1, 1], vec![1f32]).unwrap();
+        assert!(err(&[("x".into(), matrix), ("y".into(), f(&[1.]))]).contains("`x` must have rank 1"));
         assert!(err(&[("x".into(), f(&[1.])), ("y".into(), f(&[1.])), ("w".into(), f(&[1.]))]).contains("not an input"));
     }
 
