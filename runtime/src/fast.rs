@@ -719,8 +719,14 @@ impl Fast {
         let mut out = Uninit::new(p.total);
         let c = SendPtr(out.ptr());
         let bp = b.as_slice::<i8>().ok()?.as_ptr() as usize;
+        // Rows (of all batches) split over the threads, each quantizing its own rows (no wait
+        // between quantization and product) then multiplying them by all the weights, which
+        // at a quarter of f32's bytes both cores can stream (split by panels after a
+        // quantization pass instead: no faster on AMX, 4% slower on BERT-base).
         let threads = pool::global().threads().max(1);
-        let quantize = |r0: usize, r1: usize| {
+        let per = rows.div_ceil(threads).div_ceil(4) * 4;
+        pool::global().run_static(threads, &|t| {
+            let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
             if !quantized {
                 // SAFETY: the AVX-512 tier; rows r0..r1 of A hold k floats (`prepare`), of the
                 // buffers ldq bytes and one parameter each, written by this thread alone (the
@@ -729,62 +735,48 @@ impl Fast {
                     quantize_rows(xs, &p, (whole, divide), (r0, r1), (qp as *mut u8, sp as *mut f32, zp as *mut i32))
                 };
             }
-        };
-        // Rows i0..i1 of batch `bi` (rows r.. of the quantized buffer) times panels p0..p1.
-        let product = |bi: usize, r: usize, (i0, i1): (usize, usize), panels: (usize, usize)| {
-            let cb = c.get().wrapping_add(p.offsets[bi][2]);
-            p.with_program(self, bi, &program, |ctx| {
-                let epi = |row: usize, rows: usize, n0: usize, cols: usize| {
-                    if ctx.len > 0 && !(ctx.len == 1 && program.0[0] == EpiOp::Acc) {
-                        // SAFETY: the AVX-512 tier (the function exists only there); the
-                        // context's operands cover this batch's rows and columns.
-                        unsafe { epilogue_fn(ctx, cb, p.ldc, i0 + row, rows, n0, cols) };
-                    }
-                };
-                let dq = int8::Dequant {
-                    scale: (sp as *const f32).wrapping_add(r),
-                    zero: (zp as *const i32).wrapping_add(r),
-                    colsum: colsum.as_ptr(),
-                    colscale: colscale as *const f32,
-                };
-                // SAFETY: colsums exist only where the CPU has VNNI (`prepare_int8`) and
-                // `kernel` runs here; the quantized rows r.. hold ldq bytes each, the packed
-                // weights are `k x n` (their size checked by `prepare`), C holds this batch's
-                // rows i0..i1 at stride ldc, whose columns of these panels only this thread
-                // writes; the parameters hold the rows.
-                unsafe {
-                    int8::gemm_u8s8_f32_panels(
-                        kernel,
-                        i1 - i0,
-                        ldq / 4,
-                        (qp as *const u8).wrapping_add(r * ldq),
-                        ldq,
-                        bp as *const i8,
-                        cb.wrapping_add(i0 * p.ldc),
-                        p.ldc,
-                        n,
-                        panels,
-                        dq,
-                        &epi,
-                    )
-                };
-            });
-        };
-        let panels = n.div_ceil(NR);
-        // Rows (of all batches) split over the threads, each quantizing its own rows (no
-        // wait between quantization and product) then multiplying them by all the weights,
-        // which at a quarter of f32's bytes both cores can stream (split by panels, after
-        // a quantization pass, measured 4% slower on BERT-base with AMX).
-        let per = rows.div_ceil(threads).div_ceil(4) * 4;
-        pool::global().run_static(threads, &|t| {
-            let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
-            quantize(r0, r1);
             // Each batch's share of the rows.
             let mut r = r0;
             while r < r1 {
                 let (bi, i0) = (r / m, r % m);
                 let i1 = m.min(i0 + r1 - r);
-                product(bi, r, (i0, i1), (0, panels));
+                let cb = c.get().wrapping_add(p.offsets[bi][2]);
+                p.with_program(self, bi, &program, |ctx| {
+                    let epi = |row: usize, rows: usize, n0: usize, cols: usize| {
+                        if ctx.len > 0 && !(ctx.len == 1 && program.0[0] == EpiOp::Acc) {
+                            // SAFETY: the AVX-512 tier (the function exists only there); the
+                            // context's operands cover this batch's rows and columns.
+                            unsafe { epilogue_fn(ctx, cb, p.ldc, i0 + row, rows, n0, cols) };
+                        }
+                    };
+                    let dq = int8::Dequant {
+                        scale: (sp as *const f32).wrapping_add(r),
+                        zero: (zp as *const i32).wrapping_add(r),
+                        colsum: colsum.as_ptr(),
+                        colscale: colscale as *const f32,
+                    };
+                    // SAFETY: colsums exist only where the CPU has VNNI (`prepare_int8`) and
+                    // `kernel` runs here; the quantized rows r.. hold ldq bytes each, the
+                    // packed weights are `k x n` (their size checked by `prepare`), C holds
+                    // this batch's rows i0..i1 at stride ldc, written by this thread alone; the
+                    // parameters hold the rows.
+                    unsafe {
+                        int8::gemm_u8s8_f32_panels(
+                            kernel,
+                            i1 - i0,
+                            ldq / 4,
+                            (qp as *const u8).wrapping_add(r * ldq),
+                            ldq,
+                            bp as *const i8,
+                            cb.wrapping_add(i0 * p.ldc),
+                            p.ldc,
+                            n,
+                            (0, n.div_ceil(NR)),
+                            dq,
+                            &epi,
+                        )
+                    };
+                });
                 r += i1 - i0;
             }
         });
