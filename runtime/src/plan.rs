@@ -241,10 +241,11 @@ pub fn bind_symbols(specs: &[Input], inputs: &[(String, Tensor)]) -> Result<BTre
     Ok(symbols)
 }
 
-/// A bound the plan's facts assume of the inputs' symbols: a `Slice` whose end is symbolic
-/// (`position_ids[:, :sequence]`, a table of positions cut to the sequence) is inferred as if
-/// the end lay within the sliced dim, which holds only up to the dim's size (past it, `Slice`
-/// clamps, and a later op fails on shapes that disagree, far from the cause).
+/// A bound the plan's facts assume of the inputs' symbols: a `Slice` (step 1) whose end is
+/// symbolic (`position_ids[:, :sequence]`, a table of positions cut to the sequence) is inferred
+/// as if the end lay within the sliced dim, which holds only up to the dim's size (past it,
+/// `Slice` clamps, and a later op fails on shapes that disagree, far from the cause); a lookup of
+/// positions `Range(0, n)` in a table of `max` rows holds only for `n <= max`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Limit {
     /// The symbolic end (`sequence`).
@@ -256,7 +257,7 @@ pub struct Limit {
 }
 
 impl Limit {
-    /// The plan's limits, from its `Slice` steps and their facts.
+    /// The plan's limits, from its `Slice` and position-lookup steps and their facts.
     pub fn of(plan: &Plan, facts: &[Option<Fact>]) -> Vec<Limit> {
         let fact = |s: Option<&Option<Slot>>| s.copied().flatten().and_then(|s| facts.get(s as usize)?.as_ref());
         let mut out = Vec::new();
@@ -269,6 +270,16 @@ impl Limit {
             else {
                 continue;
             };
+            // Symbolic bounds are inferred for unit steps only.
+            let unit = match step.inputs.get(4).copied().flatten() {
+                None => true,
+                Some(_) => {
+                    fact(step.inputs.get(4)).and_then(|f| f.const_i64s()).is_some_and(|v| v.iter().all(|&x| x == 1))
+                }
+            };
+            if !unit {
+                continue;
+            }
             let axes: Vec<i64> = match step.inputs.get(3).copied().flatten() {
                 None => (0..ends.len() as i64).collect(),
                 Some(_) => match fact(step.inputs.get(3)).and_then(|f| f.const_i64s()) {
