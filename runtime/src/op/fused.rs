@@ -266,6 +266,15 @@ impl FusedMatMul {
         }
     }
 
+    /// `(k, n)` when `B` is one matrix of known size (weights, packed or not): each row of `A`
+    /// costs `k * n` multiply-adds.
+    pub fn matrix_b(&self, b: &Fact) -> Option<(usize, usize)> {
+        match self.b_dims(b).ok()?.as_slice() {
+            [k, n] => Some((k.as_const()? as usize, n.as_const()? as usize)),
+            _ => None,
+        }
+    }
+
     /// The product's shape (before `c_perm`).
     pub fn product_dims(&self, a: &Fact, b: &Fact) -> Result<Vec<Dim>> {
         check_perm(&self.a_perm, a.rank())?;
