@@ -291,6 +291,18 @@ fn bad_models_and_inputs_get_one_line_errors() {
     tcc_runtime::io::write_npz(&path, &long).unwrap();
     let e = fails(&["run", s(&art), "--input", s(&path)]);
     assert!(e.contains("`sequence` = 600 is more than this model takes: at most 512"), "{e}");
+    // A token id past the vocabulary, a token type past the two: named before any op runs.
+    for (input, value, rows) in [("input_ids", 30522i64, 30522), ("token_type_ids", 2, 2)] {
+        let mut ins = m.inputs();
+        let t = ins.iter_mut().find(|(n, _)| n == input).unwrap();
+        let mut v = t.1.to_i64s().unwrap();
+        v[1] = value;
+        t.1 = tcc_runtime::Tensor::new(t.1.shape().to_vec(), v).unwrap();
+        let path = dir.join(format!("bad_{input}.npz"));
+        tcc_runtime::io::write_npz(&path, &ins).unwrap();
+        let e = fails(&["run", s(&art), "--input", s(&path)]);
+        assert!(e.contains(&format!("`{input}` holds {value} at [0, 1], outside the {rows} rows")), "{e}");
+    }
     // onnxruntime's fused embeddings look positions up from a `Range`: the same answer.
     let fused = dir.join("fused.tcc");
     ok(&["build", s(&f.model("minilm_l6_ortfused").path), "-o", s(&fused)]);

@@ -52,6 +52,8 @@ pub struct Model {
     facts: Vec<Option<Fact>>,
     /// What the facts assume of the inputs' symbols, checked before a run.
     limits: Vec<crate::plan::Limit>,
+    /// Inputs whose values index constant tables (token ids), checked before a run.
+    index_bounds: Vec<crate::plan::IndexBound>,
     producer: String,
     report: serde_json::Value,
     size: u64,
@@ -212,6 +214,7 @@ impl Model {
             }
         };
         let limits = crate::plan::Limit::of(&plan, &facts);
+        let index_bounds = crate::plan::IndexBound::of(&plan, &facts);
         Ok(Model {
             plan,
             fast,
@@ -221,6 +224,7 @@ impl Model {
             keep,
             facts,
             limits,
+            index_bounds,
             producer: a.header.producer,
             report: a.header.report,
             size: a.size,
@@ -315,6 +319,9 @@ impl Model {
         let symbols = crate::plan::bind_symbols(&self.plan.inputs, inputs)?;
         for l in &self.limits {
             l.check(&symbols)?;
+        }
+        for b in &self.index_bounds {
+            b.check(inputs)?;
         }
         let ctx = EvalContext { symbols };
         let mut slots: Vec<Option<Tensor>> = vec![None; self.plan.slots as usize];

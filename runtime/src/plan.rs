@@ -333,6 +333,68 @@ impl Limit {
     }
 }
 
+/// An input whose values index the rows of a constant table (token ids in the word
+/// embeddings, token types in theirs), directly or through a `Cast`: checked before any op
+/// runs, so that an id past the vocabulary is an input error naming the input, not a lookup
+/// failure. Negative ids count from the end, as ONNX `Gather` defines.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexBound {
+    pub input: String,
+    pub rows: i64,
+    /// The lookup's step name.
+    pub step: String,
+}
+
+impl IndexBound {
+    /// The plan's inputs that index constant tables.
+    pub fn of(plan: &Plan, facts: &[Option<Fact>]) -> Vec<IndexBound> {
+        let producer: HashMap<Slot, &Step> =
+            plan.steps.iter().flat_map(|st| st.outputs.iter().map(move |&o| (o, st))).collect();
+        let input_at = |s: Slot| plan.inputs.iter().find(|i| i.slot == s);
+        let mut out: Vec<IndexBound> = Vec::new();
+        for step in &plan.steps {
+            let Op::Gather(g) = &step.op else { continue };
+            let (Some(Some(data)), Some(Some(idx))) = (step.inputs.first(), step.inputs.get(1)) else { continue };
+            if g.axis != 0 || !plan.constants.iter().any(|c| c.slot == *data) {
+                continue;
+            }
+            // The indices: an input, or an input cast (onnxruntime's int32 ids).
+            let source = input_at(*idx).or_else(|| {
+                let p = producer.get(idx).filter(|p| matches!(p.op, Op::Cast(_)))?;
+                input_at(p.inputs.first().copied().flatten()?)
+            });
+            let rows = facts.get(*data as usize).and_then(|f| f.as_ref()?.shape.first()?.as_const());
+            if let (Some(input), Some(rows)) = (source, rows) {
+                if !out.iter().any(|b| b.input == input.name && b.rows <= rows) {
+                    out.retain(|b| b.input != input.name);
+                    out.push(IndexBound { input: input.name.clone(), rows, step: step.name.clone() });
+                }
+            }
+        }
+        out
+    }
+
+    /// An input error for the first value outside `-rows..rows`.
+    pub fn check(&self, inputs: &[(String, Tensor)]) -> Result<()> {
+        let Ok(t) = find_input(inputs, &self.input) else { return Ok(()) };
+        let Ok(values) = t.to_i64s() else { return Ok(()) };
+        if let Some(at) = values.iter().position(|&v| v < -self.rows || v >= self.rows) {
+            let mut index = Vec::new();
+            let mut rest = at;
+            for &d in t.shape().iter().rev() {
+                index.push(rest % d.max(1));
+                rest /= d.max(1);
+            }
+            index.reverse();
+            return Err(Error::Input(format!(
+                "`{}` holds {} at {index:?}, outside the {} rows of the table it indexes (`{}`)",
+                self.input, values[at], self.rows, self.step
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The tensor given for input `name`.
 pub fn find_input<'a>(inputs: &'a [(String, Tensor)], name: &str) -> Result<&'a Tensor> {
     inputs
