@@ -119,11 +119,15 @@ impl Latency {
     }
 }
 
-/// [`Latency`] of `candidate` against `reference` at batch 1, sequence 128 (the sequence the
-/// model allows, if shorter), for about two seconds at most.
-fn time_builds(reference: &Graph, candidate: &Graph) -> Result<Latency, BuildError> {
-    let ((rplan, rweights), (cplan, cweights)) = (lower(&reference.compact())?, lower(&candidate.compact())?);
-    let (r, c) = (in_memory_model(&rplan, &rweights, None)?, in_memory_model(&cplan, &cweights, None)?);
+/// [`Latency`] of `candidate` (lowered to `plan` and `weights`, as the artifact holds it)
+/// against `reference` at batch 1, sequence 128, for about two seconds at most.
+fn time_builds(
+    reference: &Graph,
+    candidate: &Graph,
+    (plan, weights): (&Plan, &[(String, Tensor)]),
+) -> Result<Latency, BuildError> {
+    let (rplan, rweights) = lower(&reference.compact())?;
+    let (r, c) = (in_memory_model(&rplan, &rweights, None)?, in_memory_model(plan, weights, None)?);
     let (batch, seq) = (1, 128);
     let inputs = c.random_inputs(batch, seq, 42)?;
     for _ in 0..2 {
@@ -467,7 +471,7 @@ pub fn build_with(
         pb.set_message("timing against the f32 build");
         // A model whose inputs random_inputs cannot make (no sequence of 128) gets no timing,
         // not a failed build.
-        report.latency = match time_builds(reference, &g) {
+        report.latency = match time_builds(reference, &g, (&plan, &weights)) {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!("latency against the f32 build not measured: {e}");

@@ -68,6 +68,21 @@ pub struct Plan {
 const MAX_SLOTS: u32 = 1 << 24;
 
 impl Plan {
+    /// The step that writes each slot.
+    pub fn producers(&self) -> HashMap<Slot, &Step> {
+        self.steps.iter().flat_map(|st| st.outputs.iter().map(move |&o| (o, st))).collect()
+    }
+
+    /// The `Gather`s along axis 0 of a constant table (embedding lookups): `(step, table slot,
+    /// indices slot)`.
+    pub fn table_lookups(&self) -> impl Iterator<Item = (&Step, Slot, Slot)> {
+        self.steps.iter().filter_map(|step| {
+            let Op::Gather(g) = &step.op else { return None };
+            let (Some(Some(data)), Some(Some(idx))) = (step.inputs.first(), step.inputs.get(1)) else { return None };
+            (g.axis == 0 && self.constants.iter().any(|c| c.slot == *data)).then_some((step, *data, *idx))
+        })
+    }
+
     /// Checks the plan's structure against the weights it will run with, and infers every
     /// slot's fact. Returns the facts, indexed by slot.
     pub fn validate(&self, weights: &HashMap<String, Tensor>) -> Result<Vec<Option<Fact>>> {
@@ -298,20 +313,14 @@ impl Limit {
         }
         // A lookup of positions `Range(0, n)` in a constant table of `max` rows (onnxruntime's
         // fused embeddings): n <= max.
-        let producer: HashMap<Slot, &Step> =
-            plan.steps.iter().flat_map(|st| st.outputs.iter().map(move |&o| (o, st))).collect();
-        let constant = |s: Slot| plan.constants.iter().any(|c| c.slot == s);
-        for step in &plan.steps {
-            let Op::Gather(g) = &step.op else { continue };
-            let (Some(Some(data)), Some(Some(idx))) = (step.inputs.first(), step.inputs.get(1)) else { continue };
-            let Some(range) = producer.get(idx).filter(|r| matches!(r.op, Op::Range(_))) else { continue };
+        let producer = plan.producers();
+        for (step, _, idx) in plan.table_lookups() {
+            let Some(range) = producer.get(&idx).filter(|r| matches!(r.op, Op::Range(_))) else { continue };
             let scalar =
                 |i: usize| fact(range.inputs.get(i)).and_then(|f| f.const_i64s()).and_then(|v| v.first().copied());
             let limit = fact(range.inputs.get(1)).and_then(|f| f.value.as_ref()?.data.first().cloned());
             let rows = fact(step.inputs.first()).and_then(|f| f.shape.first()?.as_const());
-            if let (true, true, Some(0), Some(1), Some(end), Some(max)) =
-                (g.axis == 0, constant(*data), scalar(0), scalar(2), limit, rows)
-            {
+            if let (Some(0), Some(1), Some(end), Some(max)) = (scalar(0), scalar(2), limit, rows) {
                 if end.as_const().is_none() {
                     let why = format!("`{}` looks up positions 0..{end} in a table of {max}", step.name);
                     out.push(Limit { end, max, why });
@@ -348,22 +357,16 @@ pub struct IndexBound {
 impl IndexBound {
     /// The plan's inputs that index constant tables.
     pub fn of(plan: &Plan, facts: &[Option<Fact>]) -> Vec<IndexBound> {
-        let producer: HashMap<Slot, &Step> =
-            plan.steps.iter().flat_map(|st| st.outputs.iter().map(move |&o| (o, st))).collect();
+        let producer = plan.producers();
         let input_at = |s: Slot| plan.inputs.iter().find(|i| i.slot == s);
         let mut out: Vec<IndexBound> = Vec::new();
-        for step in &plan.steps {
-            let Op::Gather(g) = &step.op else { continue };
-            let (Some(Some(data)), Some(Some(idx))) = (step.inputs.first(), step.inputs.get(1)) else { continue };
-            if g.axis != 0 || !plan.constants.iter().any(|c| c.slot == *data) {
-                continue;
-            }
+        for (step, data, idx) in plan.table_lookups() {
             // The indices: an input, or an input cast (onnxruntime's int32 ids).
-            let source = input_at(*idx).or_else(|| {
-                let p = producer.get(idx).filter(|p| matches!(p.op, Op::Cast(_)))?;
+            let source = input_at(idx).or_else(|| {
+                let p = producer.get(&idx).filter(|p| matches!(p.op, Op::Cast(_)))?;
                 input_at(p.inputs.first().copied().flatten()?)
             });
-            let rows = facts.get(*data as usize).and_then(|f| f.as_ref()?.shape.first()?.as_const());
+            let rows = facts.get(data as usize).and_then(|f| f.as_ref()?.shape.first()?.as_const());
             if let (Some(input), Some(rows)) = (source, rows) {
                 if !out.iter().any(|b| b.input == input.name && b.rows <= rows) {
                     out.retain(|b| b.input != input.name);

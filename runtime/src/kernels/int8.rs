@@ -141,15 +141,18 @@ pub unsafe fn gemm_u8s8_f32_panels(
             packed,
             n,
             (p0, p1),
-            |p, i| {
-                let tile_dq = Dequant {
-                    scale: dq.scale.wrapping_add(i),
-                    zero: dq.zero.wrapping_add(i),
-                    colsum: dq.colsum.wrapping_add(p * NR),
-                    colscale: if dq.colscale.is_null() { dq.colscale } else { dq.colscale.wrapping_add(p * NR) },
-                };
-                (vnni512::Store::F32(c.wrapping_add(i * ldc + p * NR), tile_dq), ldc)
-            },
+            (
+                |p, i| {
+                    let tile_dq = Dequant {
+                        scale: dq.scale.wrapping_add(i),
+                        zero: dq.zero.wrapping_add(i),
+                        colsum: dq.colsum.wrapping_add(p * NR),
+                        colscale: if dq.colscale.is_null() { dq.colscale } else { dq.colscale.wrapping_add(p * NR) },
+                    };
+                    vnni512::Store::F32(c.wrapping_add(i * ldc + p * NR), tile_dq)
+                },
+                ldc,
+            ),
             // The panel's rows are in L1 (m x 32 floats): one epilogue call for all of them.
             |p, cols| epilogue(0, m, p * NR, cols),
         )
@@ -295,7 +298,7 @@ pub unsafe fn gemm_u8s8_panels(
             packed,
             n,
             (p0, p1),
-            |p, i| (vnni512::Store::I32(c.wrapping_add(i * ldc + p * NR)), ldc),
+            (|p, i| vnni512::Store::I32(c.wrapping_add(i * ldc + p * NR)), ldc),
             |_, _| {},
         )
     };
@@ -314,7 +317,8 @@ pub unsafe fn gemm_u8s8_panels(
 /// # Safety
 /// The CPU runs `kernel`; `a` holds `m` rows of `groups * 4` bytes at stride `lda`, `packed`
 /// the panels of `groups` groups for `n` columns; `store(p, i)` gives where rows `i..` of
-/// panel `p` go, valid for every row and column of the tile ([`vnni512::store`]).
+/// panel `p` go (rows `ldc` apart), valid for every row and column of the tile
+/// ([`vnni512::store`]).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn walk_panels(
@@ -325,7 +329,7 @@ unsafe fn walk_panels(
     packed: *const i8,
     n: usize,
     (p0, p1): (usize, usize),
-    store: impl Fn(usize, usize) -> (vnni512::Store, usize),
+    (store, ldc): (impl Fn(usize, usize) -> vnni512::Store, usize),
     mut done: impl FnMut(usize, usize),
 ) {
     let amx = kernel == Kernel::Amx && groups.is_multiple_of(amx::STEP);
@@ -349,7 +353,7 @@ unsafe fn walk_panels(
             }
             let share = lines.div_ceil(count).min(left);
             let pf = crate::kernels::Prefetch::new(next, share, steps);
-            let (c, ldc) = store(p, i);
+            let c = store(p, i);
             let ai = a.wrapping_add(i * lda);
             // SAFETY: the caller's contract: rows i..i+rows of `a`, this panel's weights, the
             // tile's store; AMX only where it was enabled and `k` fills its tiles; a prefetch
