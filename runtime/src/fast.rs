@@ -885,6 +885,22 @@ impl Fast {
         });
     }
 
+    /// Whether `at` runs on [`crate::kernels::avx512_vec::attention_head`]: the AVX-512 tier, both
+    /// products on f32 tensors (not weights), the scores' epilogue empty or a chain, nothing
+    /// after the context product, and no NaN-to-0 or quantization of the probabilities (those
+    /// need the normalized probabilities themselves).
+    #[cfg(target_arch = "x86_64")]
+    fn fused_attention_applies(&self, at: &Attention, sp: &Product, cp: &Product) -> bool {
+        let strided = |p: &Product| matches!(p.b, BSource::Strided { .. }) && !p.pairs;
+        self.jit.tile_epilogue.is_some()
+            && !at.nan_to_zero
+            && at.probs_quant.is_none()
+            && strided(sp)
+            && strided(cp)
+            && cp.spec.epilogue.0.is_empty()
+            && (sp.spec.epilogue.0.is_empty() || self.chain(&sp.spec.epilogue).is_some())
+    }
+
     /// Attention per (batch, head): scores into a per-item scratch, softmax in place, then the
     /// context written straight into the output: the `[batch, heads, query, key]` scores are
     /// never materialized.
@@ -922,6 +938,47 @@ impl Fast {
         let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
         let mut out = Uninit::new(cp.total);
         let c = SendPtr(out.ptr());
+        #[cfg(target_arch = "x86_64")]
+        if self.fused_attention_applies(at, &sp, &cp) {
+            let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
+            pool::global().run_static(sp.offsets.len(), &|bi| {
+                use crate::kernels::avx512_vec::{attention_head, head_scratch, Head};
+                let mut kpack = Uninit::new(sp.panel_len());
+                let mut vpack = Uninit::new(cp.panel_len());
+                let mut scratch = Uninit::new(head_scratch(sk));
+                let (so, co) = (sp.offsets[bi], cp.offsets[bi]);
+                let head = Head {
+                    q: qs.as_ptr().wrapping_add(so[0]),
+                    ldq: sp.lda,
+                    d: sp.k,
+                    rows: sq,
+                    k_panels: kpack.ptr(),
+                    sk,
+                    v_panels: vpack.ptr(),
+                    dv: cp.n,
+                    out: c.get().wrapping_add(co[2]),
+                    ldo: cp.ldc,
+                };
+                // SAFETY: both products' B are strided views (checked), packed here into
+                // buffers of exactly their panels' size; `prepare` checked Q's rows and the
+                // output's against the tensors; the scratch has the size the kernel asks; the
+                // AVX-512 tier (`tile_epilogue`) was detected; each batch writes its own output
+                // rows.
+                unsafe {
+                    sp.pack_one(self, ks, bi, kpack.ptr());
+                    cp.pack_one(self, vs, bi, vpack.ptr());
+                    if sp.spec.epilogue.0.is_empty() {
+                        attention_head(&head, None, scratch.ptr());
+                    } else {
+                        let chain = self.chain(&sp.spec.epilogue).expect("checked by fused_attention_applies");
+                        sp.with_epilogue(self, bi, |ctx| attention_head(&head, Some((ctx, chain)), scratch.ptr()));
+                    }
+                }
+            });
+            // SAFETY: every batch's context rows were written.
+            let v = unsafe { out.assume_init() };
+            return Some(Tensor::new(cp.out_shape, v).map(|t| vec![t]));
+        }
         let softmax = self.jit.softmax;
         pool::global().run_static(sp.offsets.len(), &|bi| {
             let mut kpack = Uninit::new(sp.k * NR * sk.div_ceil(NR));
@@ -2140,6 +2197,64 @@ mod tests {
 
     /// The whole op, as SDPA exports fuse it (`nan_to_zero`): a batch whose keys are all
     /// masked out gets zeros on every tier, as the reference does.
+    /// The whole Attention op against the reference on every tier, for shapes that fill no
+    /// block evenly (37 queries and keys, heads of 40), with the scores' epilogue empty, a scale
+    /// and a mask (the form AVX-512 runs without interpreting), and other chains; a mask per
+    /// row as well as per key. Rows that mask every key but one check the softmax's maxima.
+    #[test]
+    fn whole_attention_matches_the_reference() {
+        let (b, s, h, d) = (2, 37, 3, 40);
+        let chain = |ops: Vec<EpiOp>, extra: usize| {
+            let base = attention_products();
+            let scores = FusedMatMul { epilogue: Epilogue(ops), extra, ..base.scores };
+            Attention { scores, ..base }
+        };
+        let cases = [
+            ("no epilogue", chain(vec![], 0)),
+            ("scale", chain(vec![EpiOp::Acc, EpiOp::Const(0.125), EpiOp::Binary(BinaryKind::Mul, 0, 1)], 0)),
+            ("scale and mask", attention_products()),
+            ("mask only", chain(vec![EpiOp::Acc, EpiOp::Input(0), EpiOp::Binary(BinaryKind::Add, 0, 1)], 1)),
+            (
+                "mask, then divide",
+                chain(
+                    vec![
+                        EpiOp::Acc,
+                        EpiOp::Input(0),
+                        EpiOp::Binary(BinaryKind::Add, 0, 1),
+                        EpiOp::Const(3.0),
+                        EpiOp::Binary(BinaryKind::Div, 2, 3),
+                    ],
+                    1,
+                ),
+            ),
+        ];
+        let (q, kk, v) = (t(&[b, s, h, d], 5), t(&[b, s, h, d], 6), t(&[b, s, h, d], 7));
+        let mut per_row = vec![-1e4f32; b * s * s];
+        for (i, m) in per_row.iter_mut().enumerate() {
+            // Row r of batch 0 sees keys 0..=r; batch 1 sees every key.
+            let (bi, r, c) = (i / (s * s), i / s % s, i % s);
+            if bi == 1 || c <= r {
+                *m = 0.0;
+            }
+        }
+        let masks = [t(&[b, 1, 1, s], 8), Tensor::new(vec![b, 1, s, s], per_row).unwrap()];
+        for (name, at) in cases {
+            let op: Op = at.clone().into();
+            for tier in Tier::ALL {
+                let Some(fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
+                for mask in &masks {
+                    let mut ins = vec![Some(&q), Some(&kk), Some(&v)];
+                    if at.scores.extra == 1 {
+                        ins.push(Some(mask));
+                    }
+                    let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                    let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+                    assert_close(&format!("{tier} {name} {:?}", mask.shape()), &got, &want, 1e-5);
+                }
+            }
+        }
+    }
+
     #[test]
     fn attention_with_fully_masked_rows() {
         let (b, s, h, d) = (2, 19, 2, 8);
@@ -2456,7 +2571,8 @@ mod attention_probe {
         for _ in 0..20 {
             fast.eval(&op, &ins).expect("handled").unwrap();
         }
-        let mut times: Vec<f64> = (0..300)
+        let iters = std::env::var("ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+        let mut times: Vec<f64> = (0..iters)
             .map(|_| {
                 let t0 = std::time::Instant::now();
                 fast.eval(&op, &ins).expect("handled").unwrap();

@@ -247,6 +247,29 @@ impl Chain {
     }
 }
 
+impl Chain {
+    /// The chain as `x * scale + input` (either part optional, the input varying along the
+    /// columns): the scale and mask of attention scores, run without interpreting the steps.
+    fn affine(&self, ctx: &EpiContext) -> Option<(f32, Option<usize>)> {
+        let mut steps = self.steps.iter().map_while(|s| s.as_ref()).peekable();
+        let mut scale = 1.0;
+        let mut input = None;
+        if let Some(Step { kind: BinaryKind::Mul, operand: Operand::Const(c), .. }) = steps.peek() {
+            scale = *c;
+            steps.next();
+        }
+        if let Some(Step { kind: BinaryKind::Add, operand: Operand::Input(j), .. }) = steps.peek() {
+            // SAFETY: `ctx` describes this chain's program: operand `j` exists.
+            if unsafe { *ctx.col_broadcast.add(*j) } != 0 {
+                return None;
+            }
+            input = Some(*j);
+            steps.next();
+        }
+        (steps.next().is_none() && !self.gelu).then_some((scale, input))
+    }
+}
+
 /// Whether `tail` (instructions from index `base` on) computes `x * (1 + erf(x / sqrt 2)) / 2`
 /// of the value at index `x`, and nothing else: it reads only that value, constants and its
 /// own results, uses `Erf`, and agrees with the formula on sample points (to rounding).
@@ -346,28 +369,38 @@ unsafe fn run_chain(
         for r in row..row + mb {
             let cp = c.add(r * ldc + n0);
             for (h, &mask) in masks.iter().enumerate().take(halves) {
-                let mut v = _mm512_maskz_loadu_ps(mask, cp.add(16 * h));
-                for step in chain.steps.iter().map_while(|s| s.as_ref()) {
-                    let x = match step.operand {
-                        Operand::Const(k) => _mm512_set1_ps(k),
-                        Operand::Input(j) => {
-                            let o = *ctx.operands.add(j);
-                            let p = o.ptr.add(r * o.row_stride);
-                            if *ctx.col_broadcast.add(j) != 0 {
-                                _mm512_set1_ps(*p)
-                            } else {
-                                _mm512_maskz_loadu_ps(mask, p.add(n0 + 16 * h))
-                            }
-                        }
-                    };
-                    v = if step.acc_first { binary(step.kind, v, x) } else { binary(step.kind, x, v) };
-                }
-                if chain.gelu {
-                    v = gelu(v);
-                }
-                _mm512_mask_storeu_ps(cp.add(16 * h), mask, v);
+                let v = _mm512_maskz_loadu_ps(mask, cp.add(16 * h));
+                _mm512_mask_storeu_ps(cp.add(16 * h), mask, chain_vec(ctx, chain, r, n0 + 16 * h, mask, v));
             }
         }
+    }
+}
+
+/// The chain applied to `v`, the values of row `r`, columns `col..col + 16` (the lanes in
+/// `mask`) of the product.
+#[inline(always)]
+unsafe fn chain_vec(ctx: &EpiContext, chain: &Chain, r: usize, col: usize, mask: __mmask16, mut v: __m512) -> __m512 {
+    // SAFETY: the caller's: every operand covers row `r`, columns `col..` in `mask`'s lanes.
+    unsafe {
+        for step in chain.steps.iter().map_while(|s| s.as_ref()) {
+            let x = match step.operand {
+                Operand::Const(k) => _mm512_set1_ps(k),
+                Operand::Input(j) => {
+                    let o = *ctx.operands.add(j);
+                    let p = o.ptr.add(r * o.row_stride);
+                    if *ctx.col_broadcast.add(j) != 0 {
+                        _mm512_set1_ps(*p)
+                    } else {
+                        _mm512_maskz_loadu_ps(mask, p.add(col))
+                    }
+                }
+            };
+            v = if step.acc_first { binary(step.kind, v, x) } else { binary(step.kind, x, v) };
+        }
+        if chain.gelu {
+            v = gelu(v);
+        }
+        v
     }
 }
 
@@ -666,6 +699,128 @@ pub unsafe fn softmax_chain(ctx: &EpiContext, chain: &Chain, x: *mut f32, rows: 
                 n0 += 32;
             }
             softmax_row(x.add(r * len), x.add(r * len), len);
+        }
+    }
+}
+
+/// One (batch, head) of attention: `softmax(chain(Q Kᵀ)) V` for `rows` query rows, with `K`
+/// and `V` packed into [`NR`](super::NR)-column panels (`Kᵀ`: `d x sk`, `V`: `sk x dv`).
+pub struct Head {
+    pub q: *const f32,
+    pub ldq: usize,
+    pub d: usize,
+    pub rows: usize,
+    pub k_panels: *const f32,
+    pub sk: usize,
+    pub v_panels: *const f32,
+    pub dv: usize,
+    pub out: *mut f32,
+    pub ldo: usize,
+}
+
+/// Query rows per block of [`attention_head`]: the micro-kernel's tile height.
+const HEAD_ROWS: usize = 12;
+
+/// Floats of scratch [`attention_head`] needs for `sk` keys.
+pub fn head_scratch(sk: usize) -> usize {
+    HEAD_ROWS * sk.next_multiple_of(16)
+}
+
+/// [`Head`] twelve query rows at a time, so that a block's scores stay in L1 from the product
+/// through the softmax to the product with `V`: the scores of a block (the chain applied,
+/// `ctx` holding its operands, rows counted from the head's first query row), their row
+/// maxima, `exp(s - max)` and sums in two passes over the block, the unnormalized
+/// probabilities times `V`, and each output row scaled by `1 / sum` (`dv` products instead of
+/// `sk`). A row whose scores are all `-inf` is NaN, as in the reference.
+///
+/// # Safety
+/// AVX-512F; the pointers cover what [`Head`] describes (`q`: `rows` rows of `d` floats at
+/// stride `ldq`; the panels `sk.div_ceil(NR) * d * NR` and `dv.div_ceil(NR) * sk * NR` floats;
+/// `out`: `rows` rows of `dv` at stride `ldo`); `scratch` holds [`head_scratch`]`(sk)` floats.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scratch: *mut f32) {
+    use super::avx512::sgemm_12x32;
+    use super::NR;
+    let ld = h.sk.next_multiple_of(16);
+    let none = std::ptr::null();
+    // SAFETY: the caller's contract; the products write `mb` rows of the scratch (stride
+    // `ld >= sk`) and of `out`, the passes stay within each row's `sk` (masked) floats.
+    unsafe {
+        let mut r0 = 0;
+        while r0 < h.rows {
+            let mb = HEAD_ROWS.min(h.rows - r0);
+            for p in 0..h.sk.div_ceil(NR) {
+                let (kp, s) = (h.k_panels.add(p * h.d * NR), scratch.add(p * NR));
+                sgemm_12x32(h.d, h.q.add(r0 * h.ldq), h.ldq, kp, s, ld, mb, NR.min(h.sk - p * NR), 0, none, 0);
+            }
+            let mut inv = [0f32; HEAD_ROWS];
+            for (r, inv) in inv.iter_mut().enumerate().take(mb) {
+                let row = scratch.add(r * ld);
+                // The chain as a scale and this row of the mask when it is that (the same
+                // operations in the same order: the same bits).
+                let affine = chain.and_then(|(ctx, c)| {
+                    let (scale, input) = c.affine(ctx)?;
+                    let bias = input.map_or(std::ptr::null(), |j| {
+                        let o = *ctx.operands.add(j);
+                        o.ptr.add((r0 + r) * o.row_stride)
+                    });
+                    Some((_mm512_set1_ps(scale), scale != 1.0, bias))
+                });
+                let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+                let mut mx = ninf;
+                let mut j = 0;
+                while j < h.sk {
+                    let k = lane_mask(h.sk - j);
+                    let mut v = _mm512_maskz_loadu_ps(k, row.add(j));
+                    if let Some((scale, scaled, bias)) = affine {
+                        if scaled {
+                            v = _mm512_mul_ps(v, scale);
+                        }
+                        if !bias.is_null() {
+                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias.add(j)));
+                        }
+                        _mm512_mask_storeu_ps(row.add(j), k, v);
+                    } else if let Some((ctx, chain)) = chain {
+                        v = chain_vec(ctx, chain, r0 + r, j, k, v);
+                        _mm512_mask_storeu_ps(row.add(j), k, v);
+                    }
+                    // NaN lanes are skipped, as `f32::max` does in the reference.
+                    mx = _mm512_max_ps(_mm512_mask_mov_ps(ninf, k, v), mx);
+                    j += 16;
+                }
+                let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let mut j = 0;
+                while j < h.sk {
+                    let k = lane_mask(h.sk - j);
+                    let e = _mm512_maskz_mov_ps(k, exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row.add(j)), m)));
+                    _mm512_mask_storeu_ps(row.add(j), k, e);
+                    s0 = _mm512_add_ps(s0, e);
+                    if j + 16 < h.sk {
+                        let k = lane_mask(h.sk - j - 16);
+                        let e =
+                            _mm512_maskz_mov_ps(k, exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row.add(j + 16)), m)));
+                        _mm512_mask_storeu_ps(row.add(j + 16), k, e);
+                        s1 = _mm512_add_ps(s1, e);
+                    }
+                    j += 32;
+                }
+                *inv = 1.0 / _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+            }
+            for p in 0..h.dv.div_ceil(NR) {
+                let (vp, o) = (h.v_panels.add(p * h.sk * NR), h.out.add(r0 * h.ldo + p * NR));
+                sgemm_12x32(h.sk, scratch, ld, vp, o, h.ldo, mb, NR.min(h.dv - p * NR), 0, none, 0);
+            }
+            for (r, &inv) in inv.iter().enumerate().take(mb) {
+                let (o, s) = (h.out.add((r0 + r) * h.ldo), _mm512_set1_ps(inv));
+                let mut j = 0;
+                while j < h.dv {
+                    let k = lane_mask(h.dv - j);
+                    _mm512_mask_storeu_ps(o.add(j), k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, o.add(j)), s));
+                    j += 16;
+                }
+            }
+            r0 += mb;
         }
     }
 }
