@@ -407,6 +407,7 @@ impl Pass for FuseAttention {
                     context: context.clone(),
                     nan_to_zero: sm.nan_to_zero,
                     probs_quant,
+                    bf16: false,
                 };
                 Some((n, op, inputs))
             });

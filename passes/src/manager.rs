@@ -288,7 +288,7 @@ impl Registry {
         );
         r.register(
             "quantize-int8",
-            "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time per row or tensor, or static from calibration; embedding tables s8 (options: act=row|tensor|static, calibrate=minmax|percentile|entropy, tail=F, embeddings=true|false)",
+            "products by constant weights become int8: s8 per-column weights, u8 activations quantized at run time per row or tensor, or static from calibration; embedding tables s8; attention's products may take bf16 operands (options: act=row|tensor|static, calibrate=minmax|percentile|entropy, tail=F, embeddings=true|false, attention=bf16|f32)",
             |o| Ok(Box::new(crate::QuantizeInt8::from_options(o)?)),
         );
         r.register(

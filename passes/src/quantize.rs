@@ -12,6 +12,11 @@
 //! rows' gathered scales): only the looked-up rows are ever converted, and the artifact, like
 //! memory, holds a quarter of the bytes (MiniLM's vocabulary is half its parameters).
 //!
+//! Attention ops are marked as allowing bf16 operands for their two products
+//! (`Attention::bf16`, option `attention=bf16`, the default; `attention=f32` keeps them f32):
+//! CPUs with AMX-BF16 then run them on tiles, with an error (bf16 keeps 8 bits of mantissa)
+//! well below the int8 products' around them.
+//!
 //! This pass approximates: it changes what the graph computes by the quantization error. The
 //! build reports it, and `tcc build --eval` measures it against the `f32` model.
 
@@ -27,6 +32,8 @@ pub struct QuantizeInt8 {
     pub act: Activations,
     /// Also quantize embedding tables (per row).
     pub embeddings: bool,
+    /// Let attention's products take bf16 operands.
+    pub attention_bf16: bool,
 }
 
 /// How `quantize-int8` quantizes the products' activations.
@@ -48,7 +55,8 @@ impl QuantizeInt8 {
     /// clipped at each end of the observed ranges, default `1e-4`; `tail` alone means
     /// percentile).
     pub fn from_options(o: &BTreeMap<String, String>) -> Result<QuantizeInt8, String> {
-        let mut q = QuantizeInt8 { act: Activations::Dynamic(ActQuant::DynamicRow), embeddings: true };
+        let mut q =
+            QuantizeInt8 { act: Activations::Dynamic(ActQuant::DynamicRow), embeddings: true, attention_bf16: true };
         let tail = match o.get("tail") {
             None => None,
             Some(t) => match t.parse::<f64>() {
@@ -77,9 +85,12 @@ impl QuantizeInt8 {
                 ("embeddings", other) => {
                     return Err(format!("quantize-int8: embeddings={other}: expected true or false"))
                 }
+                ("attention", "bf16") => q.attention_bf16 = true,
+                ("attention", "f32") => q.attention_bf16 = false,
+                ("attention", other) => return Err(format!("quantize-int8: attention={other}: expected bf16 or f32")),
                 (other, _) => {
                     return Err(format!(
-                        "quantize-int8: unknown option `{other}` (known: act, calibrate, tail, embeddings)"
+                        "quantize-int8: unknown option `{other}` (known: act, calibrate, tail, embeddings, attention)"
                     ))
                 }
             }
@@ -194,6 +205,16 @@ impl Pass for QuantizeInt8 {
         }
         if self.embeddings {
             quantize_embeddings(g, &mut out)?;
+        }
+        if self.attention_bf16 {
+            for node in &mut g.nodes {
+                if let Op::Attention(a) = &mut node.op {
+                    if !a.bf16 {
+                        a.bf16 = true;
+                        out.stat("attention_bf16", 1);
+                    }
+                }
+            }
         }
         if out.changed {
             g.infer()?;

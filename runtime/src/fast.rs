@@ -70,6 +70,10 @@ pub struct Fast {
     pub jit: Jit,
     /// The kernel of integer products, chosen at load (`None`: the `i16` pair kernels).
     pub int8_kernel: Option<crate::kernels::int8::Kernel>,
+    /// Attention ops that allow bf16 run on AMX tiles ([`crate::kernels::bf16`]): the CPU has
+    /// AMX-BF16 (and the AVX-512 tier), unless `TCC_ATTENTION=f32` asks for the f32 kernel.
+    #[cfg(target_arch = "x86_64")]
+    bf16_attention: bool,
     /// The epilogues that are [`Chain`](crate::kernels::avx512_vec::Chain)s, recognized once.
     #[cfg(target_arch = "x86_64")]
     chains: Vec<(Epilogue, crate::kernels::avx512_vec::Chain)>,
@@ -183,6 +187,10 @@ impl Fast {
         Ok(Fast {
             jit: Jit::new(tier, &specs)?,
             int8_kernel,
+            #[cfg(target_arch = "x86_64")]
+            bf16_attention: tier == Tier::Avx512
+                && std::env::var("TCC_ATTENTION").as_deref() != Ok("f32")
+                && crate::kernels::bf16::supported(),
             #[cfg(target_arch = "x86_64")]
             chains,
             int8: HashMap::new(),
@@ -887,18 +895,34 @@ impl Fast {
 
     /// Whether `at` runs on [`crate::kernels::avx512_vec::attention_head`]: the AVX-512 tier, both
     /// products on f32 tensors (not weights), the scores' epilogue empty or a chain, nothing
-    /// after the context product, and no NaN-to-0 or quantization of the probabilities (those
-    /// need the normalized probabilities themselves).
+    /// after the context product, and no quantization of the probabilities (it needs the
+    /// normalized probabilities themselves).
     #[cfg(target_arch = "x86_64")]
     fn fused_attention_applies(&self, at: &Attention, sp: &Product, cp: &Product) -> bool {
         let strided = |p: &Product| matches!(p.b, BSource::Strided { .. }) && !p.pairs;
         self.jit.tile_epilogue.is_some()
-            && !at.nan_to_zero
             && at.probs_quant.is_none()
             && strided(sp)
             && strided(cp)
             && cp.spec.epilogue.0.is_empty()
             && (sp.spec.epilogue.0.is_empty() || self.chain(&sp.spec.epilogue).is_some())
+    }
+
+    /// K's and V's strides (K's between head dims and keys, V's between keys and columns) when
+    /// `at` runs in bf16 on AMX tiles: it allows bf16, this CPU has the tiles, the fused
+    /// kernel's conditions hold, heads have at most [`crate::kernels::bf16::MAX_HEAD`] dims and
+    /// the strides fit the packing's gathers.
+    #[cfg(target_arch = "x86_64")]
+    fn bf16_attention_applies(&self, at: &Attention, sp: &Product, cp: &Product) -> Option<[usize; 4]> {
+        use crate::kernels::bf16::{MAX_HEAD, MAX_STRIDE};
+        if !(at.bf16 && self.bf16_attention && self.fused_attention_applies(at, sp, cp)) || sp.k > MAX_HEAD {
+            return None;
+        }
+        let (BSource::Strided { rs: k_dim, cs: k_key }, BSource::Strided { rs: v_key, cs: v_col }) = (&sp.b, &cp.b)
+        else {
+            return None;
+        };
+        (*k_key <= MAX_STRIDE && *v_col <= MAX_STRIDE).then_some([*k_dim, *k_key, *v_key, *v_col])
     }
 
     /// Attention per (batch, head): scores into a per-item scratch, softmax in place, then the
@@ -939,6 +963,45 @@ impl Fast {
         let mut out = Uninit::new(cp.total);
         let c = SendPtr(out.ptr());
         #[cfg(target_arch = "x86_64")]
+        if let Some([k_dim, k_key, v_key, v_col]) = self.bf16_attention_applies(at, &sp, &cp) {
+            let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
+            pool::global().run_static(sp.offsets.len(), &|bi| {
+                use crate::kernels::bf16::{attention_head, scratch_len, with_scratch, Head};
+                let (so, co) = (sp.offsets[bi], cp.offsets[bi]);
+                let head = Head {
+                    q: qs.as_ptr().wrapping_add(so[0]),
+                    ldq: sp.lda,
+                    k: ks.as_ptr().wrapping_add(so[1]),
+                    k_dim,
+                    k_key,
+                    v: vs.as_ptr().wrapping_add(co[1]),
+                    v_key,
+                    v_col,
+                    rows: sq,
+                    sk,
+                    d: sp.k,
+                    dv: cp.n,
+                    out: c.get().wrapping_add(co[2]),
+                    ldo: cp.ldc,
+                    nan_to_zero: at.nan_to_zero,
+                };
+                // SAFETY: AMX-BF16 is enabled (`bf16_attention`) and the head fits the tiles
+                // (checked); `prepare` checked the views of Q, K and V (`d x sk` and `sk x dv`
+                // at the strides given) and the output against the tensors; the scratch has the kernel's size; each batch writes its own rows.
+                with_scratch(scratch_len(&head), |scratch| unsafe {
+                    if sp.spec.epilogue.0.is_empty() {
+                        attention_head(&head, None, scratch);
+                    } else {
+                        let chain = self.chain(&sp.spec.epilogue).expect("checked by fused_attention_applies");
+                        sp.with_epilogue(self, bi, |ctx| attention_head(&head, Some((ctx, chain)), scratch));
+                    }
+                });
+            });
+            // SAFETY: every batch's context rows were written.
+            let v = unsafe { out.assume_init() };
+            return Some(Tensor::new(cp.out_shape, v).map(|t| vec![t]));
+        }
+        #[cfg(target_arch = "x86_64")]
         if self.fused_attention_applies(at, &sp, &cp) {
             let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
             pool::global().run_static(sp.offsets.len(), &|bi| {
@@ -958,6 +1021,7 @@ impl Fast {
                     dv: cp.n,
                     out: c.get().wrapping_add(co[2]),
                     ldo: cp.ldc,
+                    nan_to_zero: at.nan_to_zero,
                 };
                 // SAFETY: both products' B are strided views (checked), packed here into
                 // buffers of exactly their panels' size; `prepare` checked Q's rows and the
@@ -1840,6 +1904,7 @@ mod tests {
             },
             nan_to_zero: false,
             probs_quant: None,
+            bf16: false,
         }
     }
 
@@ -2255,6 +2320,44 @@ mod tests {
         }
     }
 
+    /// An op that allows bf16 (an int8 build's) against the f32 reference: on AMX-BF16 CPUs
+    /// it runs on tiles, within bf16's rounding of the f32 result (elsewhere in f32), through
+    /// the permuted layouts of real models, the scale, both kinds of mask, and rows that mask
+    /// every key (NaN, or zeros with `nan_to_zero`).
+    #[test]
+    fn bf16_attention_tracks_the_f32_reference() {
+        let (b, s, h, d) = (2, 37, 3, 40);
+        let at = Attention { bf16: true, ..attention_products() };
+        let op: Op = at.into();
+        let (q, kk, v) = (t(&[b, s, h, d], 5), t(&[b, s, h, d], 6), t(&[b, s, h, d], 7));
+        let mut per_row = vec![0f32; b * s * s];
+        per_row.iter_mut().enumerate().filter(|(i, _)| i % s > i / s % s).for_each(|(_, m)| *m = -1e4);
+        // Batch 0 masks every key (NaN rows, zeros with `nan_to_zero`).
+        let mut none = vec![0f32; b * s];
+        none[..s].fill(f32::NEG_INFINITY);
+        let masks = [
+            t(&[b, 1, 1, s], 8),
+            Tensor::new(vec![b, 1, s, s], per_row).unwrap(),
+            Tensor::new(vec![b, 1, 1, s], none).unwrap(),
+        ];
+        let ops = [op.clone(), Attention { bf16: true, nan_to_zero: true, ..attention_products() }.into()];
+        for (op, tier) in ops.iter().flat_map(|op| Tier::ALL.map(|t| (op, t))) {
+            let Some(fast) = fast_for(tier, std::slice::from_ref(op)) else { continue };
+            for mask in &masks {
+                let ins = [Some(&q), Some(&kk), Some(&v), Some(mask)];
+                let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                let got = fast.eval(op, &ins).expect("handled").unwrap().remove(0);
+                let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
+                // NaN rows where the reference has them, the rest within bf16's rounding.
+                assert!(g.iter().zip(w).all(|(a, b)| a.is_nan() == b.is_nan()), "{tier}: NaN rows differ");
+                let finite = |t: &[f32]| -> Tensor {
+                    Tensor::new(vec![t.len()], t.iter().map(|x| if x.is_nan() { 0.0 } else { *x }).collect()).unwrap()
+                };
+                assert_close(&format!("{tier} bf16 {:?} {op:?}", mask.shape()), &finite(g), &finite(w), 2e-2);
+            }
+        }
+    }
+
     #[test]
     fn attention_with_fully_masked_rows() {
         let (b, s, h, d) = (2, 19, 2, 8);
@@ -2548,13 +2651,16 @@ mod attention_probe {
     use super::*;
 
     /// BERT-base attention (b1, s128, 12 heads of 64) timed alone: `cargo test --release -p
-    /// tcc-runtime --lib attention_speed -- --ignored --nocapture`. Ignored: a timing probe for
-    /// performance work, run by hand in release builds; it asserts nothing.
+    /// tcc-runtime --lib attention_speed -- --ignored --nocapture`; `DIM=32` for MiniLM's heads,
+    /// `SEQ`, `ITERS`, and `BF16=1` for an op that allows bf16 (AMX tiles). Ignored: a timing
+    /// probe for performance work, run by hand in release builds; it asserts nothing.
     #[test]
     #[ignore = "timing probe, run by hand"]
     fn attention_speed() {
-        let (b, s, h, d) = (1usize, 128usize, 12usize, 64usize);
-        let op: Op = super::tests::attention_products().into();
+        let dim = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        let (b, s, h, d) = (1usize, dim("SEQ", 128), 12usize, dim("DIM", 64));
+        let bf16 = std::env::var("BF16").is_ok();
+        let op: Op = Attention { bf16, ..super::tests::attention_products() }.into();
         let plan = Plan {
             steps: vec![crate::plan::Step { op: op.clone(), inputs: vec![], outputs: vec![], name: String::new() }],
             ..Default::default()

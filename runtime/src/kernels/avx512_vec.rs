@@ -209,21 +209,25 @@ impl Chain {
         let (mut cur, mut i, mut n) = (0usize, 1usize, 0usize);
         // (running value's index, next instruction) after each step, to try GELU tails from.
         let mut at = vec![(0usize, 1usize)];
-        while i + 1 < prog.len() && n < MAX_CHAIN {
-            let operand = match prog[i] {
-                EpiOp::Const(c) => Operand::Const(c),
-                EpiOp::Input(j) => Operand::Input(j),
-                _ => break,
-            };
-            let EpiOp::Binary(kind, a, b) = prog[i + 1] else { break };
+        let operand_at = |k: usize| match prog[k] {
+            EpiOp::Const(c) => Some(Operand::Const(c)),
+            EpiOp::Input(j) => Some(Operand::Input(j)),
+            _ => None,
+        };
+        while i < prog.len() && n < MAX_CHAIN {
+            // A step's other operand is the instruction just before it, or one read earlier
+            // (as in `c * (c * acc)`, the scale dynamo exports apply to both Q and K).
+            let (o, bin) = if operand_at(i).is_some() { (i, i + 1) } else { (usize::MAX, i) };
+            let Some(&EpiOp::Binary(kind, a, b)) = prog.get(bin) else { break };
             if !matches!(kind, BinaryKind::Add | BinaryKind::Sub | BinaryKind::Mul | BinaryKind::Div) {
                 break;
             }
-            let acc_first = match (a, b) {
-                (a, b) if a == cur && b == i => true,
-                (a, b) if a == i && b == cur => false,
+            let (acc_first, o) = match (a, b) {
+                (a, b) if a == cur && (b == o || (o == usize::MAX && b < cur)) => (true, b),
+                (a, b) if b == cur && (a == o || (o == usize::MAX && a < cur)) => (false, a),
                 _ => break,
             };
+            let Some(operand) = operand_at(o) else { break };
             // Division by a constant as a product with its reciprocal (as the executor does).
             let step = match (kind, operand, acc_first) {
                 (BinaryKind::Div, Operand::Const(c), true) => {
@@ -233,8 +237,8 @@ impl Chain {
             };
             steps[n] = Some(step);
             n += 1;
-            cur = i + 1;
-            i += 2;
+            cur = bin;
+            i = bin + 1;
             at.push((cur, i));
         }
         if i == prog.len() {
@@ -716,6 +720,8 @@ pub struct Head {
     pub dv: usize,
     pub out: *mut f32,
     pub ldo: usize,
+    /// A row whose softmax is NaN (all its scores `-inf`) gives zeros.
+    pub nan_to_zero: bool,
 }
 
 /// Query rows per block of [`attention_head`]: the micro-kernel's tile height.
@@ -731,7 +737,8 @@ pub fn head_scratch(sk: usize) -> usize {
 /// `ctx` holding its operands, rows counted from the head's first query row), their row
 /// maxima, `exp(s - max)` and sums in two passes over the block, the unnormalized
 /// probabilities times `V`, and each output row scaled by `1 / sum` (`dv` products instead of
-/// `sk`). A row whose scores are all `-inf` is NaN, as in the reference.
+/// `sk`). A row whose scores are all `-inf` is NaN, as in the reference (zeros with
+/// `nan_to_zero`).
 ///
 /// # Safety
 /// AVX-512F; the pointers cover what [`Head`] describes (`q`: `rows` rows of `d` floats at
@@ -756,39 +763,7 @@ pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scr
             let mut inv = [0f32; HEAD_ROWS];
             for (r, inv) in inv.iter_mut().enumerate().take(mb) {
                 let row = scratch.add(r * ld);
-                // The chain as a scale and this row of the mask when it is that (the same
-                // operations in the same order: the same bits).
-                let affine = chain.and_then(|(ctx, c)| {
-                    let (scale, input) = c.affine(ctx)?;
-                    let bias = input.map_or(std::ptr::null(), |j| {
-                        let o = *ctx.operands.add(j);
-                        o.ptr.add((r0 + r) * o.row_stride)
-                    });
-                    Some((_mm512_set1_ps(scale), scale != 1.0, bias))
-                });
-                let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-                let mut mx = ninf;
-                let mut j = 0;
-                while j < h.sk {
-                    let k = lane_mask(h.sk - j);
-                    let mut v = _mm512_maskz_loadu_ps(k, row.add(j));
-                    if let Some((scale, scaled, bias)) = affine {
-                        if scaled {
-                            v = _mm512_mul_ps(v, scale);
-                        }
-                        if !bias.is_null() {
-                            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias.add(j)));
-                        }
-                        _mm512_mask_storeu_ps(row.add(j), k, v);
-                    } else if let Some((ctx, chain)) = chain {
-                        v = chain_vec(ctx, chain, r0 + r, j, k, v);
-                        _mm512_mask_storeu_ps(row.add(j), k, v);
-                    }
-                    // NaN lanes are skipped, as `f32::max` does in the reference.
-                    mx = _mm512_max_ps(_mm512_mask_mov_ps(ninf, k, v), mx);
-                    j += 16;
-                }
-                let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+                let m = _mm512_set1_ps(chain_max(chain, r0 + r, row, h.sk));
                 let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 let mut j = 0;
                 while j < h.sk {
@@ -806,6 +781,11 @@ pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scr
                     j += 32;
                 }
                 *inv = 1.0 / _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+                if h.nan_to_zero && inv.is_nan() {
+                    // Every probability of the row is NaN in the reference, then 0.
+                    std::ptr::write_bytes(row, 0, h.sk);
+                    *inv = 0.0;
+                }
             }
             for p in 0..h.dv.div_ceil(NR) {
                 let (vp, o) = (h.v_panels.add(p * h.sk * NR), h.out.add(r0 * h.ldo + p * NR));
@@ -822,6 +802,50 @@ pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scr
             }
             r0 += mb;
         }
+    }
+}
+
+/// The chain (if any) applied in place to `len` scores of row `r` (of the product the chain's
+/// operands belong to), and their maximum, NaN skipped (as `f32::max` does in the reference):
+/// the first pass of a softmax. A chain that is a scale and a mask runs as that (the same
+/// operations in the same order: the same bits).
+///
+/// # Safety
+/// AVX-512F; `row` holds `len` floats; `ctx`'s operands cover row `r`.
+#[inline(always)]
+pub(crate) unsafe fn chain_max(chain: Option<(&EpiContext, &Chain)>, r: usize, row: *mut f32, len: usize) -> f32 {
+    // SAFETY: the caller's contract; masked loads and stores stay within the row's `len`.
+    unsafe {
+        let affine = chain.and_then(|(ctx, c)| {
+            let (scale, input) = c.affine(ctx)?;
+            let bias = input.map_or(std::ptr::null(), |j| {
+                let o = *ctx.operands.add(j);
+                o.ptr.add(r * o.row_stride)
+            });
+            Some((_mm512_set1_ps(scale), scale != 1.0, bias))
+        });
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut mx = ninf;
+        let mut j = 0;
+        while j < len {
+            let k = lane_mask(len - j);
+            let mut v = _mm512_maskz_loadu_ps(k, row.add(j));
+            if let Some((scale, scaled, bias)) = affine {
+                if scaled {
+                    v = _mm512_mul_ps(v, scale);
+                }
+                if !bias.is_null() {
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias.add(j)));
+                }
+                _mm512_mask_storeu_ps(row.add(j), k, v);
+            } else if let Some((ctx, chain)) = chain {
+                v = chain_vec(ctx, chain, r, j, k, v);
+                _mm512_mask_storeu_ps(row.add(j), k, v);
+            }
+            mx = _mm512_max_ps(_mm512_mask_mov_ps(ninf, k, v), mx);
+            j += 16;
+        }
+        _mm512_reduce_max_ps(mx)
     }
 }
 
@@ -937,7 +961,7 @@ pub unsafe extern "C" fn layernorm(
 }
 
 #[inline(always)]
-fn lane_mask(left: usize) -> __mmask16 {
+pub(crate) fn lane_mask(left: usize) -> __mmask16 {
     if left >= 16 {
         0xffff
     } else {
@@ -1058,6 +1082,12 @@ mod chain_tests {
                 ],
                 None,
             ),
+            (
+                "dynamo's scale of Q and K, then mask",
+                vec![Acc, Const(0.42), Binary(B::Mul, 1, 0), Binary(B::Mul, 1, 2), Input(0), Binary(B::Add, 3, 4)],
+                Some(false),
+            ),
+            ("not a chain: a step reading a later value", vec![Acc, Binary(B::Mul, 0, 2), Const(2.0)], None),
             ("not gelu: erf alone", vec![Acc, Unary(U::Erf, 0)], None),
             ("max", vec![Acc, Const(0.0), Binary(B::Max, 0, 1)], None),
         ]

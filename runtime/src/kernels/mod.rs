@@ -30,6 +30,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512_vec;
+#[cfg(target_arch = "x86_64")]
+pub mod bf16;
 pub mod int16;
 pub mod int8;
 

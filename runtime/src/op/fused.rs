@@ -532,6 +532,11 @@ pub struct Attention {
     /// (QDQ models quantize them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probs_quant: Option<super::FakeQuant>,
+    /// Both products may take their operands rounded to bf16, their sums staying f32 (int8
+    /// builds allow it: `quantize-int8`): CPUs with AMX-BF16 then run the op on tiles
+    /// (`kernels::bf16`), others in f32. The reference computes in f32.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bf16: bool,
 }
 
 impl Attention {
