@@ -947,6 +947,83 @@ impl Fast {
         if cp.offsets.len() != sp.offsets.len() || cp.k != sk {
             return None;
         }
+        let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
+        let mut out = Uninit::new(cp.total);
+        let c = SendPtr(out.ptr());
+        // One kernel per (batch, head) where it applies: bf16 on AMX tiles, else f32 on AVX-512.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let bf16 = self.bf16_attention_applies(at, &sp, &cp);
+            if bf16.is_some() || self.fused_attention_applies(at, &sp, &cp) {
+                use crate::kernels::{avx512_vec, bf16};
+                // The scores' chain (none for an empty epilogue, the only other kind that applies).
+                let chain = self.chain(&sp.spec.epilogue);
+                pool::global().run_static(sp.offsets.len(), &|bi| {
+                    let (so, co) = (sp.offsets[bi], cp.offsets[bi]);
+                    let (q, out) = (qs.as_ptr().wrapping_add(so[0]), c.get().wrapping_add(co[2]));
+                    sp.with_epilogue(self, bi, |ctx| match bf16 {
+                        Some([k_dim, k_key, v_key, v_col]) => {
+                            let head = bf16::Head {
+                                q,
+                                ldq: sp.lda,
+                                k: ks.as_ptr().wrapping_add(so[1]),
+                                k_dim,
+                                k_key,
+                                v: vs.as_ptr().wrapping_add(co[1]),
+                                v_key,
+                                v_col,
+                                rows: sq,
+                                sk,
+                                d: sp.k,
+                                dv: cp.n,
+                                out,
+                                ldo: cp.ldc,
+                                nan_to_zero: at.nan_to_zero,
+                            };
+                            // SAFETY: AMX-BF16 is enabled (`bf16_attention`) and the head fits
+                            // the tiles (checked); `prepare` checked the views of Q, K and V
+                            // (`d x sk` and `sk x dv` at the strides given) and the output
+                            // against the tensors; the scratch has the kernel's size; each
+                            // batch writes its own rows.
+                            bf16::with_scratch(bf16::scratch_len(&head), |scratch| unsafe {
+                                bf16::attention_head(&head, chain.map(|c| (ctx, c)), scratch)
+                            });
+                        }
+                        None => {
+                            let mut kpack = Uninit::new(sp.panel_len());
+                            let mut vpack = Uninit::new(cp.panel_len());
+                            let mut scratch = Uninit::new(avx512_vec::head_scratch(sk));
+                            let head = avx512_vec::Head {
+                                q,
+                                ldq: sp.lda,
+                                d: sp.k,
+                                rows: sq,
+                                k_panels: kpack.ptr(),
+                                sk,
+                                v_panels: vpack.ptr(),
+                                dv: cp.n,
+                                out,
+                                ldo: cp.ldc,
+                                nan_to_zero: at.nan_to_zero,
+                            };
+                            // SAFETY: both products' B are strided views (checked), packed here
+                            // into buffers of exactly their panels' size; `prepare` checked Q's
+                            // rows and the output's against the tensors; the scratch has the
+                            // size the kernel asks; the AVX-512 tier (`tile_epilogue`) was
+                            // detected; each batch writes its own output rows.
+                            unsafe {
+                                sp.pack_one(self, ks, bi, kpack.ptr());
+                                cp.pack_one(self, vs, bi, vpack.ptr());
+                                avx512_vec::attention_head(&head, chain.map(|c| (ctx, c)), scratch.ptr());
+                            }
+                        }
+                    });
+                });
+                // SAFETY: every batch's context rows were written.
+                let v = unsafe { out.assume_init() };
+                return Some(Tensor::new(cp.out_shape, v).map(|t| vec![t]));
+            }
+        }
         // With AVX-512, an epilogue chain on the scores (scale, mask) runs inside the softmax's
         // pass over each row instead of in the product's tiles: one pass less over the scores.
         #[cfg(target_arch = "x86_64")]
@@ -959,90 +1036,6 @@ impl Fast {
             self.jit.gemm(&sp.spec)?
         };
         let cdriver = self.jit.gemm(&cp.spec)?;
-        let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
-        let mut out = Uninit::new(cp.total);
-        let c = SendPtr(out.ptr());
-        #[cfg(target_arch = "x86_64")]
-        if let Some([k_dim, k_key, v_key, v_col]) = self.bf16_attention_applies(at, &sp, &cp) {
-            let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
-            pool::global().run_static(sp.offsets.len(), &|bi| {
-                use crate::kernels::bf16::{attention_head, scratch_len, with_scratch, Head};
-                let (so, co) = (sp.offsets[bi], cp.offsets[bi]);
-                let head = Head {
-                    q: qs.as_ptr().wrapping_add(so[0]),
-                    ldq: sp.lda,
-                    k: ks.as_ptr().wrapping_add(so[1]),
-                    k_dim,
-                    k_key,
-                    v: vs.as_ptr().wrapping_add(co[1]),
-                    v_key,
-                    v_col,
-                    rows: sq,
-                    sk,
-                    d: sp.k,
-                    dv: cp.n,
-                    out: c.get().wrapping_add(co[2]),
-                    ldo: cp.ldc,
-                    nan_to_zero: at.nan_to_zero,
-                };
-                // SAFETY: AMX-BF16 is enabled (`bf16_attention`) and the head fits the tiles
-                // (checked); `prepare` checked the views of Q, K and V (`d x sk` and `sk x dv`
-                // at the strides given) and the output against the tensors; the scratch has the kernel's size; each batch writes its own rows.
-                with_scratch(scratch_len(&head), |scratch| unsafe {
-                    if sp.spec.epilogue.0.is_empty() {
-                        attention_head(&head, None, scratch);
-                    } else {
-                        let chain = self.chain(&sp.spec.epilogue).expect("checked by fused_attention_applies");
-                        sp.with_epilogue(self, bi, |ctx| attention_head(&head, Some((ctx, chain)), scratch));
-                    }
-                });
-            });
-            // SAFETY: every batch's context rows were written.
-            let v = unsafe { out.assume_init() };
-            return Some(Tensor::new(cp.out_shape, v).map(|t| vec![t]));
-        }
-        #[cfg(target_arch = "x86_64")]
-        if self.fused_attention_applies(at, &sp, &cp) {
-            let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
-            pool::global().run_static(sp.offsets.len(), &|bi| {
-                use crate::kernels::avx512_vec::{attention_head, head_scratch, Head};
-                let mut kpack = Uninit::new(sp.panel_len());
-                let mut vpack = Uninit::new(cp.panel_len());
-                let mut scratch = Uninit::new(head_scratch(sk));
-                let (so, co) = (sp.offsets[bi], cp.offsets[bi]);
-                let head = Head {
-                    q: qs.as_ptr().wrapping_add(so[0]),
-                    ldq: sp.lda,
-                    d: sp.k,
-                    rows: sq,
-                    k_panels: kpack.ptr(),
-                    sk,
-                    v_panels: vpack.ptr(),
-                    dv: cp.n,
-                    out: c.get().wrapping_add(co[2]),
-                    ldo: cp.ldc,
-                    nan_to_zero: at.nan_to_zero,
-                };
-                // SAFETY: both products' B are strided views (checked), packed here into
-                // buffers of exactly their panels' size; `prepare` checked Q's rows and the
-                // output's against the tensors; the scratch has the size the kernel asks; the
-                // AVX-512 tier (`tile_epilogue`) was detected; each batch writes its own output
-                // rows.
-                unsafe {
-                    sp.pack_one(self, ks, bi, kpack.ptr());
-                    cp.pack_one(self, vs, bi, vpack.ptr());
-                    if sp.spec.epilogue.0.is_empty() {
-                        attention_head(&head, None, scratch.ptr());
-                    } else {
-                        let chain = self.chain(&sp.spec.epilogue).expect("checked by fused_attention_applies");
-                        sp.with_epilogue(self, bi, |ctx| attention_head(&head, Some((ctx, chain)), scratch.ptr()));
-                    }
-                }
-            });
-            // SAFETY: every batch's context rows were written.
-            let v = unsafe { out.assume_init() };
-            return Some(Tensor::new(cp.out_shape, v).map(|t| vec![t]));
-        }
         let softmax = self.jit.softmax;
         pool::global().run_static(sp.offsets.len(), &|bi| {
             let mut kpack = Uninit::new(sp.k * NR * sk.div_ceil(NR));
