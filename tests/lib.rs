@@ -5,3 +5,6 @@
 
 #[path = "support.rs"]
 pub mod support;
+
+#[path = "fuzz.rs"]
+pub mod fuzz;

@@ -111,16 +111,23 @@ impl Dim {
         }
     }
 
+    // Arithmetic that overflows `i64` (only absurd declared dims can) gives a fresh unknown
+    // dim: nothing can be proven about it, so the shape checks after it refuse the model.
+
     pub fn add(&self, other: &Dim) -> Dim {
         let mut map: BTreeMap<Monomial, i64> = BTreeMap::new();
         for (m, c) in self.terms.iter().chain(other.terms.iter()) {
-            *map.entry(m.clone()).or_insert(0) += c;
+            let e = map.entry(m.clone()).or_insert(0);
+            let Some(sum) = e.checked_add(*c) else { return Dim::unknown() };
+            *e = sum;
         }
         Dim::from_map(map)
     }
 
     pub fn neg(&self) -> Dim {
-        Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), -c)).collect() }
+        let terms: Option<Vec<(Monomial, i64)>> =
+            self.terms.iter().map(|(m, c)| Some((m.clone(), c.checked_neg()?))).collect();
+        terms.map_or_else(Dim::unknown, |terms| Dim { terms })
     }
 
     pub fn sub(&self, other: &Dim) -> Dim {
@@ -133,7 +140,9 @@ impl Dim {
             for (mb, cb) in &other.terms {
                 let mut m: Monomial = ma.iter().chain(mb.iter()).cloned().collect();
                 m.sort();
-                *map.entry(m).or_insert(0) += ca * cb;
+                let e = map.entry(m).or_insert(0);
+                let Some(sum) = ca.checked_mul(*cb).and_then(|p| e.checked_add(p)) else { return Dim::unknown() };
+                *e = sum;
             }
         }
         Dim::from_map(map)
@@ -149,12 +158,16 @@ impl Dim {
             return None;
         }
         if let Some(v) = self.as_const() {
-            let q = v / d;
+            // i64::MIN / -1 is the one quotient that overflows.
+            let Some(q) = v.checked_div(d) else { return Some(Dim::unknown()) };
             let floor = if v % d != 0 && ((v < 0) != (d < 0)) { q - 1 } else { q };
             return Some(Dim::constant(floor));
         }
         if d == 1 {
             return Some(self.clone());
+        }
+        if d == -1 {
+            return Some(self.neg());
         }
         if self.terms.iter().all(|(_, c)| c % d == 0) {
             return Some(Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c / d)).collect() });
@@ -168,6 +181,9 @@ impl Dim {
     /// `self / other` when the division is exact as polynomials (`other` a single term).
     pub fn div_exact(&self, other: &Dim) -> Option<Dim> {
         if let Some(k) = other.as_const() {
+            if k == -1 {
+                return Some(self.neg());
+            }
             if k != 0 && self.terms.iter().all(|(_, c)| c % k == 0) {
                 return Some(Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c / k)).collect() });
             }
@@ -178,7 +194,7 @@ impl Dim {
         };
         let mut map = BTreeMap::new();
         for (m, c) in &self.terms {
-            if c % dc != 0 {
+            if c.checked_rem(*dc) != Some(0) {
                 return None;
             }
             let mut rest = m.clone();
@@ -186,7 +202,8 @@ impl Dim {
                 let pos = rest.iter().position(|x| x == a)?;
                 rest.remove(pos);
             }
-            *map.entry(rest).or_insert(0) += c / dc;
+            let e: &mut i64 = map.entry(rest).or_insert(0);
+            *e = e.checked_add(c.checked_div(*dc)?)?;
         }
         Some(Dim::from_map(map))
     }
@@ -435,6 +452,20 @@ pub fn sanitize_symbol(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// Absurd declared dims (found by fuzzing the importer: a Reshape's product of dims
+    /// overflowed) give unknown dims, never an overflow.
+    #[test]
+    fn arithmetic_that_overflows_gives_unknown_dims() {
+        let (big, min) = (Dim::constant(i64::MAX), Dim::constant(i64::MIN));
+        for d in [big.mul(&big), big.add(&big), min.neg(), min.sub(&big), big.mul_const(3)] {
+            assert!(d.as_const().is_none() && d.symbols().iter().all(|s| s.starts_with('?')), "{d:?}");
+        }
+        assert!(min.floor_div(-1).unwrap().as_const().is_none());
+        assert_eq!(Dim::constant(7).floor_div(-1).unwrap().as_const(), Some(-7));
+        assert_eq!(Dim::sym("n").mul_const(6).div_exact(&Dim::constant(-1)), Some(Dim::sym("n").mul_const(-6)));
+        assert_eq!(Dim::constant(i64::MIN).div_exact(&Dim::constant(-1)).map(|d| d.as_const().is_none()), Some(true));
+    }
+
     use super::*;
 
     fn d(s: &str) -> Dim {

@@ -341,12 +341,20 @@ pub(crate) fn shape_operand(f: &Fact) -> Option<Vec<Dim>> {
 }
 
 /// Rank given by a 1-D shape operand whose values are unknown.
-pub(crate) fn shape_operand_len(f: &Fact) -> Option<usize> {
+pub(crate) fn shape_operand_len(op: &str, f: &Fact) -> Result<Option<usize>> {
     if f.rank() != 1 {
-        return None;
+        return Ok(None);
     }
-    f.shape[0].as_const().map(|v| v as usize)
+    match f.shape[0].as_const() {
+        None => Ok(None),
+        Some(n) if (0..=MAX_RANK as i64).contains(&n) => Ok(Some(n as usize)),
+        Some(n) => Err(Error::op(op, format!("a shape of {n} dims (at most {MAX_RANK})"))),
+    }
 }
+
+/// Most dims a tensor may have (numpy's limit): a shape operand declaring more is an error,
+/// not a rank to allocate.
+pub const MAX_RANK: usize = 64;
 
 /// The concrete values of a shape-like input tensor.
 pub(crate) fn shape_values(op: &str, t: &Tensor) -> Result<Vec<i64>> {

@@ -183,7 +183,7 @@ impl OpDef for Reshape {
         if s.dtype != DType::I64 {
             return Err(Error::op("Reshape", format!("shape must be i64, got {}", s.dtype)));
         }
-        let shape = match (shape_operand(s), shape_operand_len(s)) {
+        let shape = match (shape_operand(s), shape_operand_len("Reshape", s)?) {
             (Some(t), _) => self.resolve_dims(&x.shape, &t)?,
             (None, Some(n)) => (0..n).map(|_| Dim::unknown()).collect(),
             (None, None) => return Err(Error::op("Reshape", "the target shape must be a 1-D tensor of known length")),
@@ -781,7 +781,7 @@ impl OpDef for Expand {
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let (x, s) = (req("Expand", inputs, 0)?, req("Expand", inputs, 1)?);
-        let shape = match (shape_operand(s), shape_operand_len(s)) {
+        let shape = match (shape_operand(s), shape_operand_len("Expand", s)?) {
             (Some(t), _) => broadcast_dims("Expand", &[&x.shape, &t])?,
             (None, Some(n)) => (0..n.max(x.rank())).map(|_| Dim::unknown()).collect(),
             (None, None) => return Err(Error::op("Expand", "the shape must be a 1-D tensor of known length")),
@@ -868,7 +868,7 @@ impl OpDef for ConstantOfShape {
 
     fn infer(&self, inputs: &[Option<&Fact>]) -> Result<Vec<Fact>> {
         let s = req("ConstantOfShape", inputs, 0)?;
-        let shape = match (shape_operand(s), shape_operand_len(s)) {
+        let shape = match (shape_operand(s), shape_operand_len("ConstantOfShape", s)?) {
             (Some(t), _) => t,
             (None, Some(n)) => (0..n).map(|_| Dim::unknown()).collect(),
             (None, None) => return Err(Error::op("ConstantOfShape", "the shape must be a 1-D tensor of known length")),
@@ -1121,5 +1121,20 @@ mod tests {
     fn absurd_shapes_are_errors() {
         assert!(eval(ConstantOfShape { dtype: DType::F32, value: 0.0 }, &[&i64s(&[2], &[1 << 40, 1 << 40])]).is_err());
         assert!(eval(ConstantOfShape { dtype: DType::F32, value: 0.0 }, &[&i64s(&[1], &[-3])]).is_err());
+        // A shape operand whose declared length is absurd (found by fuzzing the importer: the
+        // output's rank was allocated): an error naming the op, for each op that takes one.
+        let x = Fact::new(DType::F32, vec![Dim::from(2i64)]);
+        for len in [1i64 << 40, -1, 65] {
+            let shape = Fact::new(DType::I64, vec![Dim::from(len)]);
+            let ops: [(Op, Vec<Option<&Fact>>); 3] = [
+                (Expand {}.into(), vec![Some(&x), Some(&shape)]),
+                (Reshape { allowzero: false }.into(), vec![Some(&x), Some(&shape)]),
+                (ConstantOfShape { dtype: DType::F32, value: 0.0 }.into(), vec![Some(&shape)]),
+            ];
+            for (op, ins) in ops {
+                let err = op.infer(&ins).unwrap_err().to_string();
+                assert!(err.contains(&format!("a shape of {len} dims")), "{op:?}: {err}");
+            }
+        }
     }
 }
