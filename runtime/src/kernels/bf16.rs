@@ -139,12 +139,6 @@ unsafe fn exp_short(x: __m512) -> __m512 {
     }
 }
 
-/// `x` rounded to bf16, as f32 (what the tiles multiply).
-pub fn round_bf16(x: f32) -> f32 {
-    let b = x.to_bits();
-    f32::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) << 16)
-}
-
 /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
 #[repr(C, align(64))]
 struct Config([u8; 64]);
@@ -486,6 +480,12 @@ unsafe fn pack_values(h: &Head, p: Padded, vt: *mut u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `x` rounded to bf16, as f32 (what the tiles multiply).
+    fn round_bf16(x: f32) -> f32 {
+        let b = x.to_bits();
+        f32::from_bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) << 16)
+    }
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
