@@ -71,7 +71,7 @@ def main():
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers import optimizer
 
-    fused = optimizer.optimize_model(micro, model_type="bert", num_heads=2, hidden_size=8, opt_level=1)
+    fused = optimizer.optimize_model(micro, model_type="bert", num_heads=2, hidden_size=8, opt_level=0)
     fused.save_model_to_file(os.path.join(onnx_dir, "bert_micro_ortfused.onnx"))
     quantize_dynamic(micro, os.path.join(onnx_dir, "bert_micro_dynint8.onnx"), weight_type=QuantType.QInt8,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
