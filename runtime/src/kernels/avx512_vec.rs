@@ -764,23 +764,7 @@ pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scr
             for (r, inv) in inv.iter_mut().enumerate().take(mb) {
                 let row = scratch.add(r * ld);
                 let m = _mm512_set1_ps(chain_max(chain, r0 + r, row, h.sk));
-                let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-                let mut j = 0;
-                while j < h.sk {
-                    let k = lane_mask(h.sk - j);
-                    let e = _mm512_maskz_mov_ps(k, exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row.add(j)), m)));
-                    _mm512_mask_storeu_ps(row.add(j), k, e);
-                    s0 = _mm512_add_ps(s0, e);
-                    if j + 16 < h.sk {
-                        let k = lane_mask(h.sk - j - 16);
-                        let e =
-                            _mm512_maskz_mov_ps(k, exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row.add(j + 16)), m)));
-                        _mm512_mask_storeu_ps(row.add(j + 16), k, e);
-                        s1 = _mm512_add_ps(s1, e);
-                    }
-                    j += 32;
-                }
-                *inv = 1.0 / _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+                *inv = 1.0 / exp_sum(row, row, h.sk, m);
                 if h.nan_to_zero && inv.is_nan() {
                     // Every probability of the row is NaN in the reference, then 0.
                     std::ptr::write_bytes(row, 0, h.sk);
@@ -884,6 +868,25 @@ unsafe fn softmax_row(xr: *const f32, yr: *mut f32, len: usize) {
             j += 32;
         }
         let m = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1)));
+        let inv = _mm512_set1_ps(1.0 / exp_sum(xr, yr, len, m));
+        let mut j = 0;
+        while j < len {
+            let k = lane_mask(len - j);
+            let v = _mm512_maskz_loadu_ps(k, yr.add(j));
+            _mm512_mask_storeu_ps(yr.add(j), k, _mm512_mul_ps(v, inv));
+            j += 16;
+        }
+    }
+}
+
+/// `exp(x - m)` of `len` floats of `xr` into `yr` (which may be `xr`), and their sum: the
+/// second pass of a softmax row. Two vectors per step with an accumulator each, so that the
+/// sum is not one chain of dependent adds.
+#[inline(always)]
+unsafe fn exp_sum(xr: *const f32, yr: *mut f32, len: usize, m: __m512) -> f32 {
+    // SAFETY: the caller's: `xr` and `yr` hold `len` floats; masked loads and stores stay
+    // within them.
+    unsafe {
         let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         let mut j = 0;
         while j < len {
@@ -899,14 +902,7 @@ unsafe fn softmax_row(xr: *const f32, yr: *mut f32, len: usize) {
             }
             j += 32;
         }
-        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)));
-        let mut j = 0;
-        while j < len {
-            let k = lane_mask(len - j);
-            let v = _mm512_maskz_loadu_ps(k, yr.add(j));
-            _mm512_mask_storeu_ps(yr.add(j), k, _mm512_mul_ps(v, inv));
-            j += 16;
-        }
+        _mm512_reduce_add_ps(_mm512_add_ps(s0, s1))
     }
 }
 

@@ -285,8 +285,12 @@ pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scr
         let pb = vt.add(vt_len + qb_len + sb_len) as *mut u16;
         let ob = vt.add(vt_len + qb_len + sb_len + pb_len) as *mut f32;
         let inv = vt.add(vt_len + qb_len + sb_len + pb_len + ob_len) as *mut f32;
-        pack_keys(h, p, kt);
-        pack_values(h, p, vt);
+        let (dims, keys) =
+            (Axis { stride: h.k_dim, len: h.d, padded: p.d }, Axis { stride: h.k_key, len: h.sk, padded: p.sk });
+        pack_pairs(h.k, dims, keys, kt);
+        let (keys, cols) =
+            (Axis { stride: h.v_key, len: h.sk, padded: p.sk }, Axis { stride: h.v_col, len: h.dv, padded: p.dv });
+        pack_pairs(h.v, keys, cols, vt);
         let _tiles = Tiles::configure();
         // Phase 1: Q in bf16 (zero past its rows and dims), scores block by block.
         for r in 0..p.sq {
@@ -414,63 +418,47 @@ unsafe fn offsets(stride: usize) -> __m512i {
 
 /// Two vectors of f32 as one of bf16 pairs: lane `l` holds `lo[l]` in its low half.
 #[inline(always)]
-unsafe fn pairs(lo: __m512, hi: __m512) -> __m512i {
+unsafe fn pairs_of(lo: __m512, hi: __m512) -> __m512i {
     // SAFETY: register-only AVX-512F arithmetic.
     unsafe { _mm512_or_si512(bf16_bits(lo), _mm512_slli_epi32::<16>(bf16_bits(hi))) }
 }
 
-/// `Kᵀ` as B tiles: tile (key tile `jt`, chunk `c`) row `i` holds, for each of the tile's 16
-/// keys, head dims `32c + 2i` and `32c + 2i + 1` of that key in bf16 (zero past `d` and `sk`).
-///
-/// # Safety
-/// As [`attention_head`]; `kt` holds `sk * d / 2` (padded) words.
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_keys(h: &Head, p: Padded, kt: *mut u32) {
-    let chunks = p.d / 32;
-    // SAFETY: reads of keys below `sk` (masked) at dims below `d` (whole vectors skipped past
-    // it); the stores stay within `kt`.
-    unsafe {
-        let offs = offsets(h.k_key);
-        for jt in 0..p.sk / 16 {
-            let keys = lane_mask(h.sk.saturating_sub(16 * jt));
-            for c in 0..chunks {
-                let tile = kt.add((jt * chunks + c) * 256);
-                for i in 0..16 {
-                    let dim = |p: usize| {
-                        let base = h.k.wrapping_add(p * h.k_dim + 16 * jt * h.k_key);
-                        sixteen(base, h.k_key, offs, if p < h.d { keys } else { 0 })
-                    };
-                    let d0 = 32 * c + 2 * i;
-                    _mm512_storeu_si512(tile.add(16 * i) as *mut _, pairs(dim(d0), dim(d0 + 1)));
-                }
-            }
-        }
-    }
+/// A matrix along which a product sums (`pairs` of it go into one 32-bit lane) by sixteen
+/// columns (`lanes`), as the B tiles `tdpbf16ps` takes: `len` elements `stride` apart, padded
+/// with zeros to `padded`.
+#[derive(Clone, Copy)]
+struct Axis {
+    stride: usize,
+    len: usize,
+    padded: usize,
 }
 
-/// V as B tiles: tile (column tile `t`, key step `s`) row `i` holds, for each of the tile's 16
-/// columns, keys `32s + 2i` and `32s + 2i + 1` of that column in bf16 (zero past `sk`, `dv`).
+/// Packs the matrix at `src` (element `(k, n)` at `k * pairs.stride + n * lanes.stride`) into
+/// B tiles: tile (column tile `t`, step `s`) row `i` holds, for each of the tile's 16 columns,
+/// elements `32s + 2i` and `32s + 2i + 1` of that column in bf16 (zero past both lengths).
+/// `Kᵀ` is this with head dims as `pairs` and keys as `lanes`; V with keys and its columns.
 ///
 /// # Safety
-/// As [`attention_head`]; `vt` holds `dv * sk / 2` (padded) words.
+/// As [`attention_head`]: `src` covers the matrix's `pairs.len x lanes.len` elements; `dst`
+/// holds `pairs.padded * lanes.padded / 2` words.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn pack_values(h: &Head, p: Padded, vt: *mut u32) {
-    let steps = p.sk / 32;
-    // SAFETY: reads of keys below `sk` within their `dv` columns (masked); the stores stay
-    // within `vt`.
+unsafe fn pack_pairs(src: *const f32, pairs: Axis, lanes: Axis, dst: *mut u32) {
+    let steps = pairs.padded / 32;
+    // SAFETY: reads of elements below both lengths (lanes masked, whole vectors skipped past
+    // `pairs.len`); the stores stay within `dst`.
     unsafe {
-        let offs = offsets(h.v_col);
-        for t in 0..p.dv / 16 {
-            let cols = lane_mask(h.dv - 16 * t);
+        let offs = offsets(lanes.stride);
+        for t in 0..lanes.padded / 16 {
+            let cols = lane_mask(lanes.len.saturating_sub(16 * t));
             for s in 0..steps {
-                let tile = vt.add((t * steps + s) * 256);
+                let tile = dst.add((t * steps + s) * 256);
                 for i in 0..16 {
-                    let key = |j: usize| {
-                        let base = h.v.wrapping_add(j * h.v_key + 16 * t * h.v_col);
-                        sixteen(base, h.v_col, offs, if j < h.sk { cols } else { 0 })
+                    let row = |k: usize| {
+                        let base = src.wrapping_add(k * pairs.stride + 16 * t * lanes.stride);
+                        sixteen(base, lanes.stride, offs, if k < pairs.len { cols } else { 0 })
                     };
                     let k0 = 32 * s + 2 * i;
-                    _mm512_storeu_si512(tile.add(16 * i) as *mut _, pairs(key(k0), key(k0 + 1)));
+                    _mm512_storeu_si512(tile.add(16 * i) as *mut _, pairs_of(row(k0), row(k0 + 1)));
                 }
             }
         }
