@@ -659,6 +659,7 @@ impl Fast {
     ) -> Option<Result<Vec<Tensor>>> {
         use crate::kernels::avx512_vec as v;
         use crate::kernels::int8;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
         let epilogue_fn = self.jit.tile_epilogue?;
         let kernel = self.int8_kernel?;
@@ -730,62 +731,97 @@ impl Fast {
         // Rows (of all batches) split over the threads, each quantizing its own rows (no wait
         // between quantization and product) then multiplying them by all the weights, which
         // at a quarter of f32's bytes both cores can stream (split by panels after a
-        // quantization pass instead: no faster on AMX, 4% slower on BERT-base).
+        // quantization pass instead: no faster on AMX, 4% slower on BERT-base). A share's
+        // panels go in chunks, claimed one at a time: a thread done with its own share takes
+        // chunks of the others' whose rows are quantized. The thread ahead pays the weights'
+        // misses and the one behind finds them in the shared cache; with fixed shares the
+        // first waited for the second.
         let threads = pool::global().threads().max(1);
         let per = rows.div_ceil(threads).div_ceil(4) * 4;
-        pool::global().run_static(threads, &|t| {
+        let panels = n.div_ceil(NR);
+        let chunk = panels.div_ceil(8).max(2);
+        let chunks = panels.div_ceil(chunk);
+        let ready: Vec<AtomicBool> = (0..threads).map(|_| AtomicBool::new(quantized)).collect();
+        let next: Vec<AtomicUsize> = (0..threads).map(|_| AtomicUsize::new(0)).collect();
+        // Claims and runs chunks of share `t` until none is left.
+        let run_share = |t: usize| {
             let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
+            loop {
+                let q = next[t].fetch_add(1, Ordering::Relaxed);
+                if q >= chunks || r0 == r1 {
+                    return;
+                }
+                let (p0, p1) = (q * chunk, ((q + 1) * chunk).min(panels));
+                // Each batch's share of the rows.
+                let mut r = r0;
+                while r < r1 {
+                    let (bi, i0) = (r / m, r % m);
+                    let i1 = m.min(i0 + r1 - r);
+                    let cb = c.get().wrapping_add(p.offsets[bi][2]);
+                    p.with_program(self, bi, &program, |ctx| {
+                        // A chain runs in the kernel's store, each vector still in a register.
+                        let fused = (!ctx.chain.is_null()).then_some(int8::Fused { ctx, row: i0, col: 0 });
+                        let epi = |row: usize, rows: usize, n0: usize, cols: usize| {
+                            if fused.is_none() && ctx.len > 0 && !(ctx.len == 1 && program.0[0] == EpiOp::Acc) {
+                                // SAFETY: the AVX-512 tier (the function exists only there); the
+                                // context's operands cover this batch's rows and columns.
+                                unsafe { epilogue_fn(ctx, cb, p.ldc, i0 + row, rows, n0, cols) };
+                            }
+                        };
+                        let dq = int8::Dequant {
+                            scale: (sp as *const f32).wrapping_add(r),
+                            zero: (zp as *const i32).wrapping_add(r),
+                            colsum: colsum.as_ptr(),
+                            colscale: colscale as *const f32,
+                            fused,
+                        };
+                        // SAFETY: colsums exist only where the CPU has VNNI (`prepare_int8`) and
+                        // `kernel` runs here; the quantized rows r.. hold ldq bytes each (their
+                        // share's `ready` seen set), the packed weights are `k x n` (their size
+                        // checked by `prepare`), C holds this batch's rows i0..i1 at stride ldc,
+                        // whose columns of panels p0..p1 only this claim writes; the parameters
+                        // hold the rows; the context (and its chain) outlives the call and its
+                        // operands cover this batch's rows and columns.
+                        unsafe {
+                            int8::gemm_u8s8_f32_panels(
+                                kernel,
+                                i1 - i0,
+                                ldq / 4,
+                                (qp as *const u8).wrapping_add(r * ldq),
+                                ldq,
+                                bp as *const i8,
+                                cb.wrapping_add(i0 * p.ldc),
+                                p.ldc,
+                                n,
+                                (p0, p1),
+                                dq,
+                                &epi,
+                            )
+                        };
+                    });
+                    r += i1 - i0;
+                }
+            }
+        };
+        pool::global().run_static(threads, &|t| {
             if !quantized {
+                let (r0, r1) = ((t * per).min(rows), ((t + 1) * per).min(rows));
                 // SAFETY: the AVX-512 tier; rows r0..r1 of A hold k floats (`prepare`), of the
                 // buffers ldq bytes and one parameter each, written by this thread alone (the
-                // buffer is not shared until this product is done).
+                // buffer is not shared until this product is done, and other threads read
+                // these rows only after `ready[t]`).
                 unsafe {
                     quantize_rows(xs, &p, (whole, divide), (r0, r1), (qp as *mut u8, sp as *mut f32, zp as *mut i32))
                 };
+                ready[t].store(true, Ordering::Release);
             }
-            // Each batch's share of the rows.
-            let mut r = r0;
-            while r < r1 {
-                let (bi, i0) = (r / m, r % m);
-                let i1 = m.min(i0 + r1 - r);
-                let cb = c.get().wrapping_add(p.offsets[bi][2]);
-                p.with_program(self, bi, &program, |ctx| {
-                    let epi = |row: usize, rows: usize, n0: usize, cols: usize| {
-                        if ctx.len > 0 && !(ctx.len == 1 && program.0[0] == EpiOp::Acc) {
-                            // SAFETY: the AVX-512 tier (the function exists only there); the
-                            // context's operands cover this batch's rows and columns.
-                            unsafe { epilogue_fn(ctx, cb, p.ldc, i0 + row, rows, n0, cols) };
-                        }
-                    };
-                    let dq = int8::Dequant {
-                        scale: (sp as *const f32).wrapping_add(r),
-                        zero: (zp as *const i32).wrapping_add(r),
-                        colsum: colsum.as_ptr(),
-                        colscale: colscale as *const f32,
-                    };
-                    // SAFETY: colsums exist only where the CPU has VNNI (`prepare_int8`) and
-                    // `kernel` runs here; the quantized rows r.. hold ldq bytes each, the
-                    // packed weights are `k x n` (their size checked by `prepare`), C holds
-                    // this batch's rows i0..i1 at stride ldc, written by this thread alone; the
-                    // parameters hold the rows.
-                    unsafe {
-                        int8::gemm_u8s8_f32_panels(
-                            kernel,
-                            i1 - i0,
-                            ldq / 4,
-                            (qp as *const u8).wrapping_add(r * ldq),
-                            ldq,
-                            bp as *const i8,
-                            cb.wrapping_add(i0 * p.ldc),
-                            p.ldc,
-                            n,
-                            (0, n.div_ceil(NR)),
-                            dq,
-                            &epi,
-                        )
-                    };
-                });
-                r += i1 - i0;
+            run_share(t);
+            // Then help with the others' shares whose rows are ready (never waiting: a pool
+            // that runs the items one after another must not stall on a share not begun).
+            for o in (t + 1..threads).chain(0..t) {
+                if ready[o].load(Ordering::Acquire) {
+                    run_share(o);
+                }
             }
         });
         if let Some(qa) = fresh {

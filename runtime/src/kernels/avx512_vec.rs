@@ -382,8 +382,19 @@ unsafe fn run_chain(
 
 /// The chain applied to `v`, the values of row `r`, columns `col..col + 16` (the lanes in
 /// `mask`) of the product.
+///
+/// # Safety
+/// AVX-512F; `ctx` describes `chain`'s program and every operand covers row `r`, columns
+/// `col..` in `mask`'s lanes.
 #[inline(always)]
-unsafe fn chain_vec(ctx: &EpiContext, chain: &Chain, r: usize, col: usize, mask: __mmask16, mut v: __m512) -> __m512 {
+pub(crate) unsafe fn chain_vec(
+    ctx: &EpiContext,
+    chain: &Chain,
+    r: usize,
+    col: usize,
+    mask: __mmask16,
+    mut v: __m512,
+) -> __m512 {
     // SAFETY: the caller's: every operand covers row `r`, columns `col..` in `mask`'s lanes.
     unsafe {
         for step in chain.steps.iter().map_while(|s| s.as_ref()) {
@@ -405,6 +416,42 @@ unsafe fn chain_vec(ctx: &EpiContext, chain: &Chain, r: usize, col: usize, mask:
             v = gelu(v);
         }
         v
+    }
+}
+
+/// Prefetches (into L1) the lines of rows `row..row + rows`, columns `col..col + cols` of
+/// each of `ctx`'s operands that varies along the columns (a bias row is in cache already).
+#[inline(always)]
+pub(crate) fn prefetch_operands(ctx: &EpiContext, row: usize, rows: usize, col: usize, cols: usize) {
+    if cols == 0 {
+        return;
+    }
+    // SAFETY: `ctx` was built for this product: `operands` and `col_broadcast` hold one entry
+    // per extra input; only addresses are computed (wrapping) and prefetched, never read.
+    unsafe {
+        let chain = match ctx.chain.as_ref() {
+            Some(c) => c,
+            None => return,
+        };
+        for step in chain.steps.iter().map_while(|s| s.as_ref()) {
+            let Operand::Input(j) = step.operand else { continue };
+            if *ctx.col_broadcast.add(j) != 0 {
+                continue;
+            }
+            let o = *ctx.operands.add(j);
+            if o.row_stride == 0 {
+                continue;
+            }
+            for r in row..row + rows {
+                let first = o.ptr.wrapping_add(r * o.row_stride + col) as usize;
+                let last = o.ptr.wrapping_add(r * o.row_stride + col + cols - 1) as usize;
+                let mut line = first & !63;
+                while line <= last {
+                    _mm_prefetch::<_MM_HINT_T0>(line as *const i8);
+                    line += 64;
+                }
+            }
+        }
     }
 }
 

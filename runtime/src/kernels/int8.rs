@@ -105,11 +105,24 @@ pub struct Dequant {
     pub zero: *const i32,
     pub colsum: *const i32,
     pub colscale: *const f32,
+    /// An epilogue run on each vector as it is stored, before it reaches memory, or `None`.
+    pub fused: Option<Fused>,
+}
+
+/// An epilogue that is a [`Chain`](crate::kernels::avx512_vec::Chain) (its context's `chain`
+/// not null), applied by the store itself: the dequantized product never makes the round trip
+/// through C that a separate pass over the tile costs. `row` and `col` are the operands' row
+/// and column of the stored tile's first element.
+#[derive(Clone, Copy)]
+pub struct Fused {
+    pub ctx: *const crate::kernels::avx512_vec::EpiContext,
+    pub row: usize,
+    pub col: usize,
 }
 
 /// [`gemm_u8s8_panels`] into `f32`: each tile (up to 12 rows by one panel with VNNI, 32
-/// with AMX) is summed in `i32` and stored dequantized ([`Dequant`]); each panel's rows are
-/// then handed to `epilogue(row, rows, col, cols)` while they are in L1.
+/// with AMX) is summed in `i32` and stored dequantized ([`Dequant`], with its fused epilogue
+/// if any); each panel's rows are then handed to `epilogue(row, rows, col, cols)`.
 ///
 /// # Safety
 /// As [`gemm_u8s8_panels`] with `c` holding `f32`; `dq.scale` and `dq.zero` hold `m`
@@ -148,6 +161,7 @@ pub unsafe fn gemm_u8s8_f32_panels(
                         zero: dq.zero.wrapping_add(i),
                         colsum: dq.colsum.wrapping_add(p * NR),
                         colscale: if dq.colscale.is_null() { dq.colscale } else { dq.colscale.wrapping_add(p * NR) },
+                        fused: dq.fused.map(|f| Fused { row: f.row + i, col: f.col + p * NR, ..f }),
                     };
                     vnni512::Store::F32(c.wrapping_add(i * ldc + p * NR), tile_dq)
                 },
@@ -340,6 +354,9 @@ unsafe fn walk_panels(
     let mut tiles = amx::Tiles::new();
     let panel = groups * NR * 4;
     let count = m.div_ceil(most).max(1);
+    // With AMX a tile's sums are stored while the next tile is multiplied ([`amx::Tiles`]):
+    // a panel is done once the next panel's first tile has run, or at the end.
+    let mut undone = None;
     for p in p0..p1 {
         let cols = NR.min(n - p * NR);
         let bp = packed.wrapping_add(p * panel);
@@ -367,8 +384,23 @@ unsafe fn walk_panels(
             };
             (next, left) = (next.wrapping_add(share * 64), left - share);
             i += rows;
+            if let Some((q, cols)) = undone.take() {
+                done(q, cols);
+            }
         }
-        done(p, cols);
+        if amx {
+            undone = Some((p, cols));
+        } else {
+            done(p, cols);
+        }
+    }
+    if amx {
+        // SAFETY: AMX ran, so the CPU has AVX-512 VNNI; the pending tile's store is valid (the
+        // caller's contract, as for every tile).
+        unsafe { tiles.flush() };
+    }
+    if let Some((q, cols)) = undone {
+        done(q, cols);
     }
 }
 
@@ -484,12 +516,44 @@ mod vnni512 {
         }
     }
 
+    impl Store {
+        /// The store of the tile's rows from `r0` on.
+        #[inline(always)]
+        pub(super) fn rows_from(self, r0: usize, ldc: usize) -> Store {
+            match self {
+                Store::I32(c) => Store::I32(c.wrapping_add(r0 * ldc)),
+                Store::F32(c, dq) => Store::F32(
+                    c.wrapping_add(r0 * ldc),
+                    Dequant {
+                        scale: dq.scale.wrapping_add(r0),
+                        zero: dq.zero.wrapping_add(r0),
+                        fused: dq.fused.map(|f| super::Fused { row: f.row + r0, ..f }),
+                        ..dq
+                    },
+                ),
+            }
+        }
+
+        /// Asks for the lines of the fused epilogue's operands (a residual, say: written
+        /// layers ago, out of cache) for `rows` rows and `cols` columns of this tile, so that
+        /// they arrive while the tile is multiplied.
+        #[inline(always)]
+        pub(super) fn prefetch_operands(self, rows: usize, cols: usize) {
+            if let Store::F32(_, Dequant { fused: Some(f), .. }) = self {
+                // SAFETY: `f.ctx` is the live context of this product ([`Fused`]); a prefetch
+                // never faults.
+                unsafe { crate::kernels::avx512_vec::prefetch_operands(&*f.ctx, f.row, rows, f.col, cols) };
+            }
+        }
+    }
+
     /// Stores `rows` rows of up to 32 sums (`acc(r)`: row r's two 16-lane halves) as `c`
     /// says: the one store of both integer kernels, so they give the same bits.
     ///
     /// # Safety
     /// AVX-512F; `c` holds `rows` rows of `cols <= 32` values at stride `ldc`, and for `F32`
-    /// the dequantization parameters hold `rows` rows and `cols` columns.
+    /// the dequantization parameters hold `rows` rows and `cols` columns, and the fused
+    /// epilogue's operands (its context live, its chain not null) those rows and columns.
     #[inline(always)]
     pub(super) unsafe fn store(rows: usize, acc: impl Fn(usize) -> [__m512i; 2], c: Store, ldc: usize, cols: usize) {
         // SAFETY: the caller's contract; stores are masked to `cols` columns.
@@ -521,13 +585,24 @@ mod vnni512 {
                             _mm512_maskz_loadu_ps(masks[1], dq.colscale.add(16)),
                         ]
                     };
+                    let fused = dq.fused.map(|f| (&*f.ctx, &*(*f.ctx).chain, f.row, f.col));
                     for r in 0..rows {
                         let acc = acc(r);
                         let (s, z) = (_mm512_set1_ps(*dq.scale.add(r)), _mm512_set1_epi32(*dq.zero.add(r)));
                         for (h, &mask) in masks.iter().enumerate() {
                             if mask != 0 {
                                 let v = _mm512_sub_epi32(acc[h], _mm512_mullo_epi32(z, sums[h]));
-                                let f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), colscale[h]);
+                                let mut f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), colscale[h]);
+                                if let Some((ctx, chain, row, col)) = fused {
+                                    f = crate::kernels::avx512_vec::chain_vec(
+                                        ctx,
+                                        chain,
+                                        row + r,
+                                        col + 16 * h,
+                                        mask,
+                                        f,
+                                    );
+                                }
                                 _mm512_mask_storeu_ps(c.add(r * ldc + 16 * h), mask, f);
                             }
                         }
@@ -615,14 +690,71 @@ mod amx {
     }
 
     /// The tile registers of one thread, configured for tiles of `rows` rows; released when
-    /// dropped (`tilerelease` gives the OS back a small context switch).
+    /// dropped (`tilerelease` gives the OS back a small context switch). Also the memory the
+    /// sums of a tile go through on their way to `C`, twice: a tile's sums are stored (the
+    /// vector loads, dequantization and epilogue of [`vnni512::store`]) a few rows per step
+    /// while the next tile is multiplied, the AMX and the vector units working at once; the
+    /// last tile's by [`Tiles::flush`].
     pub struct Tiles {
         rows: usize,
+        sums: [Sums; 2],
+        pending: Option<Pending>,
+    }
+
+    /// A tile whose sums wait in `sums[buf]`, rows `done..rows` not yet stored.
+    #[derive(Clone, Copy)]
+    struct Pending {
+        buf: usize,
+        rows: usize,
+        done: usize,
+        c: vnni512::Store,
+        ldc: usize,
+        cols: usize,
     }
 
     impl Tiles {
         pub fn new() -> Tiles {
-            Tiles { rows: 0 }
+            Tiles { rows: 0, sums: [Sums([0; 32 * NR]), Sums([0; 32 * NR])], pending: None }
+        }
+
+        /// Stores up to `most` more rows of the pending tile.
+        ///
+        /// # Safety
+        /// The pending tile's store is valid ([`vnni512::store`]): the caller of the [`tile`]
+        /// that left it pending vouched for it, and nothing it points to was freed since.
+        #[inline(always)]
+        unsafe fn drain(&mut self, most: usize) {
+            let Some(p) = self.pending.as_mut() else { return };
+            let (r0, n) = (p.done, most.min(p.rows - p.done));
+            let sums = self.sums[p.buf].0.as_ptr();
+            // SAFETY: rows r0..r0+n of the pending tile's sums were stored by its tiles; the
+            // store is the caller's.
+            unsafe {
+                vnni512::store(
+                    n,
+                    |r| {
+                        let row = sums.add((r0 + r) * NR);
+                        [_mm512_load_si512(row as *const _), _mm512_load_si512(row.add(16) as *const _)]
+                    },
+                    p.c.rows_from(r0, p.ldc),
+                    p.ldc,
+                    p.cols,
+                )
+            };
+            p.done += n;
+            if p.done == p.rows {
+                self.pending = None;
+            }
+        }
+
+        /// Stores what is left of the pending tile.
+        ///
+        /// # Safety
+        /// As [`Tiles::drain`]; AVX-512F/BW/VNNI (there is a pending tile only where AMX ran).
+        #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+        pub unsafe fn flush(&mut self) {
+            // SAFETY: the caller's.
+            unsafe { self.drain(usize::MAX) }
         }
 
         /// # Safety
@@ -641,6 +773,7 @@ mod amx {
 
     impl Drop for Tiles {
         fn drop(&mut self) {
+            debug_assert!(self.pending.is_none(), "a tile's sums were never stored");
             if self.rows != 0 {
                 // SAFETY: tiles were configured, so AMX is enabled; release resets them.
                 unsafe { asm!("tilerelease", options(nostack, nomem)) };
@@ -674,11 +807,13 @@ mod amx {
         debug_assert!((1..=32).contains(&rows) && cols <= NR);
         let two = rows > 16;
         const AHEAD: usize = 1;
-        let mut sums = std::mem::MaybeUninit::<Sums>::uninit();
+        // The pending tile's rows, spread over this tile's steps.
+        let per_step = tiles.pending.map_or(0, |p| (p.rows - p.done).div_ceil(steps.max(1)));
         let row = NR * 4; // bytes of one group of a panel, and of one row of `sums`
                           // SAFETY: the caller's contract: each tile load reads `rows` rows of 64 bytes of `a`
                           // within `steps * 64`, or 16 groups' 64 bytes of the panel; the stores write `sums`.
         unsafe {
+            c.prefetch_operands(rows, cols);
             tiles.shape(rows);
             asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
             if two {
@@ -718,8 +853,11 @@ mod amx {
                         options(nostack, readonly),
                     );
                 }
+                tiles.drain(per_step);
             }
-            let out = sums.as_mut_ptr() as *mut i32;
+            tiles.flush();
+            let buf = tiles.pending.map_or(0, |p| 1 - p.buf);
+            let out = tiles.sums[buf].0.as_mut_ptr();
             asm!(
                 "tilestored [{c} + {row}*1], tmm0",
                 "tilestored [{c2} + {row}*1], tmm1",
@@ -738,20 +876,9 @@ mod amx {
                     options(nostack),
                 );
             }
-            // Rows 0..rows of `sums` were just stored by the tiles (16 rows each, or `rows`).
-            let sums = out as *const i32;
-            vnni512::store(
-                rows,
-                |r| {
-                    [
-                        _mm512_load_si512(sums.add(r * NR) as *const _),
-                        _mm512_load_si512(sums.add(r * NR + 16) as *const _),
-                    ]
-                },
-                c,
-                ldc,
-                cols,
-            );
+            // Rows 0..rows of the buffer were just stored by the tiles (16 rows each, or
+            // `rows`): stored to C while the next tile is multiplied, or by `flush`.
+            tiles.pending = Some(Pending { buf, rows, done: 0, c, ldc, cols });
         }
     }
 }
@@ -854,6 +981,7 @@ mod tests {
                     zero: zero.as_ptr(),
                     colsum: colsum.as_ptr(),
                     colscale: if with_colscale { colscale.as_ptr() } else { std::ptr::null() },
+                    fused: None,
                 };
                 // SAFETY: the kernel runs here; `a` is m rows of k bytes (k a multiple of 4),
                 // `packed` the weights' panels, `c` m x n; the parameters hold m rows and n columns.
@@ -918,27 +1046,46 @@ mod tests {
     }
 
     /// Throughput on BERT shapes, one thread (a probe for performance work, run by hand:
-    /// `cargo test --release -p tcc-runtime --lib int8_speed -- --ignored --nocapture`).
+    /// `cargo test --release -p tcc-runtime --lib int8_speed -- --ignored --nocapture`;
+    /// `SHAPES=MxKxN,..`, `ROUNDS=N` interleaved rounds, medians printed).
     #[test]
     #[ignore = "timing probe, asserts nothing"]
     fn int8_speed() {
         // Weights rotated over copies past L2, as a model's are (read from L3 or memory).
         let copies = std::env::var("WEIGHT_COPIES").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize);
-        let shapes =
-            [(128usize, 768usize, 768usize), (128, 768, 3072), (128, 3072, 768), (64, 768, 3072), (64, 3072, 768)];
-        for kernel in [Kernel::Amx, Kernel::Vnni512].into_iter().filter(|k| k.supported()) {
-            for &(m, k, n) in &shapes {
-                let a = vec![3u8; m * k];
-                let packed: Vec<Vec<i8>> = (0..copies).map(|_| pack_b_s8(k, n, &vec![-2i8; k * n])).collect();
-                let mut c = vec![0i32; m * n];
-                let iters = 50;
-                let t = std::time::Instant::now();
-                for i in 0..iters {
-                    gemm_u8s8(kernel, m, k, n, &a, k, &packed[i % copies], &mut c, n).unwrap();
+        // `SHAPES=MxKxN,MxKxN` for others.
+        let shapes: Vec<(usize, usize, usize)> = match std::env::var("SHAPES") {
+            Ok(s) => s
+                .split(',')
+                .map(|t| {
+                    let d: Vec<usize> = t.split('x').map(|v| v.parse().unwrap()).collect();
+                    (d[0], d[1], d[2])
+                })
+                .collect(),
+            Err(_) => vec![(128, 768, 768), (128, 768, 3072), (128, 3072, 768), (64, 768, 3072), (64, 3072, 768)],
+        };
+        let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let mut res: std::collections::BTreeMap<(String, usize), Vec<f64>> = Default::default();
+        for _round in 0..rounds {
+            for kernel in [Kernel::Amx, Kernel::Vnni512].into_iter().filter(|k| k.supported()) {
+                for &(m, k, n) in &shapes {
+                    let a = vec![3u8; m * k];
+                    let packed: Vec<Vec<i8>> = (0..copies).map(|_| pack_b_s8(k, n, &vec![-2i8; k * n])).collect();
+                    let mut c = vec![0i32; m * n];
+                    let iters = 50 * (1 + (1 << 20) / (m * k * n));
+                    let t = std::time::Instant::now();
+                    for i in 0..iters {
+                        gemm_u8s8(kernel, m, k, n, &a, k, &packed[i % copies], &mut c, n).unwrap();
+                    }
+                    let s = t.elapsed().as_secs_f64() / iters as f64;
+                    res.entry((format!("{kernel:?} {m}x{k}x{n}"), 2 * m * k * n)).or_default().push(s * 1e3);
                 }
-                let s = t.elapsed().as_secs_f64() / iters as f64;
-                eprintln!("{kernel:?} {m}x{k}x{n}: {:.3} ms, {:.0} GOP/s", s * 1e3, 2.0 * (m * k * n) as f64 / s / 1e9);
             }
+        }
+        for ((name, ops), mut v) in res {
+            v.sort_by(f64::total_cmp);
+            let ms = v[v.len() / 2];
+            eprintln!("{name}: median {ms:.3} ms, {:.0} GOP/s", ops as f64 / ms / 1e6);
         }
     }
 }
