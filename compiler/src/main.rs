@@ -78,6 +78,10 @@ enum Command {
         /// and --prune-ffn, whose layers are then numbered among those left.
         #[arg(long, value_name = "N|LAYERS")]
         prune_layers: Option<String>,
+        /// How a pruning fraction is shared among the layers: `global` (the least important
+        /// heads and neurons of the whole model) or `uniform` (the same share of each layer).
+        #[arg(long, value_name = "HOW", default_value = "global", value_parser = ["global", "uniform"])]
+        prune_spread: String,
         /// Calibration samples (sentences one a line, needs --tokenizer, or .npz/.json
         /// inputs): with --quantize, static activation ranges (none computed at run time);
         /// with --prune-*, what to remove and how to refit what stays.
@@ -184,6 +188,7 @@ fn run(cmd: Command) -> Result<()> {
             prune_heads,
             prune_ffn,
             prune_layers,
+            prune_spread,
             calibration,
             calibrate,
             eval,
@@ -205,6 +210,11 @@ fn run(cmd: Command) -> Result<()> {
                         Some(f) if (0.0..1.0).contains(&f) => f,
                         Some(f) => return Err(format!("--prune-ffn {f}: expected a fraction in [0, 1)").into()),
                         None => 0.0,
+                    },
+                    spread: if prune_spread == "uniform" {
+                        tcc_passes::Spread::Uniform
+                    } else {
+                        tcc_passes::Spread::Global
                     },
                     ..Default::default()
                 }),

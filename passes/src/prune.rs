@@ -10,9 +10,11 @@
 //! **Importance, without labels or gradients.** One run over the calibration samples captures
 //! the inputs of the output projections (`X`, rows of tokens). A head's contribution to the
 //! block's output is `X_h W_h` (its `d` columns of the context by its `d` rows of the
-//! projection), a neuron's `x_j w_j`; each is scored by its mean squared norm,
-//! `trace(W_h W_h^T E[x_h x_h^T])`, relative to the block output's (residual included), so
-//! scores compare across layers. The lowest go, over the whole model (`spread=global`, the
+//! projection), scored by its mean squared norm, `trace(W_h W_h^T E[x_h x_h^T])`. FFN neurons
+//! are many and redundant: they go in Optimal Brain Surgeon order ([`obs_order`]), greedily, each
+//! step the neurons whose loss the others can best make up for, at the cost that adds to the
+//! block's output error. Both are relative to the block output's norm (residual included), so
+//! they compare across layers. The lowest go, over the whole model (`spread=global`, the
 //! default), or the same share of each layer (`spread=uniform`).
 //!
 //! **Correction.** The kept inputs then refit the projection by least squares on the same
@@ -401,6 +403,7 @@ fn columns_of(x: &Tensor) -> tcc_ir::Result<(Vec<f32>, Vec<f64>, usize, usize)> 
 }
 
 /// `sum a_i b_i` in eight independent lanes (so that it vectorizes).
+#[inline(always)]
 fn dot(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0f64; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -421,8 +424,10 @@ fn mean_sq(y: &Tensor) -> f64 {
 
 /// Importance of groups of input rows of `w` (`k x n`) on captured inputs `x` (`[t, k]`): the
 /// mean squared norm of the group's contribution to the product, `trace(W_g^T E[x_g x_g^T] W_g)`.
-/// (Measured on MiniLM-L6: better choices than the centered contribution, and than the error
-/// left after an optimal refit, Optimal Brain Surgeon's score, which also costs an inverse.)
+/// (Measured on MiniLM-L6's heads: better choices than the centered contribution, and than the
+/// error left after an optimal refit, Optimal Brain Surgeon's score, single or greedy: 25% of
+/// heads, held-out cosine 0.982 against 0.966 greedy. For FFN neurons it is the other way round:
+/// see [`obs_order`].)
 fn group_scores(x: &Tensor, w: &[f32], n: usize, groups: &[Vec<usize>]) -> tcc_ir::Result<Vec<f64>> {
     let (xt, _, t, _) = columns_of(x)?;
     let col = |j: usize| -> Vec<f64> { xt[j * t..(j + 1) * t].iter().map(|&e| e as f64).collect() };
@@ -441,6 +446,139 @@ fn group_scores(x: &Tensor, w: &[f32], n: usize, groups: &[Vec<usize>]) -> tcc_i
             s
         })
         .collect())
+}
+
+/// Relative ridge of the covariance that [`obs_order`] ranks FFN neurons with (MiniLM-L6, 25% of
+/// its FFN neurons, held-out cosine: 0.9675 / 0.9678 / 0.9673 / 0.9672 / 0.9608 at 0.001 /
+/// 0.003 / 0.01 / 0.03 / 0.3, a plateau; 0.9593 by contribution).
+const OBS_RIDGE: f64 = 0.01;
+
+/// Neurons [`obs_order`] removes per step.
+const OBS_BLOCK: usize = 16;
+
+/// The Optimal Brain Surgeon order of removal of up to `most` input rows of `w` (`k x n`, an
+/// FFN's down-projection) on captured inputs `x` (`[t, k]`), greedily in blocks: each step
+/// removes the [`OBS_BLOCK`] rows whose loss adds least to `E|x W - x' W'|^2` once the other
+/// rows absorb what they can of it (`|w_j|^2 / [H^-1]_jj`, `H` the centered input covariance
+/// plus a ridge), then updates the weights and `H^-1` as the refit would. Returns `(row,
+/// increase)` in removal order. Unlike each neuron's own contribution, this sees redundancy:
+/// a neuron whose output others can rebuild goes first.
+fn obs_order(gemm: &Gemm, x: &Tensor, w: &[f32], n: usize, most: usize) -> tcc_ir::Result<Vec<(usize, f64)>> {
+    let (xt, mu, t, k) = columns_of(x)?;
+    if t == 0 || k * n != w.len() {
+        return Ok(Vec::new());
+    }
+    let x_rows = x.as_slice::<f32>().map_err(tcc_ir::Error::Runtime)?;
+    let xx = gemm.run(k, t, k, &xt, x_rows)?;
+    let tf = t as f64;
+    let mut h: Vec<f64> = (0..k * k).map(|i| xx[i] as f64 / tf - mu[i / k] * mu[i % k]).collect();
+    let lambda = OBS_RIDGE * ((0..k).map(|r| h[r * k + r]).sum::<f64>() / k as f64).max(1e-12);
+    for r in 0..k {
+        h[r * k + r] += lambda;
+    }
+    let Some(mut hinv) = inverse_spd(h, k) else { return Ok(Vec::new()) };
+    let mut wd: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+    // Rows still in, as indices of the original ones; `hinv` (a x a) and `wd` (a x n) hold
+    // only theirs.
+    let mut idx: Vec<usize> = (0..k).collect();
+    let mut order = Vec::with_capacity(most);
+    while order.len() < most.min(k) {
+        let a = idx.len();
+        let mut scored: Vec<(f64, usize)> = (0..a)
+            .map(|p| {
+                let row = &wd[p * n..(p + 1) * n];
+                (dot(row, row) / hinv[p * a + p].max(1e-300), p)
+            })
+            .collect();
+        let b = OBS_BLOCK.min(most - order.len()).min(a);
+        scored.select_nth_unstable_by(b - 1, |x, y| x.0.total_cmp(&y.0));
+        let mut group: Vec<(f64, usize)> = scored[..b].to_vec();
+        group.sort_by(|x, y| x.0.total_cmp(&y.0));
+        let g: Vec<usize> = group.iter().map(|e| e.1).collect();
+        // S = [H^-1]_gg^-1 W_g (b x n), T = [H^-1]_gg^-1 [H^-1]_g: (b x a); the block's loss tr(W_g^T S).
+        let hgg: Vec<f64> =
+            g.iter().flat_map(|&p| g.iter().map(move |&q| (p, q))).map(|(p, q)| hinv[p * a + q]).collect();
+        let wg: Vec<f64> = g.iter().flat_map(|&p| wd[p * n..(p + 1) * n].iter().copied()).collect();
+        let hg: Vec<f64> = g.iter().flat_map(|&p| hinv[p * a..(p + 1) * a].iter().copied()).collect();
+        let (Some(sm), Some(tm)) = (solve_spd(hgg.clone(), wg.clone(), b, n), solve_spd(hgg, hg.clone(), b, a)) else {
+            break;
+        };
+        let loss = dot(&wg, &sm);
+        order.extend(group.iter().map(|&(_, p)| (idx[p], loss / b as f64)));
+        // W -= H^-1[:, g] S, H^-1 -= H^-1[:, g] T (H^-1 symmetric: column g is row g).
+        #[cfg(target_arch = "x86_64")]
+        if wider() {
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
+            unsafe { downdate_avx512(&mut wd, &hg, &sm, n, a) };
+            unsafe { downdate_avx512(&mut hinv, &hg, &tm, a, a) };
+        } else if wide() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { downdate_avx2(&mut wd, &hg, &sm, n, a) };
+            unsafe { downdate_avx2(&mut hinv, &hg, &tm, a, a) };
+        } else {
+            downdate(&mut wd, &hg, &sm, n, a);
+            downdate(&mut hinv, &hg, &tm, a, a);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            downdate(&mut wd, &hg, &sm, n, a);
+            downdate(&mut hinv, &hg, &tm, a, a);
+        }
+        // Drop the block's rows and columns.
+        // In place: each element moves to an index no greater than its own, read in order.
+        let keep: Vec<usize> = (0..a).filter(|p| !g.contains(p)).collect();
+        let m = keep.len();
+        for (r, &p) in keep.iter().enumerate() {
+            for (c, &q) in keep.iter().enumerate() {
+                hinv[r * m + c] = hinv[p * a + q];
+            }
+            wd.copy_within(p * n..(p + 1) * n, r * n);
+        }
+        hinv.truncate(m * m);
+        wd.truncate(m * n);
+        idx = keep.iter().map(|&p| idx[p]).collect();
+    }
+    Ok(order)
+}
+
+/// `x -= u^T v` for `x` (`a x w`), `u` (`b x a`) and `v` (`b x w`), all row-major; a strip
+/// of 256 columns at a time, so that `v`'s part stays in cache over the rows.
+#[inline(always)]
+fn downdate(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
+    for s0 in (0..w).step_by(256) {
+        let s1 = (s0 + 256).min(w);
+        for i in 0..a {
+            let row = &mut x[i * w + s0..i * w + s1];
+            for (r, vr) in v.chunks_exact(w).enumerate() {
+                let f = u[r * a + i];
+                if f != 0.0 {
+                    for (x, y) in row.iter_mut().zip(&vr[s0..s1]) {
+                        *x -= f * y;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`downdate`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA ([`wide`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn downdate_avx2(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
+    downdate(x, u, v, w, a)
+}
+
+/// [`downdate`] compiled for AVX-512F.
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX2 and FMA ([`wider`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn downdate_avx512(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
+    downdate(x, u, v, w, a)
 }
 
 /// How a fraction of heads or neurons is spread over the layers.
@@ -488,9 +626,187 @@ fn choose(
     out
 }
 
+/// Whether the CPU has AVX2 and FMA: the refit's and the neuron ranking's arithmetic then runs
+/// four f64 lanes wide instead of two (the same operations, so the same bits: Rust never fuses
+/// a product and a sum by itself).
+fn wide() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the CPU has AVX-512F: the two heaviest loops then run eight lanes wide.
+fn wider() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return wide() && std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// [`solve_spd_in`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA ([`wide`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn solve_spd_avx2(a: Vec<f64>, b: Vec<f64>, m: usize, n: usize) -> Option<Vec<f64>> {
+    solve_spd_in(a, b, m, n)
+}
+
+/// Side of the blocks of [`inverse_spd`].
+const NB: usize = 64;
+
+/// [`inverse_spd_in`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA ([`wide`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn inverse_spd_avx2(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    inverse_spd_in(a, k)
+}
+
+/// [`inverse_spd_in`] compiled for AVX-512F.
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX2 and FMA ([`wider`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn inverse_spd_avx512(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    inverse_spd_in(a, k)
+}
+
+/// The inverse of a symmetric positive definite `k x k` matrix (row-major); `None` when it is
+/// not positive definite. A blocked Cholesky `A = L L^T`, then `Y = L^-1` and `A^-1 = Y^T Y`,
+/// each step on 64 x 64 blocks that stay in cache ([`solve_spd`] with the identity streams the
+/// whole matrix once per row: minutes for BERT-base's 3072 FFN neurons, against seconds).
+fn inverse_spd(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    #[cfg(target_arch = "x86_64")]
+    if wider() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
+        return unsafe { inverse_spd_avx512(a, k) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { inverse_spd_avx2(a, k) };
+    }
+    inverse_spd_in(a, k)
+}
+
+#[inline(always)]
+fn inverse_spd_in(mut a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    let blocks: Vec<(usize, usize)> = (0..k).step_by(NB).map(|s| (s, NB.min(k - s))).collect();
+    // L in the lower triangle of `a`, right-looking: each block column factored row by row
+    // (its rows' segments and the block's in L1), then the blocks below and right updated.
+    for (bj, &(j0, jn)) in blocks.iter().enumerate() {
+        for i in j0..k {
+            for j in j0..(j0 + jn).min(i + 1) {
+                let s = a[i * k + j] - dot(&a[i * k + j0..i * k + j], &a[j * k + j0..j * k + j]);
+                if j == i {
+                    if s <= 0.0 || !s.is_finite() {
+                        return None;
+                    }
+                    a[i * k + i] = s.sqrt();
+                } else {
+                    a[i * k + j] = s / a[j * k + j];
+                }
+            }
+        }
+        // Block by block, so that the C block's row segments stay in L1 over the I block's rows.
+        let mut li = [0f64; NB];
+        for &(i0, ni) in &blocks[bj + 1..] {
+            for &(c0, cn) in blocks[bj + 1..].iter().take_while(|b| b.0 <= i0) {
+                for i in i0..i0 + ni {
+                    li[..jn].copy_from_slice(&a[i * k + j0..i * k + j0 + jn]);
+                    for c in c0..(c0 + cn).min(i + 1) {
+                        let s = dot(&li[..jn], &a[c * k + j0..c * k + j0 + jn]);
+                        a[i * k + c] -= s;
+                    }
+                }
+            }
+        }
+    }
+    // Y = L^-1 (lower triangular), a column block at a time: Y_IC = L_II^-1 (E_IC - sum over
+    // C <= P < I of L_IP Y_PC).
+    let mut y = vec![0f64; k * k];
+    let mut acc = vec![0f64; NB * NB];
+    for &(c0, cn) in &blocks {
+        for &(i0, ni) in blocks.iter().filter(|b| b.0 >= c0) {
+            acc[..ni * cn].fill(0.0);
+            if i0 == c0 {
+                for r in 0..ni {
+                    acc[r * cn + r] = 1.0;
+                }
+            }
+            for &(p0, pn) in blocks.iter().filter(|b| b.0 >= c0 && b.0 < i0) {
+                for r in 0..ni {
+                    let row = &mut acc[r * cn..(r + 1) * cn];
+                    for p in p0..p0 + pn {
+                        let f = a[(i0 + r) * k + p];
+                        for (x, v) in row.iter_mut().zip(&y[p * k + c0..p * k + c0 + cn]) {
+                            *x -= f * v;
+                        }
+                    }
+                }
+            }
+            // Forward substitution with the diagonal block.
+            for r in 0..ni {
+                let (done, rest) = acc.split_at_mut(r * cn);
+                let row = &mut rest[..cn];
+                for q in 0..r {
+                    let f = a[(i0 + r) * k + i0 + q];
+                    for (x, v) in row.iter_mut().zip(&done[q * cn..(q + 1) * cn]) {
+                        *x -= f * v;
+                    }
+                }
+                let d = a[(i0 + r) * k + i0 + r];
+                row.iter_mut().for_each(|x| *x /= d);
+                y[(i0 + r) * k + c0..(i0 + r) * k + c0 + cn].copy_from_slice(row);
+            }
+        }
+    }
+    // A^-1 = Y^T Y, block (I, C) = sum over P >= max(I, C) of Y_PI^T Y_PC; C <= I, mirrored.
+    let mut inv = a;
+    for (bi, &(i0, ni)) in blocks.iter().enumerate() {
+        for &(c0, cn) in &blocks[..=bi] {
+            acc[..ni * cn].fill(0.0);
+            for p in i0..k {
+                let (yp_i, yp_c) = (&y[p * k + i0..p * k + i0 + ni], &y[p * k + c0..p * k + c0 + cn]);
+                for (r, &f) in yp_i.iter().enumerate() {
+                    if f != 0.0 {
+                        for (x, v) in acc[r * cn..(r + 1) * cn].iter_mut().zip(yp_c) {
+                            *x += f * v;
+                        }
+                    }
+                }
+            }
+            for r in 0..ni {
+                for c in 0..cn {
+                    let v = acc[r * cn + c];
+                    inv[(i0 + r) * k + c0 + c] = v;
+                    inv[(c0 + c) * k + i0 + r] = v;
+                }
+            }
+        }
+    }
+    Some(inv)
+}
+
 /// Solves `A X = B` for symmetric positive definite `A` (`m x m`) and `B` (`m x n`), by
 /// Cholesky; `None` when `A` is not positive definite.
-fn solve_spd(mut a: Vec<f64>, mut b: Vec<f64>, m: usize, n: usize) -> Option<Vec<f64>> {
+fn solve_spd(a: Vec<f64>, b: Vec<f64>, m: usize, n: usize) -> Option<Vec<f64>> {
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { solve_spd_avx2(a, b, m, n) };
+    }
+    solve_spd_in(a, b, m, n)
+}
+
+#[inline(always)]
+fn solve_spd_in(mut a: Vec<f64>, mut b: Vec<f64>, m: usize, n: usize) -> Option<Vec<f64>> {
     // A = L L^T, L in the lower triangle (row i holds L[i, 0..=i]).
     for j in 0..m {
         let rowj = &mut a[j * m..(j + 1) * m];
@@ -701,6 +1017,24 @@ impl Pass for Prune {
                 return Ok(out);
             }
         }
+        // Heads, then FFN neurons chosen and refit on what the model without those heads feeds
+        // them (MiniLM-L6, 25% of each: held-out cosine 0.9509, against 0.9502 with both chosen
+        // on the full model).
+        if self.heads.is_some() && self.ffn > 0.0 {
+            let heads_only = Prune { ffn: 0.0, layers: None, ..self.clone() }.run(g, cx)?;
+            let ffn_only = Prune { heads: None, layers: None, ..self.clone() }.run(g, cx)?;
+            for (k, v) in heads_only.stats.into_iter().chain(ffn_only.stats) {
+                match k.as_str() {
+                    // The same samples, captured twice.
+                    "calibration_tokens" => {
+                        out.stats.insert(k, v);
+                    }
+                    _ => out.stat(&k, v),
+                }
+            }
+            out.changed |= heads_only.changed || ffn_only.changed;
+            return Ok(out);
+        }
         let fail = |m: String| tcc_ir::Error::Pass(m);
         let heads = if self.heads.is_some() { head_blocks(g) } else { Vec::new() };
         let ffns = if self.ffn > 0.0 { ffn_blocks(g) } else { Vec::new() };
@@ -768,13 +1102,57 @@ impl Pass for Prune {
         // Which neurons go (each layer keeps a multiple of 16: whole vectors in the kernels).
         let mut drop_neurons: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); ffns.len()];
         if self.ffn > 0.0 {
+            // Each layer's removal order and cost ([`obs_order`], the layers on all cores); the
+            // keys are cumulative costs relative to the block's output, so the lowest over the
+            // model take each layer's in its order. Up to twice the fraction of one layer.
+            let jobs: Vec<_> = ffns
+                .iter()
+                .enumerate()
+                .map(|(l, b)| {
+                    let x = input_of(heads.len() + l);
+                    let most =
+                        ((b.down.k as f64 * (2.0 * self.ffn).min(0.9)) as usize).min(b.down.k.saturating_sub(16));
+                    (x, b, most)
+                })
+                .collect();
+            let orders: Vec<tcc_ir::Result<Vec<(usize, f64)>>> = std::thread::scope(|scope| {
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len()).max(1);
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let jobs = &jobs;
+                        scope.spawn(move || {
+                            let gemm = Gemm::new()?;
+                            let mut mine = Vec::new();
+                            for (l, (x, b, most)) in jobs.iter().enumerate().skip(t).step_by(threads) {
+                                let order = match x {
+                                    Some(x) => obs_order(&gemm, x, &b.down.w, b.down.n, *most)?,
+                                    None => Vec::new(),
+                                };
+                                mine.push((l, order));
+                            }
+                            Ok::<_, tcc_ir::Error>(mine)
+                        })
+                    })
+                    .collect();
+                let mut orders: Vec<tcc_ir::Result<Vec<(usize, f64)>>> =
+                    (0..jobs.len()).map(|_| Ok(Vec::new())).collect();
+                for h in handles {
+                    match h.join() {
+                        Ok(Ok(mine)) => mine.into_iter().for_each(|(l, o)| orders[l] = Ok(o)),
+                        Ok(Err(e)) => orders[0] = Err(e),
+                        Err(_) => orders[0] = Err(fail("the FFN importance thread panicked".into())),
+                    }
+                }
+                orders
+            });
             let mut all: Vec<(f64, usize, usize)> = Vec::new();
-            for (l, b) in ffns.iter().enumerate() {
-                let Some(x) = input_of(heads.len() + l) else { continue };
+            for (l, order) in orders.into_iter().enumerate() {
                 let norm = norm_of(heads.len() + l);
-                let groups: Vec<Vec<usize>> = (0..b.down.k).map(|j| vec![j]).collect();
-                for (j, s) in group_scores(x, &b.down.w, b.down.n, &groups)?.into_iter().enumerate() {
-                    all.push((s / norm, l, j));
+                let (mut total, mut key) = (0.0f64, 0.0f64);
+                for (j, e) in order? {
+                    total += e;
+                    key = key.max(total / norm);
+                    all.push((key, l, j));
                 }
             }
             let sizes: Vec<usize> = ffns.iter().map(|b| b.down.k).collect();
@@ -783,7 +1161,7 @@ impl Pass for Prune {
             }
         }
 
-        // Blocks in graph order, each refit on the activations of the model pruned before it.
+        // Blocks in graph order, each refit on the unpruned model's activations ([`refit`]).
         let gemm = Gemm::new()?;
         let mut order: Vec<(usize, bool, usize)> =
             heads.iter().enumerate().map(|(i, b)| (b.out.node, true, i)).collect();
@@ -1032,6 +1410,34 @@ mod tests {
         // An input added to something else than the running sum is not part of it.
         let other = [EpiOp::Acc, EpiOp::Input(0), EpiOp::Input(1), add(1, 2)];
         assert_eq!(additions(&other), (vec![], 1));
+    }
+
+    #[test]
+    fn blocked_inverse_is_the_inverse() {
+        // Sizes around the block (64): one partial block, exact blocks, several with a tail.
+        for k in [1usize, 5, 64, 130, 200] {
+            // A = X^T X / t + I on pseudo-random X: symmetric positive definite.
+            let t = k + 7;
+            let x: Vec<f64> = (0..t * k).map(|i| ((i * 2654435761usize) % 1000) as f64 / 500.0 - 1.0).collect();
+            let mut a = vec![0f64; k * k];
+            for r in 0..k {
+                for c in 0..k {
+                    a[r * k + c] = (0..t).map(|s| x[s * k + r] * x[s * k + c]).sum::<f64>() / t as f64;
+                }
+                a[r * k + r] += 0.1;
+            }
+            let inv = inverse_spd(a.clone(), k).expect("positive definite");
+            let mut eye = vec![0f64; k * k];
+            (0..k).for_each(|r| eye[r * k + r] = 1.0);
+            let want = solve_spd(a.clone(), eye, k, k).unwrap();
+            let err = inv.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+            let scale = want.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            assert!(err <= 1e-10 * scale, "k={k}: max difference {err:e} (scale {scale:e})");
+            // Not positive definite: refused.
+            let mut bad = a;
+            bad[0] = -1.0;
+            assert!(inverse_spd(bad, k).is_none(), "k={k}");
+        }
     }
 
     #[test]
