@@ -506,24 +506,8 @@ fn obs_order(gemm: &Gemm, x: &Tensor, w: &[f32], n: usize, most: usize) -> tcc_i
         let loss = dot(&wg, &sm);
         order.extend(group.iter().map(|&(_, p)| (idx[p], loss / b as f64)));
         // W -= H^-1[:, g] S, H^-1 -= H^-1[:, g] T (H^-1 symmetric: column g is row g).
-        #[cfg(target_arch = "x86_64")]
-        if wider() {
-            // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
-            unsafe { downdate_avx512(&mut wd, &hg, &sm, n, a) };
-            unsafe { downdate_avx512(&mut hinv, &hg, &tm, a, a) };
-        } else if wide() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            unsafe { downdate_avx2(&mut wd, &hg, &sm, n, a) };
-            unsafe { downdate_avx2(&mut hinv, &hg, &tm, a, a) };
-        } else {
-            downdate(&mut wd, &hg, &sm, n, a);
-            downdate(&mut hinv, &hg, &tm, a, a);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            downdate(&mut wd, &hg, &sm, n, a);
-            downdate(&mut hinv, &hg, &tm, a, a);
-        }
+        downdate(&mut wd, &hg, &sm, n, a);
+        downdate(&mut hinv, &hg, &tm, a, a);
         // Drop the block's rows and columns.
         // In place: each element moves to an index no greater than its own, read in order.
         let keep: Vec<usize> = (0..a).filter(|p| !g.contains(p)).collect();
@@ -543,8 +527,22 @@ fn obs_order(gemm: &Gemm, x: &Tensor, w: &[f32], n: usize, most: usize) -> tcc_i
 
 /// `x -= u^T v` for `x` (`a x w`), `u` (`b x a`) and `v` (`b x w`), all row-major; a strip
 /// of 256 columns at a time, so that `v`'s part stays in cache over the rows.
-#[inline(always)]
 fn downdate(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if wider() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
+        return unsafe { downdate_avx512(x, u, v, w, a) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { downdate_avx2(x, u, v, w, a) };
+    }
+    downdate_in(x, u, v, w, a)
+}
+
+#[inline(always)]
+fn downdate_in(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
     for s0 in (0..w).step_by(256) {
         let s1 = (s0 + 256).min(w);
         for i in 0..a {
@@ -561,24 +559,24 @@ fn downdate(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
     }
 }
 
-/// [`downdate`] compiled for AVX2 and FMA.
+/// [`downdate_in`] compiled for AVX2 and FMA.
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA ([`wide`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn downdate_avx2(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
-    downdate(x, u, v, w, a)
+    downdate_in(x, u, v, w, a)
 }
 
-/// [`downdate`] compiled for AVX-512F.
+/// [`downdate_in`] compiled for AVX-512F.
 ///
 /// # Safety
 /// The CPU has AVX-512F, AVX2 and FMA ([`wider`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn downdate_avx512(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
-    downdate(x, u, v, w, a)
+    downdate_in(x, u, v, w, a)
 }
 
 /// How a fraction of heads or neurons is spread over the layers.

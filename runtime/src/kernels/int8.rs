@@ -109,6 +109,20 @@ pub struct Dequant {
     pub fused: Option<Fused>,
 }
 
+impl Dequant {
+    /// The parameters of the tile whose first element is row `row`, column `col` of these.
+    #[inline(always)]
+    fn at(self, row: usize, col: usize) -> Dequant {
+        Dequant {
+            scale: self.scale.wrapping_add(row),
+            zero: self.zero.wrapping_add(row),
+            colsum: self.colsum.wrapping_add(col),
+            colscale: if self.colscale.is_null() { self.colscale } else { self.colscale.wrapping_add(col) },
+            fused: self.fused.map(|f| Fused { row: f.row + row, col: f.col + col, ..f }),
+        }
+    }
+}
+
 /// An epilogue that is a [`Chain`](crate::kernels::avx512_vec::Chain) (its context's `chain`
 /// not null), applied by the store itself: the dequantized product never makes the round trip
 /// through C that a separate pass over the tile costs. `row` and `col` are the operands' row
@@ -154,19 +168,7 @@ pub unsafe fn gemm_u8s8_f32_panels(
             packed,
             n,
             (p0, p1),
-            (
-                |p, i| {
-                    let tile_dq = Dequant {
-                        scale: dq.scale.wrapping_add(i),
-                        zero: dq.zero.wrapping_add(i),
-                        colsum: dq.colsum.wrapping_add(p * NR),
-                        colscale: if dq.colscale.is_null() { dq.colscale } else { dq.colscale.wrapping_add(p * NR) },
-                        fused: dq.fused.map(|f| Fused { row: f.row + i, col: f.col + p * NR, ..f }),
-                    };
-                    vnni512::Store::F32(c.wrapping_add(i * ldc + p * NR), tile_dq)
-                },
-                ldc,
-            ),
+            (|p, i| vnni512::Store::F32(c.wrapping_add(i * ldc + p * NR), dq.at(i, p * NR)), ldc),
             // The panel's rows are in L1 (m x 32 floats): one epilogue call for all of them.
             |p, cols| epilogue(0, m, p * NR, cols),
         )
@@ -522,15 +524,7 @@ mod vnni512 {
         pub(super) fn rows_from(self, r0: usize, ldc: usize) -> Store {
             match self {
                 Store::I32(c) => Store::I32(c.wrapping_add(r0 * ldc)),
-                Store::F32(c, dq) => Store::F32(
-                    c.wrapping_add(r0 * ldc),
-                    Dequant {
-                        scale: dq.scale.wrapping_add(r0),
-                        zero: dq.zero.wrapping_add(r0),
-                        fused: dq.fused.map(|f| super::Fused { row: f.row + r0, ..f }),
-                        ..dq
-                    },
-                ),
+                Store::F32(c, dq) => Store::F32(c.wrapping_add(r0 * ldc), dq.at(r0, 0)),
             }
         }
 
@@ -1066,16 +1060,18 @@ mod tests {
         };
         let rounds: usize = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
         let mut res: std::collections::BTreeMap<(String, usize), Vec<f64>> = Default::default();
+        let inputs: Vec<(Vec<u8>, Vec<Vec<i8>>)> = shapes
+            .iter()
+            .map(|&(m, k, n)| (vec![3u8; m * k], (0..copies).map(|_| pack_b_s8(k, n, &vec![-2i8; k * n])).collect()))
+            .collect();
         for _round in 0..rounds {
             for kernel in [Kernel::Amx, Kernel::Vnni512].into_iter().filter(|k| k.supported()) {
-                for &(m, k, n) in &shapes {
-                    let a = vec![3u8; m * k];
-                    let packed: Vec<Vec<i8>> = (0..copies).map(|_| pack_b_s8(k, n, &vec![-2i8; k * n])).collect();
+                for (&(m, k, n), (a, packed)) in shapes.iter().zip(&inputs) {
                     let mut c = vec![0i32; m * n];
                     let iters = 50 * (1 + (1 << 20) / (m * k * n));
                     let t = std::time::Instant::now();
                     for i in 0..iters {
-                        gemm_u8s8(kernel, m, k, n, &a, k, &packed[i % copies], &mut c, n).unwrap();
+                        gemm_u8s8(kernel, m, k, n, a, k, &packed[i % copies], &mut c, n).unwrap();
                     }
                     let s = t.elapsed().as_secs_f64() / iters as f64;
                     res.entry((format!("{kernel:?} {m}x{k}x{n}"), 2 * m * k * n)).or_default().push(s * 1e3);
