@@ -3,12 +3,12 @@
 
 For each setting (a share of heads, of FFN neurons, a number of layers, or a mix) builds the
 model with `tcc build --prune-... --calibration CALIB --eval EVAL`, reads the build report's
-cosine against the unpruned build, then times every artifact with `tcc bench` in alternating
-rounds (the machine is shared: each setting's median over all rounds, and the speed-up over the
-unpruned build in the same run).
+cosine against the unpruned build, then times every artifact against the unpruned one with
+`tcc bench --against` (a run of each in turn: the speed-up is the median of the paired ratios,
+so that a shared machine's slow and fast minutes weigh on both alike), over a few rounds.
 
 usage: benches/prune_curve.py MODEL.onnx --tokenizer tokenizer.json --calibration calib.txt
-                              --eval heldout.txt [--rounds 5] [--runs 20] [--seq 128]
+                              --eval heldout.txt [--rounds 3] [--runs 60] [--seq 128]
                               [--threads 2] [--tcc target/release/tcc] [--json out.json]
                               [--plot curve.png]
 
@@ -45,8 +45,8 @@ def main():
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--calibration", required=True)
     ap.add_argument("--eval", required=True)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=60)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tcc", default="target/release/tcc")
@@ -74,22 +74,27 @@ def main():
                      "gflops": report["summary"].get("gflops_s128", 0.0),
                      "heads": report["summary"]["attention_heads"], "ms": []})
         print(f"built {name}", flush=True)
+    # Each pruned build timed against the unpruned one in `tcc bench --against`: a run of each in
+    # turn, the speed-up the median of the paired ratios (the machine is shared: its slow and
+    # fast minutes weigh on both alike); the median of that over rounds through the settings.
     for _ in range(a.rounds):
-        for r in rows:
-            out = subprocess.run([a.tcc, "bench", r["artifact"], "--json", "--runs", str(a.runs), "--seq", str(a.seq),
-                                  "--threads", str(a.threads)], check=True, capture_output=True, text=True).stdout
-            r["ms"].append(json.loads(out)["median_ms"])
-    # The speed-up of each round against the unpruned build's time in the same round (the
-    # machine's speed drifts between rounds), median over the rounds.
-    print(f"\nbatch 1, sequence {a.seq}, {a.threads} threads, {a.rounds} alternating rounds of {a.runs} runs "
-          f"(speed-up: median over rounds of the unpruned build's time in the same round over this one's); "
+        for r in rows[1:]:
+            out = subprocess.run([a.tcc, "bench", r["artifact"], "--against", rows[0]["artifact"], "--json",
+                                  "--runs", str(a.runs), "--seq", str(a.seq), "--threads", str(a.threads)],
+                                 check=True, capture_output=True, text=True).stdout
+            v = json.loads(out)
+            r["ms"].append(v["median_ms"])
+            r.setdefault("ratios", []).append(v["speedup"])
+            rows[0]["ms"].append(v["against_median_ms"])
+    print(f"\nbatch 1, sequence {a.seq}, {a.threads} threads, {a.rounds} rounds of {a.runs} runs of each build "
+          f"in turn with the unpruned one (speed-up: median over rounds of the median paired ratio); "
           f"cosine of the sentence embedding against the unpruned build on {a.eval}")
     print(f"{'setting':24} {'mean cos':>9} {'worst cos':>9} {'params M':>9} {'GFLOPs':>7} {'ms':>8} {'speed-up':>9}"
           "  heads per layer")
     for r in rows:
         ms = statistics.median(r["ms"])
         r["median_ms"] = ms
-        r["speedup"] = statistics.median(b / x for b, x in zip(rows[0]["ms"], r["ms"]))
+        r["speedup"] = statistics.median(r.get("ratios", [1.0]))
         print(f"{r['setting']:24} {r['mean_cosine']:9.4f} {r['min_cosine']:9.4f} {r['parameters'] / 1e6:9.2f} "
               f"{r['gflops']:7.2f} {ms:8.2f} {r['speedup']:8.3f}x  {r['heads']}")
     if a.plot:

@@ -137,6 +137,11 @@ enum Command {
         /// Print the time spent in each kind of op.
         #[arg(long)]
         profile: bool,
+        /// Also time this artifact (the baseline: the unpruned or f32 build), one run of each in
+        /// turn on the same inputs, and report the speed-up as the median of the paired ratios:
+        /// a shared machine's slow and fast minutes then weigh on both alike.
+        #[arg(long, value_name = "BASE.tcc", conflicts_with = "profile")]
+        against: Option<PathBuf>,
     },
     /// Describe an ONNX model or a .tcc artifact.
     Inspect {
@@ -291,7 +296,7 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
         Command::Inspect { model, json } => inspect(&model, json),
-        Command::Bench { model, batch, seq, threads, runs, warmup, json, profile } => {
+        Command::Bench { model, batch, seq, threads, runs, warmup, json, profile, against } => {
             if batch == 0 || seq == 0 || runs == 0 {
                 return Err("--batch, --seq and --runs must be at least 1".into());
             }
@@ -301,6 +306,9 @@ fn run(cmd: Command) -> Result<()> {
             tcc_runtime::pool::set_threads(threads);
             let m = Model::load(&model)?;
             let inputs = m.random_inputs(batch, seq, 42)?;
+            if let Some(base) = against {
+                return bench_against(&m, &model, &base, &inputs, (batch, seq, threads, runs, warmup), json);
+            }
             for _ in 0..warmup {
                 m.run(&inputs)?;
             }
@@ -378,6 +386,76 @@ fn run(cmd: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `tcc bench MODEL --against BASE`: one run of each in turn, the speed-up as the median of the
+/// paired ratios (with the quartiles of those ratios, to show how much the machine moved).
+fn bench_against(
+    m: &Model,
+    model: &Path,
+    base: &Path,
+    inputs: &[(String, Tensor)],
+    (batch, seq, threads, runs, warmup): (usize, usize, usize, usize, usize),
+    json: bool,
+) -> Result<()> {
+    let b = Model::load(base)?;
+    let names = |m: &Model| m.inputs().iter().map(|i| i.name.clone()).collect::<Vec<_>>();
+    if names(m) != names(&b) {
+        return Err(format!(
+            "{} takes inputs {:?} but {} takes {:?}: --against needs the same model's builds",
+            model.display(),
+            names(m),
+            base.display(),
+            names(&b)
+        )
+        .into());
+    }
+    for _ in 0..warmup {
+        b.run(inputs)?;
+        m.run(inputs)?;
+    }
+    let (mut tm, mut tb, mut ratios) = (Vec::with_capacity(runs), Vec::with_capacity(runs), Vec::with_capacity(runs));
+    let time = |x: &Model| -> Result<f64> {
+        let t0 = Instant::now();
+        x.run(inputs)?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    for i in 0..runs {
+        // Alternate which goes first, so that neither always follows the other's cache state.
+        let (x, y) = if i % 2 == 0 {
+            let x = time(&b)?;
+            (x, time(m)?)
+        } else {
+            let y = time(m)?;
+            (time(&b)?, y)
+        };
+        tb.push(x);
+        tm.push(y);
+        ratios.push(x / y.max(1e-9));
+    }
+    let q = |v: &mut Vec<f64>, f: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * f).round() as usize]
+    };
+    let (mm, mb_) = (q(&mut tm, 0.5), q(&mut tb, 0.5));
+    let (lo, speedup, hi) = (q(&mut ratios, 0.25), q(&mut ratios, 0.5), q(&mut ratios, 0.75));
+    let tier = m.tier().map(|t| t.name()).unwrap_or("reference");
+    if json {
+        let v = serde_json::json!({
+            "median_ms": mm, "against_median_ms": mb_, "speedup": speedup,
+            "speedup_q1": lo, "speedup_q3": hi, "runs": runs, "warmup": warmup,
+            "batch": batch, "seq": seq, "threads": threads, "tier": tier,
+        });
+        out!("{v}");
+    } else {
+        out!(
+            "batch {batch}, sequence {seq}, {threads} threads, {tier} kernels, {runs} runs of each in turn after {warmup} warm-up:"
+        );
+        out!("  {:>9} ms  {}", format!("{mb_:.2}"), base.display());
+        out!("  {:>9} ms  {}", format!("{mm:.2}"), model.display());
+        out!("  {speedup:.3}x faster (median of the paired ratios; quartiles {lo:.3}x - {hi:.3}x)");
+    }
+    Ok(())
 }
 
 fn ext(p: &Path) -> String {

@@ -165,6 +165,19 @@ fn prune_heads_and_neurons() {
     assert_eq!(heads.iter().sum::<u64>(), 54, "{heads:?}");
     let text = ok(&["run", s(&art), "--text", "how do I renew my policy?"]);
     assert!(text.starts_with("last_hidden_state: f32[1, 9, 384] ["), "{text}");
+    // The pruned build timed against the unpruned one, a run of each in turn.
+    let unpruned = dir.join("unpruned.tcc");
+    ok(&["build", s(&m.path), "-o", s(&unpruned)]);
+    let bench = ["bench", s(&art), "--against", s(&unpruned), "--runs", "4", "--warmup", "1", "--seq", "16"];
+    let v: serde_json::Value = serde_json::from_str(&ok(&[&bench[..], &["--json"]].concat())).unwrap();
+    let (speedup, ms, base_ms) =
+        (v["speedup"].as_f64().unwrap(), v["median_ms"].as_f64().unwrap(), v["against_median_ms"].as_f64().unwrap());
+    assert!(speedup > 0.0 && ms > 0.0 && base_ms > 0.0, "{v}");
+    assert!(v["speedup_q1"].as_f64().unwrap() <= speedup && speedup <= v["speedup_q3"].as_f64().unwrap(), "{v}");
+    let human = ok(&bench);
+    assert!(human.contains("x faster (median of the paired ratios") && human.contains("unpruned.tcc"), "{human}");
+    let err = fails(&["bench", s(&art), "--against", s(&dir.join("missing.tcc"))]);
+    assert!(err.contains("missing.tcc"), "{err}");
     // Named heads need no calibration.
     ok(&[&base[..], &["--prune-heads", "l0h1+l5h11"]].concat());
     // Whole layers: the one whose removal changes the outputs least, then heads of those left.

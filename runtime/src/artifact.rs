@@ -8,7 +8,8 @@
 //! 24  header_len   u64 LE
 //! 32  header       JSON: the plan, the section table, the build report
 //! ..  sections     each at a 64-byte aligned offset: "weights" (a safetensors blob, its
-//!                  tensors at 8-byte aligned offsets), "tokenizer" (tokenizer.json bytes)
+//!                  tensors at 64-byte aligned offsets, the gaps filled by `u8` tensors named
+//!                  `PAD_PREFIX`N, which loading skips), "tokenizer" (tokenizer.json bytes)
 //! ```
 //!
 //! The version is checked before the checksum, so a file from a newer tcc says so. The checksum
@@ -64,15 +65,35 @@ fn pad_to(v: &mut Vec<u8>, align: usize, fill: u8) {
     }
 }
 
-/// Serializes tensors in safetensors layout, sorted by alignment so every tensor starts at an
-/// offset that is a multiple of its element size.
+/// Names of the padding entries of the weights blob (never a weight).
+pub const PAD_PREFIX: &str = "__tcc_pad.";
+
+/// Where weights start in the file: a cache line, so that the kernels' 64-byte loads of weight
+/// panels (zmm, AMX tile rows) never straddle two lines. Sections start at such an offset.
+const WEIGHT_ALIGN: usize = 64;
+
+/// Serializes tensors in safetensors layout, each at a [`WEIGHT_ALIGN`]-byte offset of the
+/// blob's data, which itself starts at one (the header padded with spaces, as safetensors
+/// allows); safetensors admits no holes, so the gaps are `u8` tensors named [`PAD_PREFIX`]`N`.
 fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let mut order: Vec<&(String, Tensor)> = weights.iter().collect();
     order.sort_by(|a, b| b.1.dtype().size().cmp(&a.1.dtype().size()).then(a.0.cmp(&b.0)));
+    if let Some((name, _)) = order.iter().find(|(n, _)| n.starts_with(PAD_PREFIX)) {
+        return Err(Error::Artifact(format!("weight `{name}`: names starting `{PAD_PREFIX}` are reserved")));
+    }
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     let mut datas = Vec::with_capacity(order.len());
     for (name, t) in order {
+        let gap = offset.next_multiple_of(WEIGHT_ALIGN) - offset;
+        if gap > 0 {
+            header.insert(
+                format!("{PAD_PREFIX}{}", datas.len()),
+                serde_json::json!({"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}),
+            );
+            offset += gap;
+            datas.push(vec![0u8; gap]);
+        }
         let bytes = t.to_le_bytes();
         let dtype = match t.dtype() {
             DType::F32 => "F32",
@@ -90,8 +111,8 @@ fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<Vec<u8>> {
         datas.push(bytes);
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).map_err(|e| Error::Artifact(e.to_string()))?;
-    // Pad the header so that the data starts 8-byte aligned (as safetensors does).
-    while (8 + h.len()) % 8 != 0 {
+    // Pad the header so that the data starts on a cache line (safetensors pads it to 8).
+    while !(8 + h.len()).is_multiple_of(WEIGHT_ALIGN) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + offset);
@@ -265,6 +286,9 @@ fn read_safetensors(bytes: &Bytes, start: usize, end: usize) -> Result<HashMap<S
         safetensors::SafeTensors::deserialize(&b[start..end]).map_err(|e| Error::Artifact(format!("weights: {e}")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
+        if name.starts_with(PAD_PREFIX) {
+            continue;
+        }
         let dtype = DType::from_safetensors(view.dtype())
             .ok_or_else(|| Error::Artifact(format!("weight `{name}` has unsupported dtype {:?}", view.dtype())))?;
         let data = view.data();
@@ -314,6 +338,38 @@ mod tests {
         let d = std::env::temp_dir().join(format!("tcc-artifact-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn weights_start_on_cache_lines() {
+        let d = tmpdir("align");
+        let (plan, _) = tiny();
+        // Sizes that would leave the next tensor off a cache line, of every element size.
+        let weights: Vec<(String, Tensor)> = vec![
+            ("b".into(), Tensor::new(vec![3], vec![1.5f32, 2.0, 3.0]).unwrap()),
+            ("c".into(), Tensor::new(vec![5], vec![7i8; 5]).unwrap()),
+            ("d".into(), Tensor::new(vec![3], vec![1i64, 2, 3]).unwrap()),
+            ("e".into(), Tensor::new(vec![17], vec![0.25f32; 17]).unwrap()),
+        ];
+        let path = d.join("a.tcc");
+        let contents =
+            ArtifactContents { plan: &plan, weights: &weights, tokenizer: None, report: serde_json::json!({}) };
+        write(&path, &contents).unwrap();
+        let a = load(&path).unwrap();
+        assert_eq!(a.weights.len(), weights.len(), "padding entries are not weights");
+        for (name, t) in &weights {
+            let got = &a.weights[name];
+            assert_eq!((got.shape(), got.to_le_bytes()), (t.shape(), t.to_le_bytes()), "{name}");
+            let addr = match t.dtype() {
+                DType::F32 => got.as_slice::<f32>().unwrap().as_ptr() as usize,
+                DType::I8 => got.as_slice::<i8>().unwrap().as_ptr() as usize,
+                _ => got.as_slice::<i64>().unwrap().as_ptr() as usize,
+            };
+            assert_eq!(addr % 64, 0, "`{name}` is not on a cache line");
+        }
+        let reserved = vec![(format!("{PAD_PREFIX}0"), Tensor::new(vec![1], vec![1f32]).unwrap())];
+        let err = write(&path, &ArtifactContents { weights: &reserved, ..contents }).unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
     }
 
     #[test]

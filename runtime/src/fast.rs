@@ -17,6 +17,7 @@ use crate::pool;
 use crate::tensor::Tensor;
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
 /// Rows of `A` per `k` block kept hot while a panel of `B` streams through.
 const KC: usize = 256;
@@ -533,6 +534,25 @@ impl Fast {
         // (`run_static`): the next op split the same way (attention by head after the Q/K/V
         // products) then reads what its own core wrote, and every item starts one stream of
         // weights, not several.
+        if batches == 1 && threads > 1 {
+            // Whole panels per thread, and the panels left over split by rows ([`Shares`]).
+            let mr = if p.pairs { self.jit.pair_mr } else { self.jit.tier.mr() };
+            let shares = Shares::new(panels, p.m, threads, mr);
+            pool::global().run_static(threads, &|t| {
+                let (whole, parts, rows) = shares.of(t);
+                for (cols, rows) in [(whole, 0..p.m), (parts, rows)] {
+                    if cols.is_empty() || rows.is_empty() {
+                        continue;
+                    }
+                    // SAFETY: as below, for batch 0; the shares' panels and rows are disjoint
+                    // and cover every panel's m rows ([`Shares::of`]).
+                    unsafe { p.run_rows(self, driver, xs.as_ptr(), packed.panels(0), c.get(), 0, cols, rows) };
+                }
+            });
+            // SAFETY: the shares cover every panel's rows.
+            let v = unsafe { out.assume_init() };
+            return Some(Tensor::new(p.out_shape, v).map(|t| vec![t]));
+        }
         let splits = if batches >= threads { 1 } else { threads.div_ceil(batches).min(panels).max(1) };
         let per = panels.div_ceil(splits);
         let items: Vec<(usize, usize, usize)> = (0..batches)
@@ -996,9 +1016,16 @@ impl Fast {
                 use crate::kernels::{avx512_vec, bf16};
                 // The scores' chain (none for an empty epilogue, the only other kind that applies).
                 let chain = self.chain(&sp.spec.epilogue);
-                pool::global().run_static(sp.offsets.len(), &|bi| {
+                // Heads in fixed shares, those left over split by query rows ([`Shares`]; whole
+                // tiles of rows: 16 on AMX, the f32 kernel's blocks of 12).
+                let threads = pool::global().threads();
+                let align = if bf16.is_some() { 16 } else { avx512_vec::HEAD_ROWS };
+                let shares = Shares::new(sp.offsets.len(), sq, threads, align);
+                let head = |bi: usize, rows: Range<usize>| {
                     let (so, co) = (sp.offsets[bi], cp.offsets[bi]);
-                    let (q, out) = (qs.as_ptr().wrapping_add(so[0]), c.get().wrapping_add(co[2]));
+                    let q = qs.as_ptr().wrapping_add(so[0] + rows.start * sp.lda);
+                    let out = c.get().wrapping_add(co[2] + rows.start * cp.ldc);
+                    let (row0, sq) = (rows.start, rows.len());
                     sp.with_epilogue(self, bi, |ctx| match bf16 {
                         Some([k_dim, k_key, v_key, v_col]) => {
                             let head = bf16::Head {
@@ -1017,6 +1044,7 @@ impl Fast {
                                 out,
                                 ldo: cp.ldc,
                                 nan_to_zero: at.nan_to_zero,
+                                row0,
                             };
                             // SAFETY: AMX-BF16 is enabled (`bf16_attention`) and the head fits
                             // the tiles (checked); `prepare` checked the views of Q, K and V
@@ -1043,6 +1071,7 @@ impl Fast {
                                 out,
                                 ldo: cp.ldc,
                                 nan_to_zero: at.nan_to_zero,
+                                row0,
                             };
                             // SAFETY: both products' B are strided views (checked), packed here
                             // into buffers of exactly their panels' size; `prepare` checked Q's
@@ -1056,6 +1085,13 @@ impl Fast {
                             }
                         }
                     });
+                };
+                pool::global().run_static(threads, &|t| {
+                    let (whole, parts, rows) = shares.of(t);
+                    whole.for_each(|bi| head(bi, 0..sq));
+                    if !rows.is_empty() {
+                        parts.for_each(|bi| head(bi, rows.clone()));
+                    }
                 });
                 // SAFETY: every batch's context rows were written.
                 let v = unsafe { out.assume_init() };
@@ -1378,10 +1414,22 @@ impl<'t> Product<'t> {
 
     /// [`Product::with_epilogue`] running `program` (over the same extra operands).
     fn with_program<R>(&self, fast: &Fast, bi: usize, program: &Epilogue, f: impl FnOnce(&EpiContext) -> R) -> R {
+        self.with_program_at(fast, bi, program, 0, f)
+    }
+
+    /// [`Product::with_program`] for a tile whose first row is row `r0` of the batch.
+    fn with_program_at<R>(
+        &self,
+        fast: &Fast,
+        bi: usize,
+        program: &Epilogue,
+        r0: usize,
+        f: impl FnOnce(&EpiContext) -> R,
+    ) -> R {
         let operands: Vec<EpiOperand> = self
             .extras
             .iter()
-            .map(|(s, boff, rs)| EpiOperand { ptr: s.as_ptr().wrapping_add(boff[bi]), row_stride: *rs })
+            .map(|(s, boff, rs)| EpiOperand { ptr: s.as_ptr().wrapping_add(boff[bi] + r0 * rs), row_stride: *rs })
             .collect();
         let prog = &program.0;
         let col_broadcast: Vec<u8> = self.spec.col_broadcast.iter().map(|&b| u8::from(b)).collect();
@@ -1414,7 +1462,47 @@ impl<'t> Product<'t> {
         p0: usize,
         p1: usize,
     ) {
-        self.with_epilogue(fast, bi, |ctx| {
+        // SAFETY: the caller's contract, for all rows.
+        unsafe { self.run_at(fast, driver, a, lda, b, c, bi, p0..p1, 0..self.m) }
+    }
+
+    /// [`Product::run`] on `rows` of panels `cols` of batch `bi`, with A and C given at the
+    /// batch's first row (at stride `lda` and `ldc`).
+    ///
+    /// # Safety
+    /// As [`Product::run`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_rows(
+        &self,
+        fast: &Fast,
+        driver: crate::jit::GemmFn,
+        a: *const f32,
+        b: *const f32,
+        c: *mut f32,
+        bi: usize,
+        cols: Range<usize>,
+        rows: Range<usize>,
+    ) {
+        let o = self.offsets[bi];
+        // SAFETY: the caller's contract; `o` is the batch's offset into A and C.
+        unsafe { self.run_at(fast, driver, a.wrapping_add(o[0]), self.lda, b, c.wrapping_add(o[2]), bi, cols, rows) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_at(
+        &self,
+        fast: &Fast,
+        driver: crate::jit::GemmFn,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        bi: usize,
+        Range { start: p0, end: p1 }: Range<usize>,
+        rows: Range<usize>,
+    ) {
+        let (a, c) = (a.wrapping_add(rows.start * lda), c.wrapping_add(rows.start * self.ldc));
+        self.with_program_at(fast, bi, &self.spec.epilogue, rows.start, |ctx| {
             #[cfg(target_arch = "x86_64")]
             let (epilogue_fn, epilogue_ctx) = match fast.jit.tile_epilogue {
                 Some(f) if ctx.len <= crate::kernels::avx512_vec::MAX_PROGRAM => {
@@ -1428,6 +1516,7 @@ impl<'t> Product<'t> {
                 operands: ctx.operands,
                 epilogue_fn,
                 epilogue_ctx,
+                m: rows.len(),
                 ..self.args(fast, a, lda, b, c, self.ldc, self.k, p0, p1)
             };
             // SAFETY: forwarded from the caller; the operands, the program and the context outlive
@@ -1607,6 +1696,36 @@ fn broadcast_strides_of(shape: &[usize], strides: &[usize], batch: &[usize]) -> 
 }
 
 /// Rows per parallel task so that each task has at least ~16k elements.
+/// How `units` units of work of `rows` rows each (heads; or panels of one product) split into
+/// `threads` fixed shares: each thread takes `units / threads` whole units and one part by
+/// rows (whole multiples of `align` rows but the last) of each unit left over, so that no
+/// thread has a unit more than another (9 heads on 2 threads: 4.5 each, not 5 and 4; a head
+/// pruning leaves such counts). Too few rows to split: contiguous blocks of whole units.
+#[derive(Clone, Copy, Debug)]
+struct Shares {
+    units: usize,
+    rows: usize,
+    threads: usize,
+    align: usize,
+}
+
+impl Shares {
+    fn new(units: usize, rows: usize, threads: usize, align: usize) -> Shares {
+        Shares { units, rows, threads: threads.max(1), align: align.max(1) }
+    }
+
+    /// Thread `t`'s whole units, the units it has a part of, and that part's rows.
+    fn of(&self, t: usize) -> (Range<usize>, Range<usize>, Range<usize>) {
+        let (n, whole, left) = (self.threads, self.units / self.threads, self.units % self.threads);
+        if left == 0 || self.rows < 2 * self.align * n {
+            let r = t * self.units / n..(t + 1) * self.units / n;
+            return (r, 0..0, 0..0);
+        }
+        let bound = |t: usize| if t >= n { self.rows } else { self.rows * t / n / self.align * self.align };
+        (t * whole..(t + 1) * whole, n * whole..self.units, bound(t)..bound(t + 1))
+    }
+}
+
 fn rows_per_task(rows: usize, len: usize) -> usize {
     let min_rows = (16 * 1024 / len.max(1)).max(1);
     let threads = pool::global().threads();
@@ -1793,6 +1912,35 @@ mod tests {
     use crate::op::{BinaryKind, EpiOp, Epilogue, EvalContext, UnaryKind};
     use crate::plan::Step;
 
+    #[test]
+    fn shares_cover_every_row_of_every_unit_once() {
+        for (units, rows, threads, align) in
+            [(9, 128, 2, 12), (12, 128, 2, 12), (1, 64, 2, 16), (7, 128, 3, 16), (5, 20, 2, 12), (3, 128, 4, 12)]
+        {
+            let shares = Shares::new(units, rows, threads, align);
+            let mut seen = vec![0u8; units * rows];
+            let mut work = vec![0usize; threads];
+            for (t, w) in work.iter_mut().enumerate() {
+                let (whole, parts, part_rows) = shares.of(t);
+                for u in whole {
+                    (0..rows).for_each(|r| seen[u * rows + r] += 1);
+                    *w += rows;
+                }
+                for u in parts {
+                    assert!(part_rows.start % align == 0, "{part_rows:?}");
+                    part_rows.clone().for_each(|r| seen[u * rows + r] += 1);
+                    *w += part_rows.len();
+                }
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{units} units, {rows} rows, {threads} threads");
+            // Rows split: no thread has more than a tile of rows per unit left over above another.
+            if rows >= 2 * align * threads {
+                let (lo, hi) = (work.iter().min().unwrap(), work.iter().max().unwrap());
+                assert!(hi - lo <= align * (units % threads), "{units}/{threads}: {work:?}");
+            }
+        }
+    }
+
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
@@ -1867,8 +2015,17 @@ mod tests {
         for tier in Tier::ALL {
             let Some(fast) = fast_for(tier, std::slice::from_ref(&proto)) else { continue };
             // The last one is large enough for the driver to walk block rows outermost.
-            let shapes =
-                [(1, 1, 1), (5, 7, 3), (13, 64, 33), (128, 300, 100), (3, 1, 65), (26, 768, 32), (97, 2900, 300)];
+            let shapes = [
+                (1, 1, 1),
+                (5, 7, 3),
+                (13, 64, 33),
+                (128, 300, 100),
+                (3, 1, 65),
+                (26, 768, 32),
+                (97, 2900, 300),
+                (128, 96, 288),
+                (64, 96, 20),
+            ];
             assert!(crate::jit::gemm::k_outer_pays(97, 2900, KC) && !crate::jit::gemm::k_outer_pays(128, 300, KC));
             // With AVX-512 and two threads or more, it is also split along k.
             #[cfg(target_arch = "x86_64")]
@@ -2299,53 +2456,55 @@ mod tests {
     /// row as well as per key. Rows that mask every key but one check the softmax's maxima.
     #[test]
     fn whole_attention_matches_the_reference() {
-        let (b, s, h, d) = (2, 37, 3, 40);
-        let chain = |ops: Vec<EpiOp>, extra: usize| {
-            let base = attention_products();
-            let scores = FusedMatMul { epilogue: Epilogue(ops), extra, ..base.scores };
-            Attention { scores, ..base }
-        };
-        let cases = [
-            ("no epilogue", chain(vec![], 0)),
-            ("scale", chain(vec![EpiOp::Acc, EpiOp::Const(0.125), EpiOp::Binary(BinaryKind::Mul, 0, 1)], 0)),
-            ("scale and mask", attention_products()),
-            ("mask only", chain(vec![EpiOp::Acc, EpiOp::Input(0), EpiOp::Binary(BinaryKind::Add, 0, 1)], 1)),
-            (
-                "mask, then divide",
-                chain(
-                    vec![
-                        EpiOp::Acc,
-                        EpiOp::Input(0),
-                        EpiOp::Binary(BinaryKind::Add, 0, 1),
-                        EpiOp::Const(3.0),
-                        EpiOp::Binary(BinaryKind::Div, 2, 3),
-                    ],
-                    1,
+        // 3 heads of 64 rows in one batch: the heads left over split by rows between threads.
+        for (b, s, h, d) in [(2, 37, 3, 40), (1, 64, 3, 40)] {
+            let chain = |ops: Vec<EpiOp>, extra: usize| {
+                let base = attention_products();
+                let scores = FusedMatMul { epilogue: Epilogue(ops), extra, ..base.scores };
+                Attention { scores, ..base }
+            };
+            let cases = [
+                ("no epilogue", chain(vec![], 0)),
+                ("scale", chain(vec![EpiOp::Acc, EpiOp::Const(0.125), EpiOp::Binary(BinaryKind::Mul, 0, 1)], 0)),
+                ("scale and mask", attention_products()),
+                ("mask only", chain(vec![EpiOp::Acc, EpiOp::Input(0), EpiOp::Binary(BinaryKind::Add, 0, 1)], 1)),
+                (
+                    "mask, then divide",
+                    chain(
+                        vec![
+                            EpiOp::Acc,
+                            EpiOp::Input(0),
+                            EpiOp::Binary(BinaryKind::Add, 0, 1),
+                            EpiOp::Const(3.0),
+                            EpiOp::Binary(BinaryKind::Div, 2, 3),
+                        ],
+                        1,
+                    ),
                 ),
-            ),
-        ];
-        let (q, kk, v) = (t(&[b, s, h, d], 5), t(&[b, s, h, d], 6), t(&[b, s, h, d], 7));
-        let mut per_row = vec![-1e4f32; b * s * s];
-        for (i, m) in per_row.iter_mut().enumerate() {
-            // Row r of batch 0 sees keys 0..=r; batch 1 sees every key.
-            let (bi, r, c) = (i / (s * s), i / s % s, i % s);
-            if bi == 1 || c <= r {
-                *m = 0.0;
+            ];
+            let (q, kk, v) = (t(&[b, s, h, d], 5), t(&[b, s, h, d], 6), t(&[b, s, h, d], 7));
+            let mut per_row = vec![-1e4f32; b * s * s];
+            for (i, m) in per_row.iter_mut().enumerate() {
+                // Row r of batch 0 sees keys 0..=r; batch 1 sees every key.
+                let (bi, r, c) = (i / (s * s), i / s % s, i % s);
+                if bi == 1 || c <= r {
+                    *m = 0.0;
+                }
             }
-        }
-        let masks = [t(&[b, 1, 1, s], 8), Tensor::new(vec![b, 1, s, s], per_row).unwrap()];
-        for (name, at) in cases {
-            let op: Op = at.clone().into();
-            for tier in Tier::ALL {
-                let Some(fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
-                for mask in &masks {
-                    let mut ins = vec![Some(&q), Some(&kk), Some(&v)];
-                    if at.scores.extra == 1 {
-                        ins.push(Some(mask));
+            let masks = [t(&[b, 1, 1, s], 8), Tensor::new(vec![b, 1, s, s], per_row).unwrap()];
+            for (name, at) in cases {
+                let op: Op = at.clone().into();
+                for tier in Tier::ALL {
+                    let Some(fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
+                    for mask in &masks {
+                        let mut ins = vec![Some(&q), Some(&kk), Some(&v)];
+                        if at.scores.extra == 1 {
+                            ins.push(Some(mask));
+                        }
+                        let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                        let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+                        assert_close(&format!("{tier} {name} {:?}", mask.shape()), &got, &want, 1e-5);
                     }
-                    let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
-                    let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
-                    assert_close(&format!("{tier} {name} {:?}", mask.shape()), &got, &want, 1e-5);
                 }
             }
         }
@@ -2357,34 +2516,37 @@ mod tests {
     /// every key (NaN, or zeros with `nan_to_zero`).
     #[test]
     fn bf16_attention_tracks_the_f32_reference() {
-        let (b, s, h, d) = (2, 37, 3, 40);
-        let at = Attention { bf16: true, ..attention_products() };
-        let op: Op = at.into();
-        let (q, kk, v) = (t(&[b, s, h, d], 5), t(&[b, s, h, d], 6), t(&[b, s, h, d], 7));
-        let mut per_row = vec![0f32; b * s * s];
-        per_row.iter_mut().enumerate().filter(|(i, _)| i % s > i / s % s).for_each(|(_, m)| *m = -1e4);
-        // Batch 0 masks every key (NaN rows, zeros with `nan_to_zero`).
-        let mut none = vec![0f32; b * s];
-        none[..s].fill(f32::NEG_INFINITY);
-        let masks = [
-            t(&[b, 1, 1, s], 8),
-            Tensor::new(vec![b, 1, s, s], per_row).unwrap(),
-            Tensor::new(vec![b, 1, 1, s], none).unwrap(),
-        ];
-        let ops = [op.clone(), Attention { bf16: true, nan_to_zero: true, ..attention_products() }.into()];
-        for (op, tier) in ops.iter().flat_map(|op| Tier::ALL.map(|t| (op, t))) {
-            let Some(fast) = fast_for(tier, std::slice::from_ref(op)) else { continue };
-            for mask in &masks {
-                let ins = [Some(&q), Some(&kk), Some(&v), Some(mask)];
-                let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
-                let got = fast.eval(op, &ins).expect("handled").unwrap().remove(0);
-                let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
-                // NaN rows where the reference has them, the rest within bf16's rounding.
-                assert!(g.iter().zip(w).all(|(a, b)| a.is_nan() == b.is_nan()), "{tier}: NaN rows differ");
-                let finite = |t: &[f32]| -> Tensor {
-                    Tensor::new(vec![t.len()], t.iter().map(|x| if x.is_nan() { 0.0 } else { *x }).collect()).unwrap()
-                };
-                assert_close(&format!("{tier} bf16 {:?} {op:?}", mask.shape()), &finite(g), &finite(w), 2e-2);
+        // 3 heads of 64 rows in one batch: the heads left over split by rows between threads.
+        for (b, s, h, d) in [(2, 37, 3, 40), (1, 64, 3, 40)] {
+            let at = Attention { bf16: true, ..attention_products() };
+            let op: Op = at.into();
+            let (q, kk, v) = (t(&[b, s, h, d], 5), t(&[b, s, h, d], 6), t(&[b, s, h, d], 7));
+            let mut per_row = vec![0f32; b * s * s];
+            per_row.iter_mut().enumerate().filter(|(i, _)| i % s > i / s % s).for_each(|(_, m)| *m = -1e4);
+            // Batch 0 masks every key (NaN rows, zeros with `nan_to_zero`).
+            let mut none = vec![0f32; b * s];
+            none[..s].fill(f32::NEG_INFINITY);
+            let masks = [
+                t(&[b, 1, 1, s], 8),
+                Tensor::new(vec![b, 1, s, s], per_row).unwrap(),
+                Tensor::new(vec![b, 1, 1, s], none).unwrap(),
+            ];
+            let ops = [op.clone(), Attention { bf16: true, nan_to_zero: true, ..attention_products() }.into()];
+            for (op, tier) in ops.iter().flat_map(|op| Tier::ALL.map(|t| (op, t))) {
+                let Some(fast) = fast_for(tier, std::slice::from_ref(op)) else { continue };
+                for mask in &masks {
+                    let ins = [Some(&q), Some(&kk), Some(&v), Some(mask)];
+                    let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                    let got = fast.eval(op, &ins).expect("handled").unwrap().remove(0);
+                    let (g, w) = (got.as_slice::<f32>().unwrap(), want.as_slice::<f32>().unwrap());
+                    // NaN rows where the reference has them, the rest within bf16's rounding.
+                    assert!(g.iter().zip(w).all(|(a, b)| a.is_nan() == b.is_nan()), "{tier}: NaN rows differ");
+                    let finite = |t: &[f32]| -> Tensor {
+                        Tensor::new(vec![t.len()], t.iter().map(|x| if x.is_nan() { 0.0 } else { *x }).collect())
+                            .unwrap()
+                    };
+                    assert_close(&format!("{tier} bf16 {:?} {op:?}", mask.shape()), &finite(g), &finite(w), 2e-2);
+                }
             }
         }
     }

@@ -769,10 +769,13 @@ pub struct Head {
     pub ldo: usize,
     /// A row whose softmax is NaN (all its scores `-inf`) gives zeros.
     pub nan_to_zero: bool,
+    /// The index of `q`'s first row among the head's query rows (a head split by rows over
+    /// threads): the row the chain's per-row operands are read at.
+    pub row0: usize,
 }
 
 /// Query rows per block of [`attention_head`]: the micro-kernel's tile height.
-const HEAD_ROWS: usize = 12;
+pub const HEAD_ROWS: usize = 12;
 
 /// Floats of scratch [`attention_head`] needs for `sk` keys.
 pub fn head_scratch(sk: usize) -> usize {
@@ -810,7 +813,7 @@ pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scr
             let mut inv = [0f32; HEAD_ROWS];
             for (r, inv) in inv.iter_mut().enumerate().take(mb) {
                 let row = scratch.add(r * ld);
-                let m = _mm512_set1_ps(chain_max(chain, r0 + r, row, h.sk));
+                let m = _mm512_set1_ps(chain_max(chain, h.row0 + r0 + r, row, h.sk));
                 *inv = 1.0 / exp_sum(row, row, h.sk, m);
                 if h.nan_to_zero && inv.is_nan() {
                     // Every probability of the row is NaN in the reference, then 0.

@@ -52,6 +52,9 @@ pub struct Head {
     pub ldo: usize,
     /// A row whose softmax is NaN (all its scores `-inf`) gives zeros.
     pub nan_to_zero: bool,
+    /// The index of `q`'s first row among the head's query rows (a head split by rows over
+    /// threads): the row the chain's per-row operands are read at.
+    pub row0: usize,
 }
 
 /// Largest stride [`Head`] takes between the sixteen elements the packing reads at once (its
@@ -367,7 +370,8 @@ unsafe fn softmax_rows(
     unsafe {
         for r in 0..p.sq {
             let (srow, prow) = (sb.add(r * p.sk), pb.add(r * p.sk));
-            let m = if r < h.rows { _mm512_set1_ps(chain_max(chain, r, srow, h.sk)) } else { _mm512_setzero_ps() };
+            let m =
+                if r < h.rows { _mm512_set1_ps(chain_max(chain, h.row0 + r, srow, h.sk)) } else { _mm512_setzero_ps() };
             let mut sum = _mm512_setzero_ps();
             for j in (0..p.sk).step_by(16) {
                 let k = if r < h.rows { lane_mask(h.sk.saturating_sub(j)) } else { 0 };
@@ -559,6 +563,7 @@ mod tests {
                     out: out.as_mut_ptr(),
                     ldo: dv,
                     nan_to_zero: false,
+                    row0: 0,
                 };
                 let mut scratch = vec![0u32; scratch_len(&h)];
                 // SAFETY: AMX-BF16 is supported; the buffers have the sizes `h` describes.
