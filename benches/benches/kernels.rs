@@ -67,12 +67,51 @@ fn gemm_int8(c: &mut Criterion) {
         g.throughput(Throughput::Elements((2 * m * k * n) as u64));
         for kernel in kernels {
             g.bench_with_input(BenchmarkId::new(kernel.name(), format!("{m}x{k}x{n}")), &(), |bench, _| {
-                bench.iter(|| int8::gemm_u8s8(kernel, m, k, n, &a, lda, &packed, &mut out, n).unwrap())
+                bench.iter(|| int8::gemm_u8s8(kernel, m, k, n, &a, lda, &packed, None, &mut out, n).unwrap())
             });
         }
     }
     g.finish();
 }
 
-criterion_group!(benches, gemm, gemm_int8);
+/// One BERT-base Linear (`128 x 768 x 3072`, int8, one thread) against the share of its weights'
+/// AMX steps (64 rows of `k` by a 32-column panel) that are zero, as `tcc build --sparsity F`
+/// leaves them (`block:64x32`): the kernels skip those steps ([`int8::Sparse`]). Throughput is
+/// counted in the dense product's operations, so it reads as the speed-up over dense.
+fn gemm_int8_sparse(c: &mut Criterion) {
+    use tcc_runtime::kernels::int8;
+    let mut g = c.benchmark_group("gemm_int8_block_sparse_single_thread");
+    let (m, k, n) = (128usize, 768usize, 3072usize);
+    let lda = int8::k_groups(k) * 4;
+    let a: Vec<u8> = (0..m * lda).map(|i| (i * 7919 % 251) as u8).collect();
+    g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+    for sparsity in [0.0, 0.5, 0.8, 0.9, 0.95] {
+        // Steps zero at random (a fixed sequence), the others full-range.
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as f64 / (1u64 << 31) as f64
+        };
+        let mut w: Vec<i8> = (0..k * n).map(|i| (i * 104729 % 255) as i32 as i8).collect();
+        for s in 0..k / 64 {
+            for p in 0..n / 32 {
+                if next() < sparsity {
+                    (s * 64..(s + 1) * 64).for_each(|i| w[i * n + p * 32..i * n + (p + 1) * 32].fill(0));
+                }
+            }
+        }
+        let packed = int8::pack_b_s8(k, n, &w);
+        let sparse = int8::Sparse::detect(k, n, &packed, 0.0);
+        let mut out = vec![0i32; m * n];
+        for kernel in [int8::Kernel::Amx, int8::Kernel::Vnni512].into_iter().filter(|k| k.supported()) {
+            let id = BenchmarkId::new(kernel.name(), format!("{m}x{k}x{n} {:.0}% zero", sparsity * 100.0));
+            g.bench_with_input(id, &(), |bench, _| {
+                bench.iter(|| int8::gemm_u8s8(kernel, m, k, n, &a, lda, &packed, sparse.as_ref(), &mut out, n).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemm, gemm_int8, gemm_int8_sparse);
 criterion_main!(benches);

@@ -47,12 +47,22 @@ pub struct BuildOptions {
     /// Remove attention heads and FFN neurons after the pipeline, before quantizing
     /// (`--prune-heads`, `--prune-ffn`).
     pub prune: Option<tcc_passes::Prune>,
+    /// Set a fraction of every product's weights to zero after pruning, before quantizing
+    /// (`--sparsity`, `--sparsity-pattern`).
+    pub sparsify: Option<tcc_passes::Sparsify>,
     /// Samples to calibrate on (`--calibration`): static activation ranges, what pruning
     /// removes and refits; sentences or inputs, as for `eval`.
     pub calibration: Option<PathBuf>,
     /// Samples to measure the compressed build against the `f32` build on (`--eval`):
     /// sentences (one a line) or `.npz`/`.json` inputs.
     pub eval: Option<PathBuf>,
+}
+
+impl BuildOptions {
+    /// Whether the build compresses the model (and `--eval` has something to measure).
+    pub fn compresses(&self) -> bool {
+        self.quantize.is_some() || self.prune.is_some() || self.sparsify.is_some()
+    }
 }
 
 impl Default for BuildOptions {
@@ -64,6 +74,7 @@ impl Default for BuildOptions {
             progress: false,
             quantize: None,
             prune: None,
+            sparsify: None,
             calibration: None,
             eval: None,
         }
@@ -250,11 +261,12 @@ fn compile_stages(
     }
     let mut passes = pm.run(&mut g, &mut cx)?;
     let mut f32_graph = None;
-    if keep_f32 && (opts.quantize.is_some() || opts.prune.is_some()) {
+    if keep_f32 && opts.compresses() {
         f32_graph = Some(g.compact());
     }
-    if let Some(prune) = &opts.prune {
-        let text = format!("{},dce", prune.pipeline_text());
+    let stages = [opts.prune.as_ref().map(|p| p.pipeline_text()), opts.sparsify.as_ref().map(|s| s.pipeline_text())];
+    for stage in stages.into_iter().flatten() {
+        let text = format!("{stage},dce");
         pb.set_message(format!("running passes: {text}"));
         let mut pm = PassManager::new(&Pipeline::parse(&text, registry)?, registry)?;
         pm.print_after = opts.print_after.clone();
@@ -452,7 +464,7 @@ pub fn build_with(
         }
     };
     // Accuracy on the held-out samples, else on the calibration samples.
-    let compressed = opts.quantize.is_some() || opts.prune.is_some();
+    let compressed = opts.compresses();
     let eval = opts.eval.as_ref().or(opts.calibration.as_ref().filter(|_| compressed));
     let (g, f32_graph, mut report) = compile_stages(source, opts, registry, &pb, eval.is_some())?;
     pb.set_message("lowering");
@@ -464,7 +476,9 @@ pub fn build_with(
         let reference = match &f32_graph {
             Some(f) => f,
             None => {
-                return Err(BuildError::Eval("--eval measures a compressed build: give --quantize or --prune-*".into()))
+                return Err(BuildError::Eval(
+                    "--eval measures a compressed build: give --quantize, --prune-* or --sparsity".into(),
+                ))
             }
         };
         report.accuracy = Some(evaluate(reference, &g, tokenizer.as_deref(), data, opts.progress)?);

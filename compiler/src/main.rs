@@ -82,9 +82,20 @@ enum Command {
         /// heads and neurons of the whole model) or `uniform` (the same share of each layer).
         #[arg(long, value_name = "HOW", default_value = "global", value_parser = ["global", "uniform"])]
         prune_spread: String,
+        /// Set this fraction of every product's weights to zero, in --sparsity-pattern, the
+        /// others corrected for them on --calibration's samples (SparseGPT's reconstruction;
+        /// without samples, by magnitude alone). Runs after --prune-*, before --quantize.
+        #[arg(long, value_name = "F")]
+        sparsity: Option<f64>,
+        /// Which weights go together: `block:RxC` (R inputs by C outputs, all zero or kept;
+        /// `block:64x32` is what the int8 kernels skip), `N:M` (N of every M inputs kept, per
+        /// output) or `unstructured`.
+        #[arg(long, value_name = "PATTERN", default_value = "block:64x32", requires = "sparsity")]
+        sparsity_pattern: String,
         /// Calibration samples (sentences one a line, needs --tokenizer, or .npz/.json
         /// inputs): with --quantize, static activation ranges (none computed at run time);
-        /// with --prune-*, what to remove and how to refit what stays.
+        /// with --prune-*, what to remove and how to refit what stays; with --sparsity, the
+        /// inputs the reconstruction fits.
         #[arg(long, value_name = "FILE")]
         calibration: Option<PathBuf>,
         /// How calibration sets each range: `minmax` (all values), `percentile` (clips the
@@ -194,10 +205,22 @@ fn run(cmd: Command) -> Result<()> {
             prune_ffn,
             prune_layers,
             prune_spread,
+            sparsity,
+            sparsity_pattern,
             calibration,
             calibrate,
             eval,
         } => {
+            let sparsify = match sparsity {
+                None => None,
+                Some(f) if (0.0..1.0).contains(&f) => Some(tcc_passes::Sparsify {
+                    fraction: f,
+                    pattern: tcc_passes::Pattern::parse(&sparsity_pattern)
+                        .map_err(|e| format!("--sparsity-pattern: {e}"))?,
+                    ..Default::default()
+                }),
+                Some(f) => return Err(format!("--sparsity {f}: expected a fraction in [0, 1)").into()),
+            };
             let prune = match (&prune_heads, prune_ffn, &prune_layers) {
                 (None, None, None) => None,
                 (heads, ffn, layers) => Some(tcc_passes::Prune {
@@ -224,11 +247,10 @@ fn run(cmd: Command) -> Result<()> {
                     ..Default::default()
                 }),
             };
-            let calibrating_pass = ["prune", "quantize-int8"].iter().any(|p| passes.contains(p));
-            if quantize.is_none() && prune.is_none() && !calibrating_pass && (calibration.is_some() || eval.is_some()) {
-                return Err(
-                    "--calibration and --eval need something to calibrate or measure: --quantize or --prune-*".into()
-                );
+            let calibrating_pass = ["prune", "quantize-int8", "sparsify"].iter().any(|p| passes.contains(p));
+            let compressing = quantize.is_some() || prune.is_some() || sparsify.is_some();
+            if !compressing && !calibrating_pass && (calibration.is_some() || eval.is_some()) {
+                return Err("--calibration and --eval need something to calibrate or measure: --quantize, --prune-* or --sparsity".into());
             }
             if print_ir_after_all {
                 print_after.push("*".into());
@@ -253,6 +275,7 @@ fn run(cmd: Command) -> Result<()> {
                 progress: true,
                 quantize: quantize.map(|_| act),
                 prune,
+                sparsify,
                 calibration,
                 eval,
             };

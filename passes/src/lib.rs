@@ -14,8 +14,9 @@
 //! - passes never change what a graph computes beyond float rounding, except passes whose
 //!   documentation says they approximate, which report what they changed: `quantize-int8`
 //!   (the quantization error), `integer-matmul` (activations quantized by the reciprocal
-//!   of the scale, which can move a value on a rounding midpoint by one quantum) and `prune`
-//!   (what the removed heads and neurons contributed, less the refit's correction).
+//!   of the scale, which can move a value on a rounding midpoint by one quantum), `prune`
+//!   (what the removed heads and neurons contributed, less the refit's correction) and
+//!   `sparsify` (what the zeroed weights contributed, less the reconstruction's correction).
 
 pub mod eqsat;
 mod fold;
@@ -23,6 +24,7 @@ mod fuse;
 mod manager;
 mod prune;
 mod quantize;
+mod sparsify;
 pub mod tutorial;
 
 pub use fold::{DeadCode, FoldConstants};
@@ -33,6 +35,7 @@ pub use manager::{
 };
 pub use prune::{parse_heads, parse_layers, HeadChoice, LayerChoice, Prune, Spread};
 pub use quantize::{Activations, IntegerMatMul, QdqMatMul, QuantizeInt8};
+pub use sparsify::{Pattern, Sparsify};
 
 /// The pipeline `tcc build` runs by default.
 pub const DEFAULT_PIPELINE: &str = "canon,recognize,integer-matmul,qdq-matmul,fuse-matmul,fuse-attention,dce";

@@ -296,6 +296,11 @@ impl Registry {
             "structured pruning from calibration: whole layers, then the least important attention heads and FFN neurons removed, the projections after them refit by least squares (options: layers=N|l3+l5, heads=F|l0h1+l2h5, ffn=F, spread=global|uniform, rows=N)",
             |o| Ok(Box::new(crate::Prune::from_options(o)?)),
         );
+        r.register(
+            "sparsify",
+            "weight sparsity from calibration: a fraction of every product's weights set to zero in a pattern the kernels skip, the rest corrected by SparseGPT's layer-wise reconstruction (options: fraction=F, pattern=unstructured|N:M|block:RxC, rows=N)",
+            |o| Ok(Box::new(crate::Sparsify::from_options(o)?)),
+        );
         r.alias("canon", "fold,dce");
         r
     }

@@ -172,16 +172,16 @@ impl Prune {
 /// extra inputs are per-column constants (sliced with the columns) and which one is the bias
 /// (`acc + bias` first in the epilogue).
 #[derive(Clone)]
-struct Linear {
-    node: usize,
-    k: usize,
-    n: usize,
-    w: Vec<f32>,
+pub(crate) struct Linear {
+    pub(crate) node: usize,
+    pub(crate) k: usize,
+    pub(crate) n: usize,
+    pub(crate) w: Vec<f32>,
     per_column: Vec<bool>,
     bias: Option<usize>,
 }
 
-fn linear(g: &Graph, node: usize) -> Option<Linear> {
+pub(crate) fn linear(g: &Graph, node: usize) -> Option<Linear> {
     let nd = &g.nodes[node];
     let Op::FusedMatMul(f) = &nd.op else { return None };
     let [k, n] = f.packed?;
@@ -355,14 +355,14 @@ fn ffn_blocks(g: &Graph) -> Vec<FfnBlock> {
 
 /// Products of the refit, on the runtime's GEMM (one thread): `a` (`m x k`) times `b`
 /// (`k x n`), both row-major.
-struct Gemm(tcc_runtime::jit::Jit);
+pub(crate) struct Gemm(tcc_runtime::jit::Jit);
 
 impl Gemm {
-    fn new() -> tcc_ir::Result<Gemm> {
+    pub(crate) fn new() -> tcc_ir::Result<Gemm> {
         tcc_runtime::jit::Jit::new(tcc_runtime::kernels::Tier::detect(), &[]).map(Gemm).map_err(tcc_ir::Error::Runtime)
     }
 
-    fn run(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> tcc_ir::Result<Vec<f32>> {
+    pub(crate) fn run(&self, m: usize, k: usize, n: usize, a: &[f32], b: &[f32]) -> tcc_ir::Result<Vec<f32>> {
         let mut c = vec![0f32; m * n];
         if m * n > 0 && k > 0 {
             let packed = kernels::pack_b(k, n, b);
@@ -375,7 +375,12 @@ impl Gemm {
 /// What `values` held on the calibration samples, checked to be what [`Calibrator::capture`]
 /// promises (a calibrator of a user's could answer anything): one `[rows, features]` f32 tensor
 /// per value.
-fn captured(c: &dyn Calibrator, g: &Graph, values: &[ValueId], max_rows: usize) -> tcc_ir::Result<Vec<Tensor>> {
+pub(crate) fn captured(
+    c: &dyn Calibrator,
+    g: &Graph,
+    values: &[ValueId],
+    max_rows: usize,
+) -> tcc_ir::Result<Vec<Tensor>> {
     let t = c.capture(g, values, max_rows).map_err(tcc_ir::Error::Calibration)?;
     let ok = t.len() == values.len() && t.iter().all(|x| x.rank() == 2 && x.as_slice::<f32>().is_ok());
     if !ok {
@@ -693,8 +698,77 @@ fn inverse_spd(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
     inverse_spd_in(a, k)
 }
 
+/// `L^-1` for the Cholesky factor `L` of a symmetric positive definite `k x k` matrix
+/// (`A = L L^T`; row-major, zeros above the diagonal); `None` when it is not positive definite.
+/// The first two steps of [`inverse_spd`].
+pub(crate) fn inverse_cholesky(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    #[cfg(target_arch = "x86_64")]
+    if wider() {
+        // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
+        return unsafe { inverse_cholesky_avx512(a, k) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if wide() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { inverse_cholesky_avx2(a, k) };
+    }
+    inverse_cholesky_in(a, k)
+}
+
+/// [`inverse_cholesky_in`] compiled for AVX2 and FMA.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn inverse_cholesky_avx2(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    inverse_cholesky_in(a, k)
+}
+
+/// [`inverse_cholesky_in`] compiled for AVX-512F.
+///
+/// # Safety
+/// The CPU has AVX-512F, AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn inverse_cholesky_avx512(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    inverse_cholesky_in(a, k)
+}
+
 #[inline(always)]
-fn inverse_spd_in(mut a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+fn inverse_spd_in(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
+    let y = inverse_cholesky_in(a, k)?;
+    let blocks: Vec<(usize, usize)> = (0..k).step_by(NB).map(|s| (s, NB.min(k - s))).collect();
+    let mut acc = vec![0f64; NB * NB];
+    // A^-1 = Y^T Y, block (I, C) = sum over P >= max(I, C) of Y_PI^T Y_PC; C <= I, mirrored.
+    let mut inv = vec![0f64; k * k];
+    for (bi, &(i0, ni)) in blocks.iter().enumerate() {
+        for &(c0, cn) in &blocks[..=bi] {
+            acc[..ni * cn].fill(0.0);
+            for p in i0..k {
+                let (yp_i, yp_c) = (&y[p * k + i0..p * k + i0 + ni], &y[p * k + c0..p * k + c0 + cn]);
+                for (r, &f) in yp_i.iter().enumerate() {
+                    if f != 0.0 {
+                        for (x, v) in acc[r * cn..(r + 1) * cn].iter_mut().zip(yp_c) {
+                            *x += f * v;
+                        }
+                    }
+                }
+            }
+            for r in 0..ni {
+                for c in 0..cn {
+                    let v = acc[r * cn + c];
+                    inv[(i0 + r) * k + c0 + c] = v;
+                    inv[(c0 + c) * k + i0 + r] = v;
+                }
+            }
+        }
+    }
+    Some(inv)
+}
+
+#[inline(always)]
+fn inverse_cholesky_in(mut a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
     let blocks: Vec<(usize, usize)> = (0..k).step_by(NB).map(|s| (s, NB.min(k - s))).collect();
     // L in the lower triangle of `a`, right-looking: each block column factored row by row
     // (its rows' segments and the block's in L1), then the blocks below and right updated.
@@ -765,36 +839,12 @@ fn inverse_spd_in(mut a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
             }
         }
     }
-    // A^-1 = Y^T Y, block (I, C) = sum over P >= max(I, C) of Y_PI^T Y_PC; C <= I, mirrored.
-    let mut inv = a;
-    for (bi, &(i0, ni)) in blocks.iter().enumerate() {
-        for &(c0, cn) in &blocks[..=bi] {
-            acc[..ni * cn].fill(0.0);
-            for p in i0..k {
-                let (yp_i, yp_c) = (&y[p * k + i0..p * k + i0 + ni], &y[p * k + c0..p * k + c0 + cn]);
-                for (r, &f) in yp_i.iter().enumerate() {
-                    if f != 0.0 {
-                        for (x, v) in acc[r * cn..(r + 1) * cn].iter_mut().zip(yp_c) {
-                            *x += f * v;
-                        }
-                    }
-                }
-            }
-            for r in 0..ni {
-                for c in 0..cn {
-                    let v = acc[r * cn + c];
-                    inv[(i0 + r) * k + c0 + c] = v;
-                    inv[(c0 + c) * k + i0 + r] = v;
-                }
-            }
-        }
-    }
-    Some(inv)
+    Some(y)
 }
 
 /// Solves `A X = B` for symmetric positive definite `A` (`m x m`) and `B` (`m x n`), by
 /// Cholesky; `None` when `A` is not positive definite.
-fn solve_spd(a: Vec<f64>, b: Vec<f64>, m: usize, n: usize) -> Option<Vec<f64>> {
+pub(crate) fn solve_spd(a: Vec<f64>, b: Vec<f64>, m: usize, n: usize) -> Option<Vec<f64>> {
     #[cfg(target_arch = "x86_64")]
     if wide() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -910,7 +960,7 @@ fn refit(gemm: &Gemm, w: &[f32], n: usize, keep: &[usize], x: Option<&Tensor>) -
 
 /// A copy of `l`'s product with its weights replaced by `w` (`k x n`, row-major), its
 /// per-column inputs sliced to `cols` (when given) and `shift` added to its bias.
-fn rebuild(
+pub(crate) fn rebuild(
     g: &mut Graph,
     l: &Linear,
     a: ValueId,

@@ -81,9 +81,10 @@ pub struct Fast {
     /// Constant `s8` weights of `MatMulInteger` steps, packed for the integer kernel at load,
     /// by the address of the weight tensor's data.
     int8: HashMap<usize, Int8Weights>,
-    /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, by the address of
-    /// the weight tensor's data.
-    colsums: HashMap<usize, (Tensor, Vec<i32>)>,
+    /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, and with AMX the
+    /// panels without their all-zero steps where a fair share of them are ([`int8::Sparse`]),
+    /// by the address of the weight tensor's data.
+    colsums: HashMap<usize, (Tensor, Vec<i32>, Option<crate::kernels::int8::Sparse>)>,
     /// Without VNNI: the `s8` weights of integer `FusedMatMul`s as panels of `i16` pairs
     /// (`kernels::int16`), by the address of the weight tensor's data.
     pair_weights: HashMap<usize, (Tensor, Tensor)>,
@@ -241,9 +242,15 @@ impl Fast {
             if data.len() == f.packed_len(k, n) {
                 // The weights are held with their sums: their address cannot be reused while it
                 // is a key.
-                self.colsums
-                    .entry(data.as_ptr() as usize)
-                    .or_insert_with(|| (w.clone(), crate::kernels::int8::colsums(k, n, data)));
+                self.colsums.entry(data.as_ptr() as usize).or_insert_with(|| {
+                    // Skipping zero steps pays from an eighth of them on (the rest is a list
+                    // walk per step).
+                    let sparse = crate::kernels::int8::Sparse::detect(k, n, data, 0.125);
+                    if let Some(sp) = &sparse {
+                        tracing::debug!(step = %step.name, zero = sp.zero_fraction(), "int8 weights: all-zero AMX steps skipped");
+                    }
+                    (w.clone(), crate::kernels::int8::colsums(k, n, data), sparse)
+                });
             }
         }
         for step in &plan.steps {
@@ -377,7 +384,7 @@ impl Fast {
                     lda / 4,
                     ap as *const u8,
                     lda,
-                    bp as *const i8,
+                    crate::kernels::int8::Weights { packed: bp as *const i8, sparse: None },
                     c as *mut i32,
                     n,
                     n,
@@ -683,7 +690,7 @@ impl Fast {
         let (a, b) = (inputs.first().copied().flatten()?, inputs.get(1).copied().flatten()?);
         let epilogue_fn = self.jit.tile_epilogue?;
         let kernel = self.int8_kernel?;
-        let (_, colsum) = self.colsums.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
+        let (_, colsum, sparse) = self.colsums.get(&(b.as_slice::<i8>().ok()?.as_ptr() as usize))?;
         if f.epilogue.0.len() > v::MAX_PROGRAM {
             return None;
         }
@@ -811,7 +818,7 @@ impl Fast {
                                 ldq / 4,
                                 (qp as *const u8).wrapping_add(r * ldq),
                                 ldq,
-                                bp as *const i8,
+                                int8::Weights { packed: bp as *const i8, sparse: sparse.as_ref() },
                                 cb.wrapping_add(i0 * p.ldc),
                                 p.ldc,
                                 n,
