@@ -127,7 +127,8 @@ def plot(rows, a):
         if pts:
             ax.plot([100 * r["sparsity"] for r in pts], [r["speedup"] for r in pts], marker=marker,
                     label=f"tcc {kind}, against tcc dense {kind}")
-    ax.plot([0, 95], [1, 1 / 0.05], linestyle=":", color="gray", label="ideal (1 / density)")
+    xs = [x / 2 for x in range(0, 191)]
+    ax.plot(xs, [1 / (1 - x / 100) for x in xs], linestyle=":", color="gray", label="ideal (1 / density)")
     ax.set_ylim(0, max(4.0, max(r["speedup"] for r in rows) * 1.2))
     ax.set_xlabel(f"weights zero, % ({a.pattern})")
     ax.set_ylabel(f"speed-up (batch 1, sequence 128, {a.threads} threads)")

@@ -200,7 +200,11 @@ fn prune_heads_and_neurons() {
     let err = fails(&[&base[..], &["--prune-ffn", "1.5"], &calib[..]].concat());
     assert!(err.contains("--prune-ffn 1.5"), "{err}");
     let err = fails(&[&base[..], &calib[..]].concat());
-    assert!(err.contains("--quantize or --prune"), "{err}");
+    assert!(err.contains("--quantize, --prune-* or --sparsity"), "{err}");
+    let err = fails(&[&base[..], &["--sparsity", "1.5"]].concat());
+    assert!(err.contains("--sparsity 1.5: expected a fraction"), "{err}");
+    let err = fails(&[&base[..], &["--sparsity", "0.5", "--sparsity-pattern", "3:2"]].concat());
+    assert!(err.contains("sparsity pattern `3:2`"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
