@@ -81,8 +81,8 @@ pub struct Fast {
     /// Constant `s8` weights of `MatMulInteger` steps, packed for the integer kernel at load,
     /// by the address of the weight tensor's data.
     int8: HashMap<usize, Int8Weights>,
-    /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, and with AMX the
-    /// panels without their all-zero steps where a fair share of them are ([`int8::Sparse`]),
+    /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, and the panels without
+    /// their all-zero steps where an eighth of them or more are ([`crate::kernels::int8::Sparse`]),
     /// by the address of the weight tensor's data.
     colsums: HashMap<usize, (Tensor, Vec<i32>, Option<crate::kernels::int8::Sparse>)>,
     /// Without VNNI: the `s8` weights of integer `FusedMatMul`s as panels of `i16` pairs

@@ -124,7 +124,7 @@ impl Sparse {
     /// steps and at least `min_zero` of the steps are all zero (else `None`: the dense kernel).
     pub fn detect(k: usize, n: usize, packed: &[i8], min_zero: f64) -> Option<Sparse> {
         let (groups, panels) = (k_groups(k), n.div_ceil(NR));
-        if groups == 0 || !groups.is_multiple_of(16) || packed.len() != panels * groups * NR * 4 {
+        if groups == 0 || panels == 0 || !groups.is_multiple_of(16) || packed.len() != panels * groups * NR * 4 {
             return None;
         }
         let steps = groups / 16;
