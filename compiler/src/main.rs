@@ -79,9 +79,10 @@ enum Command {
         #[arg(long, value_name = "N|LAYERS")]
         prune_layers: Option<String>,
         /// How a pruning fraction is shared among the layers: `global` (the least important
-        /// heads and neurons of the whole model) or `uniform` (the same share of each layer).
-        #[arg(long, value_name = "HOW", default_value = "global", value_parser = ["global", "uniform"])]
-        prune_spread: String,
+        /// heads and neurons of the whole model, the default) or `uniform` (the same share of
+        /// each layer).
+        #[arg(long, value_name = "HOW", value_parser = ["global", "uniform"])]
+        prune_spread: Option<String>,
         /// Set this fraction of every product's weights to zero, in --sparsity-pattern, the
         /// others corrected for them on --calibration's samples (SparseGPT's reconstruction;
         /// without samples, by magnitude alone). Runs after --prune-*, before --quantize.
@@ -211,6 +212,9 @@ fn run(cmd: Command) -> Result<()> {
             calibrate,
             eval,
         } => {
+            if prune_spread.is_some() && prune_heads.is_none() && prune_ffn.is_none() {
+                return Err("--prune-spread shares --prune-heads or --prune-ffn among the layers: give one".into());
+            }
             let sparsify = match sparsity {
                 None => None,
                 Some(f) if (0.0..1.0).contains(&f) => Some(tcc_passes::Sparsify {
@@ -239,7 +243,7 @@ fn run(cmd: Command) -> Result<()> {
                         Some(f) => return Err(format!("--prune-ffn {f}: expected a fraction in [0, 1)").into()),
                         None => 0.0,
                     },
-                    spread: if prune_spread == "uniform" {
+                    spread: if prune_spread.as_deref() == Some("uniform") {
                         tcc_passes::Spread::Uniform
                     } else {
                         tcc_passes::Spread::Global

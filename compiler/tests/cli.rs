@@ -201,6 +201,8 @@ fn prune_heads_and_neurons() {
     assert!(err.contains("--prune-ffn 1.5"), "{err}");
     let err = fails(&[&base[..], &calib[..]].concat());
     assert!(err.contains("--quantize, --prune-* or --sparsity"), "{err}");
+    let err = fails(&[&base[..], &["--prune-spread", "uniform"]].concat());
+    assert!(err.contains("--prune-spread"), "{err}");
     let err = fails(&[&base[..], &["--sparsity", "1.5"]].concat());
     assert!(err.contains("--sparsity 1.5: expected a fraction"), "{err}");
     let err = fails(&[&base[..], &["--sparsity", "0.5", "--sparsity-pattern", "3:2"]].concat());
