@@ -47,3 +47,5 @@ $TCC build "$MODEL" -o "$D/minilm-int8.tcc" --tokenizer "$TOKENIZER" --quantize 
 echo; echo "== tcc bench: the model as shipped against its int8 build (batch 1, 128 tokens)"
 $TCC bench "$D/minilm.tcc" --runs 30
 $TCC bench "$D/minilm-int8.tcc" --runs 30
+echo; echo "== the same two, one run of each in turn (the speed-up a shared machine's noise leaves alone)"
+$TCC bench "$D/minilm-int8.tcc" --against "$D/minilm.tcc" --runs 60
