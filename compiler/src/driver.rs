@@ -90,6 +90,9 @@ pub struct Summary {
     pub layers: usize,
     pub attention_heads: Vec<usize>,
     pub parameters: usize,
+    /// How many parameters are zero ([`analysis::zero_parameters`]).
+    #[serde(default)]
+    pub zero_parameters: usize,
     pub weight_bytes: usize,
     /// GFLOPs of the products on one sequence of 128 tokens ([`analysis::flops`]).
     #[serde(default)]
@@ -105,6 +108,7 @@ pub fn summarize(g: &Graph) -> Summary {
         layers: heads.len(),
         attention_heads: heads,
         parameters: analysis::parameters(g),
+        zero_parameters: analysis::zero_parameters(g),
         weight_bytes: analysis::weight_bytes(g),
         gflops_s128: analysis::flops(g, 128) / 1e9,
     }

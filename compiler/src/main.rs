@@ -560,7 +560,8 @@ fn print_summary(s: &Summary) {
     }
     let heads: Vec<String> = s.attention_heads.iter().map(|h| h.to_string()).collect();
     out!("layers: {}   attention heads per layer: [{}]", s.layers, heads.join(", "));
-    out!("parameters: {}   weights: {}", thousands(s.parameters), mb(s.weight_bytes as f64));
+    let zero = 100.0 * s.zero_parameters as f64 / s.parameters.max(1) as f64;
+    out!("parameters: {} ({zero:.1}% zero)   weights: {}", thousands(s.parameters), mb(s.weight_bytes as f64));
     out!("ops ({} nodes):", s.op_counts.values().sum::<usize>());
     let mut counts: Vec<(&String, &usize)> = s.op_counts.iter().collect();
     counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
@@ -591,9 +592,10 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
     out!("  total      {:>8.1} ms", r.total_ms);
     let s = &r.summary;
     out!(
-        "  {} layers, {} parameters, {} ops, {:.2} GFLOPs at sequence 128",
+        "  {} layers, {} parameters ({:.1}% zero), {} ops, {:.2} GFLOPs at sequence 128",
         s.layers,
         thousands(s.parameters),
+        100.0 * s.zero_parameters as f64 / s.parameters.max(1) as f64,
         s.op_counts.values().sum::<usize>(),
         s.gflops_s128
     );

@@ -14,6 +14,23 @@ pub fn parameters(g: &Graph) -> usize {
         .sum()
 }
 
+/// How many of the [`parameters`] are zero: a sparsified model's, or one that came sparse (its
+/// packed weights' padding, past the matrix's own rows and columns, counts too).
+pub fn zero_parameters(g: &Graph) -> usize {
+    g.used_consts()
+        .into_iter()
+        .filter_map(|v| match &g.value(v).def {
+            Def::Const(t) => match t.dtype() {
+                DType::F32 => t.as_slice::<f32>().ok().map(|x| x.iter().filter(|&&e| e == 0.0).count()),
+                DType::I8 => t.as_slice::<i8>().ok().map(|x| x.iter().filter(|&&e| e == 0).count()),
+                DType::U8 => t.as_slice::<u8>().ok().map(|x| x.iter().filter(|&&e| e == 0).count()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .sum()
+}
+
 /// Bytes of constant data.
 pub fn weight_bytes(g: &Graph) -> usize {
     g.used_consts().into_iter().filter_map(|v| g.const_of(v)).map(|t| t.len() * t.dtype().size()).sum()
