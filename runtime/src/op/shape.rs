@@ -638,6 +638,8 @@ fn slice_params(
     }
     let axes: Vec<usize> = match axes {
         Some(a) => a.iter().map(|&x| norm_axis("Slice", x, rank)).collect::<Result<_>>()?,
+        // The first n axes, which must exist.
+        None if n > rank => return Err(Error::op("Slice", format!("{n} starts for a tensor of rank {rank}"))),
         None => (0..n).collect(),
     };
     let steps = steps.unwrap_or_else(|| vec![1; n]);
@@ -1089,6 +1091,18 @@ mod tests {
             .unwrap()
             .remove(0);
         assert_eq!(y.to_string(), "i64[1, seq]");
+    }
+
+    /// Without axes, the starts name the first axes: more starts than the input has axes is an
+    /// error (type inference and evaluation alike), not an index past the shape (a fuzzing find).
+    #[test]
+    fn slice_with_more_starts_than_axes_is_an_error() {
+        let x = i64s(&[4], &[1, 2, 3, 4]);
+        let four = i64s(&[4], &[1, 1, 1, 1]);
+        let err =
+            Slice {}.infer(&[Some(&Fact::of_tensor(&x)), Some(&Fact::of_tensor(&four)), Some(&Fact::of_tensor(&four))]);
+        assert!(err.unwrap_err().to_string().contains("4 starts for a tensor of rank 1"));
+        assert!(eval(Slice {}, &[&x, &four, &four]).is_err());
     }
 
     #[test]
