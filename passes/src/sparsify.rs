@@ -287,9 +287,10 @@ impl Fit {
         let xt = transpose(rows, t, k);
         let scale = 1.0 / t.max(1) as f64;
         let h: Vec<f64> = gemm.run(k, t, k, &xt, rows)?.iter().map(|&e| e as f64 * scale).collect();
-        let same = xd.shape() == x.shape() && rows == rows_d;
-        let (cross, hd) = if same || xd.shape() != x.shape() {
-            (None, if same { h.clone() } else { gram(gemm, rows_d, xd.shape()[0], k)? })
+        // The same tokens in both (the same samples, captured the same way); anything else
+        // (which a user's calibrator could answer) gets no correction.
+        let (cross, hd) = if xd.shape() != x.shape() || rows == rows_d {
+            (None, h.clone())
         } else {
             let c = gemm.run(k, t, k, &xt, rows_d)?.iter().map(|&e| (e as f64 * scale) as f32).collect();
             (Some(c), gram(gemm, rows_d, t, k)?)
