@@ -34,6 +34,41 @@ use tcc_ir::op::{BinaryKind, EpiOp, FusedMatMul};
 use tcc_ir::{Dim, Graph, Op, Tensor, ValueId};
 use tcc_runtime::kernels;
 
+/// `fn NAME => BODY(args) -> R`: `NAME(args)` runs `BODY` (an `#[inline(always)]` fn) compiled
+/// for AVX-512F where [`wider`], for AVX2 and FMA where [`wide`], plain elsewhere: the same
+/// operations, so the same bits, only wider.
+macro_rules! lane_builds {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident => $body:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                /// # Safety
+                /// The CPU has AVX-512F, AVX2 and FMA ([`wider`]).
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                /// # Safety
+                /// The CPU has AVX2 and FMA ([`wide`]).
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if wider() {
+                    // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if wide() {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 /// Which heads go.
 #[derive(Clone, Debug, PartialEq)]
 pub enum HeadChoice {
@@ -372,6 +407,37 @@ impl Gemm {
     }
 }
 
+/// `f(item)` for every item, on all cores (each thread its own stride of the items), in the
+/// items' order.
+pub(crate) fn on_threads<T: Send>(
+    items: &[usize],
+    f: impl Fn(usize) -> tcc_ir::Result<T> + Sync,
+) -> tcc_ir::Result<Vec<T>> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len()).max(1);
+    let mut slots: Vec<Option<T>> = (0..items.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    (t..items.len())
+                        .step_by(threads)
+                        .map(|j| f(items[j]).map(|r| (j, r)))
+                        .collect::<tcc_ir::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        for h in handles {
+            let done = h.join().map_err(|_| tcc_ir::Error::Pass("a worker thread panicked".into()))??;
+            for (j, r) in done {
+                slots[j] = Some(r);
+            }
+        }
+        Ok::<_, tcc_ir::Error>(())
+    })?;
+    Ok(slots.into_iter().flatten().collect())
+}
+
 /// What `values` held on the calibration samples, checked to be what [`Calibrator::capture`]
 /// promises (a calibrator of a user's could answer anything): one `[rows, features]` f32 tensor
 /// per value.
@@ -530,20 +596,10 @@ fn obs_order(gemm: &Gemm, x: &Tensor, w: &[f32], n: usize, most: usize) -> tcc_i
     Ok(order)
 }
 
-/// `x -= u^T v` for `x` (`a x w`), `u` (`b x a`) and `v` (`b x w`), all row-major; a strip
-/// of 256 columns at a time, so that `v`'s part stays in cache over the rows.
-fn downdate(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if wider() {
-        // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
-        return unsafe { downdate_avx512(x, u, v, w, a) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if wide() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { downdate_avx2(x, u, v, w, a) };
-    }
-    downdate_in(x, u, v, w, a)
+lane_builds! {
+    /// `x -= u^T v` for `x` (`a x w`), `u` (`b x a`) and `v` (`b x w`), all row-major; a strip
+    /// of 256 columns at a time, so that `v`'s part stays in cache over the rows.
+    fn downdate => downdate_in(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize)
 }
 
 #[inline(always)]
@@ -562,26 +618,6 @@ fn downdate_in(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
             }
         }
     }
-}
-
-/// [`downdate_in`] compiled for AVX2 and FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA ([`wide`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn downdate_avx2(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
-    downdate_in(x, u, v, w, a)
-}
-
-/// [`downdate_in`] compiled for AVX-512F.
-///
-/// # Safety
-/// The CPU has AVX-512F, AVX2 and FMA ([`wider`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn downdate_avx512(x: &mut [f64], u: &[f64], v: &[f64], w: usize, a: usize) {
-    downdate_in(x, u, v, w, a)
 }
 
 /// How a fraction of heads or neurons is spread over the layers.
@@ -647,92 +683,22 @@ fn wider() -> bool {
     false
 }
 
-/// [`solve_spd_in`] compiled for AVX2 and FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA ([`wide`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn solve_spd_avx2(a: Vec<f64>, b: Vec<f64>, m: usize, n: usize) -> Option<Vec<f64>> {
-    solve_spd_in(a, b, m, n)
-}
-
 /// Side of the blocks of [`inverse_spd`].
 const NB: usize = 64;
 
-/// [`inverse_spd_in`] compiled for AVX2 and FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA ([`wide`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn inverse_spd_avx2(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
-    inverse_spd_in(a, k)
+lane_builds! {
+    /// The inverse of a symmetric positive definite `k x k` matrix (row-major); `None` when it is
+    /// not positive definite. A blocked Cholesky `A = L L^T`, then `Y = L^-1` and `A^-1 = Y^T Y`,
+    /// each step on 64 x 64 blocks that stay in cache ([`solve_spd`] with the identity streams the
+    /// whole matrix once per row: minutes for BERT-base's 3072 FFN neurons, against seconds).
+    fn inverse_spd => inverse_spd_in(a: Vec<f64>, k: usize) -> Option<Vec<f64>>
 }
 
-/// [`inverse_spd_in`] compiled for AVX-512F.
-///
-/// # Safety
-/// The CPU has AVX-512F, AVX2 and FMA ([`wider`]).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn inverse_spd_avx512(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
-    inverse_spd_in(a, k)
-}
-
-/// The inverse of a symmetric positive definite `k x k` matrix (row-major); `None` when it is
-/// not positive definite. A blocked Cholesky `A = L L^T`, then `Y = L^-1` and `A^-1 = Y^T Y`,
-/// each step on 64 x 64 blocks that stay in cache ([`solve_spd`] with the identity streams the
-/// whole matrix once per row: minutes for BERT-base's 3072 FFN neurons, against seconds).
-fn inverse_spd(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
-    #[cfg(target_arch = "x86_64")]
-    if wider() {
-        // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
-        return unsafe { inverse_spd_avx512(a, k) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if wide() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { inverse_spd_avx2(a, k) };
-    }
-    inverse_spd_in(a, k)
-}
-
-/// `L^-1` for the Cholesky factor `L` of a symmetric positive definite `k x k` matrix
-/// (`A = L L^T`; row-major, zeros above the diagonal); `None` when it is not positive definite.
-/// The first two steps of [`inverse_spd`].
-pub(crate) fn inverse_cholesky(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
-    #[cfg(target_arch = "x86_64")]
-    if wider() {
-        // SAFETY: the CPU has AVX-512F, AVX2 and FMA.
-        return unsafe { inverse_cholesky_avx512(a, k) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if wide() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { inverse_cholesky_avx2(a, k) };
-    }
-    inverse_cholesky_in(a, k)
-}
-
-/// [`inverse_cholesky_in`] compiled for AVX2 and FMA.
-///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn inverse_cholesky_avx2(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
-    inverse_cholesky_in(a, k)
-}
-
-/// [`inverse_cholesky_in`] compiled for AVX-512F.
-///
-/// # Safety
-/// The CPU has AVX-512F, AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn inverse_cholesky_avx512(a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
-    inverse_cholesky_in(a, k)
+lane_builds! {
+    /// `L^-1` for the Cholesky factor `L` of a symmetric positive definite `k x k` matrix
+    /// (`A = L L^T`; row-major, zeros above the diagonal); `None` when it is not positive definite.
+    /// The first two steps of [`inverse_spd`].
+    pub(crate) fn inverse_cholesky => inverse_cholesky_in(a: Vec<f64>, k: usize) -> Option<Vec<f64>>
 }
 
 #[inline(always)]
@@ -842,15 +808,10 @@ fn inverse_cholesky_in(mut a: Vec<f64>, k: usize) -> Option<Vec<f64>> {
     Some(y)
 }
 
-/// Solves `A X = B` for symmetric positive definite `A` (`m x m`) and `B` (`m x n`), by
-/// Cholesky; `None` when `A` is not positive definite.
-pub(crate) fn solve_spd(a: Vec<f64>, b: Vec<f64>, m: usize, n: usize) -> Option<Vec<f64>> {
-    #[cfg(target_arch = "x86_64")]
-    if wide() {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { solve_spd_avx2(a, b, m, n) };
-    }
-    solve_spd_in(a, b, m, n)
+lane_builds! {
+    /// Solves `A X = B` for symmetric positive definite `A` (`m x m`) and `B` (`m x n`), by
+    /// Cholesky; `None` when `A` is not positive definite.
+    pub(crate) fn solve_spd => solve_spd_in(a: Vec<f64>, b: Vec<f64>, m: usize, n: usize) -> Option<Vec<f64>>
 }
 
 #[inline(always)]
@@ -1148,6 +1109,8 @@ impl Pass for Prune {
             None => {}
         }
         // Which neurons go (each layer keeps a multiple of 16: whole vectors in the kernels).
+        // (Products on the runtime's GEMM: the ranking's and then the refits'.)
+        let gemm = Gemm::new()?;
         let mut drop_neurons: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); ffns.len()];
         if self.ffn > 0.0 {
             // Each layer's removal order and cost ([`obs_order`], the layers on all cores); the
@@ -1163,41 +1126,16 @@ impl Pass for Prune {
                     (x, b, most)
                 })
                 .collect();
-            let orders: Vec<tcc_ir::Result<Vec<(usize, f64)>>> = std::thread::scope(|scope| {
-                let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len()).max(1);
-                let handles: Vec<_> = (0..threads)
-                    .map(|t| {
-                        let jobs = &jobs;
-                        scope.spawn(move || {
-                            let gemm = Gemm::new()?;
-                            let mut mine = Vec::new();
-                            for (l, (x, b, most)) in jobs.iter().enumerate().skip(t).step_by(threads) {
-                                let order = match x {
-                                    Some(x) => obs_order(&gemm, x, &b.down.w, b.down.n, *most)?,
-                                    None => Vec::new(),
-                                };
-                                mine.push((l, order));
-                            }
-                            Ok::<_, tcc_ir::Error>(mine)
-                        })
-                    })
-                    .collect();
-                let mut orders: Vec<tcc_ir::Result<Vec<(usize, f64)>>> =
-                    (0..jobs.len()).map(|_| Ok(Vec::new())).collect();
-                for h in handles {
-                    match h.join() {
-                        Ok(Ok(mine)) => mine.into_iter().for_each(|(l, o)| orders[l] = Ok(o)),
-                        Ok(Err(e)) => orders[0] = Err(e),
-                        Err(_) => orders[0] = Err(fail("the FFN importance thread panicked".into())),
-                    }
-                }
-                orders
-            });
+            let layers: Vec<usize> = (0..jobs.len()).collect();
+            let orders = on_threads(&layers, |l| match jobs[l] {
+                (Some(x), b, most) => obs_order(&gemm, x, &b.down.w, b.down.n, most),
+                (None, _, _) => Ok(Vec::new()),
+            })?;
             let mut all: Vec<(f64, usize, usize)> = Vec::new();
             for (l, order) in orders.into_iter().enumerate() {
                 let norm = norm_of(heads.len() + l);
                 let (mut total, mut key) = (0.0f64, 0.0f64);
-                for (j, e) in order? {
+                for (j, e) in order {
                     total += e;
                     key = key.max(total / norm);
                     all.push((key, l, j));
@@ -1210,7 +1148,6 @@ impl Pass for Prune {
         }
 
         // Blocks in graph order, each refit on the unpruned model's activations ([`refit`]).
-        let gemm = Gemm::new()?;
         let mut order: Vec<(usize, bool, usize)> =
             heads.iter().enumerate().map(|(i, b)| (b.out.node, true, i)).collect();
         order.extend(ffns.iter().enumerate().map(|(i, b)| (b.down.node, false, i)));

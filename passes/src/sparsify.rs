@@ -26,7 +26,7 @@
 //! loads the weights (as it would in a model sparsified elsewhere) and skips them.
 
 use crate::manager::{Pass, PassContext, PassOutcome};
-use crate::prune::{captured, inverse_cholesky, linear, rebuild, solve_spd, Gemm, Linear};
+use crate::prune::{captured, inverse_cholesky, linear, on_threads, rebuild, solve_spd, Gemm, Linear};
 use std::collections::BTreeMap;
 use tcc_ir::{Graph, Tensor, ValueId};
 
@@ -234,34 +234,6 @@ impl Pass for Sparsify {
         out.stat("weights_zero_permille", (1000 * zeros / total.max(1)) as i64);
         Ok(out)
     }
-}
-
-/// `f(item)` for every item, on all cores (each thread its own stride of the items), in the
-/// items' order.
-fn on_threads<T: Send>(items: &[usize], f: impl Fn(usize) -> tcc_ir::Result<T> + Sync) -> tcc_ir::Result<Vec<T>> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(items.len()).max(1);
-    let mut slots: Vec<Option<T>> = (0..items.len()).map(|_| None).collect();
-    std::thread::scope(|scope| {
-        let f = &f;
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                scope.spawn(move || {
-                    (t..items.len())
-                        .step_by(threads)
-                        .map(|j| f(items[j]).map(|r| (j, r)))
-                        .collect::<tcc_ir::Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        for h in handles {
-            let done = h.join().map_err(|_| tcc_ir::Error::Pass("sparsify: a worker thread panicked".into()))??;
-            for (j, r) in done {
-                slots[j] = Some(r);
-            }
-        }
-        Ok::<_, tcc_ir::Error>(())
-    })?;
-    Ok(slots.into_iter().flatten().collect())
 }
 
 /// What one stage's products are fit on: `H = X^T X / t` of the inputs the sparsified model so

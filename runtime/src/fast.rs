@@ -551,9 +551,10 @@ impl Fast {
                     if cols.is_empty() || rows.is_empty() {
                         continue;
                     }
+                    let (a, cb) = (xs.as_ptr().wrapping_add(p.offsets[0][0]), c.get().wrapping_add(p.offsets[0][2]));
                     // SAFETY: as below, for batch 0; the shares' panels and rows are disjoint
                     // and cover every panel's m rows ([`Shares::of`]).
-                    unsafe { p.run_rows(self, driver, xs.as_ptr(), packed.panels(0), c.get(), 0, cols, rows) };
+                    unsafe { p.run_at(self, driver, a, p.lda, packed.panels(0), cb, 0, cols, rows) };
                 }
             });
             // SAFETY: the shares cover every panel's rows.
@@ -1473,28 +1474,10 @@ impl<'t> Product<'t> {
         unsafe { self.run_at(fast, driver, a, lda, b, c, bi, p0..p1, 0..self.m) }
     }
 
-    /// [`Product::run`] on `rows` of panels `cols` of batch `bi`, with A and C given at the
-    /// batch's first row (at stride `lda` and `ldc`).
+    /// [`Product::run`] on `rows` (of the `m`) of panels `cols` only.
     ///
     /// # Safety
     /// As [`Product::run`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn run_rows(
-        &self,
-        fast: &Fast,
-        driver: crate::jit::GemmFn,
-        a: *const f32,
-        b: *const f32,
-        c: *mut f32,
-        bi: usize,
-        cols: Range<usize>,
-        rows: Range<usize>,
-    ) {
-        let o = self.offsets[bi];
-        // SAFETY: the caller's contract; `o` is the batch's offset into A and C.
-        unsafe { self.run_at(fast, driver, a.wrapping_add(o[0]), self.lda, b, c.wrapping_add(o[2]), bi, cols, rows) }
-    }
-
     #[allow(clippy::too_many_arguments)]
     unsafe fn run_at(
         &self,
