@@ -113,5 +113,59 @@ fn gemm_int8_sparse(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemm, gemm_int8, gemm_int8_sparse);
+/// The same Linear in `f32`, as a model runs it (the fast path's product on every thread, bias
+/// fused) against the share of its weights' 64x32 blocks that are zero: the product skips the
+/// panel rows that are all zero ([`tcc_runtime::kernels::PanelRuns`]). Throughput is counted in
+/// the dense product's operations.
+fn gemm_f32_sparse(c: &mut Criterion) {
+    use tcc_runtime::fast::Fast;
+    use tcc_runtime::op::{BinaryKind, EpiOp, Epilogue, FusedMatMul};
+    use tcc_runtime::plan::{Plan, Step};
+    use tcc_runtime::{Op, Tensor};
+    let mut g = c.benchmark_group("gemm_f32_block_sparse");
+    let (m, k, n) = (128usize, 768usize, 3072usize);
+    g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+    let op: Op = FusedMatMul {
+        a_perm: None,
+        b_perm: None,
+        packed: Some([k, n]),
+        c_perm: None,
+        epilogue: Epilogue(vec![EpiOp::Acc, EpiOp::Input(0), EpiOp::Binary(BinaryKind::Add, 0, 1)]),
+        extra: 1,
+        fused: vec![],
+        int8: None,
+    }
+    .into();
+    let plan = Plan {
+        steps: vec![Step { op: op.clone(), inputs: vec![Some(0), Some(1)], outputs: vec![3], name: "linear".into() }],
+        ..Default::default()
+    };
+    let a = Tensor::new(vec![m, k], (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()).unwrap();
+    let bias = Tensor::new(vec![n], (0..n).map(|i| i as f32 * 1e-3).collect()).unwrap();
+    for sparsity in [0.0, 0.5, 0.8, 0.9, 0.95] {
+        let mut state = 12345u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as f64 / (1u64 << 31) as f64
+        };
+        let mut w: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 / 1000.0 - 0.5).collect();
+        for s in 0..k / 64 {
+            for p in 0..n / 32 {
+                if next() < sparsity {
+                    (s * 64..(s + 1) * 64).for_each(|i| w[i * n + p * 32..i * n + (p + 1) * 32].fill(0.0));
+                }
+            }
+        }
+        let b = Tensor::new(vec![k * n], pack_b(k, n, &w)).unwrap();
+        let tier = Tier::detect();
+        let mut fast = Fast::new(&plan, tier).expect("JIT compiles");
+        fast.prepare_sparse(&plan, &[(1, b.clone())]);
+        let ins = [Some(&a), Some(&b), Some(&bias)];
+        let id = BenchmarkId::new(format!("tcc_{tier}"), format!("{m}x{k}x{n} {:.0}% zero", sparsity * 100.0));
+        g.bench_with_input(id, &(), |bench, _| bench.iter(|| fast.eval(&op, &ins).expect("handled").unwrap()));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemm, gemm_int8, gemm_int8_sparse, gemm_f32_sparse);
 criterion_main!(benches);

@@ -12,6 +12,12 @@
 //!                  `PAD_PREFIX`N, which loading skips), "tokenizer" (tokenizer.json bytes)
 //! ```
 //!
+//! Weights with many all-zero [`CHUNK`]s (a sparse model's) are stored without them: the entry
+//! holds the other chunks one after another, a `u8` entry `LIVE_PREFIX`name their bitmap, and
+//! the header's `chunked` table the weight's dtype and shape (version 2; files without such a
+//! weight are version 1, as before). At load the weight is laid out again in anonymous memory
+//! whose zero chunks are never written: whole pages of them take no memory.
+//!
 //! The version is checked before the checksum, so a file from a newer tcc says so. The checksum
 //! covers everything after itself, so any flipped byte or truncation is caught before the plan
 //! or a weight is read; section bounds and the plan are then validated as untrusted data.
@@ -27,8 +33,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub const MAGIC: &[u8; 8] = b"TCC\0ART\x01";
-/// Bumped whenever the layout or the plan's meaning changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped whenever the layout or the plan's meaning changes: version 2 adds chunked weights,
+/// written only when a weight is chunked (version 1 otherwise, which tcc still reads).
+pub const FORMAT_VERSION: u32 = 2;
+const FIRST_VERSION: u32 = 1;
 const FIXED: usize = 32;
 const ALIGN: usize = 64;
 
@@ -49,7 +57,28 @@ pub struct Header {
     /// The build report (passes, statistics), free-form JSON for `tcc inspect`.
     #[serde(default)]
     pub report: serde_json::Value,
+    /// Weights stored without their all-zero chunks, by name: what they are once laid out.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub chunked: BTreeMap<String, Chunked>,
 }
+
+/// A weight stored without its all-zero [`CHUNK`]s.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunked {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// Bytes of a chunk of a weight, the unit zeros are left out of the file in: one AMX step of an
+/// `int8` weight panel, a quarter of a 64 x 32 `f32` block of one (half a 4 KiB page).
+pub const CHUNK: usize = 2048;
+
+/// Names of the bitmaps of chunked weights' live chunks (never a weight).
+pub const LIVE_PREFIX: &str = "__tcc_live.";
+
+/// The least share of a weight's chunks that must be zero for it to be stored chunked (and
+/// weights under 16 chunks never are).
+const CHUNKED_MIN_ZERO: f64 = 0.125;
 
 /// What the compiler hands to [`write`].
 pub struct ArtifactContents<'a> {
@@ -75,16 +104,36 @@ const WEIGHT_ALIGN: usize = 64;
 /// Serializes tensors in safetensors layout, each at a [`WEIGHT_ALIGN`]-byte offset of the
 /// blob's data, which itself starts at one (the header padded with spaces, as safetensors
 /// allows); safetensors admits no holes, so the gaps are `u8` tensors named [`PAD_PREFIX`]`N`.
-fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<Vec<u8>> {
+/// Weights with an eighth or more of their chunks all zero are stored chunked (see the module
+/// documentation): returned with their dtype and shape.
+fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<(Vec<u8>, BTreeMap<String, Chunked>)> {
     let mut order: Vec<&(String, Tensor)> = weights.iter().collect();
     order.sort_by(|a, b| b.1.dtype().size().cmp(&a.1.dtype().size()).then(a.0.cmp(&b.0)));
-    if let Some((name, _)) = order.iter().find(|(n, _)| n.starts_with(PAD_PREFIX)) {
-        return Err(Error::Artifact(format!("weight `{name}`: names starting `{PAD_PREFIX}` are reserved")));
+    if let Some((name, _)) = order.iter().find(|(n, _)| n.starts_with(PAD_PREFIX) || n.starts_with(LIVE_PREFIX)) {
+        return Err(Error::Artifact(format!(
+            "weight `{name}`: names starting `{PAD_PREFIX}` or `{LIVE_PREFIX}` are reserved"
+        )));
     }
+    let mut chunked = BTreeMap::new();
+    let mut bitmaps: Vec<(String, Tensor)> = Vec::new();
+    let mut entries: Vec<(String, Tensor)> = Vec::with_capacity(order.len());
+    for (name, t) in order {
+        let bytes = t.to_le_bytes();
+        match live_chunks(&bytes) {
+            Some((live, bits)) => {
+                chunked.insert(name.clone(), Chunked { dtype: t.dtype(), shape: t.shape().to_vec() });
+                entries.push((name.clone(), Tensor::new(vec![live.len()], live)?));
+                bitmaps.push((format!("{LIVE_PREFIX}{name}"), Tensor::new(vec![bits.len()], bits)?));
+            }
+            None => entries.push((name.clone(), t.clone())),
+        }
+    }
+    entries.sort_by(|a, b| b.1.dtype().size().cmp(&a.1.dtype().size()).then(a.0.cmp(&b.0)));
+    entries.extend(bitmaps);
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    let mut datas = Vec::with_capacity(order.len());
-    for (name, t) in order {
+    let mut datas = Vec::with_capacity(entries.len());
+    for (name, t) in &entries {
         let gap = offset.next_multiple_of(WEIGHT_ALIGN) - offset;
         if gap > 0 {
             header.insert(
@@ -121,7 +170,65 @@ fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<Vec<u8>> {
     for d in datas {
         out.extend_from_slice(&d);
     }
-    Ok(out)
+    Ok((out, chunked))
+}
+
+/// The chunks of `bytes` not all zero, one after another, and their bitmap (chunk `i` is bit
+/// `i % 8` of byte `i / 8`); `None` when too few are zero to store them so.
+fn live_chunks(bytes: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let chunks = bytes.len().div_ceil(CHUNK);
+    if chunks < 16 {
+        return None;
+    }
+    let zero: Vec<bool> = bytes.chunks(CHUNK).map(|c| c.iter().all(|&b| b == 0)).collect();
+    if (zero.iter().filter(|&&z| z).count() as f64) < CHUNKED_MIN_ZERO * chunks as f64 {
+        return None;
+    }
+    let mut bits = vec![0u8; chunks.div_ceil(8)];
+    let mut live = Vec::new();
+    for (i, c) in bytes.chunks(CHUNK).enumerate() {
+        if !zero[i] {
+            bits[i / 8] |= 1 << (i % 8);
+            live.extend_from_slice(c);
+        }
+    }
+    Some((live, bits))
+}
+
+/// A chunked weight laid out again: the live chunks (`live`) where `bits` says, in anonymous
+/// memory whose other chunks are never written (whole pages of them take no memory).
+fn unchunk(name: &str, c: &Chunked, live: &[u8], bits: &[u8]) -> Result<Tensor> {
+    let bad = |m: String| Error::Artifact(format!("chunked weight `{name}`: {m}"));
+    let len = c
+        .shape
+        .iter()
+        .try_fold(c.dtype.size(), |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= 1 << 40)
+        .ok_or_else(|| bad(format!("shape {:?} is too large", c.shape)))?;
+    let chunks = len.div_ceil(CHUNK);
+    if bits.len() != chunks.div_ceil(8) {
+        return Err(bad(format!("{} bitmap bytes for {chunks} chunks", bits.len())));
+    }
+    let is_live = |i: usize| bits[i / 8] & (1 << (i % 8)) != 0;
+    if (chunks..bits.len() * 8).any(is_live) {
+        return Err(bad("bitmap marks chunks past the weight's end".into()));
+    }
+    let stored: usize = (0..chunks).filter(|&i| is_live(i)).map(|i| CHUNK.min(len - i * CHUNK)).sum();
+    if stored != live.len() {
+        return Err(bad(format!("{} bytes stored, the bitmap says {stored}", live.len())));
+    }
+    if len == 0 {
+        return Tensor::from_le_bytes(c.dtype, c.shape.clone(), &[]);
+    }
+    let mut map = memmap2::MmapMut::map_anon(len).map_err(|e| bad(format!("cannot map {len} bytes: {e}")))?;
+    let mut from = 0;
+    for i in (0..chunks).filter(|&i| is_live(i)) {
+        let n = CHUNK.min(len - i * CHUNK);
+        map[i * CHUNK..i * CHUNK + n].copy_from_slice(&live[from..from + n]);
+        from += n;
+    }
+    let map = map.make_read_only().map_err(|e| bad(format!("cannot protect its memory: {e}")))?;
+    Tensor::from_shared_bytes(c.dtype, c.shape.clone(), Arc::new(map) as Bytes, 0, len).map_err(|e| bad(e.to_string()))
 }
 
 /// Writes an artifact to `path` (through a temporary file renamed into place).
@@ -147,7 +254,8 @@ pub fn seal(bytes: &mut [u8]) {
 
 /// An artifact's bytes, as [`write`] writes them and [`from_bytes`] reads them.
 pub fn to_bytes(contents: &ArtifactContents) -> Result<Vec<u8>> {
-    let weights = safetensors_blob(contents.weights)?;
+    let (weights, chunked) = safetensors_blob(contents.weights)?;
+    let version = if chunked.is_empty() { FIRST_VERSION } else { FORMAT_VERSION };
     let mut sections: Vec<(&str, &[u8])> = vec![("weights", &weights)];
     if let Some(t) = contents.tokenizer {
         sections.push(("tokenizer", t));
@@ -159,6 +267,7 @@ pub fn to_bytes(contents: &ArtifactContents) -> Result<Vec<u8>> {
         plan: contents.plan.clone(),
         sections: BTreeMap::new(),
         report: contents.report.clone(),
+        chunked,
     };
     let mut header_len = serde_json::to_vec(&header).map_err(|e| Error::Artifact(e.to_string()))?.len() + 256;
     let bytes = loop {
@@ -175,7 +284,7 @@ pub fn to_bytes(contents: &ArtifactContents) -> Result<Vec<u8>> {
         }
         let mut out = Vec::with_capacity(offset);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&0u64.to_le_bytes());
         out.extend_from_slice(&(header_len as u64).to_le_bytes());
@@ -231,7 +340,7 @@ pub fn from_bytes(bytes: Bytes) -> Result<Artifact> {
         return Err(bad("not a tcc artifact (bad magic number)".into()));
     }
     let version = u32_at(b, 8);
-    if version != FORMAT_VERSION {
+    if !(FIRST_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(bad(format!(
             "format version {version}, this tcc reads version {FORMAT_VERSION}{}",
             if version > FORMAT_VERSION { ": rebuild it or upgrade tcc" } else { ": rebuild it" }
@@ -266,7 +375,7 @@ pub fn from_bytes(bytes: Bytes) -> Result<Artifact> {
         }
     };
     let (ws, we) = section("weights")?.ok_or_else(|| bad("no weights section".into()))?;
-    let weights = read_safetensors(&bytes, ws, we)?;
+    let weights = read_safetensors(&bytes, ws, we, &header.chunked)?;
     let tokenizer = section("tokenizer")?.map(|(s, e)| b[s..e].to_vec());
     Ok(Artifact { header, weights, tokenizer, size: b.len() as u64 })
 }
@@ -280,13 +389,29 @@ fn trim_end(b: &[u8]) -> &[u8] {
 }
 
 /// Reads the safetensors blob at `start..end` of `bytes` without copying aligned tensors.
-fn read_safetensors(bytes: &Bytes, start: usize, end: usize) -> Result<HashMap<String, Tensor>> {
+/// Chunked weights (`chunked`) are laid out again ([`unchunk`]).
+fn read_safetensors(
+    bytes: &Bytes,
+    start: usize,
+    end: usize,
+    chunked: &BTreeMap<String, Chunked>,
+) -> Result<HashMap<String, Tensor>> {
     let b: &[u8] = (**bytes).as_ref();
     let st =
         safetensors::SafeTensors::deserialize(&b[start..end]).map_err(|e| Error::Artifact(format!("weights: {e}")))?;
     let mut out = HashMap::new();
+    for (name, c) in chunked {
+        let entry = |n: &str| {
+            st.tensor(n)
+                .ok()
+                .filter(|v| v.dtype() == safetensors::Dtype::U8)
+                .ok_or_else(|| Error::Artifact(format!("chunked weight `{name}`: no `u8` entry `{n}`")))
+        };
+        let (live, bits) = (entry(name)?, entry(&format!("{LIVE_PREFIX}{name}"))?);
+        out.insert(name.clone(), unchunk(name, c, live.data(), bits.data())?);
+    }
     for (name, view) in st.tensors() {
-        if name.starts_with(PAD_PREFIX) {
+        if name.starts_with(PAD_PREFIX) || name.starts_with(LIVE_PREFIX) || chunked.contains_key(&name) {
             continue;
         }
         let dtype = DType::from_safetensors(view.dtype())
@@ -370,6 +495,75 @@ mod tests {
         let reserved = vec![(format!("{PAD_PREFIX}0"), Tensor::new(vec![1], vec![1f32]).unwrap())];
         let err = write(&path, &ArtifactContents { weights: &reserved, ..contents }).unwrap_err();
         assert!(err.to_string().contains("reserved"), "{err}");
+    }
+
+    /// Weights with many zero chunks go to the file without them and come back bit for bit
+    /// (dense ones as before, version 1 when none is chunked); a user's weight cannot take a
+    /// bitmap's name; damaged bitmaps or lengths are errors naming the weight.
+    #[test]
+    fn sparse_weights_are_stored_without_their_zero_chunks() {
+        let d = tmpdir("chunked");
+        let (plan, _) = tiny();
+        // f32: 64 x 32 blocks zero (8 KiB: four chunks) in every other block row, and -0.0
+        // (not zero bytes) in one of them; i8: every third chunk zero; an odd tail.
+        let (k, n) = (512, 96);
+        let mut w: Vec<f32> = (0..k * n).map(|i| (i % 97) as f32 * 0.01 + 0.5).collect();
+        for (r, row) in w.chunks_mut(n).enumerate() {
+            if (r / 64) % 2 == 1 {
+                row.fill(if r / 64 == 7 { -0.0 } else { 0.0 });
+            }
+        }
+        let w8: Vec<i8> =
+            (0..CHUNK * 40 + 77).map(|i| if (i / CHUNK).is_multiple_of(3) { 0 } else { (i % 13) as i8 - 6 }).collect();
+        let weights: Vec<(String, Tensor)> = vec![
+            ("w".into(), Tensor::new(vec![k, n], w).unwrap()),
+            ("w8".into(), Tensor::new(vec![w8.len()], w8).unwrap()),
+            ("b".into(), Tensor::new(vec![3], vec![0f32; 3]).unwrap()),
+            ("dense".into(), Tensor::new(vec![CHUNK * 20], vec![1u8; CHUNK * 20]).unwrap()),
+        ];
+        let contents =
+            ArtifactContents { plan: &plan, weights: &weights, tokenizer: None, report: serde_json::json!({}) };
+        let path = d.join("s.tcc");
+        let size = write(&path, &contents).unwrap();
+        let raw: u64 = weights.iter().map(|(_, t)| t.to_le_bytes().len() as u64).sum();
+        let a = load(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap()[8..12], FORMAT_VERSION.to_le_bytes());
+        assert_eq!(a.header.chunked.keys().collect::<Vec<_>>(), ["w", "w8"]);
+        // f32: 3 of 8 block rows dropped (the -0.0 one stays); i8: 14 of 41 chunks.
+        let saved = (3 * 64 * n * 4 + 14 * CHUNK) as u64;
+        assert!(size < raw + 4096 - saved, "{size} bytes for {raw} of weights");
+        assert_eq!(a.weights.len(), weights.len());
+        for (name, t) in &weights {
+            let got = &a.weights[name];
+            assert_eq!((got.dtype(), got.shape()), (t.dtype(), t.shape()), "{name}");
+            assert!(got.to_le_bytes() == t.to_le_bytes(), "`{name}` changed");
+        }
+        let addr = a.weights["w"].as_slice::<f32>().unwrap().as_ptr() as usize;
+        assert_eq!(addr % 4096, 0, "laid out on pages");
+        // Nothing chunked: version 1, as before.
+        let dense = d.join("d.tcc");
+        let rest = ArtifactContents { weights: &weights[2..], report: serde_json::json!({}), ..contents };
+        write(&dense, &rest).unwrap();
+        assert_eq!(std::fs::read(&dense).unwrap()[8..12], 1u32.to_le_bytes());
+        assert!(load(&dense).unwrap().header.chunked.is_empty());
+        let reserved = vec![(format!("{LIVE_PREFIX}w"), Tensor::new(vec![1], vec![1f32]).unwrap())];
+        let err = write(&path, &ArtifactContents { weights: &reserved, ..contents }).unwrap_err();
+        assert!(err.to_string().contains("reserved"), "{err}");
+        // Damaged: a bitmap of the wrong length, a chunk past the end, bytes missing.
+        let c = Chunked { dtype: DType::F32, shape: vec![1024, 2] }; // 8 KiB: 4 chunks
+        let live = vec![1u8; 2 * CHUNK];
+        assert!(unchunk("x", &c, &live, &[0b0101]).is_ok());
+        for (bits, live, says) in [
+            (vec![0b0101u8, 0], &live[..], "bitmap bytes"),
+            (vec![0b1_0101], &live[..], "past the weight's end"),
+            (vec![0b0111], &live[..], "bytes stored"),
+            (vec![0b0101], &live[1..], "bytes stored"),
+        ] {
+            let e = unchunk("x", &c, live, &bits).unwrap_err().to_string();
+            assert!(e.contains("`x`") && e.contains(says), "{e}");
+        }
+        let huge = Chunked { dtype: DType::F32, shape: vec![usize::MAX / 2, 3] };
+        assert!(unchunk("x", &huge, &[], &[]).unwrap_err().to_string().contains("too large"));
     }
 
     #[test]

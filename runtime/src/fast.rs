@@ -88,6 +88,9 @@ pub struct Fast {
     /// Without VNNI: the `s8` weights of integer `FusedMatMul`s as panels of `i16` pairs
     /// (`kernels::int16`), by the address of the weight tensor's data.
     pair_weights: HashMap<usize, (Tensor, Tensor)>,
+    /// The packed `f32` weights of float `FusedMatMul`s with panel rows all zero, with their
+    /// live runs of rows ([`crate::kernels::PanelRuns`]), by the address of their data.
+    panel_runs: HashMap<usize, (Tensor, crate::kernels::PanelRuns)>,
     /// The last activations an integer product quantized (Q, K and V read the same): the
     /// tensor is held, so its data cannot be freed and its address reused while cached.
     #[cfg(target_arch = "x86_64")]
@@ -198,6 +201,7 @@ impl Fast {
             int8: HashMap::new(),
             colsums: HashMap::new(),
             pair_weights: HashMap::new(),
+            panel_runs: HashMap::new(),
             #[cfg(target_arch = "x86_64")]
             quantized: std::sync::Mutex::new(None),
         })
@@ -210,6 +214,26 @@ impl Fast {
             crate::kernels::int8::Kernel::best()
         } else {
             None
+        }
+    }
+
+    /// Finds the all-zero rows of the packed `f32` weights of the plan's float products (an
+    /// eighth of them or more: [`crate::kernels::PanelRuns`]), which [`Fast::product`] then
+    /// skips. Runs on the constants as they are once packed at load.
+    pub fn prepare_sparse(&mut self, plan: &Plan, constants: &[(crate::plan::Slot, Tensor)]) {
+        for step in &plan.steps {
+            let (Op::FusedMatMul(f), Some(Some(b))) = (&step.op, step.inputs.get(1)) else { continue };
+            let (None, Some([k, n])) = (f.int8, f.packed) else { continue };
+            let Some((_, w)) = constants.iter().find(|(s, _)| s == b) else { continue };
+            let Ok(data) = w.as_slice::<f32>() else { continue };
+            if self.panel_runs.contains_key(&(data.as_ptr() as usize)) {
+                continue;
+            }
+            if let Some(runs) = crate::kernels::PanelRuns::detect(k, n, data, 0.125) {
+                tracing::debug!(step = %step.name, zero = runs.zero_fraction(), "f32 weights: all-zero panel rows skipped");
+                // The tensor is held: its address cannot be reused while it is a key.
+                self.panel_runs.insert(data.as_ptr() as usize, (w.clone(), runs));
+            }
         }
     }
 
@@ -522,15 +546,29 @@ impl Fast {
         };
         let driver = self.jit.gemm(&p.spec)?;
         let xs = a.as_slice::<f32>().ok()?;
-        let packed = p.pack_all(self, b.as_slice::<f32>().ok()?);
+        let bs = b.as_slice::<f32>().ok()?;
+        let packed = p.pack_all(self, bs);
         let mut out = Uninit::new(p.total);
         let c = SendPtr(out.ptr());
         // Work items: (batch, panel range).
         let panels = p.n.div_ceil(NR);
         let batches = p.offsets.len();
         let threads = pool::global().threads();
+        // Weights with zero rows: only their live runs multiplied.
+        let sparse = self
+            .panel_runs
+            .get(&(bs.as_ptr() as usize))
+            .map(|(_, r)| r)
+            .filter(|r| !p.pairs && matches!(p.b, BSource::Packed) && r.fits(panels) && p.sparse_epilogue(self));
+        // SAFETY (of each call): as `Product::run_at`'s, which the callers below give.
+        let run = |a: *const f32, b: *const f32, c: *mut f32, bi: usize, cols: Range<usize>, rows: Range<usize>| unsafe {
+            match sparse {
+                Some(runs) => p.run_sparse(self, runs, a, p.lda, b, c, bi, cols, rows),
+                None => p.run_at(self, driver, a, p.lda, b, c, bi, cols, rows),
+            }
+        };
         #[cfg(target_arch = "x86_64")]
-        if let Some(parts) = self.split_k(&p, threads) {
+        if let Some(parts) = self.split_k(&p, threads).filter(|_| sparse.is_none()) {
             // SAFETY: `c` is the output of this product, `xs` and `packed` its A and B.
             unsafe { self.run_split_k(&p, xs, &packed, c.get(), parts) };
             // SAFETY: the reduction wrote every element of the output.
@@ -552,9 +590,9 @@ impl Fast {
                         continue;
                     }
                     let (a, cb) = (xs.as_ptr().wrapping_add(p.offsets[0][0]), c.get().wrapping_add(p.offsets[0][2]));
-                    // SAFETY: as below, for batch 0; the shares' panels and rows are disjoint
-                    // and cover every panel's m rows ([`Shares::of`]).
-                    unsafe { p.run_at(self, driver, a, p.lda, packed.panels(0), cb, 0, cols, rows) };
+                    // As below, for batch 0; the shares' panels and rows are disjoint and
+                    // cover every panel's m rows ([`Shares::of`]).
+                    run(a, packed.panels(0), cb, 0, cols, rows);
                 }
             });
             // SAFETY: the shares cover every panel's rows.
@@ -570,24 +608,12 @@ impl Fast {
         pool::global().run_static(items.len(), &|item| {
             let (bi, p0, p1) = items[item];
             let o = p.offsets[bi];
-            // SAFETY: `Product::prepare` derived every offset and stride from the tensors'
-            // shapes: A's batch view (m rows at stride lda, k contiguous floats) and B's panels
-            // lie inside their buffers, C's rows for this batch and the columns of panels
-            // p0..p1 lie inside the output and no other item writes them, each extra operand
-            // covers the product's rows and columns (or column 0 when it broadcasts).
-            unsafe {
-                p.run(
-                    self,
-                    driver,
-                    xs.as_ptr().wrapping_add(o[0]),
-                    p.lda,
-                    packed.panels(bi),
-                    c.get().wrapping_add(o[2]),
-                    bi,
-                    p0,
-                    p1,
-                )
-            };
+            // `Product::prepare` derived every offset and stride from the tensors' shapes:
+            // A's batch view (m rows at stride lda, k contiguous floats) and B's panels lie
+            // inside their buffers, C's rows for this batch and the columns of panels p0..p1 lie
+            // inside the output and no other item writes them, each extra operand covers the
+            // product's rows and columns (or column 0 when it broadcasts).
+            run(xs.as_ptr().wrapping_add(o[0]), packed.panels(bi), c.get().wrapping_add(o[2]), bi, p0..p1, 0..p.m);
         });
         // SAFETY: the items cover every batch and every panel, and each driver call writes all
         // m rows of its panels' columns.
@@ -1517,6 +1543,89 @@ impl<'t> Product<'t> {
 }
 
 impl Product<'_> {
+    /// Whether [`Product::run_sparse`] can run this product's epilogue: none, or one the
+    /// native tile epilogue takes.
+    fn sparse_epilogue(&self, fast: &Fast) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        let native =
+            fast.jit.tile_epilogue.is_some() && self.spec.epilogue.0.len() <= crate::kernels::avx512_vec::MAX_PROGRAM;
+        #[cfg(not(target_arch = "x86_64"))]
+        let native = false;
+        self.spec.epilogue.is_identity() || native
+    }
+
+    /// [`Product::run_at`] for weights whose panels have all-zero rows: per panel, the
+    /// micro-kernel over its live runs of rows only (in blocks of at most `KC` rows, each
+    /// added to the last), the tile zeroed where a panel has none; then the epilogue.
+    ///
+    /// # Safety
+    /// As [`Product::run_at`]; `runs` are the runs of this product's weights (`b`), and
+    /// [`Product::sparse_epilogue`] holds.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_sparse(
+        &self,
+        fast: &Fast,
+        runs: &crate::kernels::PanelRuns,
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        c: *mut f32,
+        bi: usize,
+        cols: Range<usize>,
+        rows: Range<usize>,
+    ) {
+        let (a, c) = (a.wrapping_add(rows.start * lda), c.wrapping_add(rows.start * self.ldc));
+        let (m, ldc, mr) = (rows.len(), self.ldc, fast.jit.tier.mr());
+        let kernel = fast.jit.micro_kernel;
+        let epilogue = if self.spec.epilogue.is_identity() { None } else { fast.jit.tile_epilogue };
+        self.with_program_at(fast, bi, &self.spec.epilogue, rows.start, |ctx| {
+            for p in cols {
+                let (n0, bp) = (p * NR, b.wrapping_add(p * self.k * NR));
+                let nb = NR.min(self.n - n0);
+                let mut first = true;
+                for &(k0, len) in runs.panel(p) {
+                    let (k0, k1) = (k0 as usize, (k0 + len) as usize);
+                    for s in (k0..k1).step_by(KC) {
+                        let kb = KC.min(k1 - s);
+                        for i in (0..m).step_by(mr) {
+                            // SAFETY: the caller's: rows i..i+mb of A hold columns s..s+kb,
+                            // the panel rows s..s+kb, C the tile's rows and columns.
+                            unsafe {
+                                kernel(
+                                    kb,
+                                    a.wrapping_add(i * lda + s),
+                                    lda,
+                                    bp.wrapping_add(s * NR),
+                                    c.wrapping_add(i * ldc + n0),
+                                    ldc,
+                                    mr.min(m - i),
+                                    nb,
+                                    u32::from(!first),
+                                    std::ptr::null(),
+                                    0,
+                                )
+                            };
+                        }
+                        first = false;
+                    }
+                }
+                if first {
+                    for i in 0..m {
+                        // SAFETY: row i of C holds the panel's nb columns (the caller's).
+                        unsafe { std::ptr::write_bytes(c.wrapping_add(i * ldc + n0), 0, nb) };
+                    }
+                }
+                if let Some(f) = epilogue {
+                    for i in (0..m).step_by(mr) {
+                        // SAFETY: the context is this product's for these rows (`r0`), its
+                        // program one the native epilogue takes (`sparse_epilogue`).
+                        unsafe { f(ctx as *const _, c, ldc, i, mr.min(m - i), n0, nb) };
+                    }
+                }
+            }
+        })
+    }
+
     /// Rows `k0..k1` of the inner dimension only, for all panels of batch 0, into `c` (stride
     /// `ldc`), without the epilogue: one part of a product split along `k`.
     ///
@@ -2251,6 +2360,101 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Float products by weights with all-zero panel rows run only the live runs: the same
+    /// values as the reference (the dense sums, up to rounding), every tier, with and without
+    /// an epilogue, whole zero panels, short gaps kept in a run, batches and threads.
+    #[test]
+    fn sparse_f32_products_match_the_reference() {
+        // (A's shape, k, n): n = 100 leaves a part panel, 2 x 37 rows two batches' worth.
+        let cases = [(vec![128usize, 256], 256usize, 100usize), (vec![2, 37, 192], 192, 64), (vec![5, 300], 300, 70)];
+        for tier in Tier::ALL {
+            for (epi, extra) in [(Epilogue(vec![EpiOp::Acc]), 0usize), (gelu_bias_residual(), 2)] {
+                for (shape, k, n) in &cases {
+                    let (k, n) = (*k, *n);
+                    let op: Op = FusedMatMul {
+                        a_perm: None,
+                        b_perm: None,
+                        packed: Some([k, n]),
+                        c_perm: None,
+                        epilogue: epi.clone(),
+                        extra,
+                        fused: vec![],
+                        int8: None,
+                    }
+                    .into();
+                    let Some(mut fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
+                    // Panel 0: rows 32..96 zero and every 5th row from 150 (gaps too short to
+                    // break a run); panel 1: all zero; panel 2 on: the first half of k zero.
+                    let mut w = rand(k * n, 7);
+                    for r in 0..k {
+                        for j in 0..n {
+                            let zero = match j / NR {
+                                0 => (32..96).contains(&r) || (r >= 150 && r % 5 == 0),
+                                1 => true,
+                                _ => r < k / 2,
+                            };
+                            if zero {
+                                w[r * n + j] = 0.0;
+                            }
+                        }
+                    }
+                    let packed = crate::kernels::pack_b(k, n, &w);
+                    let b = Tensor::new(vec![packed.len()], packed).unwrap();
+                    let plan = Plan {
+                        steps: vec![Step {
+                            op: op.clone(),
+                            inputs: vec![Some(0), Some(1)],
+                            outputs: vec![2],
+                            name: "p".into(),
+                        }],
+                        ..Default::default()
+                    };
+                    fast.prepare_sparse(&plan, &[(1, b.clone())]);
+                    let tag = format!("{tier} {shape:?} x {k}x{n} extra {extra}");
+                    assert_eq!(fast.panel_runs.len(), 1, "{tag}: zero rows found");
+                    let a = t(shape, 1);
+                    let mut out_shape = shape.clone();
+                    *out_shape.last_mut().unwrap() = n;
+                    let (bias, res) = (t(&[n], 3), t(&out_shape, 4));
+                    let mut ins = vec![Some(&a), Some(&b)];
+                    if extra == 2 {
+                        ins.extend([Some(&bias), Some(&res)]);
+                    }
+                    let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                    let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+                    assert_close(&tag, &got, &want, 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panel_runs_skip_long_zero_stretches_only() {
+        use crate::kernels::PanelRuns;
+        let (k, n) = (128, 40); // two panels, the second part-filled
+        let mut w = vec![1f32; k * n];
+        let mut zero_rows = |cols: std::ops::Range<usize>, rows: &[std::ops::Range<usize>]| {
+            for r in rows.iter().flat_map(|r| r.clone()) {
+                for j in cols.clone() {
+                    w[r * n + j] = if r % 2 == 0 { 0.0 } else { -0.0 };
+                }
+            }
+        };
+        // Panel 0: a long stretch (skipped), a short one (kept), the tail (skipped).
+        zero_rows(0..32, &[0..10, 20..60, 70..70 + PanelRuns::MIN_GAP - 1, 100..128]);
+        // Panel 1: all zero.
+        zero_rows(32..40, &[0..64, 64..128]);
+        let packed = crate::kernels::pack_b(k, n, &w);
+        let runs = PanelRuns::detect(k, n, &packed, 0.125).expect("sparse enough");
+        assert_eq!(runs.panel(0), &[(10, 10), (60, 40)]);
+        assert!(runs.panel(1).is_empty());
+        assert!(runs.fits(2) && !runs.fits(3));
+        assert!((runs.zero_fraction() - (1.0 - 50.0 / 256.0)).abs() < 1e-12);
+        // Too few zeros: the dense product.
+        assert!(PanelRuns::detect(k, n, &packed, 0.8).is_some() && PanelRuns::detect(k, n, &packed, 0.81).is_none());
+        assert!(PanelRuns::detect(k, n, &packed[1..], 0.0).is_none(), "wrong length");
     }
 
     /// Integer products on BERT shapes, all threads, weights hot (one copy) or cold (many

@@ -187,6 +187,9 @@ impl Model {
         let (mut constants, folded) = fold_at_load(&plan, constants, &facts, opts.jit);
         if opts.jit {
             pack_constant_products(&mut plan, &mut constants, &mut facts);
+            if let Some(f) = fast.as_mut() {
+                f.prepare_sparse(&plan, &constants);
+            }
             // Constants only folded or packed steps read (a dequantized weight, now packed)
             // are not kept.
             let mut read: std::collections::HashSet<Slot> = plan.outputs.iter().map(|o| o.slot).collect();

@@ -181,6 +181,78 @@ pub fn pack_b(k: usize, n: usize, b: &[f32]) -> Vec<f32> {
     out
 }
 
+/// The rows of [`pack_b`]'s panels that hold a weight other than zero, as runs: a float
+/// product multiplies only those ([`crate::fast`] at load, for weights with an eighth or more
+/// of their panel rows all zero: a block-sparse model from `tcc build --sparsity`, or any).
+/// Zero rows between two runs are kept in the runs when fewer than [`PanelRuns::MIN_GAP`]:
+/// each run costs a reload and store of the tile of C.
+#[derive(Debug)]
+pub struct PanelRuns {
+    /// Per panel, its first run in `runs`; one more entry at the end.
+    first: Vec<usize>,
+    /// `(first row of k, rows)`, panel after panel.
+    runs: Vec<(u32, u32)>,
+    zero: f64,
+}
+
+impl PanelRuns {
+    /// Fewest zero rows worth a run's break.
+    pub const MIN_GAP: usize = 16;
+
+    /// The runs of `k x n` weights packed by [`pack_b`] (`packed`), when at least `min_zero`
+    /// of the panels' rows fall outside them (else `None`: the dense product).
+    pub fn detect(k: usize, n: usize, packed: &[f32], min_zero: f64) -> Option<PanelRuns> {
+        let panels = n.div_ceil(NR);
+        if k == 0 || panels == 0 || packed.len() != panels * k * NR || k > u32::MAX as usize {
+            return None;
+        }
+        // `-0.0` is zero too: a skipped row adds nothing but for infinite or NaN activations.
+        let zero_row = |p: usize, r: usize| packed[(p * k + r) * NR..][..NR].iter().all(|v| *v == 0.0);
+        let (mut first, mut runs) = (Vec::with_capacity(panels + 1), Vec::new());
+        let mut kept = 0usize;
+        for p in 0..panels {
+            first.push(runs.len());
+            let mut r = 0;
+            while r < k {
+                if zero_row(p, r) {
+                    r += 1;
+                    continue;
+                }
+                let start = r;
+                let mut end = r + 1; // one past the last live row of this run
+                let mut j = end;
+                while j < k && j - end < Self::MIN_GAP {
+                    if !zero_row(p, j) {
+                        end = j + 1;
+                    }
+                    j += 1;
+                }
+                runs.push((start as u32, (end - start) as u32));
+                kept += end - start;
+                r = end;
+            }
+        }
+        first.push(runs.len());
+        let zero = 1.0 - kept as f64 / (panels * k) as f64;
+        (zero >= min_zero).then_some(PanelRuns { first, runs, zero })
+    }
+
+    /// The fraction of the panels' rows skipped.
+    pub fn zero_fraction(&self) -> f64 {
+        self.zero
+    }
+
+    /// Panel `p`'s runs, `(first row, rows)`.
+    pub fn panel(&self, p: usize) -> &[(u32, u32)] {
+        &self.runs[self.first[p]..self.first[p + 1]]
+    }
+
+    /// Whether these are the runs of `panels` panels.
+    pub fn fits(&self, panels: usize) -> bool {
+        self.first.len() == panels + 1
+    }
+}
+
 /// Inverse of [`pack_b`].
 pub fn unpack_b(k: usize, n: usize, packed: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; k * n];
