@@ -93,12 +93,21 @@ enum Command {
         /// output) or `unstructured`.
         #[arg(long, value_name = "PATTERN", default_value = "block:64x32", requires = "sparsity")]
         sparsity_pattern: String,
+        /// With --calibration, reach --sparsity in this many steps, each SparseGPT's
+        /// reconstruction then a joint refit of the weights kept: more steps, more accuracy and
+        /// a longer build.
+        #[arg(long, value_name = "N", default_value_t = 4, requires = "sparsity")]
+        sparsity_steps: usize,
         /// Calibration samples (sentences one a line, needs --tokenizer, or .npz/.json
         /// inputs): with --quantize, static activation ranges (none computed at run time);
         /// with --prune-*, what to remove and how to refit what stays; with --sparsity, the
         /// inputs the reconstruction fits.
         #[arg(long, value_name = "FILE")]
         calibration: Option<PathBuf>,
+        /// Calibration tokens --prune-* and --sparsity fit on at most (the first ones of
+        /// --calibration's samples): more fit better and take more memory.
+        #[arg(long, value_name = "N", default_value_t = 8192, requires = "calibration")]
+        calibration_tokens: usize,
         /// How calibration sets each range: `minmax` (all values), `percentile` (clips the
         /// 0.01% most extreme values at each end) or `entropy` (the clipping whose 256-level
         /// histogram is nearest in KL divergence, as TensorRT calibrates).
@@ -208,12 +217,20 @@ fn run(cmd: Command) -> Result<()> {
             prune_spread,
             sparsity,
             sparsity_pattern,
+            sparsity_steps,
             calibration,
+            calibration_tokens,
             calibrate,
             eval,
         } => {
             if prune_spread.is_some() && prune_heads.is_none() && prune_ffn.is_none() {
                 return Err("--prune-spread shares --prune-heads or --prune-ffn among the layers: give one".into());
+            }
+            if calibration_tokens == 0 {
+                return Err("--calibration-tokens 0: give at least one".into());
+            }
+            if !(1..=64).contains(&sparsity_steps) {
+                return Err(format!("--sparsity-steps {sparsity_steps}: expected 1 to 64").into());
             }
             let sparsify = match sparsity {
                 None => None,
@@ -221,6 +238,8 @@ fn run(cmd: Command) -> Result<()> {
                     fraction: f,
                     pattern: tcc_passes::Pattern::parse(&sparsity_pattern)
                         .map_err(|e| format!("--sparsity-pattern: {e}"))?,
+                    max_rows: calibration_tokens,
+                    steps: sparsity_steps,
                     ..Default::default()
                 }),
                 Some(f) => return Err(format!("--sparsity {f}: expected a fraction in [0, 1)").into()),
@@ -248,7 +267,7 @@ fn run(cmd: Command) -> Result<()> {
                     } else {
                         tcc_passes::Spread::Global
                     },
-                    ..Default::default()
+                    max_rows: calibration_tokens,
                 }),
             };
             let calibrating_pass = ["prune", "quantize-int8", "sparsify"].iter().any(|p| passes.contains(p));

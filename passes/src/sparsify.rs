@@ -19,8 +19,14 @@
 //! what the *dense* model's product gave on the dense model's inputs: the target weights are
 //! first `argmin E|x W' - x_d W|^2 + lambda |W' - W|^2`, so that a stage makes up for the error
 //! the stages before it left (MiniLM-L6, 50% unstructured, held-out cosine 0.903 all fit on the
-//! dense inputs, 0.905 sequential, 0.921 sequential with the correction). Without calibration
-//! samples `H` is the identity: plain magnitude pruning, no reconstruction (0.724).
+//! dense inputs, 0.905 sequential, 0.921 sequential with the correction). SparseGPT fixes each
+//! row once it has spread the row's errors over the rows after it, so the weights it keeps are
+//! not the best for its mask: they are then refit jointly ([`refit_kept`], a few steps of
+//! conjugate gradients on `H` restricted to the mask; 0.928). And the fraction is reached
+//! gradually ([`Sparsify::steps`], 4 by default: each step SparseGPT removes more, the zeros
+//! so far first, then the refit; 0.935; 8 steps and 16,384 calibration tokens: 0.948).
+//! Without calibration samples `H` is the identity: plain magnitude pruning, no reconstruction
+//! (0.724).
 //!
 //! The weights stay dense in the graph, with zeros; the runtime finds the zero blocks when it
 //! loads the weights (as it would in a model sparsified elsewhere) and skips them.
@@ -100,11 +106,22 @@ pub struct Sparsify {
     pub pattern: Pattern,
     /// Calibration tokens captured at most.
     pub max_rows: usize,
+    /// Steps of the joint refit of the kept weights after SparseGPT ([`refit_kept`]; 0: none).
+    pub refit: usize,
+    /// With calibration, the fraction is reached in this many equal steps, each SparseGPT then
+    /// the refit (MiniLM-L6, 50% unstructured, 108 held-out queries' mean cosine, 3,620
+    /// calibration tokens: 0.9284 / 0.9302 / 0.9351 / 0.9381 in 1 / 2 / 4 / 8 steps; 16,384
+    /// tokens: 0.9416 in 1, 0.9479 in 8). Time grows with it.
+    pub steps: usize,
 }
+
+/// [`Sparsify::refit`]'s default (MiniLM-L6, 50% unstructured, 108 held-out queries' mean
+/// cosine: 0.9210 without, 0.9278 after 10 steps, 0.9285 after 30).
+const REFIT_STEPS: usize = 20;
 
 impl Default for Sparsify {
     fn default() -> Self {
-        Sparsify { fraction: 0.5, pattern: Pattern::FASTEST, max_rows: 8192 }
+        Sparsify { fraction: 0.5, pattern: Pattern::FASTEST, max_rows: 8192, refit: REFIT_STEPS, steps: 4 }
     }
 }
 
@@ -115,10 +132,17 @@ impl Sparsify {
         if self.max_rows != Sparsify::default().max_rows {
             o.push(format!("rows={}", self.max_rows));
         }
+        if self.refit != REFIT_STEPS {
+            o.push(format!("refit={}", self.refit));
+        }
+        if self.steps != Sparsify::default().steps {
+            o.push(format!("steps={}", self.steps));
+        }
         format!("sparsify{{{}}}", o.join(", "))
     }
 
-    /// From pipeline options: `fraction=F`, `pattern=P` ([`Pattern::parse`]), `rows=N`.
+    /// From pipeline options: `fraction=F`, `pattern=P` ([`Pattern::parse`]), `rows=N`,
+    /// `refit=N` (steps; 0 for SparseGPT's weights as they are), `steps=N` (gradual steps).
     pub fn from_options(o: &BTreeMap<String, String>) -> Result<Sparsify, String> {
         let mut s = Sparsify::default();
         for (k, v) in o {
@@ -134,7 +158,21 @@ impl Sparsify {
                 "rows" => {
                     s.max_rows = v.parse().ok().filter(|&n| n > 0).ok_or_else(|| format!("sparsify: rows={v}"))?
                 }
-                other => return Err(format!("sparsify: unknown option `{other}` (known: fraction, pattern, rows)")),
+                "refit" => {
+                    s.refit = v.parse().ok().filter(|&n| n <= 1000).ok_or_else(|| format!("sparsify: refit={v}"))?
+                }
+                "steps" => {
+                    s.steps = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| format!("sparsify: steps={v}: expected 1 to 64"))?
+                }
+                other => {
+                    return Err(format!(
+                        "sparsify: unknown option `{other}` (known: fraction, pattern, rows, refit, steps)"
+                    ))
+                }
             }
         }
         Ok(s)
@@ -166,7 +204,7 @@ impl Pass for Sparsify {
             }
         }
         let gemm = Gemm::new()?;
-        let (pattern, fraction) = (self.pattern, self.fraction);
+        let (pattern, fraction, refit, steps) = (self.pattern, self.fraction, self.refit, self.steps.max(1));
         let (mut zeros, mut total) = (0usize, 0usize);
         // Writes a product's new weights into the graph (a new node; the old one goes dead).
         let mut apply = |g: &mut Graph, out: &mut PassOutcome, l: &Linear, w: &[f32], err: f64| {
@@ -218,7 +256,16 @@ impl Pass for Sparsify {
                     let done = on_threads(group, |i| {
                         let l = &linears[i];
                         let target = fit.target(&gemm, &l.w, l.k, l.n)?;
-                        let w = sparsegpt(&target, l.k, l.n, Some(fit.h.clone()), pattern, fraction);
+                        // Gradually: each step removes more (the zeros so far are the first
+                        // SparseGPT removes again), then the kept weights are refit.
+                        let mut w = target.clone();
+                        for step in 1..=steps {
+                            let f = fraction * step as f64 / steps as f64;
+                            w = sparsegpt(&w, l.k, l.n, Some(fit.h.clone()), pattern, f);
+                            if refit > 0 {
+                                w = refit_kept(&gemm, &fit.h, &target, &w, l.k, l.n, refit)?;
+                            }
+                        }
                         let err = relative_error(&gemm, Some(&fit.hd), &l.w, &w, l.k, l.n)?;
                         Ok((w, err))
                     })?;
@@ -435,6 +482,66 @@ pub(crate) fn sparsegpt(
     wd.iter().map(|&v| v as f32).collect()
 }
 
+/// The weights SparseGPT kept, refit together: per output, `min (w' - t)^T (H + lambda) (w' - t)`
+/// over the `w'` zero where `w` is (the mask it chose), by `iters` steps of conjugate gradients
+/// preconditioned by `H`'s diagonal, from `w`. SparseGPT fixes a row once it has spread the
+/// row's errors over the rows after it, so the rows before a removed weight never make up for
+/// it; this solves for every kept row at once (to the steps' tolerance).
+pub(crate) fn refit_kept(
+    gemm: &Gemm,
+    h: &[f64],
+    t: &[f32],
+    w: &[f32],
+    k: usize,
+    n: usize,
+    iters: usize,
+) -> tcc_ir::Result<Vec<f32>> {
+    let lambda = RIDGE * ((0..k).map(|r| h[r * k + r]).sum::<f64>() / k.max(1) as f64).max(1e-12);
+    let mut hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+    let mut diag = vec![0f32; k];
+    for r in 0..k {
+        hf[r * k + r] += lambda as f32;
+        diag[r] = hf[r * k + r].max(1e-30);
+    }
+    let kept: Vec<bool> = w.iter().map(|&v| v != 0.0).collect();
+    let masked = |mut v: Vec<f32>| {
+        v.iter_mut().zip(&kept).for_each(|(x, &m)| *x = if m { *x } else { 0.0 });
+        v
+    };
+    let per_column = |a: &[f32], b: &[f32]| {
+        let mut s = vec![0f64; n];
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            s[i % n] += *x as f64 * *y as f64;
+        }
+        s
+    };
+    let precondition = |r: &[f32]| -> Vec<f32> { r.iter().enumerate().map(|(i, &v)| v / diag[i / n]).collect() };
+    let mut x = w.to_vec();
+    let d: Vec<f32> = t.iter().zip(&x).map(|(a, b)| a - b).collect();
+    let mut r = masked(gemm.run(k, k, n, &hf, &d)?);
+    let mut z = precondition(&r);
+    let mut p = z.clone();
+    let mut rz = per_column(&r, &z);
+    for _ in 0..iters {
+        let q = masked(gemm.run(k, k, n, &hf, &p)?);
+        let pq = per_column(&p, &q);
+        let alpha: Vec<f32> = (0..n).map(|c| if pq[c] > 0.0 { (rz[c] / pq[c]) as f32 } else { 0.0 }).collect();
+        for i in 0..k * n {
+            x[i] += alpha[i % n] * p[i];
+            r[i] -= alpha[i % n] * q[i];
+        }
+        z = precondition(&r);
+        let rz2 = per_column(&r, &z);
+        for i in 0..k * n {
+            let c = i % n;
+            let beta = if rz[c] > 0.0 { (rz2[c] / rz[c]) as f32 } else { 0.0 };
+            p[i] = z[i] + beta * p[i];
+        }
+        rz = rz2;
+    }
+    Ok(masked(x))
+}
+
 /// `tr(D^T H D) / tr(W^T H W)` for `D = w2 - w` (`k x n`): the relative change of the product's
 /// output on inputs whose `X^T X / t` is `h` (`None`: the identity).
 pub(crate) fn relative_error(
@@ -555,6 +662,12 @@ mod tests {
             let (e_plain, e_fit) = (output_error(&x, t, k, n, &w, &plain), output_error(&x, t, k, n, &w, &fit));
             assert!(e_fit < 0.7 * e_plain, "{pattern}: reconstructed {e_fit} vs magnitude {e_plain}");
             assert!((rel - e_fit).abs() < 1e-3 * e_fit, "{pattern}: reported {rel}, measured {e_fit}");
+            // The joint refit keeps the mask and lowers the error further.
+            let refit = refit_kept(&Gemm::new().unwrap(), &h, &w, &fit, k, n, 20).unwrap();
+            assert!(refit.iter().zip(&fit).all(|(a, b)| (*a == 0.0) == (*b == 0.0)), "{pattern}: the mask moved");
+            let e_refit = output_error(&x, t, k, n, &w, &refit);
+            eprintln!("{pattern}: output error magnitude {e_plain:.4}, SparseGPT {e_fit:.4}, refit {e_refit:.4}");
+            assert!(e_refit < 0.97 * e_fit, "{pattern}: refit {e_refit} vs SparseGPT {e_fit}");
         }
     }
 

@@ -49,7 +49,8 @@ fn half_the_weights_reconstructed_on_calibration_sentences() {
          (by magnitude alone: {:.4} / {:.4})",
         a.mean_cosine, a.min_cosine, b.mean_cosine, b.min_cosine
     );
-    assert!(a.mean_cosine >= 0.91, "{a:?}");
+    // (0.9351 with the default 4 steps and the refit; SparseGPT alone in one step: 0.921.)
+    assert!(a.mean_cosine >= 0.925, "{a:?}");
     assert!(a.mean_cosine >= b.mean_cosine + 0.1, "reconstructed {a:?} vs magnitude {b:?}");
 }
 
