@@ -2078,6 +2078,15 @@ mod tests {
         }
     }
 
+    /// A plan of the one product `op` reading slots 0 (A) and 1 (the weights), which
+    /// `Fast::prepare_int8` and `Fast::prepare_sparse` look through.
+    fn product_plan(op: &Op) -> Plan {
+        Plan {
+            steps: vec![Step { op: op.clone(), inputs: vec![Some(0), Some(1)], outputs: vec![2], name: "p".into() }],
+            ..Default::default()
+        }
+    }
+
     fn gelu_bias_residual() -> Epilogue {
         // ((acc + bias) * 0.5 * (1 + erf((acc + bias) / sqrt2))) + residual
         Epilogue(vec![
@@ -2324,15 +2333,7 @@ mod tests {
                     let w: Vec<i8> = (0..k * n).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 as i8).collect();
                     let packed = crate::kernels::int8::pack_b_s8(k, n, &w);
                     let b = Tensor::new(vec![packed.len()], packed).unwrap();
-                    let plan = Plan {
-                        steps: vec![crate::plan::Step {
-                            op: op.clone(),
-                            inputs: vec![Some(0), Some(1)],
-                            outputs: vec![2],
-                            name: "p".into(),
-                        }],
-                        ..Default::default()
-                    };
+                    let plan = product_plan(&op);
                     fast.prepare_int8(&plan, &[(1, b.clone())]);
                     let wscale = Tensor::new(vec![n], (0..n).map(|j| 0.001 + j as f32 * 1e-5).collect()).unwrap();
                     let bias = t(&[n], 3);
@@ -2402,15 +2403,7 @@ mod tests {
                     }
                     let packed = crate::kernels::pack_b(k, n, &w);
                     let b = Tensor::new(vec![packed.len()], packed).unwrap();
-                    let plan = Plan {
-                        steps: vec![Step {
-                            op: op.clone(),
-                            inputs: vec![Some(0), Some(1)],
-                            outputs: vec![2],
-                            name: "p".into(),
-                        }],
-                        ..Default::default()
-                    };
+                    let plan = product_plan(&op);
                     fast.prepare_sparse(&plan, &[(1, b.clone())]);
                     let tag = format!("{tier} {shape:?} x {k}x{n} extra {extra}");
                     assert_eq!(fast.panel_runs.len(), 1, "{tag}: zero rows found");
@@ -2518,15 +2511,7 @@ mod tests {
             let bs: Vec<Tensor> =
                 (0..copies).map(|_| Tensor::new(vec![packed.len()], packed.clone()).unwrap()).collect();
             for b in &bs {
-                let plan = Plan {
-                    steps: vec![crate::plan::Step {
-                        op: op.clone(),
-                        inputs: vec![Some(0), Some(1)],
-                        outputs: vec![2],
-                        name: "p".into(),
-                    }],
-                    ..Default::default()
-                };
+                let plan = product_plan(&op);
                 fast.prepare_int8(&plan, &[(1, b.clone())]);
             }
             let (bias, scale) = (t(&[n], 3), t(&[n], 4));
