@@ -255,6 +255,7 @@ impl Pass for Sparsify {
                         captured(c.as_ref(), &now, &[v], self.max_rows)?.remove(0)
                     };
                     let fit = Fit::new(&gemm, &xs, &xd[si])?;
+                    let hf = if refit > 0 { ridged_f32(&fit.h, fit.k) } else { Vec::new() };
                     let done = on_threads(group, |i| {
                         let l = &linears[i];
                         let target = fit.target(&gemm, &l.w, l.k, l.n)?;
@@ -265,7 +266,7 @@ impl Pass for Sparsify {
                             let f = fraction * step as f64 / steps as f64;
                             w = sparsegpt(&w, l.k, l.n, Some(fit.h.clone()), pattern, f);
                             if refit > 0 {
-                                w = refit_kept(&gemm, &fit.h, &target, &w, l.k, l.n, refit)?;
+                                w = refit_kept(&gemm, &hf, &target, &w, l.k, l.n, refit)?;
                             }
                         }
                         let err = relative_error(&gemm, Some(&fit.hd), &l.w, &w, l.k, l.n)?;
@@ -325,7 +326,7 @@ impl Fit {
     fn target(&self, gemm: &Gemm, w: &[f32], k: usize, n: usize) -> tcc_ir::Result<Vec<f32>> {
         let Some(c) = &self.cross else { return Ok(w.to_vec()) };
         debug_assert_eq!(k, self.k);
-        let lambda = TARGET_RIDGE * ((0..k).map(|r| self.h[r * k + r]).sum::<f64>() / k.max(1) as f64).max(1e-12);
+        let lambda = TARGET_RIDGE * mean_diagonal(&self.h, k);
         let cw = gemm.run(k, k, n, c, w)?;
         let mut a = self.h.clone();
         for r in 0..k {
@@ -347,6 +348,22 @@ fn transpose(rows: &[f32], t: usize, k: usize) -> Vec<f32> {
         }
     }
     xt
+}
+
+/// The mean of the diagonal of `h` (`k x k`), at least 1e-12: what the ridges scale.
+fn mean_diagonal(h: &[f64], k: usize) -> f64 {
+    ((0..k).map(|r| h[r * k + r]).sum::<f64>() / k.max(1) as f64).max(1e-12)
+}
+
+/// `h + lambda` in `f32`, with SparseGPT's ridge ([`RIDGE`] of the mean diagonal): the system
+/// [`refit_kept`] solves.
+pub(crate) fn ridged_f32(h: &[f64], k: usize) -> Vec<f32> {
+    let lambda = RIDGE * mean_diagonal(h, k);
+    let mut hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
+    for r in 0..k {
+        hf[r * k + r] += lambda as f32;
+    }
+    hf
 }
 
 /// `X^T X / t` of `t` rows of `k`.
@@ -377,7 +394,7 @@ pub(crate) fn sparsegpt(
             wd[r * n..(r + 1) * n].fill(0.0);
         }
     }
-    let lambda = RIDGE * ((0..k).map(|r| h[r * k + r]).sum::<f64>() / k.max(1) as f64).max(1e-12);
+    let lambda = RIDGE * mean_diagonal(&h, k);
     for r in 0..k {
         h[r * k + r] += lambda;
     }
@@ -489,22 +506,19 @@ pub(crate) fn sparsegpt(
 /// preconditioned by `H`'s diagonal, from `w`. SparseGPT fixes a row once it has spread the
 /// row's errors over the rows after it, so the rows before a removed weight never make up for
 /// it; this solves for every kept row at once (to the steps' tolerance).
+///
+/// `hf` is `H + lambda` in `f32` ([`ridged_f32`]), made once for every product reading the
+/// same inputs and every step.
 pub(crate) fn refit_kept(
     gemm: &Gemm,
-    h: &[f64],
+    hf: &[f32],
     t: &[f32],
     w: &[f32],
     k: usize,
     n: usize,
     iters: usize,
 ) -> tcc_ir::Result<Vec<f32>> {
-    let lambda = RIDGE * ((0..k).map(|r| h[r * k + r]).sum::<f64>() / k.max(1) as f64).max(1e-12);
-    let mut hf: Vec<f32> = h.iter().map(|&v| v as f32).collect();
-    let mut diag = vec![0f32; k];
-    for r in 0..k {
-        hf[r * k + r] += lambda as f32;
-        diag[r] = hf[r * k + r].max(1e-30);
-    }
+    let diag: Vec<f32> = (0..k).map(|r| hf[r * k + r].max(1e-30)).collect();
     let kept: Vec<bool> = w.iter().map(|&v| v != 0.0).collect();
     let masked = |mut v: Vec<f32>| {
         v.iter_mut().zip(&kept).for_each(|(x, &m)| *x = if m { *x } else { 0.0 });
@@ -520,12 +534,12 @@ pub(crate) fn refit_kept(
     let precondition = |r: &[f32]| -> Vec<f32> { r.iter().enumerate().map(|(i, &v)| v / diag[i / n]).collect() };
     let mut x = w.to_vec();
     let d: Vec<f32> = t.iter().zip(&x).map(|(a, b)| a - b).collect();
-    let mut r = masked(gemm.run(k, k, n, &hf, &d)?);
+    let mut r = masked(gemm.run(k, k, n, hf, &d)?);
     let mut z = precondition(&r);
     let mut p = z.clone();
     let mut rz = per_column(&r, &z);
     for _ in 0..iters {
-        let q = masked(gemm.run(k, k, n, &hf, &p)?);
+        let q = masked(gemm.run(k, k, n, hf, &p)?);
         let pq = per_column(&p, &q);
         let alpha: Vec<f32> = (0..n).map(|c| if pq[c] > 0.0 { (rz[c] / pq[c]) as f32 } else { 0.0 }).collect();
         for i in 0..k * n {
@@ -665,7 +679,7 @@ mod tests {
             assert!(e_fit < 0.7 * e_plain, "{pattern}: reconstructed {e_fit} vs magnitude {e_plain}");
             assert!((rel - e_fit).abs() < 1e-3 * e_fit, "{pattern}: reported {rel}, measured {e_fit}");
             // The joint refit keeps the mask and lowers the error further.
-            let refit = refit_kept(&Gemm::new().unwrap(), &h, &w, &fit, k, n, 20).unwrap();
+            let refit = refit_kept(&Gemm::new().unwrap(), &ridged_f32(&h, k), &w, &fit, k, n, 20).unwrap();
             assert!(refit.iter().zip(&fit).all(|(a, b)| (*a == 0.0) == (*b == 0.0)), "{pattern}: the mask moved");
             let e_refit = output_error(&x, t, k, n, &w, &refit);
             eprintln!("{pattern}: output error magnitude {e_plain:.4}, SparseGPT {e_fit:.4}, refit {e_refit:.4}");

@@ -107,33 +107,33 @@ const WEIGHT_ALIGN: usize = 64;
 /// Weights with an eighth or more of their chunks all zero are stored chunked (see the module
 /// documentation): returned with their dtype and shape.
 fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<(Vec<u8>, BTreeMap<String, Chunked>)> {
-    let mut order: Vec<&(String, Tensor)> = weights.iter().collect();
-    order.sort_by(|a, b| b.1.dtype().size().cmp(&a.1.dtype().size()).then(a.0.cmp(&b.0)));
-    if let Some((name, _)) = order.iter().find(|(n, _)| n.starts_with(PAD_PREFIX) || n.starts_with(LIVE_PREFIX)) {
+    if let Some((name, _)) = weights.iter().find(|(n, _)| n.starts_with(PAD_PREFIX) || n.starts_with(LIVE_PREFIX)) {
         return Err(Error::Artifact(format!(
             "weight `{name}`: names starting `{PAD_PREFIX}` or `{LIVE_PREFIX}` are reserved"
         )));
     }
+    // (name, dtype, shape, bytes) of each entry.
     let mut chunked = BTreeMap::new();
-    let mut bitmaps: Vec<(String, Tensor)> = Vec::new();
-    let mut entries: Vec<(String, Tensor)> = Vec::with_capacity(order.len());
-    for (name, t) in order {
+    let mut bitmaps = Vec::new();
+    let mut entries: Vec<(String, DType, Vec<usize>, Vec<u8>)> = Vec::with_capacity(weights.len());
+    for (name, t) in weights {
         let bytes = t.to_le_bytes();
         match live_chunks(&bytes) {
             Some((live, bits)) => {
                 chunked.insert(name.clone(), Chunked { dtype: t.dtype(), shape: t.shape().to_vec() });
-                entries.push((name.clone(), Tensor::new(vec![live.len()], live)?));
-                bitmaps.push((format!("{LIVE_PREFIX}{name}"), Tensor::new(vec![bits.len()], bits)?));
+                entries.push((name.clone(), DType::U8, vec![live.len()], live));
+                bitmaps.push((format!("{LIVE_PREFIX}{name}"), DType::U8, vec![bits.len()], bits));
             }
-            None => entries.push((name.clone(), t.clone())),
+            None => entries.push((name.clone(), t.dtype(), t.shape().to_vec(), bytes)),
         }
     }
-    entries.sort_by(|a, b| b.1.dtype().size().cmp(&a.1.dtype().size()).then(a.0.cmp(&b.0)));
+    entries.sort_by(|a, b| b.1.size().cmp(&a.1.size()).then(a.0.cmp(&b.0)));
+    bitmaps.sort_by(|a, b| a.0.cmp(&b.0));
     entries.extend(bitmaps);
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     let mut datas = Vec::with_capacity(entries.len());
-    for (name, t) in &entries {
+    for (name, dtype, shape, bytes) in entries {
         let gap = offset.next_multiple_of(WEIGHT_ALIGN) - offset;
         if gap > 0 {
             header.insert(
@@ -143,8 +143,7 @@ fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<(Vec<u8>, BTreeMap<S
             offset += gap;
             datas.push(vec![0u8; gap]);
         }
-        let bytes = t.to_le_bytes();
-        let dtype = match t.dtype() {
+        let dtype = match dtype {
             DType::F32 => "F32",
             DType::I64 => "I64",
             DType::I32 => "I32",
@@ -153,8 +152,8 @@ fn safetensors_blob(weights: &[(String, Tensor)]) -> Result<(Vec<u8>, BTreeMap<S
             DType::Bool => "BOOL",
         };
         header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": dtype, "shape": t.shape(), "data_offsets": [offset, offset + bytes.len()]}),
+            name,
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
         );
         offset += bytes.len();
         datas.push(bytes);

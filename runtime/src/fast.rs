@@ -2078,6 +2078,26 @@ mod tests {
         }
     }
 
+    /// A product by weights packed in panels (`k x n`), in no other layout.
+    pub(super) fn packed_product(
+        k: usize,
+        n: usize,
+        epilogue: Epilogue,
+        extra: usize,
+        int8: Option<fused::ActQuant>,
+    ) -> FusedMatMul {
+        FusedMatMul {
+            a_perm: None,
+            b_perm: None,
+            packed: Some([k, n]),
+            c_perm: None,
+            epilogue,
+            extra,
+            fused: vec![],
+            int8,
+        }
+    }
+
     /// A plan of the one product `op` reading slots 0 (A) and 1 (the weights), which
     /// `Fast::prepare_int8` and `Fast::prepare_sparse` look through.
     fn product_plan(op: &Op) -> Plan {
@@ -2142,17 +2162,7 @@ mod tests {
                 tier == Tier::Avx512 && pool::global().threads() >= 2
             );
             for &(m, k, n) in &shapes {
-                let op: Op = FusedMatMul {
-                    a_perm: None,
-                    b_perm: None,
-                    packed: Some([k, n]),
-                    c_perm: None,
-                    epilogue: epi.clone(),
-                    extra: 2,
-                    fused: vec![],
-                    int8: None,
-                }
-                .into();
+                let op: Op = packed_product(k, n, epi.clone(), 2, None).into();
                 let a = t(&[m, k], 1);
                 let w = rand(k * n, 2);
                 let packed = pack_b(k, n, &w);
@@ -2310,17 +2320,9 @@ mod tests {
             ] {
                 for (shape, k, n, epi, extra, c_perm) in &cases {
                     let (k, n) = (*k, *n);
-                    let op: Op = FusedMatMul {
-                        a_perm: None,
-                        b_perm: None,
-                        packed: Some([k, n]),
-                        c_perm: c_perm.clone(),
-                        epilogue: epi.clone(),
-                        extra: *extra,
-                        fused: vec![],
-                        int8: Some(act),
-                    }
-                    .into();
+                    let op: Op =
+                        FusedMatMul { c_perm: c_perm.clone(), ..packed_product(k, n, epi.clone(), *extra, Some(act)) }
+                            .into();
                     let Some(mut fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
                     // Activations with an outlier column, weights over the full s8 range.
                     let mut av = rand(shape.iter().product(), 1);
@@ -2374,17 +2376,7 @@ mod tests {
             for (epi, extra) in [(Epilogue(vec![EpiOp::Acc]), 0usize), (gelu_bias_residual(), 2)] {
                 for (shape, k, n) in &cases {
                     let (k, n) = (*k, *n);
-                    let op: Op = FusedMatMul {
-                        a_perm: None,
-                        b_perm: None,
-                        packed: Some([k, n]),
-                        c_perm: None,
-                        epilogue: epi.clone(),
-                        extra,
-                        fused: vec![],
-                        int8: None,
-                    }
-                    .into();
+                    let op: Op = packed_product(k, n, epi.clone(), extra, None).into();
                     let Some(mut fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
                     // Panel 0: rows 32..96 zero and every 5th row from 150 (gaps too short to
                     // break a run); panel 1: all zero; panel 2 on: the first half of k zero.
@@ -2492,17 +2484,7 @@ mod tests {
             (128, 1536, 384, &epi),
         ];
         for &(m, k, n, epi) in &shapes {
-            let op: Op = FusedMatMul {
-                a_perm: None,
-                b_perm: None,
-                packed: Some([k, n]),
-                c_perm: None,
-                epilogue: epi.clone(),
-                extra: 2,
-                fused: vec![],
-                int8: Some(fused::ActQuant::DynamicRow),
-            }
-            .into();
+            let op: Op = packed_product(k, n, epi.clone(), 2, Some(fused::ActQuant::DynamicRow)).into();
             let Some(mut fast) = fast_for(Tier::Avx512, std::slice::from_ref(&op)) else { return };
             let a = t(&[m, k], 1);
             let w: Vec<i8> = (0..k * n).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8 as i8).collect();
@@ -2585,17 +2567,7 @@ mod tests {
         let mut a = vec![0f32; m * k];
         a[..data.len()].copy_from_slice(&data);
         let eye: Vec<f32> = (0..k * k).map(|i| if i % (k + 1) == 0 { 1.0 } else { 0.0 }).collect();
-        let op: Op = FusedMatMul {
-            a_perm: None,
-            b_perm: None,
-            packed: Some([k, k]),
-            c_perm: None,
-            epilogue: Epilogue(vec![EpiOp::Acc, EpiOp::FakeQuant(0, q)]),
-            extra: 0,
-            fused: vec![],
-            int8: None,
-        }
-        .into();
+        let op: Op = packed_product(k, k, Epilogue(vec![EpiOp::Acc, EpiOp::FakeQuant(0, q)]), 0, None).into();
         let at = Tensor::new(vec![m, k], a).unwrap();
         let b = Tensor::new(vec![pack_b(k, k, &eye).len()], pack_b(k, k, &eye)).unwrap();
         let want = op.eval(&EvalContext::default(), &[Some(&at), Some(&b)]).unwrap().remove(0);
@@ -2912,6 +2884,7 @@ mod timing {
 
 #[cfg(test)]
 mod gemm_timing {
+    use super::tests::packed_product;
     use super::*;
     use crate::kernels::pack_b;
     use crate::op::{EpiOp, Epilogue};
@@ -2949,17 +2922,7 @@ mod gemm_timing {
             (128, 3072, 768, &bias),
         ];
         for &(m, k, n, bias_epi) in &shapes {
-            let op: Op = FusedMatMul {
-                a_perm: None,
-                b_perm: None,
-                packed: Some([k, n]),
-                c_perm: None,
-                epilogue: bias_epi.clone(),
-                extra: usize::from(!bias_epi.0.is_empty()),
-                fused: vec![],
-                int8: None,
-            }
-            .into();
+            let op: Op = packed_product(k, n, bias_epi.clone(), usize::from(!bias_epi.0.is_empty()), None).into();
             let plan = Plan {
                 steps: vec![crate::plan::Step { op: op.clone(), inputs: vec![], outputs: vec![], name: String::new() }],
                 ..Default::default()
