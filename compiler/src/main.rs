@@ -83,7 +83,7 @@ enum Command {
         /// each layer).
         #[arg(long, value_name = "HOW", value_parser = ["global", "uniform"])]
         prune_spread: Option<String>,
-        /// Set this fraction of every product's weights to zero, in --sparsity-pattern, the
+        /// Set this fraction of the products' weights to zero, in --sparsity-pattern, the
         /// others corrected for them on --calibration's samples (SparseGPT's reconstruction;
         /// without samples, by magnitude alone). Runs after --prune-*, before --quantize.
         #[arg(long, value_name = "F")]
@@ -98,6 +98,11 @@ enum Command {
         /// a longer build.
         #[arg(long, value_name = "N", default_value_t = 4, requires = "sparsity")]
         sparsity_steps: usize,
+        /// The attention blocks' products lose this times --sparsity of their weights, the
+        /// others what makes the total --sparsity (1: every product the same; attention
+        /// suffers most from losing weights).
+        #[arg(long, value_name = "R", default_value_t = 0.8, requires = "sparsity")]
+        sparsity_attention: f64,
         /// Calibration samples (sentences one a line, needs --tokenizer, or .npz/.json
         /// inputs): with --quantize, static activation ranges (none computed at run time);
         /// with --prune-*, what to remove and how to refit what stays; with --sparsity, the
@@ -218,6 +223,7 @@ fn run(cmd: Command) -> Result<()> {
             sparsity,
             sparsity_pattern,
             sparsity_steps,
+            sparsity_attention,
             calibration,
             calibration_tokens,
             calibrate,
@@ -232,6 +238,9 @@ fn run(cmd: Command) -> Result<()> {
             if !(1..=64).contains(&sparsity_steps) {
                 return Err(format!("--sparsity-steps {sparsity_steps}: expected 1 to 64").into());
             }
+            if !(0.0..=2.0).contains(&sparsity_attention) {
+                return Err(format!("--sparsity-attention {sparsity_attention}: expected a ratio from 0 to 2").into());
+            }
             let sparsify = match sparsity {
                 None => None,
                 Some(f) if (0.0..1.0).contains(&f) => Some(tcc_passes::Sparsify {
@@ -240,6 +249,7 @@ fn run(cmd: Command) -> Result<()> {
                         .map_err(|e| format!("--sparsity-pattern: {e}"))?,
                     max_rows: calibration_tokens,
                     steps: sparsity_steps,
+                    attention: sparsity_attention,
                     ..Default::default()
                 }),
                 Some(f) => return Err(format!("--sparsity {f}: expected a fraction in [0, 1)").into()),

@@ -336,6 +336,21 @@ impl Registry {
     }
 }
 
+/// A pass's option `key=value` read as a `T` within `range`; otherwise an error naming the pass,
+/// the option and what it takes (`expected`: "a fraction in [0, 1)").
+pub(crate) fn option_in<T: std::str::FromStr + PartialOrd>(
+    pass: &str,
+    (key, value): (&str, &str),
+    range: impl std::ops::RangeBounds<T>,
+    expected: &str,
+) -> Result<T, String> {
+    value
+        .parse::<T>()
+        .ok()
+        .filter(|x| range.contains(x))
+        .ok_or_else(|| format!("{pass}: {key}={value}: expected {expected}"))
+}
+
 fn no_options(pass: &str, o: &BTreeMap<String, String>) -> Result<(), String> {
     match o.keys().next() {
         Some(k) => Err(format!("`{pass}` takes no option `{k}`")),

@@ -28,8 +28,8 @@
 //! `[.., -1, d]` and `[.., -1]` follow by themselves; explicit head counts are rewritten. A layer
 //! left with no head keeps only its output projection's bias on the residual.
 
-use crate::manager::{Calibrator, Pass, PassContext, PassOutcome};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use crate::manager::{option_in, Calibrator, Pass, PassContext, PassOutcome};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tcc_ir::op::{BinaryKind, EpiOp, FusedMatMul};
 use tcc_ir::{Dim, Graph, Op, Tensor, ValueId};
 use tcc_runtime::kernels;
@@ -179,13 +179,7 @@ impl Prune {
             match k.as_str() {
                 "heads" => p.heads = Some(parse_heads(v)?),
                 "layers" => p.layers = Some(parse_layers(v).map_err(|e| format!("prune: {e}"))?),
-                "ffn" => {
-                    p.ffn = v
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|f| (0.0..1.0).contains(f))
-                        .ok_or_else(|| format!("prune: ffn={v}: expected a fraction in [0, 1)"))?
-                }
+                "ffn" => p.ffn = option_in("prune", (k, v), 0.0..1.0, "a fraction in [0, 1)")?,
                 "spread" => {
                     p.spread = match v.as_str() {
                         "uniform" => Spread::Uniform,
@@ -193,7 +187,7 @@ impl Prune {
                         _ => return Err(format!("prune: spread={v}: expected uniform or global")),
                     }
                 }
-                "rows" => p.max_rows = v.parse().ok().filter(|&n| n > 0).ok_or_else(|| format!("prune: rows={v}"))?,
+                "rows" => p.max_rows = option_in("prune", (k, v), 1.., "at least 1")?,
                 other => {
                     return Err(format!("prune: unknown option `{other}` (known: heads, layers, ffn, spread, rows)"))
                 }
@@ -360,6 +354,22 @@ fn head_blocks(g: &Graph) -> Vec<HeadBlock> {
         out.extend(found);
     }
     out
+}
+
+/// The nodes of the products of the graph's attention blocks (Q, K, V and the output
+/// projection), as [`head_blocks`] finds them.
+pub(crate) fn attention_products(g: &Graph) -> HashSet<usize> {
+    let mut nodes = HashSet::new();
+    for b in head_blocks(g) {
+        match &b.qkv {
+            Qkv::Separate(l) => nodes.extend(l.iter().map(|l| l.node)),
+            Qkv::Fused(l, _) => {
+                nodes.insert(l.node);
+            }
+        }
+        nodes.insert(b.out.node);
+    }
+    nodes
 }
 
 fn ffn_blocks(g: &Graph) -> Vec<FfnBlock> {

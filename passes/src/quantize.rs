@@ -20,7 +20,7 @@
 //! This pass approximates: it changes what the graph computes by the quantization error. The
 //! build reports it, and `tcc build --eval` measures it against the `f32` model.
 
-use crate::manager::{Pass, PassContext, PassOutcome, RangeMethod};
+use crate::manager::{option_in, Pass, PassContext, PassOutcome, RangeMethod};
 use std::collections::{BTreeMap, HashMap};
 use tcc_ir::op::fused::{ActQuant, MAX_INT8_K};
 use tcc_ir::op::{BinaryKind, Epilogue, FusedMatMul};
@@ -59,10 +59,7 @@ impl QuantizeInt8 {
             QuantizeInt8 { act: Activations::Dynamic(ActQuant::DynamicRow), embeddings: true, attention_bf16: true };
         let tail = match o.get("tail") {
             None => None,
-            Some(t) => match t.parse::<f64>() {
-                Ok(t) if (0.0..0.5).contains(&t) => Some(t),
-                _ => return Err(format!("quantize-int8: tail={t}: expected a number in [0, 0.5)")),
-            },
+            Some(t) => Some(option_in("quantize-int8", ("tail", t), 0.0..0.5, "a number in [0, 0.5)")?),
         };
         let range = match (o.get("calibrate").map(String::as_str), tail) {
             (None, Some(tail)) | (Some("percentile"), Some(tail)) => RangeMethod::Percentile { tail },
