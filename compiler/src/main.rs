@@ -103,6 +103,12 @@ enum Command {
         /// suffers most from losing weights).
         #[arg(long, value_name = "R", default_value_t = 0.8, requires = "sparsity")]
         sparsity_attention: f64,
+        /// The first products keep 1 - D times the weights of their kind's share, the last
+        /// 1 + D times, linearly between (the products after one make up for its errors; the
+        /// last ones' reach the output): 0 to 1; by default 0.2 for unstructured weights, 0
+        /// for blocks (whose speed it costs).
+        #[arg(long, value_name = "D", requires = "sparsity")]
+        sparsity_depth: Option<f64>,
         /// Calibration samples (sentences one a line, needs --tokenizer, or .npz/.json
         /// inputs): with --quantize, static activation ranges (none computed at run time);
         /// with --prune-*, what to remove and how to refit what stays; with --sparsity, the
@@ -224,6 +230,7 @@ fn run(cmd: Command) -> Result<()> {
             sparsity_pattern,
             sparsity_steps,
             sparsity_attention,
+            sparsity_depth,
             calibration,
             calibration_tokens,
             calibrate,
@@ -241,6 +248,9 @@ fn run(cmd: Command) -> Result<()> {
             if !(0.0..=2.0).contains(&sparsity_attention) {
                 return Err(format!("--sparsity-attention {sparsity_attention}: expected a ratio from 0 to 2").into());
             }
+            if let Some(d) = sparsity_depth.filter(|d| !(0.0..=1.0).contains(d)) {
+                return Err(format!("--sparsity-depth {d}: expected 0 to 1").into());
+            }
             let sparsify = match sparsity {
                 None => None,
                 Some(f) if (0.0..1.0).contains(&f) => Some(tcc_passes::Sparsify {
@@ -250,6 +260,7 @@ fn run(cmd: Command) -> Result<()> {
                     max_rows: calibration_tokens,
                     steps: sparsity_steps,
                     attention: sparsity_attention,
+                    depth: sparsity_depth,
                     ..Default::default()
                 }),
                 Some(f) => return Err(format!("--sparsity {f}: expected a fraction in [0, 1)").into()),

@@ -211,6 +211,8 @@ fn prune_heads_and_neurons() {
     assert!(err.contains("--sparsity-steps 0: expected 1 to 64"), "{err}");
     let err = fails(&[&base[..], &["--sparsity", "0.5", "--sparsity-attention", "3"]].concat());
     assert!(err.contains("--sparsity-attention 3: expected a ratio from 0 to 2"), "{err}");
+    let err = fails(&[&base[..], &["--sparsity", "0.5", "--sparsity-depth", "1.5"]].concat());
+    assert!(err.contains("--sparsity-depth 1.5: expected 0 to 1"), "{err}");
     let err = fails(&[&base[..], &["--sparsity", "0.5", "--calibration-tokens", "0"], &calib[..]].concat());
     assert!(err.contains("--calibration-tokens 0"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -49,9 +49,9 @@ fn half_the_weights_reconstructed_on_calibration_sentences() {
          (by magnitude alone: {:.4} / {:.4})",
         a.mean_cosine, a.min_cosine, b.mean_cosine, b.min_cosine
     );
-    // (0.9402 with the defaults: 4 steps, the refit, attention at 0.8 of the fraction;
-    // SparseGPT alone in one step, every product the same: 0.921.)
-    assert!(a.mean_cosine >= 0.935, "{a:?}");
+    // (0.9468 with the defaults: 4 steps, the refit, attention at 0.8 of the fraction, the
+    // first layers losing more; SparseGPT alone in one step, every product the same: 0.921.)
+    assert!(a.mean_cosine >= 0.94, "{a:?}");
     assert!(a.mean_cosine >= b.mean_cosine + 0.1, "reconstructed {a:?} vs magnitude {b:?}");
 }
 
