@@ -99,8 +99,8 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 4, requires = "sparsity")]
         sparsity_steps: usize,
         /// The attention blocks' products lose this times --sparsity of their weights, the
-        /// others what makes the total --sparsity (1: every product the same; attention
-        /// suffers most from losing weights).
+        /// others what makes the total --sparsity (1: attention loses what the others do;
+        /// attention suffers most from losing weights).
         #[arg(long, value_name = "R", default_value_t = 0.8, requires = "sparsity")]
         sparsity_attention: f64,
         /// The first products keep 1 - D times the weights of their kind's share, the last
