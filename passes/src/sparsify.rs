@@ -299,7 +299,7 @@ impl Pass for Sparsify {
                 let all: Vec<usize> = (0..linears.len()).collect();
                 let done = on_threads(&all, |i| {
                     let l = &linears[i];
-                    let w = sparsegpt(&l.w, l.k, l.n, None, pattern, fractions[i]);
+                    let w = sparsegpt(&l.w, l.k, l.n, &Factor::new(None, l.k), pattern, fractions[i]);
                     let err = relative_error(&gemm, None, &l.w, &w, l.k, l.n)?;
                     Ok((w, err))
                 })?;
@@ -329,6 +329,7 @@ impl Pass for Sparsify {
                     };
                     let fit = Fit::new(&gemm, &xs, &xd[si])?;
                     let hf = if refit > 0 { ridged_f32(&fit.h, fit.k) } else { Vec::new() };
+                    let factor = Factor::new(Some(&fit.h), fit.k);
                     let done = on_threads(group, |i| {
                         let l = &linears[i];
                         let target = fit.target(&gemm, &l.w, l.k, l.n)?;
@@ -337,7 +338,7 @@ impl Pass for Sparsify {
                         let mut w = target.clone();
                         for step in 1..=steps {
                             let f = fractions[i] * step as f64 / steps as f64;
-                            w = sparsegpt(&w, l.k, l.n, Some(fit.h.clone()), pattern, f);
+                            w = sparsegpt(&w, l.k, l.n, &factor, pattern, f);
                             if refit > 0 {
                                 w = refit_kept(&gemm, &hf, &target, &w, l.k, l.n, refit)?;
                             }
@@ -507,41 +508,50 @@ fn gram(gemm: &Gemm, rows: &[f32], t: usize, k: usize) -> tcc_ir::Result<Vec<f64
     Ok(gemm.run(k, t, k, &xt, rows)?.iter().map(|&e| e as f64 / t.max(1) as f64).collect())
 }
 
-/// `w` (`k x n`, row-major, rows the inputs) with `fraction` of its weights zero in `pattern`,
-/// the others corrected for them on `h` (`k x k`, `X^T X / t`; `None`: the identity, no
-/// correction) as SparseGPT does.
-pub(crate) fn sparsegpt(
-    w: &[f32],
+/// What SparseGPT needs of `H` (`k x k`, `X^T X / t`; `None`: the identity, no correction): the
+/// upper factor `U` of `(H + lambda)^-1` and the inputs never seen. It depends on `H` alone, so
+/// the products reading one value and every gradual step share one (a factorization is `k^3`).
+pub(crate) struct Factor {
     k: usize,
-    n: usize,
-    h: Option<Vec<f64>>,
-    pattern: Pattern,
-    fraction: f64,
-) -> Vec<f32> {
-    let mut wd: Vec<f64> = w.iter().map(|&v| v as f64).collect();
-    // Without samples, U is the identity: no factorization (k^3), no updates.
-    let identity = h.is_none();
-    let mut h = h.unwrap_or_else(|| (0..k * k).map(|i| if i / k == i % k { 1.0 } else { 0.0 }).collect());
-    // Inputs never seen (zero on every sample): their weights do nothing.
-    for r in 0..k {
-        if h[r * k + r] == 0.0 {
+    u: Vec<f64>,
+    /// Inputs zero on every sample: their weights do nothing.
+    unseen: Vec<bool>,
+}
+
+impl Factor {
+    pub(crate) fn new(h: Option<&[f64]>, k: usize) -> Factor {
+        let eye = || (0..k * k).map(|i| if i / k == i % k { 1.0 } else { 0.0 }).collect::<Vec<f64>>();
+        // Without samples, U is the identity: no factorization (k^3), no updates.
+        let Some(h) = h else { return Factor { k, u: eye(), unseen: vec![false; k] } };
+        let mut h = h.to_vec();
+        let unseen: Vec<bool> = (0..k).map(|r| h[r * k + r] == 0.0).collect();
+        for r in (0..k).filter(|&r| unseen[r]) {
             h[r * k + r] = 1.0;
-            wd[r * n..(r + 1) * n].fill(0.0);
         }
+        let lambda = RIDGE * mean_diagonal(&h, k);
+        for r in 0..k {
+            h[r * k + r] += lambda;
+        }
+        // U, upper, with H^-1 = U^T U: with J the reversal of the indices and J H J = L L^T,
+        // U = J L^-1 J (H = V V^T for the upper V = J L J, so H^-1 = V^-T V^-1).
+        let rev: Vec<f64> = (0..k * k).map(|i| h[(k - 1 - i / k) * k + (k - 1 - i % k)]).collect();
+        let u =
+            inverse_cholesky(rev, k).map(|y| (0..k * k).map(|i| y[(k - 1 - i / k) * k + (k - 1 - i % k)]).collect());
+        // A factorization that fails (not positive definite to f64) leaves magnitude pruning.
+        Factor { k, u: u.unwrap_or_else(eye), unseen }
     }
-    let lambda = RIDGE * mean_diagonal(&h, k);
-    for r in 0..k {
-        h[r * k + r] += lambda;
+}
+
+/// `w` (`k x n`, row-major, rows the inputs) with `fraction` of its weights zero in `pattern`,
+/// the others corrected for them as SparseGPT does with `factor` ([`Factor`] of the inputs'
+/// `X^T X / t`).
+pub(crate) fn sparsegpt(w: &[f32], k: usize, n: usize, factor: &Factor, pattern: Pattern, fraction: f64) -> Vec<f32> {
+    debug_assert_eq!(k, factor.k);
+    let mut wd: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+    for r in (0..k).filter(|&r| factor.unseen[r]) {
+        wd[r * n..(r + 1) * n].fill(0.0);
     }
-    // U, upper, with H^-1 = U^T U: with J the reversal of the indices and J H J = L L^T,
-    // U = J L^-1 J (H = V V^T for the upper V = J L J, so H^-1 = V^-T V^-1).
-    let rev: Vec<f64> = (0..k * k).map(|i| h[(k - 1 - i / k) * k + (k - 1 - i % k)]).collect();
-    let u = (!identity)
-        .then(|| inverse_cholesky(rev, k))
-        .flatten()
-        .map(|y| (0..k * k).map(|i| y[(k - 1 - i / k) * k + (k - 1 - i % k)]).collect());
-    // A factorization that fails (not positive definite to f64) leaves magnitude pruning.
-    let u: Vec<f64> = u.unwrap_or_else(|| (0..k * k).map(|i| if i / k == i % k { 1.0 } else { 0.0 }).collect());
+    let u = &factor.u;
     let mut removed = vec![false; k * n];
     // Each group removes its share of what the groups so far owe, rounded: the total is the
     // fraction to one weight or block, not each group's rounding added up (64 x 32 blocks of a
@@ -790,8 +800,8 @@ mod tests {
             Pattern::Block { rows: 16, cols: 16 },
         ] {
             let fraction = if let Pattern::NM { n: a, m } = pattern { 1.0 - a as f64 / m as f64 } else { 0.5 };
-            let plain = sparsegpt(&w, k, n, None, pattern, fraction);
-            let fit = sparsegpt(&w, k, n, Some(h.clone()), pattern, fraction);
+            let plain = sparsegpt(&w, k, n, &Factor::new(None, k), pattern, fraction);
+            let fit = sparsegpt(&w, k, n, &Factor::new(Some(&h), k), pattern, fraction);
             let rel = relative_error(&Gemm::new().unwrap(), Some(&h), &w, &fit, k, n).unwrap();
             for s in [&plain, &fit] {
                 let zeros = s.iter().filter(|&&v| v == 0.0).count() as f64 / (k * n) as f64;
@@ -871,7 +881,7 @@ mod tests {
         let (k, n) = (128, 64);
         let mut r = lcg(3);
         let w: Vec<f32> = (0..k * n).map(|_| r() as f32 + 0.1).collect();
-        let s = sparsegpt(&w, k, n, None, Pattern::Block { rows: 64, cols: 32 }, 0.75);
+        let s = sparsegpt(&w, k, n, &Factor::new(None, k), Pattern::Block { rows: 64, cols: 32 }, 0.75);
         assert_eq!(s.iter().filter(|&&v| v == 0.0).count(), 3 * 64 * 32);
     }
 
