@@ -2107,6 +2107,31 @@ mod tests {
         }
     }
 
+    /// GELU (erf form) of the value at `x`, as instructions from index `at` on.
+    fn gelu_tail(x: usize, at: usize) -> [EpiOp; 8] {
+        [
+            EpiOp::Const(std::f32::consts::SQRT_2),
+            EpiOp::Binary(BinaryKind::Div, x, at),
+            EpiOp::Unary(UnaryKind::Erf, at + 1),
+            EpiOp::Const(1.0),
+            EpiOp::Binary(BinaryKind::Add, at + 2, at + 3),
+            EpiOp::Binary(BinaryKind::Mul, x, at + 4),
+            EpiOp::Const(0.5),
+            EpiOp::Binary(BinaryKind::Mul, at + 5, at + 6),
+        ]
+    }
+
+    /// `gelu(acc + bias + residual)`: a chain the AVX-512 stores run as `avx512_vec::Adds`.
+    fn residual_gelu() -> Epilogue {
+        let add = |a, b| EpiOp::Binary(BinaryKind::Add, a, b);
+        Epilogue(
+            [EpiOp::Acc, EpiOp::Input(0), add(0, 1), EpiOp::Input(1), add(3, 2)]
+                .into_iter()
+                .chain(gelu_tail(4, 5))
+                .collect(),
+        )
+    }
+
     fn gelu_bias_residual() -> Epilogue {
         // ((acc + bias) * 0.5 * (1 + erf((acc + bias) / sqrt2))) + residual
         Epilogue(vec![
@@ -2128,51 +2153,53 @@ mod tests {
 
     #[test]
     fn linear_with_fused_epilogue_on_every_tier_and_odd_shapes() {
-        let epi = gelu_bias_residual();
-        let proto: Op = FusedMatMul {
-            a_perm: None,
-            b_perm: None,
-            packed: Some([1, 1]),
-            c_perm: None,
-            epilogue: epi.clone(),
-            extra: 2,
-            fused: vec![],
-            int8: None,
-        }
-        .into();
-        for tier in Tier::ALL {
-            let Some(fast) = fast_for(tier, std::slice::from_ref(&proto)) else { continue };
-            // The last one is large enough for the driver to walk block rows outermost.
-            let shapes = [
-                (1, 1, 1),
-                (5, 7, 3),
-                (13, 64, 33),
-                (128, 300, 100),
-                (3, 1, 65),
-                (26, 768, 32),
-                (97, 2900, 300),
-                (128, 96, 288),
-                (64, 96, 20),
-            ];
-            assert!(crate::jit::gemm::k_outer_pays(97, 2900, KC) && !crate::jit::gemm::k_outer_pays(128, 300, KC));
-            // With AVX-512 and two threads or more, it is also split along k.
-            #[cfg(target_arch = "x86_64")]
-            assert_eq!(
-                fast.split_k_for(97, 2900, 300, 1, &epi, pool::global().threads()).is_some(),
-                tier == Tier::Avx512 && pool::global().threads() >= 2
-            );
-            for &(m, k, n) in &shapes {
-                let op: Op = packed_product(k, n, epi.clone(), 2, None).into();
-                let a = t(&[m, k], 1);
-                let w = rand(k * n, 2);
-                let packed = pack_b(k, n, &w);
-                let b = Tensor::new(vec![packed.len()], packed).unwrap();
-                let bias = t(&[n], 3);
-                let res = t(&[m, n], 4);
-                let ins = [Some(&a), Some(&b), Some(&bias), Some(&res)];
-                let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
-                let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
-                assert_close(&format!("{tier} {m}x{k}x{n}"), &got, &want, 2e-5);
+        // The general executor's epilogue, and a chain (`avx512_vec::Adds` on AVX-512).
+        for epi in [gelu_bias_residual(), residual_gelu()] {
+            let proto: Op = FusedMatMul {
+                a_perm: None,
+                b_perm: None,
+                packed: Some([1, 1]),
+                c_perm: None,
+                epilogue: epi.clone(),
+                extra: 2,
+                fused: vec![],
+                int8: None,
+            }
+            .into();
+            for tier in Tier::ALL {
+                let Some(fast) = fast_for(tier, std::slice::from_ref(&proto)) else { continue };
+                // The last one is large enough for the driver to walk block rows outermost.
+                let shapes = [
+                    (1, 1, 1),
+                    (5, 7, 3),
+                    (13, 64, 33),
+                    (128, 300, 100),
+                    (3, 1, 65),
+                    (26, 768, 32),
+                    (97, 2900, 300),
+                    (128, 96, 288),
+                    (64, 96, 20),
+                ];
+                assert!(crate::jit::gemm::k_outer_pays(97, 2900, KC) && !crate::jit::gemm::k_outer_pays(128, 300, KC));
+                // With AVX-512 and two threads or more, it is also split along k.
+                #[cfg(target_arch = "x86_64")]
+                assert_eq!(
+                    fast.split_k_for(97, 2900, 300, 1, &epi, pool::global().threads()).is_some(),
+                    tier == Tier::Avx512 && pool::global().threads() >= 2
+                );
+                for &(m, k, n) in &shapes {
+                    let op: Op = packed_product(k, n, epi.clone(), 2, None).into();
+                    let a = t(&[m, k], 1);
+                    let w = rand(k * n, 2);
+                    let packed = pack_b(k, n, &w);
+                    let b = Tensor::new(vec![packed.len()], packed).unwrap();
+                    let bias = t(&[n], 3);
+                    let res = t(&[m, n], 4);
+                    let ins = [Some(&a), Some(&b), Some(&bias), Some(&res)];
+                    let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                    let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+                    assert_close(&format!("{tier} {m}x{k}x{n}"), &got, &want, 2e-5);
+                }
             }
         }
     }
@@ -2312,6 +2339,22 @@ mod tests {
             (vec![2, 13, 64], 64, 96, scale_bias.clone(), 2, Some(vec![1, 0, 2])),
             (vec![33, 300], 300, 100, Epilogue(gelu), 3, None),
         ];
+        // The epilogues of BERT's products, which the AVX-512 store runs without interpreting
+        // the chain (`avx512_vec::Adds`): a bias added either way round, two of them, a bias
+        // and GELU, a bias, a residual (varying by row) and GELU.
+        let add = |a, b| EpiOp::Binary(BinaryKind::Add, a, b);
+        let bias_first = Epilogue(vec![EpiOp::Acc, EpiOp::Input(1), add(1, 0)]);
+        let two_biases = Epilogue(vec![EpiOp::Acc, EpiOp::Input(0), add(0, 1), EpiOp::Input(1), add(2, 3)]);
+        let bias_gelu = Epilogue([EpiOp::Acc, EpiOp::Input(0), add(0, 1)].into_iter().chain(gelu_tail(2, 3)).collect());
+        let cases: Vec<_> = cases
+            .into_iter()
+            .chain([
+                (vec![128, 256], 256, 96, bias_first, 2, None),
+                (vec![40, 128], 128, 70, two_biases, 2, None),
+                (vec![128, 256], 256, 192, bias_gelu, 3, None),
+                (vec![37, 192], 192, 64, residual_gelu(), 3, None),
+            ])
+            .collect();
         for tier in Tier::ALL {
             for act in [
                 fused::ActQuant::DynamicRow,

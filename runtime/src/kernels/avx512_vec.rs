@@ -370,12 +370,29 @@ unsafe fn run_chain(
     // SAFETY: as `tile_epilogue`: C and every operand cover these rows and columns.
     unsafe {
         let halves = if masks[1] == 0 { 1 } else { 2 };
-        for r in row..row + mb {
-            let cp = c.add(r * ldc + n0);
-            for (h, &mask) in masks.iter().enumerate().take(halves) {
-                let v = _mm512_maskz_loadu_ps(mask, cp.add(16 * h));
-                _mm512_mask_storeu_ps(cp.add(16 * h), mask, chain_vec(ctx, chain, r, n0 + 16 * h, mask, v));
-            }
+        // Each vector of the rows through `$epi(r, col, mask, value)`; a macro so that each
+        // epilogue gets its own loop (BERT's as [`Adds`], others step by step).
+        macro_rules! rows {
+            ($epi:expr) => {
+                for r in row..row + mb {
+                    let cp = c.add(r * ldc + n0);
+                    for (h, &mask) in masks.iter().enumerate().take(halves) {
+                        let v = _mm512_maskz_loadu_ps(mask, cp.add(16 * h));
+                        _mm512_mask_storeu_ps(cp.add(16 * h), mask, $epi(r, n0 + 16 * h, mask, v));
+                    }
+                }
+            };
+        }
+        match chain.adds(ctx) {
+            Some(a) => match (a.len, a.gelu) {
+                (0, true) => rows!(|r, col, m, v| a.apply::<0, true>(r, col, m, v)),
+                (1, false) => rows!(|r, col, m, v| a.apply::<1, false>(r, col, m, v)),
+                (1, true) => rows!(|r, col, m, v| a.apply::<1, true>(r, col, m, v)),
+                (2, false) => rows!(|r, col, m, v| a.apply::<2, false>(r, col, m, v)),
+                (2, true) => rows!(|r, col, m, v| a.apply::<2, true>(r, col, m, v)),
+                _ => {}
+            },
+            None => rows!(|r, col, m, v| chain_vec(ctx, chain, r, col, m, v)),
         }
     }
 }
@@ -416,6 +433,72 @@ pub(crate) unsafe fn chain_vec(
             v = gelu(v);
         }
         v
+    }
+}
+
+/// A chain that only adds inputs varying along the columns (a bias, a residual: at most two)
+/// and then maybe takes GELU: the epilogues of BERT's products. Resolved once per tile from
+/// the chain and its context, it runs each vector as loads and arithmetic ([`Adds::apply`])
+/// where [`chain_vec`] looks every step's kind and operand up again: on the int8 products,
+/// whose sparse tiles are short, that lookup was most of the time the stores took.
+#[derive(Clone, Copy)]
+pub(crate) struct Adds {
+    /// How many of `inputs` are added, in the chain's order.
+    pub len: usize,
+    inputs: [EpiOperand; 2],
+    /// Per input: the chain computes `acc + input` (else `input + acc`: the same sum, but
+    /// a NaN's bits come from the first operand).
+    acc_first: [bool; 2],
+    pub gelu: bool,
+}
+
+impl Chain {
+    /// The chain as [`Adds`] for `ctx`'s operands, if it is one.
+    pub(crate) fn adds(&self, ctx: &EpiContext) -> Option<Adds> {
+        let none = EpiOperand { ptr: std::ptr::null(), row_stride: 0 };
+        let mut a = Adds { len: 0, inputs: [none; 2], acc_first: [true; 2], gelu: self.gelu };
+        for step in self.steps.iter().map_while(|s| s.as_ref()) {
+            let Step { kind: BinaryKind::Add, operand: Operand::Input(j), acc_first } = *step else { return None };
+            // SAFETY: `ctx` describes this chain's program: operand `j` exists.
+            if a.len == 2 || unsafe { *ctx.col_broadcast.add(j) } != 0 {
+                return None;
+            }
+            // SAFETY: as above.
+            a.inputs[a.len] = unsafe { *ctx.operands.add(j) };
+            a.acc_first[a.len] = acc_first;
+            a.len += 1;
+        }
+        Some(a)
+    }
+}
+
+impl Adds {
+    /// [`chain_vec`] of this chain: `v` plus the first `N` (= `self.len`) inputs at row `r`,
+    /// columns `col..col + 16` (the lanes in `mask`), one after another (`acc + x` and
+    /// `x + acc` are the same bits), then GELU if `GELU` (= `self.gelu`).
+    ///
+    /// # Safety
+    /// AVX-512F; as [`chain_vec`]: every input covers row `r`, columns `col..` in `mask`'s lanes.
+    #[inline(always)]
+    pub(crate) unsafe fn apply<const N: usize, const GELU: bool>(
+        &self,
+        r: usize,
+        col: usize,
+        mask: __mmask16,
+        mut v: __m512,
+    ) -> __m512 {
+        debug_assert!(N == self.len && GELU == self.gelu);
+        // SAFETY: the caller's.
+        unsafe {
+            for (o, &first) in self.inputs[..N].iter().zip(&self.acc_first) {
+                let x = _mm512_maskz_loadu_ps(mask, o.ptr.add(r * o.row_stride + col));
+                v = if first { _mm512_add_ps(v, x) } else { _mm512_add_ps(x, v) };
+            }
+            if GELU {
+                v = gelu(v);
+            }
+            v
+        }
     }
 }
 

@@ -700,27 +700,49 @@ mod vnni512 {
                             _mm512_maskz_loadu_ps(masks[1], dq.colscale.add(16)),
                         ]
                     };
-                    let fused = dq.fused.map(|f| (&*f.ctx, &*(*f.ctx).chain, f.row, f.col));
-                    for r in 0..rows {
-                        let acc = acc(r);
-                        let (s, z) = (_mm512_set1_ps(*dq.scale.add(r)), _mm512_set1_epi32(*dq.zero.add(r)));
-                        for (h, &mask) in masks.iter().enumerate() {
-                            if mask != 0 {
-                                let v = _mm512_sub_epi32(acc[h], _mm512_mullo_epi32(z, sums[h]));
-                                let mut f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), colscale[h]);
-                                if let Some((ctx, chain, row, col)) = fused {
-                                    f = crate::kernels::avx512_vec::chain_vec(
-                                        ctx,
-                                        chain,
-                                        row + r,
-                                        col + 16 * h,
-                                        mask,
-                                        f,
-                                    );
+                    // Each row's vectors dequantized, then `$epi(r, col, mask, value)` (the fused
+                    // epilogue, if any: `col` the first of the vector's columns) applied and
+                    // stored; a macro so that each epilogue below gets its own loop.
+                    macro_rules! rows {
+                        ($epi:expr) => {
+                            for r in 0..rows {
+                                let acc = acc(r);
+                                let (s, z) = (_mm512_set1_ps(*dq.scale.add(r)), _mm512_set1_epi32(*dq.zero.add(r)));
+                                for (h, &mask) in masks.iter().enumerate() {
+                                    if mask != 0 {
+                                        let v = _mm512_sub_epi32(acc[h], _mm512_mullo_epi32(z, sums[h]));
+                                        let f = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), s), colscale[h]);
+                                        _mm512_mask_storeu_ps(c.add(r * ldc + 16 * h), mask, $epi(r, 16 * h, mask, f));
+                                    }
                                 }
-                                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * h), mask, f);
                             }
-                        }
+                        };
+                    }
+                    let Some(f) = dq.fused else {
+                        rows!(|_, _, _, f| f);
+                        return;
+                    };
+                    let (ctx, chain) = (&*f.ctx, &*(*f.ctx).chain);
+                    let (row, col) = (f.row, f.col);
+                    // BERT's epilogues (bias; bias and residual; bias and GELU) as loads and
+                    // arithmetic, others step by step.
+                    match chain.adds(ctx) {
+                        Some(a) => match (a.len, a.gelu) {
+                            (0, true) => rows!(|r, h, m, f| a.apply::<0, true>(row + r, col + h, m, f)),
+                            (1, false) => rows!(|r, h, m, f| a.apply::<1, false>(row + r, col + h, m, f)),
+                            (1, true) => rows!(|r, h, m, f| a.apply::<1, true>(row + r, col + h, m, f)),
+                            (2, false) => rows!(|r, h, m, f| a.apply::<2, false>(row + r, col + h, m, f)),
+                            (2, true) => rows!(|r, h, m, f| a.apply::<2, true>(row + r, col + h, m, f)),
+                            _ => rows!(|_, _, _, f| f),
+                        },
+                        None => rows!(|r, h, m, f| crate::kernels::avx512_vec::chain_vec(
+                            ctx,
+                            chain,
+                            row + r,
+                            col + h,
+                            m,
+                            f
+                        )),
                     }
                 }
             }
