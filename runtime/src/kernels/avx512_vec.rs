@@ -383,19 +383,30 @@ unsafe fn run_chain(
                 }
             };
         }
-        match chain.adds(ctx) {
-            Some(a) => match (a.len, a.gelu) {
-                (0, true) => rows!(|r, col, m, v| a.apply::<0, true>(r, col, m, v)),
-                (1, false) => rows!(|r, col, m, v| a.apply::<1, false>(r, col, m, v)),
-                (1, true) => rows!(|r, col, m, v| a.apply::<1, true>(r, col, m, v)),
-                (2, false) => rows!(|r, col, m, v| a.apply::<2, false>(r, col, m, v)),
-                (2, true) => rows!(|r, col, m, v| a.apply::<2, true>(r, col, m, v)),
-                _ => {}
-            },
-            None => rows!(|r, col, m, v| chain_vec(ctx, chain, r, col, m, v)),
-        }
+        with_chain!(rows, ctx, chain, 0, 0);
     }
 }
+
+/// Runs `$rows!(epi)`, a macro that applies `epi(r, col, mask, value) -> value` to each vector
+/// it stores (`r`, `col` relative to `$row`, `$col` of the chain's operands), with the epilogue
+/// of `$chain`: its [`Adds`] form where it has one (one monomorphized `epi` per form), else
+/// [`chain_vec`].
+macro_rules! with_chain {
+    ($rows:ident, $ctx:expr, $chain:expr, $row:expr, $col:expr) => {
+        match $chain.adds($ctx) {
+            Some(a) => match (a.len, a.gelu) {
+                (0, true) => $rows!(|r, c, m, v| a.apply::<0, true>($row + r, $col + c, m, v)),
+                (1, false) => $rows!(|r, c, m, v| a.apply::<1, false>($row + r, $col + c, m, v)),
+                (1, true) => $rows!(|r, c, m, v| a.apply::<1, true>($row + r, $col + c, m, v)),
+                (2, false) => $rows!(|r, c, m, v| a.apply::<2, false>($row + r, $col + c, m, v)),
+                (2, true) => $rows!(|r, c, m, v| a.apply::<2, true>($row + r, $col + c, m, v)),
+                _ => $rows!(|_, _, _, v| v),
+            },
+            None => $rows!(|r, c, m, v| $crate::kernels::avx512_vec::chain_vec($ctx, $chain, $row + r, $col + c, m, v)),
+        }
+    };
+}
+pub(crate) use with_chain;
 
 /// The chain applied to `v`, the values of row `r`, columns `col..col + 16` (the lanes in
 /// `mask`) of the product.
@@ -473,9 +484,9 @@ impl Chain {
 }
 
 impl Adds {
-    /// [`chain_vec`] of this chain: `v` plus the first `N` (= `self.len`) inputs at row `r`,
-    /// columns `col..col + 16` (the lanes in `mask`), one after another (`acc + x` and
-    /// `x + acc` are the same bits), then GELU if `GELU` (= `self.gelu`).
+    /// [`chain_vec`] of this chain, the same bits: `v` plus the first `N` (= `self.len`)
+    /// inputs at row `r`, columns `col..col + 16` (the lanes in `mask`), one after another and
+    /// each in the chain's operand order, then GELU if `GELU` (= `self.gelu`).
     ///
     /// # Safety
     /// AVX-512F; as [`chain_vec`]: every input covers row `r`, columns `col..` in `mask`'s lanes.

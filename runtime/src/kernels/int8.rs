@@ -723,27 +723,7 @@ mod vnni512 {
                         return;
                     };
                     let (ctx, chain) = (&*f.ctx, &*(*f.ctx).chain);
-                    let (row, col) = (f.row, f.col);
-                    // BERT's epilogues (bias; bias and residual; bias and GELU) as loads and
-                    // arithmetic, others step by step.
-                    match chain.adds(ctx) {
-                        Some(a) => match (a.len, a.gelu) {
-                            (0, true) => rows!(|r, h, m, f| a.apply::<0, true>(row + r, col + h, m, f)),
-                            (1, false) => rows!(|r, h, m, f| a.apply::<1, false>(row + r, col + h, m, f)),
-                            (1, true) => rows!(|r, h, m, f| a.apply::<1, true>(row + r, col + h, m, f)),
-                            (2, false) => rows!(|r, h, m, f| a.apply::<2, false>(row + r, col + h, m, f)),
-                            (2, true) => rows!(|r, h, m, f| a.apply::<2, true>(row + r, col + h, m, f)),
-                            _ => rows!(|_, _, _, f| f),
-                        },
-                        None => rows!(|r, h, m, f| crate::kernels::avx512_vec::chain_vec(
-                            ctx,
-                            chain,
-                            row + r,
-                            col + h,
-                            m,
-                            f
-                        )),
-                    }
+                    crate::kernels::avx512_vec::with_chain!(rows, ctx, chain, f.row, f.col);
                 }
             }
         }
@@ -962,7 +942,7 @@ mod amx {
             if steps == 0 {
                 // No live step (every weight of the panel zero, as most are past 90% block
                 // sparsity): zero sums, stored without the tiles (zeroing and storing four
-                // tiles took longer than storing the previous tile's sums).
+                // tiles cost more than the whole vector store of a tile's sums).
                 tiles.flush();
                 tiles.pending = Some(Pending { buf: 0, zero: true, rows, done: 0, c, ldc, cols });
                 return;
