@@ -263,21 +263,12 @@ impl Pass for Sparsify {
         let fractions = shares(&products, self.fraction, attention, depth);
         // Each kind's fraction, and the first and last products' (the depth's spread).
         for (side, name) in [(true, "attention"), (false, "other")] {
-            let mine: Vec<(f64, f64)> = products
-                .iter()
-                .zip(&fractions)
-                .filter(|p| p.0.attention == side)
-                .map(|(p, &f)| (p.weights as f64, f))
-                .collect();
-            let w: f64 = mine.iter().map(|m| m.0).sum();
-            if let (Some(first), Some(last)) = (mine.first(), mine.last()) {
+            let mine: Vec<usize> = kind(&products, side).map(|(i, _)| i).collect();
+            if let (Some(&first), Some(&last)) = (mine.first(), mine.last()) {
                 let permille = |f: f64| (f * 1000.0).round() as i64;
-                out.stat(
-                    &format!("{name}_fraction_permille"),
-                    permille(mine.iter().map(|m| m.0 * m.1).sum::<f64>() / w),
-                );
-                out.stat(&format!("{name}_first_permille"), permille(first.1));
-                out.stat(&format!("{name}_last_permille"), permille(last.1));
+                out.stat(&format!("{name}_fraction_permille"), permille(kind_fraction(&products, &fractions, side)));
+                out.stat(&format!("{name}_first_permille"), permille(fractions[first]));
+                out.stat(&format!("{name}_last_permille"), permille(fractions[last]));
             }
         }
         let (mut zeros, mut total) = (0usize, 0usize);
@@ -376,8 +367,7 @@ struct Share {
 /// that the side keeps what it did (the first products keep fewer, the last more; in what they
 /// keep, so that at 80% the first do not reach 100%).
 fn shares(products: &[Share], fraction: f64, attention: f64, depth: f64) -> Vec<f64> {
-    let weights =
-        |side: bool| -> f64 { products.iter().filter(|p| p.attention == side).map(|p| p.weights as f64).sum() };
+    let weights = |side: bool| -> f64 { kind(products, side).map(|(_, p)| p.weights as f64).sum() };
     let (wa, wo) = (weights(true), weights(false));
     let (fa, fo) = if wa == 0.0 || wo == 0.0 || attention == 1.0 {
         (fraction, fraction)
@@ -388,7 +378,7 @@ fn shares(products: &[Share], fraction: f64, attention: f64, depth: f64) -> Vec<
     };
     let mut out = vec![0.0; products.len()];
     for (side, f, w) in [(true, fa, wa), (false, fo, wo)] {
-        let mine: Vec<(usize, &Share)> = products.iter().enumerate().filter(|p| p.1.attention == side).collect();
+        let mine: Vec<(usize, &Share)> = kind(products, side).collect();
         let ramp = |p: &Share| (1.0 - depth * (1.0 - 2.0 * p.depth)).max(0.0);
         let keep = |c: f64, p: &Share| (c * ramp(p)).clamp(1.0 - MOST, 1.0);
         // The scale `c` at which the side keeps `(1 - f) w` weights.
@@ -415,6 +405,18 @@ fn shares(products: &[Share], fraction: f64, attention: f64, depth: f64) -> Vec<
         }
     }
     out
+}
+
+/// The products (with their indices) of the attention blocks (`attention`) or the others.
+fn kind(products: &[Share], attention: bool) -> impl Iterator<Item = (usize, &Share)> {
+    products.iter().enumerate().filter(move |(_, p)| p.attention == attention)
+}
+
+/// The fraction of the weights of one kind ([`kind`]) that `fractions` (one per product) remove.
+fn kind_fraction(products: &[Share], fractions: &[f64], attention: bool) -> f64 {
+    let (zero, all) = kind(products, attention)
+        .fold((0.0, 0.0), |(z, a), (i, p)| (z + p.weights as f64 * fractions[i], a + p.weights as f64));
+    zero / all
 }
 
 /// The largest fraction [`shares`] gives one product.
@@ -863,10 +865,7 @@ mod tests {
         // With depth: deeper loses less on each side; each side's total and the total hold.
         let f = shares(&products, 0.5, 0.8, 0.3);
         assert!(f[0] > f[3] && f[3] > f[9] && f[4] > f[5] && f[5] > f[10] && f[10] > f[11], "{f:?}");
-        let side = |a: bool| {
-            products.iter().zip(&f).filter(|(p, _)| p.attention == a).map(|(p, f)| p.weights as f64 * f).sum::<f64>()
-        };
-        assert!(close(side(true) / 4_718_592.0, 0.4) && close(zero(&f), 0.5), "{f:?}");
+        assert!(close(kind_fraction(&products, &f, true), 0.4) && close(zero(&f), 0.5), "{f:?}");
         // 95%: the FFN cannot take what attention leaves (at most 0.99), attention takes the rest.
         let f = shares(&products, 0.95, 0.5, 0.3);
         assert!(f.iter().all(|&x| x <= MOST) && close(zero(&f), 0.95) && f[0] > 0.475, "{f:?}");

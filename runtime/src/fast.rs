@@ -2134,21 +2134,9 @@ mod tests {
 
     fn gelu_bias_residual() -> Epilogue {
         // ((acc + bias) * 0.5 * (1 + erf((acc + bias) / sqrt2))) + residual
-        Epilogue(vec![
-            EpiOp::Acc,
-            EpiOp::Input(0),
-            EpiOp::Binary(BinaryKind::Add, 0, 1),
-            EpiOp::Const(std::f32::consts::SQRT_2),
-            EpiOp::Binary(BinaryKind::Div, 2, 3),
-            EpiOp::Unary(UnaryKind::Erf, 4),
-            EpiOp::Const(1.0),
-            EpiOp::Binary(BinaryKind::Add, 5, 6),
-            EpiOp::Binary(BinaryKind::Mul, 2, 7),
-            EpiOp::Const(0.5),
-            EpiOp::Binary(BinaryKind::Mul, 8, 9),
-            EpiOp::Input(1),
-            EpiOp::Binary(BinaryKind::Add, 10, 11),
-        ])
+        let head = [EpiOp::Acc, EpiOp::Input(0), EpiOp::Binary(BinaryKind::Add, 0, 1)];
+        let tail = [EpiOp::Input(1), EpiOp::Binary(BinaryKind::Add, 10, 11)];
+        Epilogue(head.into_iter().chain(gelu_tail(2, 3)).chain(tail).collect())
     }
 
     #[test]
