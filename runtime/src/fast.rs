@@ -71,10 +71,11 @@ pub struct Fast {
     pub jit: Jit,
     /// The kernel of integer products, chosen at load (`None`: the `i16` pair kernels).
     pub int8_kernel: Option<crate::kernels::int8::Kernel>,
-    /// Attention ops that allow bf16 run on AMX tiles ([`crate::kernels::bf16`]): the CPU has
-    /// AMX-BF16 (and the AVX-512 tier), unless `TCC_ATTENTION=f32` asks for the f32 kernel.
+    /// The engine that attention ops allowing bf16 run on ([`crate::kernels::bf16`]): AMX
+    /// tiles, or AVX-512 BF16 vectors, where the CPU has one (and the AVX-512 tier), unless
+    /// `TCC_ATTENTION=f32` asks for the f32 kernel (or `vector`, the vectors on an AMX CPU).
     #[cfg(target_arch = "x86_64")]
-    bf16_attention: bool,
+    bf16_attention: Option<crate::kernels::bf16::Engine>,
     /// The epilogues that are [`Chain`](crate::kernels::avx512_vec::Chain)s, recognized once.
     #[cfg(target_arch = "x86_64")]
     chains: Vec<(Epilogue, crate::kernels::avx512_vec::Chain)>,
@@ -193,9 +194,15 @@ impl Fast {
             jit: Jit::new(tier, &specs)?,
             int8_kernel,
             #[cfg(target_arch = "x86_64")]
-            bf16_attention: tier == Tier::Avx512
-                && std::env::var("TCC_ATTENTION").as_deref() != Ok("f32")
-                && crate::kernels::bf16::supported(),
+            bf16_attention: {
+                use crate::kernels::bf16::Engine;
+                match std::env::var("TCC_ATTENTION").as_deref() {
+                    _ if tier != Tier::Avx512 => None,
+                    Ok("f32") => None,
+                    Ok("vector") => Some(Engine::Vector).filter(|e| e.supported()),
+                    _ => Engine::best(),
+                }
+            },
             #[cfg(target_arch = "x86_64")]
             chains,
             int8: HashMap::new(),
@@ -1000,21 +1007,27 @@ impl Fast {
             && (sp.spec.epilogue.0.is_empty() || self.chain(&sp.spec.epilogue).is_some())
     }
 
-    /// K's and V's strides (K's between head dims and keys, V's between keys and columns) when
-    /// `at` runs in bf16 on AMX tiles: it allows bf16, this CPU has the tiles, the fused
-    /// kernel's conditions hold, heads have at most [`crate::kernels::bf16::MAX_HEAD`] dims and
-    /// the strides fit the packing's gathers.
+    /// The bf16 engine and K's and V's strides (K's between head dims and keys, V's between
+    /// keys and columns) when `at` runs in bf16: it allows bf16, this CPU has an engine, the
+    /// fused kernel's conditions hold, heads have at most [`crate::kernels::bf16::MAX_HEAD`]
+    /// dims and the strides fit the packing's gathers.
     #[cfg(target_arch = "x86_64")]
-    fn bf16_attention_applies(&self, at: &Attention, sp: &Product, cp: &Product) -> Option<[usize; 4]> {
+    fn bf16_attention_applies(
+        &self,
+        at: &Attention,
+        sp: &Product,
+        cp: &Product,
+    ) -> Option<(crate::kernels::bf16::Engine, [usize; 4])> {
         use crate::kernels::bf16::{MAX_HEAD, MAX_STRIDE};
-        if !(at.bf16 && self.bf16_attention && self.fused_attention_applies(at, sp, cp)) || sp.k > MAX_HEAD {
+        let engine = self.bf16_attention?;
+        if !(at.bf16 && self.fused_attention_applies(at, sp, cp)) || sp.k > MAX_HEAD {
             return None;
         }
         let (BSource::Strided { rs: k_dim, cs: k_key }, BSource::Strided { rs: v_key, cs: v_col }) = (&sp.b, &cp.b)
         else {
             return None;
         };
-        (*k_key <= MAX_STRIDE && *v_col <= MAX_STRIDE).then_some([*k_dim, *k_key, *v_key, *v_col])
+        (*k_key <= MAX_STRIDE && *v_col <= MAX_STRIDE).then_some((engine, [*k_dim, *k_key, *v_key, *v_col]))
     }
 
     /// Attention per (batch, head): scores into a per-item scratch, softmax in place, then the
@@ -1042,7 +1055,8 @@ impl Fast {
         let (qs, ks, vs) = (q.as_slice::<f32>().ok()?, k.as_slice::<f32>().ok()?, v.as_slice::<f32>().ok()?);
         let mut out = Uninit::new(cp.total);
         let c = SendPtr(out.ptr());
-        // One kernel per (batch, head) where it applies: bf16 on AMX tiles, else f32 on AVX-512.
+        // One kernel per (batch, head) where it applies: bf16 (AMX tiles or AVX-512 BF16), else
+        // f32 on AVX-512.
         #[cfg(target_arch = "x86_64")]
         {
             let bf16 = self.bf16_attention_applies(at, &sp, &cp);
@@ -1051,7 +1065,7 @@ impl Fast {
                 // The scores' chain (none for an empty epilogue, the only other kind that applies).
                 let chain = self.chain(&sp.spec.epilogue);
                 // Heads in fixed shares, those left over split by query rows ([`Shares`]; whole
-                // tiles of rows: 16 on AMX, the f32 kernel's blocks of 12).
+                // tiles of rows: 16 in bf16, the f32 kernel's blocks of 12).
                 let threads = pool::global().threads();
                 let align = if bf16.is_some() { 16 } else { avx512_vec::HEAD_ROWS };
                 let shares = Shares::new(sp.offsets.len(), sq, threads, align);
@@ -1061,7 +1075,7 @@ impl Fast {
                     let out = c.get().wrapping_add(co[2] + rows.start * cp.ldc);
                     let (row0, sq) = (rows.start, rows.len());
                     sp.with_epilogue(self, bi, |ctx| match bf16 {
-                        Some([k_dim, k_key, v_key, v_col]) => {
+                        Some((engine, [k_dim, k_key, v_key, v_col])) => {
                             let head = bf16::Head {
                                 q,
                                 ldq: sp.lda,
@@ -1080,13 +1094,13 @@ impl Fast {
                                 nan_to_zero: at.nan_to_zero,
                                 row0,
                             };
-                            // SAFETY: AMX-BF16 is enabled (`bf16_attention`) and the head fits
-                            // the tiles (checked); `prepare` checked the views of Q, K and V
+                            // SAFETY: the engine is supported (`bf16_attention`) and the head
+                            // fits it (checked); `prepare` checked the views of Q, K and V
                             // (`d x sk` and `sk x dv` at the strides given) and the output
                             // against the tensors; the scratch has the kernel's size; each
                             // batch writes its own rows.
                             bf16::with_scratch(bf16::scratch_len(&head), |scratch| unsafe {
-                                bf16::attention_head(&head, chain.map(|c| (ctx, c)), scratch)
+                                bf16::attention_head(engine, &head, chain.map(|c| (ctx, c)), scratch)
                             });
                         }
                         None => {

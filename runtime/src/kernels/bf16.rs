@@ -1,7 +1,10 @@
-//! Attention in bf16 on AMX tiles (`tdpbf16ps`), for ops that allow it
-//! ([`crate::op::fused::Attention::bf16`]: int8 builds do). Q, K, the probabilities and V are
-//! rounded to bf16 (to nearest, ties to even), every sum is f32; the scale, mask and softmax
-//! run in f32 between the two products, as on AVX-512 ([`super::avx512_vec::attention_head`]).
+//! Attention in bf16 for ops that allow it ([`crate::op::fused::Attention::bf16`]: int8 builds
+//! do), on AMX tiles (`tdpbf16ps`) or, on CPUs with AVX-512 BF16 but no AMX (AMD Zen 4 and 5),
+//! in zmm registers (`vdpbf16ps`, twice the products of an f32 FMA per instruction): the
+//! [`Engine`]. Q, K, the probabilities and V are rounded to bf16 (to nearest, ties to even),
+//! every sum is f32; the scale, mask and softmax run in f32 between the two products, as on
+//! AVX-512 ([`super::avx512_vec::attention_head`]). Both engines share the packing and the
+//! softmax; the vector engine reads the tiles' layout a row (one zmm of 16 pairs) at a time.
 //!
 //! One head at a time, in three phases over all its rows: the scores, 16 query rows by 32 keys
 //! at a time (a row block's Q chunks in tmm4-7, heads of up to [`MAX_HEAD`] dims, `Kᵀ` packed
@@ -20,16 +23,42 @@ use std::arch::x86_64::*;
 /// Most dims per head: a block's Q fills at most the four tile registers tmm4-7.
 pub const MAX_HEAD: usize = 128;
 
-/// Whether the CPU has AMX-BF16 and the process may use the tiles.
-pub fn supported() -> bool {
-    static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *BF16.get_or_init(|| {
-        let leaf7 = (__get_cpuid_max(0).0 >= 7).then(|| __cpuid_count(7, 0));
-        leaf7.is_some_and(|l| (l.edx >> 22) & 1 == 1)
-            && std::arch::is_x86_feature_detected!("avx512bf16")
-            && super::int8::amx_supported()
-    })
+/// What multiplies the bf16 products of [`attention_head`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// AMX tiles (`tdpbf16ps`): the CPU has AMX-BF16 and the process may use the tiles.
+    Amx,
+    /// AVX-512 BF16 (`vdpbf16ps` on zmm), blocks of [`VEC_ROWS`] rows by 32 columns.
+    Vector,
 }
+
+impl Engine {
+    /// Whether this CPU (and OS) runs the engine.
+    pub fn supported(self) -> bool {
+        let vector = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16");
+        match self {
+            Engine::Vector => vector,
+            Engine::Amx => {
+                static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                *AMX.get_or_init(|| {
+                    let leaf7 = (__get_cpuid_max(0).0 >= 7).then(|| __cpuid_count(7, 0));
+                    leaf7.is_some_and(|l| (l.edx >> 22) & 1 == 1) && vector && super::int8::amx_supported()
+                })
+            }
+        }
+    }
+
+    /// The best engine this CPU runs (AMX, then vectors), if any.
+    pub fn best() -> Option<Engine> {
+        [Engine::Amx, Engine::Vector].into_iter().find(|e| e.supported())
+    }
+}
+
+/// Rows of a block of the vector engine's products: 8 rows by two 16-column tiles are 16
+/// accumulators, two B vectors and a broadcast pair of the 32 zmm registers.
+pub const VEC_ROWS: usize = 8;
 
 /// One (batch, head) of attention on the tensors themselves: `rows` query rows of `d` floats
 /// at stride `ldq`; K's element (head dim `p`, key `j`) at `k[p * k_dim + j * k_key]`; V's
@@ -262,16 +291,16 @@ unsafe fn store(t: usize, p: *mut f32, stride: usize) {
     }
 }
 
-/// `softmax(chain(Q Kᵀ)) V` for one head in bf16 on AMX tiles (see the module's doc); the
+/// `softmax(chain(Q Kᵀ)) V` for one head in bf16 on `engine` (see the module's doc); the
 /// chain's operands are indexed by the head's query rows. A row whose scores are all `-inf`
 /// is NaN, as in the reference (zeros with `nan_to_zero`).
 ///
 /// # Safety
-/// [`supported`] returned true; the pointers of `h` cover what [`Head`] says, `d <=`
+/// `engine` is [`Engine::supported`]; the pointers of `h` cover what [`Head`] says, `d <=`
 /// [`MAX_HEAD`]; `ctx`'s operands cover `rows` rows of `sk` scores; `scratch` holds
 /// [`scratch_len`]`(h)` words.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scratch: &mut [u32]) {
+pub unsafe fn attention_head(engine: Engine, h: &Head, chain: Option<(&EpiContext, &Chain)>, scratch: &mut [u32]) {
     debug_assert!(h.d <= MAX_HEAD && scratch.len() >= scratch_len(h));
     let p = Padded::of(h);
     let [kt_len, vt_len, qb_len, sb_len, pb_len, ob_len, _] = p.parts();
@@ -294,7 +323,7 @@ pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scr
         let (keys, cols) =
             (Axis { stride: h.v_key, len: h.sk, padded: p.sk }, Axis { stride: h.v_col, len: h.dv, padded: p.dv });
         pack_pairs(h.v, keys, cols, vt);
-        let _tiles = Tiles::configure();
+        let _tiles = (engine == Engine::Amx).then(|| Tiles::configure());
         // Phase 1: Q in bf16 (zero past its rows and dims), scores block by block.
         for r in 0..p.sq {
             let src = h.q.wrapping_add(r * h.ldq);
@@ -304,37 +333,60 @@ pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scr
                 _mm256_storeu_si256(qb.add(r * p.d + c) as *mut __m256i, _mm512_cvtepi32_epi16(v));
             }
         }
-        for r0 in (0..p.sq).step_by(16) {
-            for c in 0..q_chunks {
-                load_q(c, qb.add(r0 * p.d + 32 * c), 2 * p.d);
-            }
-            for jt in (0..key_tiles).step_by(2) {
-                zero(0);
-                zero(1);
-                for c in 0..q_chunks {
-                    scores_step(c, kt.add((jt * q_chunks + c) * 256), kt.add(((jt + 1) * q_chunks + c) * 256));
+        if engine == Engine::Vector {
+            // Key tile `t`'s pair `i` (head dims 2i, 2i + 1 of its 16 keys) is the zmm at
+            // `kt + (t q_chunks 256 + 16 i)` words: a tile's steps follow one another.
+            for r0 in (0..p.sq).step_by(VEC_ROWS) {
+                for jt in (0..key_tiles).step_by(2) {
+                    let b = |t: usize| kt.add(t * q_chunks * 256) as *const u32;
+                    let out = sb.add(r0 * p.sk + 16 * jt);
+                    dot_block(p.d / 2, qb.add(r0 * p.d) as *const u32, p.d / 2, [b(jt), b(jt + 1)], out, p.sk, true);
                 }
-                store(0, sb.add(r0 * p.sk + 16 * jt), 4 * p.sk);
-                store(1, sb.add(r0 * p.sk + 16 * (jt + 1)), 4 * p.sk);
+            }
+        } else {
+            for r0 in (0..p.sq).step_by(16) {
+                for c in 0..q_chunks {
+                    load_q(c, qb.add(r0 * p.d + 32 * c), 2 * p.d);
+                }
+                for jt in (0..key_tiles).step_by(2) {
+                    zero(0);
+                    zero(1);
+                    for c in 0..q_chunks {
+                        scores_step(c, kt.add((jt * q_chunks + c) * 256), kt.add(((jt + 1) * q_chunks + c) * 256));
+                    }
+                    store(0, sb.add(r0 * p.sk + 16 * jt), 4 * p.sk);
+                    store(1, sb.add(r0 * p.sk + 16 * (jt + 1)), 4 * p.sk);
+                }
             }
         }
         // Phase 2, softmax: the unnormalized probabilities in bf16 (zero past `sk` and past
         // the rows), their sums as the product will see them.
         softmax_rows(h, p, chain, sb, pb, inv);
         // Phase 3: the context block by block, then scaled row by row into the output.
-        for r0 in (0..p.sq).step_by(16) {
-            for t0 in (0..col_tiles).step_by(2) {
-                let two = t0 + 1 < col_tiles;
-                zero(0);
-                zero(1);
-                for s in 0..key_steps {
-                    let b0 = vt.add((t0 * key_steps + s) * 256);
-                    let b1 = if two { vt.add(((t0 + 1) * key_steps + s) * 256) } else { b0 };
-                    context_pair(s % 2, pb.add(r0 * p.sk + 32 * s), 2 * p.sk, b0, b1);
+        if engine == Engine::Vector {
+            for r0 in (0..p.sq).step_by(VEC_ROWS) {
+                for t0 in (0..col_tiles).step_by(2) {
+                    let two = t0 + 1 < col_tiles;
+                    let b = |t: usize| vt.add(t * key_steps * 256) as *const u32;
+                    let (a, out) = (pb.add(r0 * p.sk) as *const u32, ob.add(r0 * p.dv + 16 * t0));
+                    dot_block(p.sk / 2, a, p.sk / 2, [b(t0), b(if two { t0 + 1 } else { t0 })], out, p.dv, two);
                 }
-                store(0, ob.add(r0 * p.dv + 16 * t0), 4 * p.dv);
-                if two {
-                    store(1, ob.add(r0 * p.dv + 16 * (t0 + 1)), 4 * p.dv);
+            }
+        } else {
+            for r0 in (0..p.sq).step_by(16) {
+                for t0 in (0..col_tiles).step_by(2) {
+                    let two = t0 + 1 < col_tiles;
+                    zero(0);
+                    zero(1);
+                    for s in 0..key_steps {
+                        let b0 = vt.add((t0 * key_steps + s) * 256);
+                        let b1 = if two { vt.add(((t0 + 1) * key_steps + s) * 256) } else { b0 };
+                        context_pair(s % 2, pb.add(r0 * p.sk + 32 * s), 2 * p.sk, b0, b1);
+                    }
+                    store(0, ob.add(r0 * p.dv + 16 * t0), 4 * p.dv);
+                    if two {
+                        store(1, ob.add(r0 * p.dv + 16 * (t0 + 1)), 4 * p.dv);
+                    }
                 }
             }
         }
@@ -343,6 +395,39 @@ pub unsafe fn attention_head(h: &Head, chain: Option<(&EpiContext, &Chain)>, scr
             for c in (0..h.dv).step_by(16) {
                 let k = lane_mask(h.dv - c);
                 _mm512_mask_storeu_ps(o.add(c), k, _mm512_mul_ps(_mm512_loadu_ps(src.add(c)), s));
+            }
+        }
+    }
+}
+
+/// The vector engine's product of [`VEC_ROWS`] rows of bf16 pairs (`a`, rows of `pairs`
+/// words at stride `lda` words: one pair of the summed axis per word) by two 16-column tiles
+/// of pairs (`b[h]`: pair `i`'s zmm at `b[h] + 16 i` words), the f32 sums written to rows of
+/// `c` at stride `ldc` floats (the second tile's 16 columns only with `both`). Each pair is
+/// one `vdpbf16ps`: the odd elements' product added, then the even's, each rounded once.
+///
+/// # Safety
+/// AVX-512F/BF16; `a` holds `VEC_ROWS` rows of `pairs` words, `b[h]` `16 * pairs` words, `c`
+/// `VEC_ROWS` rows of 16 (`both`: 32) floats.
+#[inline(always)]
+unsafe fn dot_block(pairs: usize, a: *const u32, lda: usize, b: [*const u32; 2], c: *mut f32, ldc: usize, both: bool) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; VEC_ROWS];
+        for i in 0..pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b[0].add(16 * i) as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b[1].add(16 * i) as *const _));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + i) as i32));
+                acc[0] = _mm512_dpbf16_ps(acc[0], a, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], a, b1);
+            }
+        }
+        // Rows indexed by constants only (the loop unrolled): the sums stay in registers.
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * ldc), acc[0]);
+            if both {
+                _mm512_storeu_ps(c.add(r * ldc + 16), acc[1]);
             }
         }
     }
@@ -516,17 +601,22 @@ mod tests {
         out
     }
 
-    /// The kernel against [`emulate`] on shapes that fill no tile evenly (and some that do):
-    /// head dims 8 to 128 (one to four Q chunks), 1 to 70 keys, 5 to 72 value columns (one or
-    /// two groups of context tiles), rows past one block, strides wider than the rows.
+    /// Each engine this CPU has against [`emulate`] on shapes that fill no tile evenly (and
+    /// some that do, BERT's among them): head dims 8 to 128 (one to four Q chunks), 1 to 128
+    /// keys, 5 to 72 value columns (one or two groups of context tiles), rows past one block,
+    /// strides wider than the rows.
     #[test]
-    fn tiles_compute_attention_in_bf16() {
-        if !supported() {
-            eprintln!("no AMX-BF16 here: skipped");
+    fn engines_compute_attention_in_bf16() {
+        let engines: Vec<Engine> = [Engine::Amx, Engine::Vector].into_iter().filter(|e| e.supported()).collect();
+        if engines.is_empty() {
+            eprintln!("neither AMX-BF16 nor AVX-512 BF16 here: skipped");
             return;
         }
-        for (n, &(sq, sk, d, dv)) in
-            [(37, 37, 40, 40), (16, 32, 64, 64), (5, 1, 8, 5), (33, 70, 128, 72), (17, 48, 96, 16)].iter().enumerate()
+        for (n, &(sq, sk, d, dv), &engine) in
+            [(37, 37, 40, 40), (16, 32, 64, 64), (5, 1, 8, 5), (33, 70, 128, 72), (17, 48, 96, 16), (128, 128, 64, 64)]
+                .iter()
+                .enumerate()
+                .flat_map(|(n, s)| engines.iter().map(move |e| (n, s, e)))
         {
             let ld = [d + 3, d + 5, dv + 7];
             let (q, k, v) = (
@@ -566,15 +656,18 @@ mod tests {
                     row0: 0,
                 };
                 let mut scratch = vec![0u32; scratch_len(&h)];
-                // SAFETY: AMX-BF16 is supported; the buffers have the sizes `h` describes.
-                unsafe { attention_head(&h, None, &mut scratch) };
+                // SAFETY: the engine is supported; the buffers have the sizes `h` describes.
+                unsafe { attention_head(engine, &h, None, &mut scratch) };
                 // The kernel's f32 scores and its short `exp` can put a probability on the
                 // other side of a bf16 rounding boundary than the emulation: one bf16 step
                 // (2^-8) of one probability moves an output by at most 2^-8 of the largest |V|.
                 let vmax = v.iter().filter(|x| !x.is_nan()).fold(0f32, |m, x| m.max(x.abs()));
                 for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                     let shape = (sq, sk, d, dv);
-                    assert!((a - b).abs() <= vmax / 256.0, "shape {shape:?} layout {l}: element {i}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= vmax / 256.0,
+                        "{engine:?} shape {shape:?} layout {l}: element {i}: {a} vs {b}"
+                    );
                 }
             }
         }
