@@ -532,6 +532,23 @@ struct Axis {
 /// holds `pairs.padded * lanes.padded / 2` words.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn pack_pairs(src: *const f32, pairs: Axis, lanes: Axis, dst: *mut u32) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if pairs.stride == 1 && lanes.stride != 1 {
+            pack_rows(src, pairs, lanes, dst)
+        } else {
+            pack_gathered(src, pairs, lanes, dst)
+        }
+    }
+}
+
+/// [`pack_pairs`] by sixteen elements at a time along `lanes`: loads where they are
+/// contiguous, gathers otherwise.
+///
+/// # Safety
+/// As [`pack_pairs`].
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_gathered(src: *const f32, pairs: Axis, lanes: Axis, dst: *mut u32) {
     let steps = pairs.padded / 32;
     // SAFETY: reads of elements below both lengths (lanes masked, whole vectors skipped past
     // `pairs.len`); the stores stay within `dst`.
@@ -554,9 +571,110 @@ unsafe fn pack_pairs(src: *const f32, pairs: Axis, lanes: Axis, dst: *mut u32) {
     }
 }
 
+/// [`pack_pairs`] where the summed axis is contiguous (`pairs.stride == 1`: K as exporters
+/// leave it, each key's head dims one row): a tile's 16 lanes loaded as rows of 16 pairs, then
+/// transposed in registers, instead of 32 gathers a tile (which AMD's cores run an element at
+/// a time). The same words.
+///
+/// # Safety
+/// As [`pack_pairs`].
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn pack_rows(src: *const f32, pairs: Axis, lanes: Axis, dst: *mut u32) {
+    let steps = pairs.padded / 32;
+    // SAFETY: masked loads of elements below both lengths; the stores stay within `dst`.
+    unsafe {
+        // 16-bit element 2q of two vectors of bf16 bits (each in its lane's low half): the 32
+        // bf16 of a row of 32, in order, so that word i holds elements 2i and 2i + 1.
+        let evens = _mm512_set_epi16(
+            62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10,
+            8, 6, 4, 2, 0,
+        );
+        for t in 0..lanes.padded / 16 {
+            for s in 0..steps {
+                let mut rows = [_mm512_setzero_si512(); 16];
+                for (j, row) in rows.iter_mut().enumerate().take(lanes.len.saturating_sub(16 * t)) {
+                    let x = src.wrapping_add((16 * t + j) * lanes.stride + 32 * s);
+                    let (m0, m1) =
+                        (lane_mask(pairs.len.saturating_sub(32 * s)), lane_mask(pairs.len.saturating_sub(32 * s + 16)));
+                    let lo = bf16_bits(_mm512_maskz_loadu_ps(m0, x));
+                    let hi = bf16_bits(_mm512_maskz_loadu_ps(m1, x.wrapping_add(16)));
+                    *row = _mm512_permutex2var_epi16(lo, evens, hi);
+                }
+                let tile = dst.add((t * steps + s) * 256);
+                for (i, row) in transpose16(rows).iter().enumerate() {
+                    _mm512_storeu_si512(tile.add(16 * i) as *mut _, *row);
+                }
+            }
+        }
+    }
+}
+
+/// The 16 x 16 words of `r` transposed: word `j` of row `i` becomes word `i` of row `j`
+/// (words interleaved, then pairs of words, then 128-bit quarters twice).
+#[inline(always)]
+unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // SAFETY: register-only AVX-512F shuffles.
+    unsafe {
+        let mut a = [_mm512_setzero_si512(); 16];
+        for k in 0..8 {
+            a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+            a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+        }
+        // b[4k + m]'s quarter `l` is column 4l + m of rows 4k..4k + 4.
+        let mut b = [_mm512_setzero_si512(); 16];
+        for k in 0..4 {
+            b[4 * k] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+            b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+            b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+            b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+        }
+        // Column 4l + m: quarter l of b[m], b[4 + m], b[8 + m], b[12 + m].
+        let mut out = [_mm512_setzero_si512(); 16];
+        for m in 0..4 {
+            let c0 = _mm512_shuffle_i32x4::<0x44>(b[m], b[4 + m]);
+            let c1 = _mm512_shuffle_i32x4::<0xee>(b[m], b[4 + m]);
+            let c2 = _mm512_shuffle_i32x4::<0x44>(b[8 + m], b[12 + m]);
+            let c3 = _mm512_shuffle_i32x4::<0xee>(b[8 + m], b[12 + m]);
+            out[m] = _mm512_shuffle_i32x4::<0x88>(c0, c2);
+            out[4 + m] = _mm512_shuffle_i32x4::<0xdd>(c0, c2);
+            out[8 + m] = _mm512_shuffle_i32x4::<0x88>(c1, c3);
+            out[12 + m] = _mm512_shuffle_i32x4::<0xdd>(c1, c3);
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The transposing packing of contiguous rows gives the gathers' words, bit for bit: rows
+    /// and dims that fill no tile evenly, rows wider than their dims.
+    #[test]
+    fn packing_rows_matches_the_gathers() {
+        if !std::arch::is_x86_feature_detected!("avx512bw") {
+            eprintln!("no AVX-512 BW here: skipped");
+            return;
+        }
+        for (n, &(keys, dims, stride)) in
+            [(37, 40, 43), (16, 32, 32), (1, 8, 8), (70, 128, 131), (128, 64, 768)].iter().enumerate()
+        {
+            let src = rand(keys * stride, 11 + n as u64);
+            let (pairs, lanes) = (
+                Axis { stride: 1, len: dims, padded: dims.next_multiple_of(32) },
+                Axis { stride, len: keys, padded: keys.next_multiple_of(32) },
+            );
+            let words = pairs.padded * lanes.padded / 2;
+            let (mut fast, mut gathered) = (vec![7u32; words], vec![9u32; words]);
+            // SAFETY: AVX-512 BW is here; `src` holds `keys` rows of `dims` at `stride`, the
+            // outputs the padded words.
+            unsafe {
+                pack_pairs(src.as_ptr(), pairs, lanes, fast.as_mut_ptr());
+                pack_gathered(src.as_ptr(), pairs, lanes, gathered.as_mut_ptr());
+            }
+            assert_eq!(fast, gathered, "keys {keys} dims {dims} stride {stride}");
+        }
+    }
 
     /// `x` rounded to bf16, as f32 (what the tiles multiply).
     fn round_bf16(x: f32) -> f32 {
