@@ -117,6 +117,19 @@ def main():
         json.dump([{k: v for k, v in r.items() if k != "artifact"} for r in rows], open(a.json, "w"), indent=1)
 
 
+def cpu():
+    """The CPU's name and whether it has AMX (which the int8 and bf16 kernels use): curves
+    from different machines differ most by that."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown CPU"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "unknown CPU")
+    flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+    kind = "AMX" if "amx_int8" in flags else "AVX-512 VNNI, no AMX" if "avx512_vnni" in flags else "no AVX-512 VNNI"
+    return f"{name} ({kind})"
+
+
 def plot(rows, a):
     import matplotlib
     matplotlib.use("Agg")
@@ -132,7 +145,7 @@ def plot(rows, a):
     ax.set_ylim(0, max(4.0, max(r["speedup"] for r in rows) * 1.2))
     ax.set_xlabel(f"weights zero, % ({a.pattern})")
     ax.set_ylabel(f"speed-up (batch 1, sequence 128, {a.threads} threads)")
-    ax.set_title(f"weight sparsity: {os.path.basename(a.model)}")
+    ax.set_title(f"weight sparsity: {os.path.basename(a.model)}\n{cpu()}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -2707,7 +2707,8 @@ mod tests {
     }
 
     /// An op that allows bf16 (an int8 build's) against the f32 reference: on AMX-BF16 CPUs
-    /// it runs on tiles, within bf16's rounding of the f32 result (elsewhere in f32), through
+    /// it runs on tiles, on AVX-512 BF16 ones on vectors, within bf16's rounding of the f32
+    /// result (elsewhere in f32), through
     /// the permuted layouts of real models, the scale, both kinds of mask, and rows that mask
     /// every key (NaN, or zeros with `nan_to_zero`).
     #[test]
