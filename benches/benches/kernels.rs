@@ -167,5 +167,46 @@ fn gemm_f32_sparse(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemm, gemm_int8, gemm_int8_sparse, gemm_f32_sparse);
+/// One BERT-base attention head (128 query rows and keys, 64 dims; Q, K and V read from the
+/// `[sequence, 768]` projections, as a model's are) in bf16 on each engine this CPU has: AMX
+/// tiles, AVX-512 BF16 vectors. One thread. Throughput is counted in the two products'
+/// operations. (`TCC_ATTENTION=f32 tcc bench model.tcc --profile` compares with f32 in a model.)
+fn attention_bf16(c: &mut Criterion) {
+    use tcc_runtime::kernels::bf16::{self, Engine, Head};
+    let mut g = c.benchmark_group("attention_bf16_head_single_thread");
+    let (s, d, ld) = (128usize, 64usize, 768usize);
+    let x = |seed: usize| -> Vec<f32> { (0..s * ld).map(|i| ((i * 7919 + seed) % 997) as f32 / 997.0 - 0.5).collect() };
+    let (q, k, v) = (x(1), x(2), x(3));
+    let mut out = vec![0f32; s * d];
+    g.throughput(Throughput::Elements((4 * s * s * d) as u64));
+    for engine in [Engine::Amx, Engine::Vector].into_iter().filter(|e| e.supported()) {
+        let head = Head {
+            q: q.as_ptr(),
+            ldq: ld,
+            k: k.as_ptr(),
+            k_dim: 1,
+            k_key: ld,
+            v: v.as_ptr(),
+            v_key: ld,
+            v_col: 1,
+            rows: s,
+            sk: s,
+            d,
+            dv: d,
+            out: out.as_mut_ptr(),
+            ldo: d,
+            nan_to_zero: false,
+            row0: 0,
+        };
+        let mut scratch = vec![0u32; bf16::scratch_len(&head)];
+        g.bench_function(format!("{engine:?} {s}x{s}x{d}"), |b| {
+            // SAFETY: the engine is supported; Q, K and V hold 128 rows of 768 floats (the
+            // head reads 64 of each), `out` 128 rows of 64, the scratch the kernel's size.
+            b.iter(|| unsafe { bf16::attention_head(engine, &head, None, &mut scratch) })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemm, gemm_int8, gemm_int8_sparse, gemm_f32_sparse, attention_bf16);
 criterion_main!(benches);

@@ -415,18 +415,20 @@ fn run(cmd: Command) -> Result<()> {
             let pick = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
             let (min, median, p90) = (times[0], pick(0.5), pick(0.9));
             let tier = m.tier().map(|t| t.name()).unwrap_or("reference");
+            let kernels = m.kernels();
             if json {
                 let v = serde_json::json!({
                     "median_ms": median, "min_ms": min, "p90_ms": p90, "runs": runs, "warmup": warmup,
-                    "batch": batch, "seq": seq, "threads": threads, "tier": tier,
+                    "batch": batch, "seq": seq, "threads": threads, "tier": tier, "kernels": kernels,
                     "load_ms": m.load_ms, "jit_ms": m.jit_ms(),
                     "peak_activation_bytes": peak_activations, "peak_rss_bytes": peak_rss,
                     "weight_bytes": m.size(),
                 });
                 out!("{v}");
             } else {
+                let kernels = if kernels.is_empty() { String::new() } else { format!(" ({})", kernels.join(", ")) };
                 out!(
-                    "{}: batch {batch}, sequence {seq}, {threads} threads, {tier} kernels: median {median:.2} ms, min {min:.2} ms, p90 {p90:.2} ms ({runs} runs after {warmup} warm-up)",
+                    "{}: batch {batch}, sequence {seq}, {threads} threads, {tier} kernels{kernels}: median {median:.2} ms, min {min:.2} ms, p90 {p90:.2} ms ({runs} runs after {warmup} warm-up)",
                     model.display(),
                 );
                 out!(

@@ -125,6 +125,16 @@ fn quantize_int8_with_an_accuracy_report() {
     assert_eq!(v["op_counts"]["FusedMatMul"], 36, "{}", v["op_counts"]);
     let text = ok(&["run", s(&art), "--text", "how do I renew my policy?"]);
     assert!(text.starts_with("last_hidden_state: f32[1, 9, 384] ["), "{text}");
+    // `bench` names what ran the integer products (this CPU's kernel) and the attention.
+    let bench = ok(&["bench", s(&art), "--json", "--runs", "2", "--warmup", "1", "--seq", "16"]);
+    let v: serde_json::Value = serde_json::from_str(&bench).unwrap();
+    let kernels: Vec<&str> = v["kernels"].as_array().expect("kernels").iter().filter_map(|k| k.as_str()).collect();
+    use tcc_runtime::kernels::{int8::Kernel, Tier};
+    let int8 = Some(Tier::detect()).filter(|t| *t == Tier::Avx512).and_then(|_| Kernel::best());
+    let int8 = int8.map_or("i16 pairs", |k| k.name());
+    assert_eq!(kernels.len(), 2, "{bench}");
+    assert_eq!(kernels[0], format!("int8 {int8}"), "{bench}");
+    assert!(["attention bf16 amx", "attention bf16 vector", "attention f32"].contains(&kernels[1]), "{bench}");
     // Static activations: the report comes from the calibration sentences.
     let report = ok(&[&base[..], &["--calibration", s(&sentences)]].concat());
     assert!(report.contains("calibrated_values=24") && report.contains("accuracy against the f32 build"), "{report}");

@@ -130,6 +130,29 @@ fn col_broadcast(product: &[usize], extra: &Tensor) -> bool {
 }
 
 impl Fast {
+    /// What runs `plan`'s integer products and its attention that allows bf16 on this CPU,
+    /// for reports: `int8 amx`, `int8 vnni512` or `int8 i16 pairs`; `attention bf16 amx`,
+    /// `attention bf16 vector` or `attention f32`. Each only where the plan has such ops.
+    pub fn kernels(&self, plan: &Plan) -> Vec<String> {
+        let ops = || plan.steps.iter().map(|s| &s.op);
+        let mut out = Vec::new();
+        if ops().any(|op| matches!(op, Op::FusedMatMul(f) if f.int8.is_some())) {
+            out.push(format!("int8 {}", self.int8_kernel.map_or("i16 pairs", |k| k.name())));
+        }
+        if ops().any(|op| matches!(op, Op::Attention(a) if a.bf16)) {
+            #[cfg(target_arch = "x86_64")]
+            let engine = match self.bf16_attention {
+                Some(crate::kernels::bf16::Engine::Amx) => "bf16 amx",
+                Some(crate::kernels::bf16::Engine::Vector) => "bf16 vector",
+                None => "f32",
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let engine = "f32";
+            out.push(format!("attention {engine}"));
+        }
+        out
+    }
+
     /// Compiles the code `plan` needs.
     pub fn new(plan: &Plan, tier: Tier) -> Result<Fast> {
         // Drivers for each epilogue, for the column broadcasts the extra inputs can have. The

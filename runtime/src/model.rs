@@ -255,6 +255,12 @@ impl Model {
         self.fast.as_ref().map(|f| f.jit.tier)
     }
 
+    /// The kernels this CPU runs the model's integer products and bf16 attention with
+    /// ([`Fast::kernels`]; empty without the JIT or such ops), for reports.
+    pub fn kernels(&self) -> Vec<String> {
+        self.fast.as_ref().map(|f| f.kernels(&self.plan)).unwrap_or_default()
+    }
+
     /// Milliseconds the JIT took at load.
     pub fn jit_ms(&self) -> f64 {
         self.fast.as_ref().map(|f| f.jit.compile_ms).unwrap_or(0.0)
