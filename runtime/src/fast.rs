@@ -132,7 +132,9 @@ fn col_broadcast(product: &[usize], extra: &Tensor) -> bool {
 impl Fast {
     /// What runs `plan`'s integer products and its attention that allows bf16 on this CPU,
     /// for reports: `int8 amx`, `int8 vnni512` or `int8 i16 pairs`; `attention bf16 amx`,
-    /// `attention bf16 vector` or `attention f32`. Each only where the plan has such ops.
+    /// `attention bf16 vector` or `attention f32` (the bf16 engine where a head's shape lets
+    /// it run: heads of up to [`crate::kernels::bf16::MAX_HEAD`] dims, BERT's all). Each only
+    /// where the plan has such ops.
     pub fn kernels(&self, plan: &Plan) -> Vec<String> {
         let ops = || plan.steps.iter().map(|s| &s.op);
         let mut out = Vec::new();
