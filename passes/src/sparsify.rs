@@ -271,11 +271,13 @@ impl Pass for Sparsify {
                 out.stat(&format!("{name}_last_permille"), permille(fractions[last]));
             }
         }
-        let (mut zeros, mut total) = (0usize, 0usize);
+        let (mut zeros, mut total, mut skipped, mut blocks) = (0usize, 0usize, 0usize, 0usize);
         // Writes a product's new weights into the graph (a new node; the old one goes dead).
         let mut apply = |g: &mut Graph, out: &mut PassOutcome, l: &Linear, w: &[f32], err: f64| {
             zeros += w.iter().filter(|&&v| v == 0.0).count();
             total += w.len();
+            let (z, b) = zero_blocks(w, l.k, l.n);
+            (skipped, blocks) = (skipped + z, blocks + b);
             let name = g.nodes[l.node].name.clone();
             out.stat(&format!("error_ppm.{name}"), (err * 1e6).round() as i64);
             let a = input_of(g, l).ok_or_else(|| tcc_ir::Error::Pass(format!("`{name}` lacks its input")))?;
@@ -347,6 +349,7 @@ impl Pass for Sparsify {
         g.toposort()?;
         out.stat("products_sparsified", linears.len() as i64);
         out.stat("weights_zero_permille", ((1000 * zeros + total / 2) / total.max(1)) as i64);
+        out.stat("blocks_zero_permille", ((1000 * skipped + blocks / 2) / blocks.max(1)) as i64);
         Ok(out)
     }
 }
@@ -410,6 +413,22 @@ fn shares(products: &[Share], fraction: f64, attention: f64, depth: f64) -> Vec<
 /// The products (with their indices) of the attention blocks (`attention`) or the others.
 fn kind(products: &[Share], attention: bool) -> impl Iterator<Item = (usize, &Share)> {
     products.iter().enumerate().filter(move |(_, p)| p.attention == attention)
+}
+
+/// How many of the `k x n` weights' blocks of [`Pattern::FASTEST`]'s shape (64 rows of `k`
+/// by 32 columns, the kernels' steps; blocks at the edges padded with zeros) are all zero, of
+/// how many: what the kernels skip, whatever the pattern that made the zeros (the stat
+/// `blocks_zero_permille`: an N:M or unstructured build zeroes weights but hardly any block).
+fn zero_blocks(w: &[f32], k: usize, n: usize) -> (usize, usize) {
+    let Pattern::Block { rows, cols } = Pattern::FASTEST else { unreachable!("the fastest pattern is blocks") };
+    let mut zero = 0;
+    for r0 in (0..k).step_by(rows) {
+        for c0 in (0..n).step_by(cols) {
+            let c1 = (c0 + cols).min(n);
+            zero += usize::from((r0..(r0 + rows).min(k)).all(|r| w[r * n + c0..r * n + c1].iter().all(|&v| v == 0.0)));
+        }
+    }
+    (zero, k.div_ceil(rows) * n.div_ceil(cols))
 }
 
 /// The fraction of the weights of one kind ([`kind`]) that `fractions` (one per product) remove.
@@ -786,6 +805,26 @@ mod tests {
             }
         }
         num / den
+    }
+
+    /// The kernels' blocks counted as they skip them: whole 64x32 blocks and the edges'
+    /// partial ones, a single nonzero weight keeping its block.
+    #[test]
+    fn zero_blocks_are_counted_as_the_kernels_skip_them() {
+        let (k, n) = (150, 70); // 3 x 3 blocks, the last row and column of them partial
+        let mut w = vec![0f32; k * n];
+        assert_eq!(zero_blocks(&w, k, n), (9, 9));
+        w[0] = 1.0; // block (0, 0)
+        w[149 * n + 69] = -2.0; // the corner block (2, 2)
+        w[70 * n + 40] = 3.0; // block (1, 1)
+        assert_eq!(zero_blocks(&w, k, n), (6, 9));
+        w[63 * n + 31] = 4.0; // block (0, 0) again
+        assert_eq!(zero_blocks(&w, k, n), (6, 9));
+        w[64 * n + 32] = 5.0; // block (1, 1) again
+        w[128 * n + 64] = 6.0; // block (2, 2) again
+        w[0] = 0.0;
+        w[63 * n + 31] = 0.0;
+        assert_eq!(zero_blocks(&w, k, n), (7, 9));
     }
 
     #[test]

@@ -38,6 +38,9 @@ fn half_the_weights_reconstructed_on_calibration_sentences() {
         let pass = r.passes.iter().find(|p| p.pass == "sparsify").expect("the sparsify pass ran");
         assert_eq!(pass.stats["products_sparsified"], 36);
         assert_eq!(pass.stats["weights_zero_permille"], 500, "{:?}", pass.stats);
+        // Unstructured zeros leave (nearly) no 64x32 block for the kernels to skip: the report
+        // says so.
+        assert!(pass.stats.get("blocks_zero_permille").copied().unwrap_or(0) < 10, "{:?}", pass.stats);
         // What `tcc inspect` shows: half of the 36 products' 10,616,832 weights are zero.
         let zero = r.summary.zero_parameters as f64;
         assert!((zero - 5_308_416.0).abs() < 0.01 * 5_308_416.0, "{zero} zero parameters");
@@ -96,6 +99,10 @@ fn block_sparse_int8_computes_the_sparse_model() {
     let sentences: Vec<String> = std::fs::read_to_string(&eval).unwrap().lines().take(24).map(String::from).collect();
     let (f32_art, int8_art) = (dir.join("s80.tcc"), dir.join("s80-int8.tcc"));
     let report = driver::build(&m.path, &f32_art, &opts(false)).unwrap();
+    // The report's share of zero blocks is the one counted here.
+    let pass = report.passes.iter().find(|p| p.pass == "sparsify").expect("the sparsify pass ran");
+    let reported = pass.stats["blocks_zero_permille"] as f64 / 1000.0;
+    assert!((reported - share).abs() < 0.002, "reported {reported}, counted {share}");
     driver::build(&m.path, &int8_art, &opts(true)).unwrap();
     let (a, b) = (tcc_runtime::Model::load(&f32_art).unwrap(), tcc_runtime::Model::load(&int8_art).unwrap());
     let worst = sentences.iter().map(|s| cosine(&embed(&a, s), &embed(&b, s))).fold(1.0f64, f64::min);
