@@ -58,10 +58,14 @@ pub enum Pattern {
     },
 }
 
+/// The block the kernels skip when all its weights are zero: 64 rows of `k` (one AMX step,
+/// sixteen of VNNI's groups of four) by one 32-column panel.
+pub const KERNEL_BLOCK: (usize, usize) = (64, 32);
+
 impl Pattern {
     /// The pattern the integer kernels turn into speed: one AMX step (64 rows of `k`) of one
-    /// 32-column panel.
-    pub const FASTEST: Pattern = Pattern::Block { rows: 64, cols: 32 };
+    /// 32-column panel ([`KERNEL_BLOCK`]).
+    pub const FASTEST: Pattern = Pattern::Block { rows: KERNEL_BLOCK.0, cols: KERNEL_BLOCK.1 };
 
     /// `unstructured`, `n:m` (`2:4`) or `block:RxC` (`block:64x32`).
     pub fn parse(s: &str) -> Result<Pattern, String> {
@@ -415,12 +419,12 @@ fn kind(products: &[Share], attention: bool) -> impl Iterator<Item = (usize, &Sh
     products.iter().enumerate().filter(move |(_, p)| p.attention == attention)
 }
 
-/// How many of the `k x n` weights' blocks of [`Pattern::FASTEST`]'s shape (64 rows of `k`
-/// by 32 columns, the kernels' steps; blocks at the edges padded with zeros) are all zero, of
-/// how many: what the kernels skip, whatever the pattern that made the zeros (the stat
-/// `blocks_zero_permille`: an N:M or unstructured build zeroes weights but hardly any block).
+/// How many of the `k x n` weights' [`KERNEL_BLOCK`]s (64 rows of `k` by 32 columns; blocks at
+/// the edges padded with zeros) are all zero, of how many: what the kernels skip, whatever the
+/// pattern that made the zeros (the stat `blocks_zero_permille`: an N:M or unstructured build
+/// zeroes weights but hardly any block).
 fn zero_blocks(w: &[f32], k: usize, n: usize) -> (usize, usize) {
-    let Pattern::Block { rows, cols } = Pattern::FASTEST else { unreachable!("the fastest pattern is blocks") };
+    let (rows, cols) = KERNEL_BLOCK;
     let mut zero = 0;
     for r0 in (0..k).step_by(rows) {
         for c0 in (0..n).step_by(cols) {
