@@ -513,15 +513,20 @@ fn bench_against(
         let v = serde_json::json!({
             "median_ms": mm, "against_median_ms": mb_, "speedup": speedup,
             "speedup_q1": lo, "speedup_q3": hi, "runs": runs, "warmup": warmup,
-            "batch": batch, "seq": seq, "threads": threads, "tier": tier,
+            "batch": batch, "seq": seq, "threads": threads, "tier": tier, "kernels": m.kernels(),
+            "against_kernels": b.kernels(),
         });
         out!("{v}");
     } else {
         out!(
             "batch {batch}, sequence {seq}, {threads} threads, {tier} kernels, {runs} runs of each in turn after {warmup} warm-up:"
         );
-        out!("  {:>9} ms  {}", format!("{mb_:.2}"), base.display());
-        out!("  {:>9} ms  {}", format!("{mm:.2}"), model.display());
+        // What ran each build's integer products and attention, where they have such ops.
+        let kernels = |x: &Model| x.kernels().join(", ");
+        let (kb, km) = (kernels(&b), kernels(m));
+        let with = |k: &str| if k.is_empty() { String::new() } else { format!("  ({k})") };
+        out!("  {:>9} ms  {}{}", format!("{mb_:.2}"), base.display(), with(&kb));
+        out!("  {:>9} ms  {}{}", format!("{mm:.2}"), model.display(), with(&km));
         out!("  {speedup:.3}x faster (median of the paired ratios; quartiles {lo:.3}x - {hi:.3}x)");
     }
     Ok(())
