@@ -179,7 +179,7 @@ fn attention_bf16(c: &mut Criterion) {
     let (q, k, v) = (x(1), x(2), x(3));
     let mut out = vec![0f32; s * d];
     g.throughput(Throughput::Elements((4 * s * s * d) as u64));
-    for engine in [Engine::Amx, Engine::Vector].into_iter().filter(|e| e.supported()) {
+    for engine in Engine::ALL.into_iter().filter(|e| e.supported()) {
         let head = Head {
             q: q.as_ptr(),
             ldq: ld,
@@ -199,7 +199,7 @@ fn attention_bf16(c: &mut Criterion) {
             row0: 0,
         };
         let mut scratch = vec![0u32; bf16::scratch_len(&head)];
-        g.bench_function(format!("{engine:?} {s}x{s}x{d}"), |b| {
+        g.bench_function(format!("{} {s}x{s}x{d}", engine.name()), |b| {
             // SAFETY: the engine is supported; Q, K and V hold 128 rows of 768 floats (the
             // head reads 64 of each), `out` 128 rows of 64, the scratch the kernel's size.
             b.iter(|| unsafe { bf16::attention_head(engine, &head, None, &mut scratch) })

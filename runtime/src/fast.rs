@@ -143,14 +143,10 @@ impl Fast {
         }
         if ops().any(|op| matches!(op, Op::Attention(a) if a.bf16)) {
             #[cfg(target_arch = "x86_64")]
-            let engine = match self.bf16_attention {
-                Some(crate::kernels::bf16::Engine::Amx) => "bf16 amx",
-                Some(crate::kernels::bf16::Engine::Vector) => "bf16 vector",
-                None => "f32",
-            };
+            let engine = self.bf16_attention.map(|e| e.name());
             #[cfg(not(target_arch = "x86_64"))]
-            let engine = "f32";
-            out.push(format!("attention {engine}"));
+            let engine: Option<&str> = None;
+            out.push(engine.map_or("attention f32".into(), |e| format!("attention bf16 {e}")));
         }
         out
     }
@@ -221,10 +217,13 @@ impl Fast {
             #[cfg(target_arch = "x86_64")]
             bf16_attention: {
                 use crate::kernels::bf16::Engine;
-                match std::env::var("TCC_ATTENTION").as_deref() {
+                // `TCC_ATTENTION=f32`, or an engine by name (the vectors on an AMX CPU, say).
+                let asked = std::env::var("TCC_ATTENTION").ok();
+                let named = Engine::ALL.into_iter().find(|e| asked.as_deref() == Some(e.name()));
+                match (asked.as_deref(), named) {
                     _ if tier != Tier::Avx512 => None,
-                    Ok("f32") => None,
-                    Ok("vector") => Some(Engine::Vector).filter(|e| e.supported()),
+                    (Some("f32"), _) => None,
+                    (_, Some(e)) if e.supported() => Some(e),
                     _ => Engine::best(),
                 }
             },
@@ -261,7 +260,7 @@ impl Fast {
             if self.panel_runs.contains_key(&(data.as_ptr() as usize)) {
                 continue;
             }
-            if let Some(runs) = crate::kernels::PanelRuns::detect(k, n, data, 0.125) {
+            if let Some(runs) = crate::kernels::PanelRuns::detect(k, n, data, crate::kernels::SKIP_MIN_ZERO) {
                 tracing::debug!(step = %step.name, zero = runs.zero_fraction(), "f32 weights: all-zero panel rows skipped");
                 // The tensor is held: its address cannot be reused while it is a key.
                 self.panel_runs.insert(data.as_ptr() as usize, (w.clone(), runs));
@@ -301,7 +300,7 @@ impl Fast {
                 self.colsums.entry(data.as_ptr() as usize).or_insert_with(|| {
                     // Skipping zero steps pays from an eighth of them on (the rest is a list
                     // walk per step).
-                    let sparse = crate::kernels::int8::Sparse::detect(k, n, data, 0.125);
+                    let sparse = crate::kernels::int8::Sparse::detect(k, n, data, crate::kernels::SKIP_MIN_ZERO);
                     if let Some(sp) = &sparse {
                         tracing::debug!(step = %step.name, zero = sp.zero_fraction(), "int8 weights: all-zero AMX steps skipped");
                     }

@@ -33,6 +33,16 @@ pub enum Engine {
 }
 
 impl Engine {
+    pub const ALL: [Engine; 2] = [Engine::Amx, Engine::Vector];
+
+    /// The engine's name in reports and in `TCC_ATTENTION`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Amx => "amx",
+            Engine::Vector => "vector",
+        }
+    }
+
     /// Whether this CPU (and OS) runs the engine.
     pub fn supported(self) -> bool {
         let vector = std::arch::is_x86_feature_detected!("avx512f")
@@ -52,7 +62,7 @@ impl Engine {
 
     /// The best engine this CPU runs (AMX, then vectors), if any.
     pub fn best() -> Option<Engine> {
-        [Engine::Amx, Engine::Vector].into_iter().find(|e| e.supported())
+        Engine::ALL.into_iter().find(|e| e.supported())
     }
 }
 
@@ -725,7 +735,7 @@ mod tests {
     /// strides wider than the rows.
     #[test]
     fn engines_compute_attention_in_bf16() {
-        let engines: Vec<Engine> = [Engine::Amx, Engine::Vector].into_iter().filter(|e| e.supported()).collect();
+        let engines: Vec<Engine> = Engine::ALL.into_iter().filter(|e| e.supported()).collect();
         if engines.is_empty() {
             eprintln!("neither AMX-BF16 nor AVX-512 BF16 here: skipped");
             return;

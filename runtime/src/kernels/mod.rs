@@ -195,6 +195,11 @@ pub struct PanelRuns {
     zero: f64,
 }
 
+/// The share of a product's weights in all-zero blocks (int8: AMX steps of a panel; f32: panel
+/// rows) from which its kernels skip them: below it the walk over the live ones costs more
+/// than the zeros save, and the product runs dense.
+pub const SKIP_MIN_ZERO: f64 = 0.125;
+
 impl PanelRuns {
     /// Fewest zero rows worth a run's break.
     pub const MIN_GAP: usize = 16;
