@@ -85,7 +85,7 @@ fn gemm_int8_sparse(c: &mut Criterion) {
     let lda = int8::k_groups(k) * 4;
     let a: Vec<u8> = (0..m * lda).map(|i| (i * 7919 % 251) as u8).collect();
     g.throughput(Throughput::Elements((2 * m * k * n) as u64));
-    for sparsity in [0.0, 0.5, 0.8, 0.9, 0.95] {
+    for sparsity in [0.0, 0.125, 0.25, 0.5, 0.8, 0.9, 0.95] {
         // Steps zero at random (a fixed sequence), the others full-range.
         let mut state = 12345u64;
         let mut next = || {
@@ -101,13 +101,19 @@ fn gemm_int8_sparse(c: &mut Criterion) {
             }
         }
         let packed = int8::pack_b_s8(k, n, &w);
-        let sparse = int8::Sparse::detect(k, n, &packed, 0.0);
+        // The walk over the live steps at every sparsity, and the dense panels without zeros:
+        // where the walk starts to pay is what the build's cost model assumes
+        // (`tcc_passes::eqsat::cost`).
+        let walk = int8::Sparse::detect(k, n, &packed, 0.0);
         let mut out = vec![0i32; m * n];
         for kernel in [int8::Kernel::Amx, int8::Kernel::Vnni512].into_iter().filter(|k| k.supported()) {
-            let id = BenchmarkId::new(kernel.name(), format!("{m}x{k}x{n} {:.0}% zero", sparsity * 100.0));
-            g.bench_with_input(id, &(), |bench, _| {
-                bench.iter(|| int8::gemm_u8s8(kernel, m, k, n, &a, lda, &packed, sparse.as_ref(), &mut out, n).unwrap())
-            });
+            for sparse in [walk.as_ref(), None].into_iter().take(if sparsity == 0.0 { 2 } else { 1 }) {
+                let how = if sparse.is_some() { "walk" } else { "dense" };
+                let id = BenchmarkId::new(kernel.name(), format!("{m}x{k}x{n} {:.1}% zero {how}", sparsity * 100.0));
+                g.bench_with_input(id, &(), |bench, _| {
+                    bench.iter(|| int8::gemm_u8s8(kernel, m, k, n, &a, lda, &packed, sparse, &mut out, n).unwrap())
+                });
+            }
         }
     }
     g.finish();
@@ -119,13 +125,13 @@ fn gemm_int8_sparse(c: &mut Criterion) {
 /// the dense product's operations.
 fn gemm_f32_sparse(c: &mut Criterion) {
     use tcc_runtime::fast::Fast;
-    use tcc_runtime::op::{BinaryKind, EpiOp, Epilogue, FusedMatMul};
+    use tcc_runtime::op::{BinaryKind, EpiOp, Epilogue, FusedMatMul, WeightFormat};
     use tcc_runtime::plan::{Plan, Step};
     use tcc_runtime::{Op, Tensor};
     let mut g = c.benchmark_group("gemm_f32_block_sparse");
     let (m, k, n) = (128usize, 768usize, 3072usize);
     g.throughput(Throughput::Elements((2 * m * k * n) as u64));
-    let op: Op = FusedMatMul {
+    let dense: Op = FusedMatMul {
         a_perm: None,
         b_perm: None,
         packed: Some([k, n]),
@@ -134,15 +140,14 @@ fn gemm_f32_sparse(c: &mut Criterion) {
         extra: 1,
         fused: vec![],
         int8: None,
+        weights: Some(WeightFormat::Dense),
     }
     .into();
-    let plan = Plan {
-        steps: vec![Step { op: op.clone(), inputs: vec![Some(0), Some(1)], outputs: vec![3], name: "linear".into() }],
-        ..Default::default()
-    };
+    let Op::FusedMatMul(f) = &dense else { unreachable!() };
+    let walk: Op = FusedMatMul { weights: Some(WeightFormat::Blocks), ..f.clone() }.into();
     let a = Tensor::new(vec![m, k], (0..m * k).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()).unwrap();
     let bias = Tensor::new(vec![n], (0..n).map(|i| i as f32 * 1e-3).collect()).unwrap();
-    for sparsity in [0.0, 0.5, 0.8, 0.9, 0.95] {
+    for sparsity in [0.0, 0.125, 0.25, 0.5, 0.8, 0.9, 0.95] {
         let mut state = 12345u64;
         let mut next = || {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -157,12 +162,26 @@ fn gemm_f32_sparse(c: &mut Criterion) {
             }
         }
         let b = Tensor::new(vec![k * n], pack_b(k, n, &w)).unwrap();
-        let tier = Tier::detect();
-        let mut fast = Fast::new(&plan, tier).expect("JIT compiles");
-        fast.prepare_sparse(&plan, &[(1, b.clone())]);
-        let ins = [Some(&a), Some(&b), Some(&bias)];
-        let id = BenchmarkId::new(format!("tcc_{tier}"), format!("{m}x{k}x{n} {:.0}% zero", sparsity * 100.0));
-        g.bench_with_input(id, &(), |bench, _| bench.iter(|| fast.eval(&op, &ins).expect("handled").unwrap()));
+        // The walk over the runs at every sparsity, and the dense panels without zeros.
+        for op in [&walk, &dense].into_iter().take(if sparsity == 0.0 { 2 } else { 1 }) {
+            let plan = Plan {
+                steps: vec![Step {
+                    op: op.clone(),
+                    inputs: vec![Some(0), Some(1)],
+                    outputs: vec![3],
+                    name: "linear".into(),
+                }],
+                ..Default::default()
+            };
+            let tier = Tier::detect();
+            let mut fast = Fast::new(&plan, tier).expect("JIT compiles");
+            fast.prepare_sparse(&plan, &[(1, b.clone())]);
+            let ins = [Some(&a), Some(&b), Some(&bias)];
+            let how = if op == &walk { "walk" } else { "dense" };
+            let id =
+                BenchmarkId::new(format!("tcc_{tier}"), format!("{m}x{k}x{n} {:.1}% zero {how}", sparsity * 100.0));
+            g.bench_with_input(id, &(), |bench, _| bench.iter(|| fast.eval(op, &ins).expect("handled").unwrap()));
+        }
     }
     g.finish();
 }

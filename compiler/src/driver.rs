@@ -248,12 +248,17 @@ fn compile_stages(
     let nodes_imported = g.nodes.len();
     pb.set_message(format!("running passes: {}", opts.pipeline));
     let pipeline = Pipeline::parse(&opts.pipeline, registry)?;
-    let mut pm = PassManager::new(&pipeline, registry)?;
-    pm.print_after = opts.print_after.clone();
-    let pb2 = pb.clone();
-    pm.printer = Box::new(move |name, g| {
-        pb2.suspend(|| eprintln!("// IR after {name}\n{}", tcc_ir::text::print(&g.compact())));
-    });
+    // A manager for the pipeline and each stage after it, printing the IR as asked.
+    let manager = |pipeline: &Pipeline| -> Result<PassManager, BuildError> {
+        let mut pm = PassManager::new(pipeline, registry)?;
+        pm.print_after = opts.print_after.clone();
+        let pb = pb.clone();
+        pm.printer = Box::new(move |name, g| {
+            pb.suspend(|| eprintln!("// IR after {name}\n{}", tcc_ir::text::print(&g.compact())));
+        });
+        Ok(pm)
+    };
+    let mut pm = manager(&pipeline)?;
     let mut cx = PassContext {
         cpu_features: tcc_runtime::cpu::host().map(|c| c.features).unwrap_or_default(),
         ..Default::default()
@@ -272,9 +277,7 @@ fn compile_stages(
     for stage in stages.into_iter().flatten() {
         let text = format!("{stage},dce");
         pb.set_message(format!("running passes: {text}"));
-        let mut pm = PassManager::new(&Pipeline::parse(&text, registry)?, registry)?;
-        pm.print_after = opts.print_after.clone();
-        passes.extend(pm.run(&mut g, &mut cx)?);
+        passes.extend(manager(&Pipeline::parse(&text, registry)?)?.run(&mut g, &mut cx)?);
     }
     if let Some(act) = opts.quantize {
         use tcc_runtime::op::fused::ActQuant;
@@ -301,10 +304,10 @@ fn compile_stages(
         };
         let text = format!("quantize-int8{{act={act}}},dce");
         pb.set_message(format!("running passes: {text}"));
-        let mut pm = PassManager::new(&Pipeline::parse(&text, registry)?, registry)?;
-        pm.print_after = opts.print_after.clone();
-        passes.extend(pm.run(&mut g, &mut cx)?);
+        passes.extend(manager(&Pipeline::parse(&text, registry)?)?.run(&mut g, &mut cx)?);
     }
+    // Last, on the weights as the artifact stores them: each product's weight format.
+    passes.extend(manager(&Pipeline::parse("formats", registry)?)?.run(&mut g, &mut cx)?);
     pb.inc(1);
     let g = g.compact();
     let report = BuildReport {

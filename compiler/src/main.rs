@@ -628,10 +628,10 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
     for p in &r.passes {
         let stats: Vec<String> = p.stats.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
         out!("  {:10} {:>8.1} ms   {} -> {} nodes  {}", p.pass, p.ms, p.nodes_before, p.nodes_after, stats.join(" "));
-        // Zeros that no kernel skips: say so, and what would (the runtime skips a product's
-        // 64x32 blocks where `SKIP_MIN_ZERO` of them or more are zero).
+        // Zeros that no kernel skips: say so, and what would (the kernels skip all-zero 64x32
+        // blocks, in the products the `formats` pass gives the block format).
         let stat = |k: &str| p.stats.get(k).copied().unwrap_or(0);
-        let skipped = stat("blocks_zero_permille") as f64 / 1000.0 >= tcc_runtime::kernels::SKIP_MIN_ZERO;
+        let skipped = 2 * stat("blocks_zero_permille") >= stat("weights_zero_permille");
         if p.pass == "sparsify" && stat("weights_zero_permille") > 0 && !skipped {
             out!(
                 "  note: {:.1}% of the products' weights are zero but {:.1}% of their 64x32 blocks, which is what the kernels skip: they skip little of this build (--sparsity-pattern block:64x32 turns sparsity into speed)",

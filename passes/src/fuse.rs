@@ -159,6 +159,7 @@ fn fuse_one(
                 extra: 0,
                 fused: vec![],
                 int8: None,
+                weights: None,
             },
             false,
         ),

@@ -20,6 +20,7 @@
 
 pub mod eqsat;
 mod fold;
+mod formats;
 mod fuse;
 mod manager;
 mod prune;
@@ -28,6 +29,7 @@ mod sparsify;
 pub mod tutorial;
 
 pub use fold::{DeadCode, FoldConstants};
+pub use formats::Formats;
 pub use fuse::{FuseAttention, FuseMatMul};
 pub use manager::{
     Calibrator, Pass, PassContext, PassError, PassManager, PassOutcome, PassReport, Pipeline, RangeMethod, Registry,

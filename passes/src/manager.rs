@@ -255,6 +255,11 @@ impl Registry {
             },
         );
         r.register(
+            "formats",
+            "the format each product reads its weights in (dense, or block-sparse skipping all-zero 64x32 blocks), chosen by the e-graph's cost model from its weights' zero blocks (options: iters, nodes, time_ms)",
+            |o| Ok(Box::new(crate::Formats::new(crate::eqsat::Limits::from_options(o)?))),
+        );
+        r.register(
             "eqsat",
             "equality saturation with chosen rule packs (options: packs=canonical+recognize+attention, iters, nodes, time_ms)",
             |o| {

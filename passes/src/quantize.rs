@@ -566,6 +566,7 @@ fn rewrite_integer(
         extra: 0,
         fused: vec![],
         int8: Some(m.act),
+        weights: None,
     };
     let product = g.add1(f, &[m.x, packed], format!("{}.int8", m.name))?;
     let scaled = g.add1(tcc_ir::op::Binary::new(BinaryKind::Mul), &[product, m.w_scale], m.name.clone())?;

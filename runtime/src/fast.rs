@@ -129,6 +129,18 @@ fn col_broadcast(product: &[usize], extra: &Tensor) -> bool {
     last == 1 && n != 1
 }
 
+/// The share of zero blocks from which a product's weights get a compact copy that the kernels
+/// walk instead of the dense panels, by its format: the build's choice (`Blocks`: any zero block;
+/// `Dense`: never, `None` returned), or, for products the build did not decide, the runtime's
+/// own threshold ([`crate::kernels::SKIP_MIN_ZERO`]).
+fn min_zero(format: Option<crate::op::WeightFormat>) -> Option<f64> {
+    match format {
+        None => Some(crate::kernels::SKIP_MIN_ZERO),
+        Some(crate::op::WeightFormat::Dense) => None,
+        Some(crate::op::WeightFormat::Blocks) => Some(f64::MIN_POSITIVE),
+    }
+}
+
 impl Fast {
     /// What runs `plan`'s integer products and its attention that allows bf16 on this CPU,
     /// for reports: `int8 amx`, `int8 vnni512` or `int8 i16 pairs`; `attention bf16 amx`,
@@ -260,7 +272,8 @@ impl Fast {
             if self.panel_runs.contains_key(&(data.as_ptr() as usize)) {
                 continue;
             }
-            if let Some(runs) = crate::kernels::PanelRuns::detect(k, n, data, crate::kernels::SKIP_MIN_ZERO) {
+            let Some(min_zero) = min_zero(f.weights) else { continue };
+            if let Some(runs) = crate::kernels::PanelRuns::detect(k, n, data, min_zero) {
                 tracing::debug!(step = %step.name, zero = runs.zero_fraction(), "f32 weights: all-zero panel rows skipped");
                 // The tensor is held: its address cannot be reused while it is a key.
                 self.panel_runs.insert(data.as_ptr() as usize, (w.clone(), runs));
@@ -298,9 +311,8 @@ impl Fast {
                 // The weights are held with their sums: their address cannot be reused while it
                 // is a key.
                 self.colsums.entry(data.as_ptr() as usize).or_insert_with(|| {
-                    // Skipping zero steps pays from an eighth of them on (the rest is a list
-                    // walk per step).
-                    let sparse = crate::kernels::int8::Sparse::detect(k, n, data, crate::kernels::SKIP_MIN_ZERO);
+                    let sparse = min_zero(f.weights)
+                        .and_then(|min_zero| crate::kernels::int8::Sparse::detect(k, n, data, min_zero));
                     if let Some(sp) = &sparse {
                         tracing::debug!(step = %step.name, zero = sp.zero_fraction(), "int8 weights: all-zero AMX steps skipped");
                     }
@@ -2133,6 +2145,7 @@ mod tests {
             extra,
             fused: vec![],
             int8,
+            weights: None,
         }
     }
 
@@ -2190,6 +2203,7 @@ mod tests {
                 extra: 2,
                 fused: vec![],
                 int8: None,
+                weights: None,
             }
             .into();
             for tier in Tier::ALL {
@@ -2250,6 +2264,7 @@ mod tests {
                 extra: 1,
                 fused: vec![],
                 int8: None,
+                weights: None,
             },
             context: FusedMatMul {
                 a_perm: None,
@@ -2260,6 +2275,7 @@ mod tests {
                 extra: 0,
                 fused: vec![],
                 int8: None,
+                weights: None,
             },
             nan_to_zero: false,
             probs_quant: None,
@@ -2476,6 +2492,57 @@ mod tests {
                     if extra == 2 {
                         ins.extend([Some(&bias), Some(&res)]);
                     }
+                    let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
+                    let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
+                    assert_close(&tag, &got, &want, 1e-5);
+                }
+            }
+        }
+    }
+
+    /// The build's weight format decides whether a product walks its zero blocks: `Dense`
+    /// never, `Blocks` from one zero block on (under the runtime's own threshold too), none
+    /// given the runtime's threshold ([`crate::kernels::SKIP_MIN_ZERO`]); the values are the
+    /// reference's whatever the walk, f32 and int8, every tier.
+    #[test]
+    fn weight_formats_decide_the_walk() {
+        use crate::op::WeightFormat;
+        // One of the 16 blocks of 64 rows by a 32-column panel zero (1/16, under 1/8), or half.
+        let (k, n) = (512usize, 64usize);
+        let a = t(&[40, k], 1);
+        for (tier, blocks) in Tier::ALL.into_iter().flat_map(|t| [(t, 1), (t, 8)]) {
+            let zero = |i: usize| i / n < 64 * blocks && i % n < 32;
+            let wf: Vec<f32> =
+                rand(k * n, 7).into_iter().enumerate().map(|(i, x)| if zero(i) { 0.0 } else { x }).collect();
+            let w8: Vec<i8> =
+                (0..k * n).map(|i| if zero(i) { 0 } else { (i.wrapping_mul(2654435761) >> 7) as u8 as i8 }).collect();
+            for format in [None, Some(WeightFormat::Dense), Some(WeightFormat::Blocks)] {
+                for int8 in [None, Some(fused::ActQuant::DynamicRow)] {
+                    let base = packed_product(k, n, Epilogue(vec![EpiOp::Acc]), 0, int8);
+                    let op: Op = FusedMatMul { weights: format, ..base }.into();
+                    let Some(mut fast) = fast_for(tier, std::slice::from_ref(&op)) else { continue };
+                    let plan = product_plan(&op);
+                    let b = match int8 {
+                        None => Tensor::new(vec![k * n], crate::kernels::pack_b(k, n, &wf)).unwrap(),
+                        Some(_) => {
+                            let packed = crate::kernels::int8::pack_b_s8(k, n, &w8);
+                            Tensor::new(vec![packed.len()], packed).unwrap()
+                        }
+                    };
+                    fast.prepare_sparse(&plan, &[(1, b.clone())]);
+                    fast.prepare_int8(&plan, &[(1, b.clone())]);
+                    let walks = match int8 {
+                        None => !fast.panel_runs.is_empty(),
+                        Some(_) => fast.colsums.values().any(|(_, _, sparse)| sparse.is_some()),
+                    };
+                    let tag = format!("{tier} {format:?} int8 {int8:?}, {blocks} of 16 blocks zero");
+                    let can_walk = int8.is_none() || fast.int8_kernel.is_some();
+                    let chosen = match format {
+                        None => blocks as f64 / 16.0 >= crate::kernels::SKIP_MIN_ZERO,
+                        Some(f) => f == WeightFormat::Blocks,
+                    };
+                    assert_eq!(walks, chosen && can_walk, "{tag}");
+                    let ins = [Some(&a), Some(&b)];
                     let want = op.eval(&EvalContext::default(), &ins).unwrap().remove(0);
                     let got = fast.eval(&op, &ins).expect("handled").unwrap().remove(0);
                     assert_close(&tag, &got, &want, 1e-5);

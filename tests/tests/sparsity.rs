@@ -3,8 +3,8 @@
 //! What a user checks: that the fraction of weights asked for is zero, in the pattern asked
 //! for; that the reconstruction on calibration sentences keeps the embeddings of other
 //! sentences near the dense model's (far nearer than zeroing the smallest weights does); and that
-//! an int8 build of a block-sparse model, whose kernels skip the zero blocks, computes what the
-//! same sparse model computes in f32.
+//! an int8 build of a block-sparse model, whose kernels skip the zero blocks (the build says
+//! which products do), computes what the same sparse model computes in f32.
 
 use tcc_compiler::driver::{self, BuildOptions};
 use tcc_passes::{Pattern, Sparsify};
@@ -41,6 +41,11 @@ fn half_the_weights_reconstructed_on_calibration_sentences() {
         // Unstructured zeros leave (nearly) no 64x32 block for the kernels to skip: the report
         // says so.
         assert!(pass.stats.get("blocks_zero_permille").copied().unwrap_or(0) < 10, "{:?}", pass.stats);
+        // And the build expects no product to run faster for them.
+        let formats = r.passes.iter().find(|p| p.pass == "formats").expect("the formats pass ran");
+        let products = ["products_dense", "products_blocks"].map(|k| formats.stats.get(k).copied().unwrap_or(0));
+        assert_eq!(products.iter().sum::<i64>(), 36, "{:?}", formats.stats);
+        assert!(formats.stats["work_permille"] >= 980, "{:?}", formats.stats);
         // What `tcc inspect` shows: half of the 36 products' 10,616,832 weights are zero.
         let zero = r.summary.zero_parameters as f64;
         assert!((zero - 5_308_416.0).abs() < 0.01 * 5_308_416.0, "{zero} zero parameters");
@@ -103,7 +108,13 @@ fn block_sparse_int8_computes_the_sparse_model() {
     let pass = report.passes.iter().find(|p| p.pass == "sparsify").expect("the sparsify pass ran");
     let reported = pass.stats["blocks_zero_permille"] as f64 / 1000.0;
     assert!((reported - share).abs() < 0.002, "reported {reported}, counted {share}");
-    driver::build(&m.path, &int8_art, &opts(true)).unwrap();
+    let int8_report = driver::build(&m.path, &int8_art, &opts(true)).unwrap();
+    // Every product reads its int8 weights block-sparse, by the cost model, which expects about
+    // a quarter of the dense products' work.
+    let formats = int8_report.passes.iter().find(|p| p.pass == "formats").expect("the formats pass ran");
+    assert_eq!(formats.stats.get("products_blocks"), Some(&36), "{:?}", formats.stats);
+    assert!((formats.stats["blocks_zero_permille"] as f64 / 1000.0 - share).abs() < 0.01, "{:?}", formats.stats);
+    assert!((200..=350).contains(&formats.stats["work_permille"]), "{:?}", formats.stats);
     let (a, b) = (tcc_runtime::Model::load(&f32_art).unwrap(), tcc_runtime::Model::load(&int8_art).unwrap());
     let worst = sentences.iter().map(|s| cosine(&embed(&a, s), &embed(&b, s))).fold(1.0f64, f64::min);
     eprintln!("MiniLM-L6 with 80% of its 64 x 32 blocks zero: int8 vs f32 of the same, worst cosine {worst:.4}");

@@ -193,6 +193,26 @@ pub struct Info {
 pub struct TlAnalysis {
     /// Per graph value: its fact and, for one-element `f32` constants, its value.
     pub leaves: Vec<(Fact, Option<f32>)>,
+    /// Per packed weights a product reads (by value index): the share of their blocks of 64
+    /// rows of `k` by a 32-column panel that are all zero, as the runtime's kernels find them
+    /// ([`zero_block_share`]): what the cost model prices weight formats by.
+    pub zero_blocks: HashMap<u32, f64>,
+}
+
+/// The share of the packed weights `w` of product `f` that a block-sparse walk skips, counted
+/// as the runtime counts it at load (int8: all-zero steps of 64 rows by a 32-column panel,
+/// [`tcc_runtime::kernels::int8::Sparse`]; f32: all-zero rows of a panel outside the runs it walks,
+/// [`tcc_runtime::kernels::PanelRuns`]); `None` for weights no kernel walks that way.
+pub fn zero_block_share(f: &tcc_ir::op::FusedMatMul, w: &tcc_ir::Tensor) -> Option<f64> {
+    let [k, n] = f.packed?;
+    match f.int8 {
+        Some(_) => {
+            tcc_runtime::kernels::int8::Sparse::detect(k, n, w.as_slice::<i8>().ok()?, 0.0).map(|s| s.zero_fraction())
+        }
+        None => {
+            tcc_runtime::kernels::PanelRuns::detect(k, n, w.as_slice::<f32>().ok()?, 0.0).map(|r| r.zero_fraction())
+        }
+    }
 }
 
 impl TlAnalysis {

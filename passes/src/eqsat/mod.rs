@@ -31,7 +31,7 @@ use egg::{Extractor, Id, Rewrite, Runner};
 use lang::{Leaf, OpSym};
 use std::collections::HashMap;
 use std::time::Duration;
-use tcc_ir::{DType, Graph, Tensor, ValueId};
+use tcc_ir::{DType, Graph, Op, Tensor, ValueId};
 
 /// Bounds on one saturation run.
 #[derive(Clone, Copy, Debug)]
@@ -106,7 +106,16 @@ fn lift(g: &Graph) -> Lifted {
             (v.fact.clone(), scalar)
         })
         .collect();
-    let mut egraph = TlGraph::new(TlAnalysis { leaves });
+    // The packed weights of products, with their zero blocks (only the `formats` rules read
+    // them; counting is a pass over the weights).
+    let mut zero_blocks = HashMap::new();
+    for node in &g.nodes {
+        let (Op::FusedMatMul(f), Some(Some(w))) = (&node.op, node.inputs.get(1)) else { continue };
+        if let Some(share) = g.value(*w).as_const().and_then(|t| lang::zero_block_share(f, t)) {
+            zero_blocks.insert(w.0, share);
+        }
+    }
+    let mut egraph = TlGraph::new(TlAnalysis { leaves, zero_blocks });
     let mut class_of: HashMap<ValueId, Id> = HashMap::new();
     let mut lifted = vec![false; g.nodes.len()];
     let mut nodes = Vec::new();

@@ -5,7 +5,10 @@
 //! - [`rule_if`]`(name, lhs, rhs, condition)`: the same when a [`Cond`] on the match holds
 //!   (a variable is a given scalar, is the last axis...);
 //! - [`op_rule`]`(name, lhs, build)`: the right-hand side is an op built by code from the
-//!   match (a `LayerNorm` with the matched epsilon), so attributes need no pattern syntax.
+//!   match (a `LayerNorm` with the matched epsilon), so attributes need no pattern syntax;
+//! - [`variants`]`(name, alternatives)`: every e-node of an op, whatever its arity, gets other
+//!   ops on the same children (the same op with another attribute: a weight format), which
+//!   only the cost model tells apart.
 //!
 //! Guidance for rule authors: rules here are **directional** and their right-hand side is
 //! **never worse** than the left under the cost model ([`super::cost`]): extraction picks the
@@ -16,9 +19,9 @@
 //! graphs against the reference interpreter.
 
 use super::lang::{OpSym, Scalar, Tl, TlAnalysis, TlGraph};
-use egg::{Applier, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
+use egg::{Applier, Id, Pattern, PatternAst, Rewrite, SearchMatches, Searcher, Subst, Symbol, Var};
 use std::sync::Arc;
-use tcc_ir::op::{Gelu, GeluApprox, LayerNorm};
+use tcc_ir::op::{FusedMatMul, Gelu, GeluApprox, LayerNorm, WeightFormat};
 use tcc_ir::{Dim, Op};
 
 /// A condition on a match.
@@ -107,6 +110,70 @@ impl Applier<Tl, TlAnalysis> for BuildOp {
     }
 }
 
+type Alternatives = Arc<dyn Fn(&TlGraph, &Op, &[Id]) -> Vec<Op> + Send + Sync>;
+
+/// Every e-node `Op(op, children)` gets `alternatives(op, children)` on the same children, in
+/// its e-class: ops that compute what `op` computes, which the cost model tells apart (a
+/// product's weight format), for ops of any arity, which a pattern cannot say.
+/// `alternatives` must be equivalent to `op` whatever the children are.
+pub fn variants(
+    name: &str,
+    alternatives: impl Fn(&TlGraph, &Op, &[Id]) -> Vec<Op> + Send + Sync + 'static,
+) -> Rewrite<Tl, TlAnalysis> {
+    let alternatives: Alternatives = Arc::new(alternatives);
+    match Rewrite::new(name, Variants(alternatives.clone()), Variants(alternatives)) {
+        Ok(r) => r,
+        Err(e) => panic!("bad rule `{name}`: {e}"),
+    }
+}
+
+struct Variants(Alternatives);
+
+impl Variants {
+    /// The e-nodes of `eclass` with the alternatives it does not hold yet.
+    fn missing(&self, egraph: &TlGraph, eclass: Id) -> Vec<Tl> {
+        let class = egraph.find(eclass);
+        let mut out = Vec::new();
+        for node in &egraph[eclass].nodes {
+            let Tl::Op(sym, children) = node else { continue };
+            for op in (self.0)(egraph, &sym.op(), children) {
+                let alt = Tl::Op(OpSym::of(&op), children.clone());
+                if egraph.lookup(alt.clone()).map(|c| egraph.find(c)) != Some(class) && !out.contains(&alt) {
+                    out.push(alt);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Searcher<Tl, TlAnalysis> for Variants {
+    fn search_eclass_with_limit(&self, egraph: &TlGraph, eclass: Id, limit: usize) -> Option<SearchMatches<'_, Tl>> {
+        (limit > 0 && !self.missing(egraph, eclass).is_empty()).then(|| SearchMatches {
+            eclass,
+            substs: vec![Subst::default()],
+            ast: None,
+        })
+    }
+
+    fn vars(&self) -> Vec<Var> {
+        vec![]
+    }
+}
+
+impl Applier<Tl, TlAnalysis> for Variants {
+    fn apply_one(&self, egraph: &mut TlGraph, eclass: Id, _: &Subst, _: Option<&PatternAst<Tl>>, _: Symbol) -> Vec<Id> {
+        let mut changed = Vec::new();
+        for alt in self.missing(egraph, eclass) {
+            let id = egraph.add(alt);
+            if egraph.union(eclass, id) {
+                changed.push(id);
+            }
+        }
+        changed
+    }
+}
+
 /// `?name` as a pattern variable.
 pub fn var(name: &str) -> Var {
     match name.parse() {
@@ -160,7 +227,7 @@ fn is_channel_vector(eg: &TlGraph, s: &Subst, p: Var, x: Var) -> bool {
 }
 
 /// The built-in rule packs by name, for pipelines (`eqsat{packs=canonical+recognize}`).
-pub const PACKS: &[&str] = &["canonical", "recognize", "attention", "fake-quant"];
+pub const PACKS: &[&str] = &["canonical", "recognize", "attention", "fake-quant", "formats"];
 
 /// A built-in rule pack by name.
 pub fn pack(name: &str) -> Option<Vec<Rewrite<Tl, TlAnalysis>>> {
@@ -169,6 +236,7 @@ pub fn pack(name: &str) -> Option<Vec<Rewrite<Tl, TlAnalysis>>> {
         "recognize" => Some(recognize()),
         "attention" => Some(attention()),
         "fake-quant" => Some(fake_quant()),
+        "formats" => Some(formats()),
         _ => None,
     }
 }
@@ -368,4 +436,32 @@ pub fn fake_quant() -> Vec<Rewrite<Tl, TlAnalysis>> {
         let valid = Op::from_name("FakeQuant", serde_json::to_value(op).ok()?).is_ok();
         (narrow && same && valid).then(|| (Op::from(op), vec![x]))
     })]
+}
+
+/// Weight formats: every product by packed constant weights may read them in each
+/// [`WeightFormat`] (dense panels, or a compact copy of the 64x32 blocks that are not all zero),
+/// which compute the same; the cost model prices each by the share of its weights' blocks that
+/// are zero ([`super::cost`]), so extraction picks per product. The `formats` pass, which
+/// `tcc build` runs last.
+pub fn formats() -> Vec<Rewrite<Tl, TlAnalysis>> {
+    vec![variants("weight-format", |eg, op, children| match op {
+        Op::FusedMatMul(f) if f.packed.is_some() && children.get(1).is_some_and(|&w| weight_leaf(eg, w).is_some()) => {
+            WeightFormat::ALL
+                .into_iter()
+                .filter(|&w| f.weights != Some(w))
+                .map(|w| FusedMatMul { weights: Some(w), ..f.clone() }.into())
+                .collect()
+        }
+        _ => vec![],
+    })]
+}
+
+/// The weights (a leaf whose zero blocks the analysis counted) an e-class is, if any.
+pub fn weight_leaf(egraph: &TlGraph, c: Id) -> Option<tcc_ir::ValueId> {
+    egraph[c].nodes.iter().find_map(|n| match n {
+        Tl::Leaf(super::lang::Leaf::Value(v)) if egraph.analysis.zero_blocks.contains_key(v) => {
+            Some(tcc_ir::ValueId(*v))
+        }
+        _ => None,
+    })
 }

@@ -152,6 +152,34 @@ pub struct FusedMatMul {
     /// `i32` (the weights' own scales are an epilogue input like a bias), on every kernel tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub int8: Option<ActQuant>,
+    /// How the kernels walk the packed weights, chosen at build time by the cost model of the
+    /// `formats` pass (`None`: by the runtime at load, from the share of zero blocks; artifacts
+    /// built before the pass). Never changes what the product computes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights: Option<WeightFormat>,
+}
+
+/// The format the kernels read a product's packed weights in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightFormat {
+    /// Every panel, zeros included.
+    Dense,
+    /// Block-sparse: a compact copy made at load of the blocks of 64 rows of `k` by a 32-column
+    /// panel that hold a nonzero weight (int8: [`crate::kernels::int8::Sparse`]; f32: the runs of
+    /// such rows, [`crate::kernels::PanelRuns`]), which the kernels walk instead of the panels.
+    Blocks,
+}
+
+impl WeightFormat {
+    pub const ALL: [WeightFormat; 2] = [WeightFormat::Dense, WeightFormat::Blocks];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightFormat::Dense => "dense",
+            WeightFormat::Blocks => "blocks",
+        }
+    }
 }
 
 /// How an integer [`FusedMatMul`] quantizes its `f32` activations to `u8`: asymmetric, the
@@ -470,6 +498,7 @@ mod tests {
             extra: 2,
             fused: vec![],
             int8: None,
+            weights: None,
         }
         .into();
         let ctx = EvalContext::default();
@@ -502,6 +531,7 @@ mod tests {
             extra: 0,
             fused: vec![],
             int8: None,
+            weights: None,
         }
         .into();
         let ctx = EvalContext::default();

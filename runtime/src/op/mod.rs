@@ -22,7 +22,7 @@ mod reduce;
 mod shape;
 
 pub use elementwise::{cast_tensor, Binary, BinaryKind, Cast, Clip, Unary, UnaryKind, Where};
-pub use fused::{Attention, EpiOp, Epilogue, FusedMatMul};
+pub use fused::{Attention, EpiOp, Epilogue, FusedMatMul, WeightFormat};
 pub(crate) use gather::resolve as resolve_index;
 pub use gather::{Gather, GatherElements, GatherND};
 pub use linalg::MatMul;
