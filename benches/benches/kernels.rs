@@ -104,11 +104,14 @@ fn gemm_int8_sparse(c: &mut Criterion) {
         // The walk over the live steps at every sparsity, and the dense panels without zeros:
         // where the walk starts to pay is what the build's cost model assumes
         // (`tcc_passes::eqsat::cost`).
-        let walk = int8::Sparse::detect(k, n, &packed, 0.0);
+        // (The walk reads the live steps in place, or copied one after another, which
+        // `int8::COPY_MIN_ZERO` chooses between.)
+        let [copied, in_place] = [0.0, 2.0].map(|copy| int8::Sparse::detect_with(k, n, &packed, 0.0, copy));
         let mut out = vec![0i32; m * n];
         for kernel in [int8::Kernel::Amx, int8::Kernel::Vnni512].into_iter().filter(|k| k.supported()) {
-            for sparse in [walk.as_ref(), None].into_iter().take(if sparsity == 0.0 { 2 } else { 1 }) {
-                let how = if sparse.is_some() { "walk" } else { "dense" };
+            let dense = if sparsity == 0.0 { vec![None] } else { vec![] };
+            for sparse in [copied.as_ref(), in_place.as_ref()].into_iter().chain(dense) {
+                let how = sparse.map_or("dense", |s| if s.copied() { "walk copied" } else { "walk in place" });
                 let id = BenchmarkId::new(kernel.name(), format!("{m}x{k}x{n} {:.1}% zero {how}", sparsity * 100.0));
                 g.bench_with_input(id, &(), |bench, _| {
                     bench.iter(|| int8::gemm_u8s8(kernel, m, k, n, &a, lda, &packed, sparse, &mut out, n).unwrap())

@@ -41,7 +41,7 @@ impl Pass for Formats {
             let zero = g.value(*w).as_const().and_then(|t| lang::zero_block_share(f, t)).unwrap_or(0.0);
             let macs = (k * n) as f64;
             dense_work += macs;
-            work += macs * cost::format_share(Some(format), zero);
+            work += macs * cost::format_share(Some(format), zero, f.int8.is_some());
             out.stat(&format!("products_{}", format.name()), 1);
             if format == WeightFormat::Blocks {
                 blocks += macs;
@@ -117,7 +117,7 @@ mod tests {
         assert!(formats.contains(&("dense".into(), Some(WeightFormat::Dense))), "{formats:?}");
         assert_eq!((out.stats["products_blocks"], out.stats["products_dense"]), (1, 1), "{:?}", out.stats);
         assert_eq!(out.stats["blocks_zero_permille"], 250, "{:?}", out.stats);
-        let expected = 1000.0 * (cost::format_share(Some(WeightFormat::Blocks), 0.25) + 1.0) / 2.0;
+        let expected = 1000.0 * (cost::format_share(Some(WeightFormat::Blocks), 0.25, false) + 1.0) / 2.0;
         assert_eq!(out.stats["work_permille"], expected.round() as i64, "{:?}", out.stats);
         let ins =
             vec![("x".to_string(), Tensor::new(vec![4, k], (0..4 * k).map(|i| i as f32 / 97.0).collect()).unwrap())];
@@ -132,16 +132,22 @@ mod tests {
     }
 
     /// The cost model's break-even: a walk costs more than the panels with no zero block and
-    /// less from a few percent on; left to the runtime, a product costs what its threshold
-    /// picks, a hair more.
+    /// less from a few percent on where the live blocks are read one after another (f32; int8
+    /// from half of them zero, copied), from about a fifth where int8 reads them in place; left
+    /// to the runtime, a product costs what its threshold picks, a hair more.
     #[test]
     fn formats_are_priced_by_their_zero_blocks() {
         use cost::format_share;
         let (dense, blocks) = (Some(WeightFormat::Dense), Some(WeightFormat::Blocks));
-        assert!(format_share(blocks, 0.0) > format_share(dense, 0.0));
-        assert!(format_share(blocks, 0.05) < format_share(dense, 0.05));
-        assert!((format_share(blocks, 0.8) - 0.266).abs() < 0.01);
-        assert!(format_share(None, 0.05) > format_share(dense, 0.05));
-        assert!(format_share(None, 0.5) > format_share(blocks, 0.5) && format_share(None, 0.5) < 0.6);
+        for int8 in [false, true] {
+            assert!(format_share(blocks, 0.0, int8) > format_share(dense, 0.0, int8));
+            assert!(format_share(blocks, 0.5, int8) < 0.6);
+            assert!((format_share(blocks, 0.8, int8) - 0.266).abs() < 0.01);
+            assert!(format_share(None, 0.5, int8) > format_share(blocks, 0.5, int8));
+        }
+        assert!(format_share(blocks, 0.05, false) < format_share(dense, 0.05, false));
+        assert!(format_share(blocks, 0.125, true) > format_share(dense, 0.125, true));
+        assert!(format_share(blocks, 0.25, true) < format_share(dense, 0.25, true));
+        assert!(format_share(None, 0.05, false) > format_share(dense, 0.05, false));
     }
 }

@@ -328,11 +328,31 @@ pub fn load(path: &Path) -> Result<Artifact> {
     // while loaded. All bytes are verified (checksum, bounds) before use.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let map: Arc<memmap2::Mmap> = Arc::new(map);
-    from_bytes(map.clone() as Bytes)
+    // The checksum reads every page of the file; the entries of chunked weights, laid out again
+    // in anonymous memory, are never read again: their pages go back as each is laid out (whole
+    // pages inside them only), so that a sparse artifact is never in memory twice.
+    const PAGE: usize = 4096;
+    let give_back = |r: std::ops::Range<usize>| {
+        let (start, end) = (r.start.next_multiple_of(PAGE), r.end / PAGE * PAGE);
+        if end > start {
+            // SAFETY: the mapping is of a file, read-only: a page given back is read again from
+            // the file if touched, with the same bytes (artifacts are not modified while
+            // loaded, above); and no tensor borrows these bytes (chunked weights are copies).
+            // Failing to give them back only costs memory.
+            let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+        }
+    };
+    parse(map.clone() as Bytes, &give_back)
 }
 
 /// Verifies and parses artifact bytes.
 pub fn from_bytes(bytes: Bytes) -> Result<Artifact> {
+    parse(bytes, &|_| {})
+}
+
+/// [`from_bytes`], calling `done` on the byte ranges no tensor reads once they are read
+/// (chunked weights' entries, once laid out again).
+fn parse(bytes: Bytes, done: &dyn Fn(std::ops::Range<usize>)) -> Result<Artifact> {
     let b: &[u8] = (*bytes).as_ref();
     let bad = |m: String| Error::Artifact(m);
     if b.len() < FIXED || &b[..8] != MAGIC {
@@ -374,7 +394,7 @@ pub fn from_bytes(bytes: Bytes) -> Result<Artifact> {
         }
     };
     let (ws, we) = section("weights")?.ok_or_else(|| bad("no weights section".into()))?;
-    let weights = read_safetensors(&bytes, ws, we, &header.chunked)?;
+    let weights = read_safetensors(&bytes, ws, we, &header.chunked, done)?;
     let tokenizer = section("tokenizer")?.map(|(s, e)| b[s..e].to_vec());
     Ok(Artifact { header, weights, tokenizer, size: b.len() as u64 })
 }
@@ -388,17 +408,23 @@ fn trim_end(b: &[u8]) -> &[u8] {
 }
 
 /// Reads the safetensors blob at `start..end` of `bytes` without copying aligned tensors.
-/// Chunked weights (`chunked`) are laid out again ([`unchunk`]).
+/// Chunked weights (`chunked`) are laid out again ([`unchunk`]), then `done` called on their
+/// entries' byte ranges.
 fn read_safetensors(
     bytes: &Bytes,
     start: usize,
     end: usize,
     chunked: &BTreeMap<String, Chunked>,
+    done: &dyn Fn(std::ops::Range<usize>),
 ) -> Result<HashMap<String, Tensor>> {
     let b: &[u8] = (**bytes).as_ref();
     let st =
         safetensors::SafeTensors::deserialize(&b[start..end]).map_err(|e| Error::Artifact(format!("weights: {e}")))?;
     let mut out = HashMap::new();
+    let range = |d: &[u8]| {
+        let at = d.as_ptr() as usize - b.as_ptr() as usize;
+        at..at + d.len()
+    };
     for (name, c) in chunked {
         let entry = |n: &str| {
             st.tensor(n)
@@ -408,6 +434,8 @@ fn read_safetensors(
         };
         let (live, bits) = (entry(name)?, entry(&format!("{LIVE_PREFIX}{name}"))?);
         out.insert(name.clone(), unchunk(name, c, live.data(), bits.data())?);
+        done(range(live.data()));
+        done(range(bits.data()));
     }
     for (name, view) in st.tensors() {
         if name.starts_with(PAD_PREFIX) || name.starts_with(LIVE_PREFIX) || chunked.contains_key(&name) {
@@ -537,6 +565,8 @@ mod tests {
             assert_eq!((got.dtype(), got.shape()), (t.dtype(), t.shape()), "{name}");
             assert!(got.to_le_bytes() == t.to_le_bytes(), "`{name}` changed");
         }
+        // (`load` gave the file's pages of the chunked entries back once laid out: the weights
+        // read above, the borrowed `dense` among them, are whole.)
         let addr = a.weights["w"].as_slice::<f32>().unwrap().as_ptr() as usize;
         assert_eq!(addr % 4096, 0, "laid out on pages");
         // Nothing chunked: version 1, as before.

@@ -82,9 +82,9 @@ pub struct Fast {
     /// Constant `s8` weights of `MatMulInteger` steps, packed for the integer kernel at load,
     /// by the address of the weight tensor's data.
     int8: HashMap<usize, Int8Weights>,
-    /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, and the panels without
-    /// their all-zero steps where an eighth of them or more are ([`crate::kernels::int8::Sparse`]),
-    /// by the address of the weight tensor's data.
+    /// Column sums of the packed `s8` weights of integer `FusedMatMul`s, and the live steps of
+    /// those walked sparse ([`min_zero`], [`crate::kernels::int8::Sparse`]), by the address of
+    /// the weight tensor's data.
     colsums: HashMap<usize, (Tensor, Vec<i32>, Option<crate::kernels::int8::Sparse>)>,
     /// Without VNNI: the `s8` weights of integer `FusedMatMul`s as panels of `i16` pairs
     /// (`kernels::int16`), by the address of the weight tensor's data.
@@ -129,8 +129,9 @@ fn col_broadcast(product: &[usize], extra: &Tensor) -> bool {
     last == 1 && n != 1
 }
 
-/// The share of zero blocks from which a product's weights get a compact copy that the kernels
-/// walk instead of the dense panels, by its format: the build's choice (`Blocks`: any zero block;
+/// The share of zero blocks from which the kernels walk a product's live blocks (int8: their
+/// list, and a compact copy where half or more are zero; f32: the runs) instead of the dense
+/// panels, by its format: the build's choice (`Blocks`: any zero block;
 /// `Dense`: never, `None` returned), or, for products the build did not decide, the runtime's
 /// own threshold ([`crate::kernels::SKIP_MIN_ZERO`]).
 fn min_zero(format: Option<crate::op::WeightFormat>) -> Option<f64> {

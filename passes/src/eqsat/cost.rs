@@ -22,17 +22,24 @@
 //! at [`MACS_PER_ELEMENT`] to an element of traffic, times what its weight format
 //! ([`WeightFormat`], the `formats` rules' alternatives) makes of them: dense panels 1; a walk
 //! over the blocks that are not all zero [`BLOCK_STEP`] per live block plus [`BLOCK_FIXED`]
-//! (the stores and epilogue each tile still pays), fitted to the VNNI kernel's time on one
-//! BERT-base FFN Linear at 0 to 95% zero blocks (criterion `gemm_int8_block_sparse`): the walk
-//! pays from about 1% of the blocks zero (at 12.5%, 0.86 of the dense time). A product whose format the build left to the runtime
-//! costs what the runtime's threshold would pick ([`SKIP_MIN_ZERO`]) plus [`UNDECIDED`], so that
-//! a decided format replaces it. No other rewrite changes a product, so the products' work only
+//! (the stores and epilogue each tile still pays) where the live blocks are read one after
+//! another (int8 weights with half their blocks zero or more, which the runtime copies, and
+//! f32's runs), or [`IN_PLACE_STEP`] and [`IN_PLACE_FIXED`] where int8 kernels read them
+//! scattered in place (fewer zeros: the runtime does not copy most of the weights). Fitted to
+//! one BERT-base FFN Linear on the VNNI kernel at 12.5 to 95% zero blocks, weights from L3
+//! (`int8_sparse_speed`, interleaved; criterion `gemm_int8_block_sparse` and
+//! `gemm_f32_block_sparse`): copied 0.88 / 0.54 / 0.24 of the dense time at 12.5 / 50 / 80%,
+//! in place 1.06 / 0.64 / 0.28, so a walk pays from about 18% of the blocks zero. A product
+//! whose format the build left to the runtime costs what the runtime's threshold would pick
+//! ([`SKIP_MIN_ZERO`]) plus [`UNDECIDED`], so that a decided format replaces it. No other
+//! rewrite changes a product, so the products' work only
 //! tells formats apart. Kernels' speed itself is measured by the benchmarks.
 
 use super::lang::{Tl, TlGraph};
 use egg::{CostFunction, Id, Language};
 use tcc_ir::op::WeightFormat;
 use tcc_ir::Op;
+use tcc_runtime::kernels::int8::COPY_MIN_ZERO;
 use tcc_runtime::kernels::SKIP_MIN_ZERO;
 
 /// Cost of a term (see the module docs).
@@ -53,21 +60,31 @@ pub const NEW_NODE: f64 = 1e-3;
 /// Multiply-adds of a product that cost as much time as one element of memory traffic.
 pub const MACS_PER_ELEMENT: f64 = 32.0;
 
-/// The time of a block-sparse walk per live block, relative to the dense kernel's per block.
+/// The time of a block-sparse walk per live block, relative to the dense kernel's per block
+/// (the live blocks one after another).
 pub const BLOCK_STEP: f64 = 0.93;
 
 /// The time a block-sparse walk pays whatever its live blocks, relative to the dense product's
-/// (fitted: 0.066; with [`BLOCK_STEP`] a hair over 1 at no zero block, where the walk runs as
-/// fast as the panels but costs a copy of the weights, so that dense wins there).
+/// (fitted: 0.066; with [`BLOCK_STEP`] a hair over 1 at no zero block, so that dense wins there).
 pub const BLOCK_FIXED: f64 = 0.08;
+
+/// [`BLOCK_STEP`] for int8 live blocks read in place (under [`COPY_MIN_ZERO`] zero).
+pub const IN_PLACE_STEP: f64 = 1.12;
+
+/// [`BLOCK_FIXED`] for int8 live blocks read in place.
+pub const IN_PLACE_FIXED: f64 = 0.08;
 
 /// How much more (relatively) a product costs when its format is left to the runtime.
 pub const UNDECIDED: f64 = 1e-2;
 
 /// The time of a product whose weights have `zero` of their blocks all zero, relative to the
-/// dense kernel's, in `format` (`None`: as the runtime would choose, a hair dearer).
-pub fn format_share(format: Option<WeightFormat>, zero: f64) -> f64 {
-    let blocks = BLOCK_STEP * (1.0 - zero) + BLOCK_FIXED;
+/// dense kernel's, in `format` (`None`: as the runtime would choose, a hair dearer); `int8`
+/// weights under [`COPY_MIN_ZERO`] zero are walked in place.
+pub fn format_share(format: Option<WeightFormat>, zero: f64, int8: bool) -> f64 {
+    let blocks = match int8 && zero < COPY_MIN_ZERO {
+        true => IN_PLACE_STEP * (1.0 - zero) + IN_PLACE_FIXED,
+        false => BLOCK_STEP * (1.0 - zero) + BLOCK_FIXED,
+    };
     match format {
         Some(WeightFormat::Dense) => 1.0,
         Some(WeightFormat::Blocks) => blocks,
@@ -100,7 +117,7 @@ impl<'a> CostModel<'a> {
             .get(1)
             .and_then(|&w| super::rules::weight_leaf(self.egraph, w))
             .and_then(|v| self.egraph.analysis.zero_blocks.get(&v.0).copied());
-        k as f64 / MACS_PER_ELEMENT * zero.map_or(1.0, |zero| format_share(f.weights, zero))
+        k as f64 / MACS_PER_ELEMENT * zero.map_or(1.0, |zero| format_share(f.weights, zero, f.int8.is_some()))
     }
 
     /// The weight of an op: per element of its output (see the module docs).

@@ -103,26 +103,60 @@ pub const STEP_BYTES: usize = 16 * NR * 4;
 #[derive(Clone, Copy)]
 struct Line([u8; 64]);
 
-/// Packed weights without their all-zero AMX steps (64 rows of `k` by one 32-column panel):
-/// the live steps of each panel, in order, and their indices, so that the AMX kernel multiplies
-/// only those ([`Sparse::detect`] at load; a block-sparse model from `tcc build --sparsity`, or
-/// any with such zeros). The VNNI kernel reads them too (16 groups a step); the pair kernels of
-/// CPUs without VNNI read the dense panels, zeros and all.
+/// The steps of packed weights that are not all zero (AMX steps: 64 rows of `k` by one
+/// 32-column panel): per panel, the indices of its live steps, in order, so that the AMX and
+/// VNNI kernels multiply only those ([`Sparse::detect`] at load; a block-sparse model from
+/// `tcc build --sparsity`, or any with such zeros). Where most steps are zero
+/// ([`COPY_MIN_ZERO`]) the live ones are also copied, one after another, which the kernels read
+/// a little faster than scattered steps, for a copy a fraction of the weights' size; otherwise
+/// they are read in place, so that a light sparsity does not double the weights' memory. Either
+/// way the zero steps are never read: the pages an artifact leaves out for them (its zero
+/// chunks) are never touched. The pair kernels of CPUs without VNNI read the dense panels,
+/// zeros and all.
 pub struct Sparse {
-    /// The live steps, panel after panel, [`STEP_BYTES`] each, on cache lines.
-    data: Vec<Line>,
-    /// Per panel, the index in `live` (and in steps of `data`) of its first live step; one more
-    /// entry at the end.
+    /// The live steps, panel after panel, [`STEP_BYTES`] each, on cache lines, or none (read
+    /// in place).
+    copy: Option<Vec<Line>>,
+    /// Per panel, the index in `live` (and in steps of `copy`) of its first live step; one
+    /// more entry at the end.
     first: Vec<usize>,
     /// Each live step's index among its panel's steps.
     live: Vec<u32>,
     steps: usize,
 }
 
+/// Cache lines of a step.
+const LINES: usize = STEP_BYTES / 64;
+
+/// A tile's prefetch of the next panel: its lines (dense, or the live steps copied), or its
+/// live steps in place. Which also tells the kernel how it reads its own panel's steps: a walk
+/// in place prefetches in place (the panels of a product are all read the same way).
+pub(crate) enum Pf {
+    Lines(crate::kernels::Prefetch),
+    Chunks(crate::kernels::ChunkPrefetch),
+}
+
+/// The share of zero steps from which [`Sparse`] copies the live ones.
+pub const COPY_MIN_ZERO: f64 = 0.5;
+
+/// How a tile reads its panel's live steps: their indices in `k`, and whether they are read in
+/// place in the panel (else one after another, [`Sparse`]'s copy).
+#[derive(Clone, Copy)]
+pub(crate) struct Walk<'a> {
+    pub live: &'a [u32],
+    pub in_place: bool,
+}
+
 impl Sparse {
     /// The live steps of [`pack_b_s8`]'s panels of `k x n` weights, when `k` fills whole AMX
-    /// steps and at least `min_zero` of the steps are all zero (else `None`: the dense kernel).
+    /// steps and at least `min_zero` of the steps are all zero (else `None`: the dense kernel),
+    /// copied where [`COPY_MIN_ZERO`] of them are zero.
     pub fn detect(k: usize, n: usize, packed: &[i8], min_zero: f64) -> Option<Sparse> {
+        Sparse::detect_with(k, n, packed, min_zero, COPY_MIN_ZERO)
+    }
+
+    /// [`Sparse::detect`], copying the live steps from `copy_min_zero` zero on (benchmarks).
+    pub fn detect_with(k: usize, n: usize, packed: &[i8], min_zero: f64, copy_min_zero: f64) -> Option<Sparse> {
         let (groups, panels) = (k_groups(k), n.div_ceil(NR));
         if groups == 0 || panels == 0 || !groups.is_multiple_of(16) || packed.len() != panels * groups * NR * 4 {
             return None;
@@ -139,18 +173,26 @@ impl Sparse {
         if zero < min_zero {
             return None;
         }
-        let lines = STEP_BYTES / 64;
-        let mut data = vec![Line([0; 64]); live.len() * lines];
-        let mut j = 0;
-        for p in 0..panels {
-            for &s in &live[first[p]..first[p + 1]] {
-                for (l, src) in step(p, s as usize).chunks(64).enumerate() {
-                    data[j * lines + l].0.iter_mut().zip(src).for_each(|(d, &b)| *d = b as u8);
+        let copy = (zero >= copy_min_zero).then(|| {
+            let lines = STEP_BYTES / 64;
+            let mut data = vec![Line([0; 64]); live.len() * lines];
+            let mut j = 0;
+            for p in 0..panels {
+                for &s in &live[first[p]..first[p + 1]] {
+                    for (l, src) in step(p, s as usize).chunks(64).enumerate() {
+                        data[j * lines + l].0.iter_mut().zip(src).for_each(|(d, &b)| *d = b as u8);
+                    }
+                    j += 1;
                 }
-                j += 1;
             }
-        }
-        Some(Sparse { data, first, live, steps })
+            data
+        });
+        Some(Sparse { copy, first, live, steps })
+    }
+
+    /// Whether the live steps are copied (else read in place).
+    pub fn copied(&self) -> bool {
+        self.copy.is_some()
     }
 
     /// The fraction of the steps that are all zero.
@@ -159,10 +201,15 @@ impl Sparse {
         1.0 - self.live.len() as f64 / (panels * self.steps).max(1) as f64
     }
 
-    /// Panel `p`'s live steps (their weights, one after another) and their indices.
-    fn panel(&self, p: usize) -> (*const i8, &[u32]) {
+    /// How to read panel `p`'s live steps, and where they start: in the copy, or `dense`, the
+    /// panel in the packed weights.
+    fn panel(&self, p: usize, dense: *const i8) -> (Walk<'_>, *const i8) {
         let (a, b) = (self.first[p], self.first[p + 1]);
-        (self.data.as_ptr().wrapping_add(a * (STEP_BYTES / 64)) as *const i8, &self.live[a..b])
+        let walk = Walk { live: &self.live[a..b], in_place: self.copy.is_none() };
+        match &self.copy {
+            Some(c) => (walk, c.as_ptr().wrapping_add(a * (STEP_BYTES / 64)) as *const i8),
+            None => (walk, dense),
+        }
     }
 
     /// Whether these are the panels of `groups` groups by `panels` panels.
@@ -453,23 +500,32 @@ unsafe fn walk_panels(
     let mut undone = None;
     for p in p0..p1 {
         let cols = NR.min(n - p * NR);
-        let (bp, live) = match sparse {
+        let dense = packed.wrapping_add(p * panel);
+        let (walk, bp) = match sparse {
             Some(s) => {
-                let (bp, live) = s.panel(p);
-                (bp, Some(live))
+                let (w, bp) = s.panel(p, dense);
+                (Some(w), bp)
             }
-            None => (packed.wrapping_add(p * panel), None),
+            None => (None, dense),
         };
-        let (ahead_at, ahead_bytes) = match sparse {
+        // The lines to prefetch: the panel `ahead` on, or its live steps (copied: one after
+        // another, spread over the kernel's steps as the dense panel's; in place: scattered,
+        // each tile's share fetched before it runs, so that the kernel's loop keeps its
+        // registers).
+        let (ahead_at, ahead_walk) = match sparse {
             Some(s) if p + ahead < p1 => {
-                let (q, live) = s.panel(p + ahead);
-                (q, live.len() * STEP_BYTES)
+                let (w, at) = s.panel(p + ahead, dense.wrapping_add(ahead * panel));
+                (at, Some(w))
             }
-            _ => (bp.wrapping_add(ahead * panel), panel),
+            _ => (dense.wrapping_add(ahead * panel), None),
         };
-        let lines = if p + ahead < p1 { ahead_bytes / 64 } else { 0 };
-        let (mut next, mut left) = (ahead_at as *const u8, lines);
-        let steps = live.map_or(steps, |l| if amx { l.len() } else { l.len() * amx::STEP });
+        let lines = match ahead_walk {
+            _ if p + ahead >= p1 => 0,
+            Some(w) => w.live.len() * STEP_BYTES / 64,
+            None => panel / 64,
+        };
+        let (mut line, mut left) = (0, lines);
+        let steps = walk.map_or(steps, |w| if amx { w.live.len() } else { w.live.len() * amx::STEP });
         let mut i = 0;
         for t in 0..count {
             let rows = m / count + usize::from(t < m % count);
@@ -477,7 +533,20 @@ unsafe fn walk_panels(
                 continue;
             }
             let share = lines.div_ceil(count).min(left);
-            let pf = crate::kernels::Prefetch::new(next, share, steps);
+            let pf = match walk {
+                Some(w) if w.in_place => Pf::Chunks(crate::kernels::ChunkPrefetch::new(
+                    ahead_at as *const u8,
+                    (ahead_walk.map_or(&[][..], |w| w.live), LINES),
+                    line,
+                    share,
+                    steps,
+                )),
+                _ => Pf::Lines(crate::kernels::Prefetch::new(
+                    ahead_at.wrapping_add(line * 64) as *const u8,
+                    share,
+                    steps,
+                )),
+            };
             let c = store(p, i);
             let ai = a.wrapping_add(i * lda);
             // SAFETY: the caller's contract: rows i..i+rows of `a`, this panel's weights, the
@@ -485,11 +554,14 @@ unsafe fn walk_panels(
             // never faults.
             unsafe {
                 if amx {
-                    amx::tile(&mut tiles, rows, (steps, live), ai, lda, bp, c, ldc, cols, pf)
+                    match pf {
+                        Pf::Lines(pf) => amx::tile(&mut tiles, rows, (steps, walk), ai, lda, bp, c, ldc, cols, pf),
+                        Pf::Chunks(pf) => amx::tile(&mut tiles, rows, (steps, walk), ai, lda, bp, c, ldc, cols, pf),
+                    }
                 } else {
                     vnni512::tile_any(
                         rows,
-                        (live.map_or(groups, |l| l.len() * amx::STEP), live),
+                        (walk.map_or(groups, |w| w.live.len() * amx::STEP), walk),
                         ai,
                         lda,
                         bp,
@@ -500,7 +572,7 @@ unsafe fn walk_panels(
                     )
                 }
             };
-            (next, left) = (next.wrapping_add(share * 64), left - share);
+            (line, left) = (line + share, left - share);
             i += rows;
             if let Some((q, cols)) = undone.take() {
                 done(q, cols);
@@ -525,7 +597,6 @@ unsafe fn walk_panels(
 #[cfg(target_arch = "x86_64")]
 mod vnni512 {
     use super::{Dequant, NR};
-    use crate::kernels::Prefetch;
     use std::arch::x86_64::*;
 
     /// What a tile stores: the `i32` sums, or the sums dequantized to `f32` ([`Dequant`], its
@@ -567,48 +638,61 @@ mod vnni512 {
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn tile_any(
         rows: usize,
-        (groups, live): (usize, Option<&[u32]>),
+        (groups, walk): (usize, Option<super::Walk>),
         a: *const u8,
         lda: usize,
         b: *const i8,
         c: Store,
         ldc: usize,
         cols: usize,
-        pf: Prefetch,
+        pf: super::Pf,
     ) {
-        // SAFETY: forwarded.
-        unsafe {
-            match rows {
-                12.. => tile::<12>((groups, live), a, lda, b, c, ldc, cols, pf),
-                11 => tile::<11>((groups, live), a, lda, b, c, ldc, cols, pf),
-                10 => tile::<10>((groups, live), a, lda, b, c, ldc, cols, pf),
-                9 => tile::<9>((groups, live), a, lda, b, c, ldc, cols, pf),
-                8 => tile::<8>((groups, live), a, lda, b, c, ldc, cols, pf),
-                7 => tile::<7>((groups, live), a, lda, b, c, ldc, cols, pf),
-                6 => tile::<6>((groups, live), a, lda, b, c, ldc, cols, pf),
-                5 => tile::<5>((groups, live), a, lda, b, c, ldc, cols, pf),
-                4 => tile::<4>((groups, live), a, lda, b, c, ldc, cols, pf),
-                3 => tile::<3>((groups, live), a, lda, b, c, ldc, cols, pf),
-                2 => tile::<2>((groups, live), a, lda, b, c, ldc, cols, pf),
-                1 => tile::<1>((groups, live), a, lda, b, c, ldc, cols, pf),
-                0 => {}
-            }
+        // The live steps' indices, and where their weights are (in place where the prefetch
+        // is of chunks): a kernel for each (the choice out of the loop, whose registers are
+        // all taken).
+        let live = walk.map(|w| w.live);
+        macro_rules! by_rows {
+            ($in_place:literal, $pf:ident) => {
+                // SAFETY: forwarded.
+                unsafe {
+                    match rows {
+                        12.. => tile::<12, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        11 => tile::<11, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        10 => tile::<10, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        9 => tile::<9, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        8 => tile::<8, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        7 => tile::<7, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        6 => tile::<6, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        5 => tile::<5, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        4 => tile::<4, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        3 => tile::<3, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        2 => tile::<2, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        1 => tile::<1, $in_place, _>((groups, live), a, lda, b, c, ldc, cols, $pf),
+                        0 => {}
+                    }
+                }
+            };
+        }
+        match pf {
+            super::Pf::Lines(pf) => by_rows!(false, pf),
+            super::Pf::Chunks(pf) => by_rows!(true, pf),
         }
     }
 
     /// `ROWS` rows x up to 32 columns of `C = A . B`, `groups` groups of four `k`, stored as
     /// `c` says; `pf` spreads its prefetches over the groups. With `live`, the groups are
-    /// those of the AMX steps (16 groups each) it lists, `b` holding theirs one after another
-    /// ([`super::Sparse`]).
+    /// those of the AMX steps (16 groups each) it lists, `b` holding theirs one after another or,
+    /// `IN_PLACE`, the whole panel ([`super::Sparse`]).
     ///
     /// # Safety
     /// AVX-512F/BW/VNNI; `a` holds `ROWS` rows of `groups * 4` bytes at stride `lda` (with
-    /// `live`, of `(max(live) + 1) * 64`); `b` holds `groups` x `NR` x 4 bytes; `c` holds `ROWS`
+    /// `live`, of `(max(live) + 1) * 64`); `b` holds `groups` x `NR` x 4 bytes (`IN_PLACE`, the
+    /// panel's `(max(live) + 1) * 16` groups); `c` holds `ROWS`
     /// rows of `cols <= 32` values at stride `ldc`, and for `F32` the dequantization parameters
     /// hold `ROWS` rows and `cols` columns.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile<const ROWS: usize>(
+    unsafe fn tile<const ROWS: usize, const IN_PLACE: bool, P: crate::kernels::Spread>(
         (groups, live): (usize, Option<&[u32]>),
         a: *const u8,
         lda: usize,
@@ -616,7 +700,7 @@ mod vnni512 {
         c: Store,
         ldc: usize,
         cols: usize,
-        mut pf: Prefetch,
+        mut pf: P,
     ) {
         debug_assert!(cols <= NR);
         // SAFETY: the caller's contract; loads stay within the rows, the panel and the
@@ -625,10 +709,12 @@ mod vnni512 {
             let mut acc = [[_mm512_setzero_si512(); 2]; ROWS];
             for g in 0..groups {
                 pf.step();
-                // The group of `k` these weights are: A's four columns.
+                // The group of `k` these weights are: A's four columns (and, in place, the
+                // panel's group; copied, the copy's `g`-th).
                 let ka = live.map_or(g, |l| l[g / 16] as usize * 16 + g % 16);
-                let b0 = _mm512_loadu_si512(b.add(g * NR * 4) as *const _);
-                let b1 = _mm512_loadu_si512(b.add(g * NR * 4 + 64) as *const _);
+                let kb = if IN_PLACE { ka } else { g };
+                let b0 = _mm512_loadu_si512(b.add(kb * NR * 4) as *const _);
+                let b1 = _mm512_loadu_si512(b.add(kb * NR * 4 + 64) as *const _);
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_epi32((a.add(r * lda + ka * 4) as *const i32).read_unaligned());
                     acc[0] = _mm512_dpbusd_epi32(acc[0], av, b0);
@@ -745,7 +831,6 @@ mod vnni512 {
 #[cfg(target_arch = "x86_64")]
 mod amx {
     use super::{vnni512, NR};
-    use crate::kernels::Prefetch;
     use std::arch::asm;
     use std::arch::x86_64::*;
 
@@ -913,26 +998,28 @@ mod amx {
     struct Sums([i32; 32 * NR]);
 
     /// `rows <= 32` rows x up to 32 columns of `C = A . B` over `steps` tile steps of `k`,
-    /// stored as `c` says. With `live`, the steps are those of `k` it lists (the others' weights
-    /// all zero, [`super::Sparse`]), `b` holding theirs one after another.
+    /// stored as `c` says. With `walk`, the steps are those of `k` it lists (the others' weights
+    /// all zero, [`super::Sparse`]), `b` holding theirs one after another or, in place, the
+    /// whole panel.
     ///
     /// # Safety
     /// [`enable`] returned true; `a` holds `rows` rows of `steps * 64` bytes at stride `lda`
-    /// (with `live`, of `(max(live) + 1) * 64`); `b` holds `steps * STEP` groups of one panel;
+    /// (with `walk`, of `(max(live) + 1) * 64`); `b` holds `steps * STEP` groups of one panel
+    /// (in place, `(max(live) + 1) * STEP`);
     /// `c` as [`vnni512::store`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn tile(
+    pub unsafe fn tile<P: crate::kernels::Spread>(
         tiles: &mut Tiles,
         rows: usize,
-        (steps, live): (usize, Option<&[u32]>),
+        (steps, walk): (usize, Option<super::Walk>),
         a: *const u8,
         lda: usize,
         b: *const i8,
         c: vnni512::Store,
         ldc: usize,
         cols: usize,
-        mut pf: Prefetch,
+        mut pf: P,
     ) {
         debug_assert!((1..=32).contains(&rows) && cols <= NR);
         let two = rows > 16;
@@ -959,17 +1046,22 @@ mod amx {
             }
             for s in 0..steps {
                 pf.step();
-                let bs = b.add(s * STEP * row);
+                // The step of `k` these weights are (A's columns), and where they are: step
+                // `s` of the copy, or that step of the panel in place.
+                let at = |s: usize| match walk {
+                    None => (s, s),
+                    Some(w) => (w.live[s] as usize, if w.in_place { w.live[s] as usize } else { s }),
+                };
+                let (ks, bi) = at(s);
+                let bs = b.add(bi * STEP * row);
                 // The next step's weights into L1 (this panel's are read here first, from
                 // L2 at best): the B tile loads are the kernel's stalls.
                 if s + AHEAD < steps {
-                    let nb = bs.add(AHEAD * STEP * row);
+                    let nb = b.add(at(s + AHEAD).1 * STEP * row);
                     for l in 0..2 * STEP {
                         _mm_prefetch::<_MM_HINT_T0>(nb.add(l * 64));
                     }
                 }
-                // The step of `k` these weights are: A's columns.
-                let ks = live.map_or(s, |l| l[s] as usize);
                 asm!(
                     "tileloadd tmm4, [{a} + {lda}*1]",
                     "tileloadd tmm6, [{b} + {row}*1]",
@@ -1103,8 +1195,12 @@ mod tests {
     /// for bit, whole panels zero included.
     #[test]
     fn sparse_steps_are_skipped_exactly() {
-        if !amx_supported() {
-            eprintln!("no AMX here: kernel not run");
+        let kernels: Vec<(Kernel, bool)> = [(Kernel::Amx, true), (Kernel::Vnni512, true), (Kernel::Amx, false)]
+            .into_iter()
+            .filter(|(k, _)| k.supported())
+            .collect();
+        if kernels.is_empty() {
+            eprintln!("neither AMX nor AVX-512 VNNI here: kernels not run");
             return;
         }
         let mut r = lcg(7);
@@ -1127,16 +1223,26 @@ mod tests {
             let packed = pack_b_s8(k, n, &w);
             let sparse = Sparse::detect(k, n, &packed, 0.0).expect("k fills AMX steps");
             assert_eq!(sparse.zero_fraction(), zeroed as f64 / (steps * panels) as f64);
+            assert_eq!(sparse.copied(), sparse.zero_fraction() >= COPY_MIN_ZERO);
+            // The live steps copied, and read in place.
+            let walks = [true, false].map(|copy| {
+                let s = Sparse::detect_with(k, n, &packed, 0.0, if copy { 0.0 } else { 2.0 }).expect("sparse");
+                assert_eq!(s.copied(), copy);
+                s
+            });
             assert!(
                 Sparse::detect(k, n, &packed, 0.999).is_none() || zeroed == steps * panels,
                 "below the threshold: dense"
             );
             let mut want = vec![0i32; m * n];
             reference(m, k, n, &dense, k, &w, &mut want, n);
-            for (kernel, sp) in [(Kernel::Amx, Some(&sparse)), (Kernel::Vnni512, Some(&sparse)), (Kernel::Amx, None)] {
-                let mut got = vec![0i32; m * n];
-                gemm_u8s8(kernel, m, k, n, &a, k, &packed, sp, &mut got, n).expect("runs");
-                assert_eq!(got, want, "{kernel:?} {m}x{k}x{n}, {zero} zero, sparse {}", sp.is_some());
+            for &(kernel, walk) in &kernels {
+                for sp in if walk { vec![Some(&walks[0]), Some(&walks[1])] } else { vec![None] } {
+                    let mut got = vec![0i32; m * n];
+                    gemm_u8s8(kernel, m, k, n, &a, k, &packed, sp, &mut got, n).expect("runs");
+                    let how = sp.map_or("dense", |s| if s.copied() { "copied" } else { "in place" });
+                    assert_eq!(got, want, "{kernel:?} {m}x{k}x{n}, {zero} zero, {how}");
+                }
             }
         }
         // `k` that does not fill AMX steps: no sparse form.
@@ -1237,6 +1343,66 @@ mod tests {
     /// Throughput on BERT shapes, one thread (a probe for performance work, run by hand:
     /// `cargo test --release -p tcc-runtime --lib int8_speed -- --ignored --nocapture`;
     /// `SHAPES=MxKxN,..`, `ROUNDS=N` interleaved rounds, medians printed).
+    /// The sparse walk against the dense panels, its live steps copied or read in place,
+    /// interleaved (`cargo test --release -p tcc-runtime int8_sparse_speed -- --ignored
+    /// --nocapture`; `ZERO=0.125,0.5,0.8`, `ROUNDS=N`, `WEIGHT_COPIES=N` rotated as in
+    /// [`int8_speed`]).
+    #[test]
+    #[ignore = "timing probe, asserts nothing"]
+    fn int8_sparse_speed() {
+        let env = |k: &str| std::env::var(k).ok();
+        let copies = env("WEIGHT_COPIES").and_then(|v| v.parse().ok()).unwrap_or(1usize);
+        let rounds: usize = env("ROUNDS").and_then(|v| v.parse().ok()).unwrap_or(5);
+        let zeros: Vec<f64> =
+            env("ZERO").map_or(vec![0.125, 0.5, 0.8], |v| v.split(',').map(|z| z.parse().unwrap()).collect());
+        let (m, k, n) = (128usize, 768usize, 3072usize);
+        let Some(kernel) = Kernel::best() else { return };
+        let (a, _, w) = full_range(m, k, n);
+        for zero in zeros {
+            let mut r = lcg(11);
+            let weights: Vec<(Vec<i8>, [Sparse; 2])> = (0..copies)
+                .map(|_| {
+                    let mut w = w.clone();
+                    for s in 0..k / 64 {
+                        for p in 0..n / NR {
+                            if (r() % 1000) as f64 / 1000.0 < zero {
+                                (s * 64..(s + 1) * 64).for_each(|i| w[i * n + p * NR..i * n + (p + 1) * NR].fill(0));
+                            }
+                        }
+                    }
+                    let packed = pack_b_s8(k, n, &w);
+                    let walks = [0.0, 2.0].map(|c| Sparse::detect_with(k, n, &packed, 0.0, c).unwrap());
+                    (packed, walks)
+                })
+                .collect();
+            let mut res: [Vec<f64>; 3] = Default::default();
+            let mut c = vec![0i32; m * n];
+            for _ in 0..rounds {
+                for (how, times) in res.iter_mut().enumerate() {
+                    let iters = 40;
+                    let t = std::time::Instant::now();
+                    for i in 0..iters {
+                        let (packed, walks) = &weights[i % copies];
+                        let sp = [None, Some(&walks[0]), Some(&walks[1])][how];
+                        gemm_u8s8(kernel, m, k, n, &a, k, packed, sp, &mut c, n).unwrap();
+                    }
+                    times.push(t.elapsed().as_secs_f64() / iters as f64 * 1e3);
+                }
+            }
+            let med = |v: &mut Vec<f64>| {
+                v.sort_by(f64::total_cmp);
+                v[v.len() / 2]
+            };
+            let [d, cp, ip] = res.map(|mut v| med(&mut v));
+            eprintln!(
+                "{kernel:?} {m}x{k}x{n} {:.1}% zero: dense {d:.3} ms, walk copied {cp:.3} ({:.2}), in place {ip:.3} ({:.2})",
+                zero * 100.0,
+                cp / d,
+                ip / d
+            );
+        }
+    }
+
     #[test]
     #[ignore = "timing probe, asserts nothing"]
     fn int8_speed() {

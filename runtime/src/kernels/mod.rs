@@ -91,6 +91,92 @@ impl Prefetch {
     }
 }
 
+/// A prefetch spread over a kernel's steps, called once a step.
+pub(crate) trait Spread {
+    fn step(&mut self);
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Spread for Prefetch {
+    #[inline(always)]
+    fn step(&mut self) {
+        Prefetch::step(self)
+    }
+}
+
+/// [`Prefetch`] of the lines of chunks a list names (a sparse walk's live steps, read in place):
+/// its own type, so that only the kernels walking in place carry its state.
+#[cfg(target_arch = "x86_64")]
+pub(crate) struct ChunkPrefetch {
+    base: *const i8,
+    list: *const u32,
+    shift: u32,
+    line: usize,
+    left: usize,
+    every: usize,
+    burst: usize,
+    countdown: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl ChunkPrefetch {
+    /// `lines` lines from line `first` on of the chunks of `chunk` lines (a power of two) at
+    /// `base` that `list` names (chunk `i` at `base + i * chunk * 64`), spread over `k` steps as
+    /// [`Prefetch::new`]. Lines past the list's end are not prefetched.
+    #[inline(always)]
+    pub(crate) fn new(
+        base: *const u8,
+        (list, chunk): (&[u32], usize),
+        first: usize,
+        lines: usize,
+        k: usize,
+    ) -> ChunkPrefetch {
+        debug_assert!(chunk.is_power_of_two());
+        let lines = lines.min((list.len() * chunk).saturating_sub(first));
+        let Prefetch { every, burst, .. } = Prefetch::new(base, lines, k);
+        ChunkPrefetch {
+            base: base as *const i8,
+            list: list.as_ptr(),
+            shift: chunk.trailing_zeros(),
+            line: first,
+            left: lines,
+            every,
+            burst,
+            countdown: 0,
+        }
+    }
+
+    /// The address of the next line to prefetch (while lines are left).
+    #[inline(always)]
+    fn at(&self) -> *const i8 {
+        // SAFETY: while lines are left, `line` stays under the list's chunks times the chunk's
+        // lines (`new` capped `left` so): the entry read is in the list.
+        let c = unsafe { *self.list.add(self.line >> self.shift) } as usize;
+        let within = self.line & ((1 << self.shift) - 1);
+        self.base.wrapping_add(((c << self.shift) + within) * 64)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Spread for ChunkPrefetch {
+    #[inline(always)]
+    fn step(&mut self) {
+        if self.left == 0 {
+            return;
+        }
+        if self.countdown == 0 {
+            for _ in 0..self.burst.min(self.left) {
+                // SAFETY: a prefetch is a hint that never faults, whatever the address.
+                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(self.at()) };
+                self.line += 1;
+                self.left -= 1;
+            }
+            self.countdown = self.every;
+        }
+        self.countdown -= 1;
+    }
+}
+
 /// The kernel tiers, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -196,8 +282,11 @@ pub struct PanelRuns {
 }
 
 /// The share of a product's weights in all-zero blocks (int8: AMX steps of a panel; f32: panel
-/// rows) from which its kernels skip them: below it the walk over the live ones costs more
-/// than the zeros save, and the product runs dense.
+/// rows) from which its kernels skip them when the build left the format to the runtime
+/// (`FusedMatMul::weights` unset: artifacts built before the `formats` pass, or graphs loaded
+/// without it). At an eighth, an int8 walk reading its live blocks in place about breaks even
+/// (1.06 of the dense time; a fifth pays) and an f32 one gains (0.92); the build's cost model
+/// knows the difference.
 pub const SKIP_MIN_ZERO: f64 = 0.125;
 
 impl PanelRuns {
@@ -408,6 +497,25 @@ mod tests {
                 assert_eq!(pf.ptr as usize - base as usize, lines * 64, "k={k} lines={lines}");
             }
         }
+    }
+
+    /// Over a sparse walk's live steps (chunks of 4 lines here), the lines are those of the
+    /// chunks listed, in order, from the line asked on, and never past the list.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn chunk_prefetch_follows_the_list() {
+        let base = 0x1000 as *const u8;
+        let list = [3u32, 0, 5];
+        let mut pf = ChunkPrefetch::new(base, (&list, 4), 2, 7, 7);
+        let mut lines = Vec::new();
+        while pf.left > 0 {
+            lines.push((pf.at() as usize - base as usize) / 64);
+            pf.step();
+        }
+        assert_eq!(lines, [14, 15, 0, 1, 2, 3, 20]);
+        // Asked past the list's 12 lines: capped.
+        assert_eq!(ChunkPrefetch::new(base, (&list, 4), 2, 20, 7).left, 10);
+        assert_eq!(ChunkPrefetch::new(base, (&list, 4), 13, 5, 7).left, 0);
     }
 
     #[test]
