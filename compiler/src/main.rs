@@ -706,6 +706,20 @@ fn print_build_report(r: &driver::BuildReport, out: &Path) {
     }
 }
 
+/// How many products by packed weights read them in each format (`formats` pass; `runtime`:
+/// left to the runtime's threshold, artifacts built before it).
+fn weight_formats(plan: &tcc_runtime::plan::Plan) -> std::collections::BTreeMap<&'static str, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for step in &plan.steps {
+        if let tcc_runtime::Op::FusedMatMul(f) = &step.op {
+            if f.packed.is_some() {
+                *counts.entry(f.weights.map_or("runtime", |w| w.name())).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
 fn inspect(path: &Path, json: bool) -> Result<()> {
     if ext(path) == "tcc" {
         let m = Model::load(path)?;
@@ -720,6 +734,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
                 "bytes": m.size(),
                 "op_counts": s.op_counts,
                 "structures": m.plan().structure_counts(),
+                "weight_formats": weight_formats(m.plan()),
                 "layers": s.layers,
                 "attention_heads": s.attention_heads,
                 "parameters": m.parameters(),
@@ -742,6 +757,11 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             print_summary(&s);
             let st: Vec<String> = m.plan().structure_counts().iter().map(|(k, v)| format!("{k} {v}")).collect();
             out!("fused structures: {}", st.join(", "));
+            let formats = weight_formats(m.plan());
+            if !formats.is_empty() {
+                let f: Vec<String> = formats.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                out!("products by weight format: {}", f.join(", "));
+            }
         }
         return Ok(());
     }

@@ -123,6 +123,8 @@ fn quantize_int8_with_an_accuracy_report() {
     assert!(r.contains("0.0% of the FLOPs removed"), "{r}");
     let v: serde_json::Value = serde_json::from_str(&ok(&["inspect", s(&art), "--json"])).unwrap();
     assert_eq!(v["op_counts"]["FusedMatMul"], 36, "{}", v["op_counts"]);
+    // A dense model's products all read dense panels: no zero block to skip.
+    assert_eq!(v["weight_formats"], serde_json::json!({"dense": 36}), "{}", v["weight_formats"]);
     let text = ok(&["run", s(&art), "--text", "how do I renew my policy?"]);
     assert!(text.starts_with("last_hidden_state: f32[1, 9, 384] ["), "{text}");
     // `bench` names what ran the integer products (this CPU's kernel) and the attention.
