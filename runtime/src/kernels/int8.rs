@@ -509,9 +509,8 @@ unsafe fn walk_panels(
             None => (None, dense),
         };
         // The lines to prefetch: the panel `ahead` on, or its live steps (copied: one after
-        // another, spread over the kernel's steps as the dense panel's; in place: scattered,
-        // each tile's share fetched before it runs, so that the kernel's loop keeps its
-        // registers).
+        // another, as the dense panel's; in place: the lines of the steps it lists,
+        // `ChunkPrefetch`), each tile's share spread over its kernel's steps.
         let (ahead_at, ahead_walk) = match sparse {
             Some(s) if p + ahead < p1 => {
                 let (w, at) = s.panel(p + ahead, dense.wrapping_add(ahead * panel));
