@@ -67,7 +67,9 @@ mod tests {
     /// Two products of one input: by weights with a quarter of their 64x32 blocks zero (a
     /// block-sparse walk pays) and by weights with none; the pass gives the first `Blocks` and
     /// the second `Dense`, reports it, and the graph computes what it computed, bit for bit.
-    /// A product whose format was already chosen keeps it when no other is cheaper.
+    /// An int8 product whose `k` does not fill 64-row steps (no walk reads it) is `Dense`
+    /// whatever its zeros. A product whose format was already chosen keeps it when no other
+    /// is cheaper.
     #[test]
     fn each_product_gets_the_format_its_zero_blocks_pay_for() {
         let (k, n) = (128usize, 64usize);
@@ -102,6 +104,18 @@ mod tests {
             let y = g.add1(product.clone(), &[x, w], name).unwrap();
             g.add_output(name, y);
         }
+        // int8, `k` = 96: a step and a half, the first all zero.
+        let x96 = g.add_input("x96", Fact::new(DType::F32, vec![4usize.into(), 96usize.into()]));
+        let w8: Vec<i8> = (0..96 * n).map(|i| if i < 64 * n { 0 } else { (i % 7) as i8 - 3 }).collect();
+        let packed = tcc_runtime::kernels::int8::pack_b_s8(96, n, &w8);
+        let w = g.add_const("w_int8", Tensor::new(vec![packed.len()], packed).unwrap());
+        let int8 = FusedMatMul {
+            packed: Some([96, n]),
+            int8: Some(tcc_ir::op::fused::ActQuant::DynamicRow),
+            ..product.clone()
+        };
+        let y = g.add1(int8, &[x96, w], "int8").unwrap();
+        g.add_output("int8", y);
         let before = g.clone();
         let out = Formats::new(Limits::default()).run(&mut g, &mut PassContext::default()).unwrap();
         tcc_ir::verify(&g).unwrap();
@@ -115,12 +129,14 @@ mod tests {
             .collect();
         assert!(formats.contains(&("sparse".into(), Some(WeightFormat::Blocks))), "{formats:?}");
         assert!(formats.contains(&("dense".into(), Some(WeightFormat::Dense))), "{formats:?}");
-        assert_eq!((out.stats["products_blocks"], out.stats["products_dense"]), (1, 1), "{:?}", out.stats);
+        assert!(formats.contains(&("int8".into(), Some(WeightFormat::Dense))), "{formats:?}");
+        assert_eq!((out.stats["products_blocks"], out.stats["products_dense"]), (1, 2), "{:?}", out.stats);
         assert_eq!(out.stats["blocks_zero_permille"], 250, "{:?}", out.stats);
-        let expected = 1000.0 * (cost::format_share(Some(WeightFormat::Blocks), 0.25, false) + 1.0) / 2.0;
+        let blocks = (k * n) as f64 * cost::format_share(Some(WeightFormat::Blocks), 0.25, false);
+        let expected = 1000.0 * (blocks + (k * n + 96 * n) as f64) / (2 * k * n + 96 * n) as f64;
         assert_eq!(out.stats["work_permille"], expected.round() as i64, "{:?}", out.stats);
-        let ins =
-            vec![("x".to_string(), Tensor::new(vec![4, k], (0..4 * k).map(|i| i as f32 / 97.0).collect()).unwrap())];
+        let ramp = |n: usize| Tensor::new(vec![4, n], (0..4 * n).map(|i| i as f32 / 97.0).collect()).unwrap();
+        let ins = vec![("x".to_string(), ramp(k)), ("x96".to_string(), ramp(96))];
         let (want, got) = (interp::run(&before, &ins).unwrap(), interp::run(&g, &ins).unwrap());
         for ((_, a), (_, b)) in want.iter().zip(&got) {
             assert_eq!(a.as_slice::<f32>().unwrap(), b.as_slice::<f32>().unwrap());

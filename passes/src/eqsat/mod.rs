@@ -111,8 +111,10 @@ fn lift(g: &Graph) -> Lifted {
     let mut zero_blocks = HashMap::new();
     for node in &g.nodes {
         let (Op::FusedMatMul(f), Some(Some(w))) = (&node.op, node.inputs.get(1)) else { continue };
-        if let Some(share) = g.value(*w).as_const().and_then(|t| lang::zero_block_share(f, t)) {
-            zero_blocks.insert(w.0, share);
+        // (Packed constant weights no walk reads, an int8 `k` that does not fill 64-row
+        // steps, count as without zero blocks: read dense.)
+        if let (Some(t), Some(_)) = (g.value(*w).as_const(), f.packed) {
+            zero_blocks.insert(w.0, lang::zero_block_share(f, t).unwrap_or(0.0));
         }
     }
     let mut egraph = TlGraph::new(TlAnalysis { leaves, zero_blocks });
