@@ -329,12 +329,14 @@ pub fn load(path: &Path) -> Result<Artifact> {
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let map: Arc<memmap2::Mmap> = Arc::new(map);
     // The checksum reads every page of the file; the entries of chunked weights, laid out again
-    // in anonymous memory, are never read again: their pages go back as each is laid out (whole
-    // pages inside them only), so that a sparse artifact is never in memory twice.
+    // in anonymous memory, are never read again: their pages leave the process (whole pages
+    // inside them only) as each is laid out, so that a sparse artifact is not resident twice
+    // (the OS's page cache keeps them until it needs the memory). x86-64 pages: 4 KiB (larger
+    // pages elsewhere would reach into the neighbouring entries: not done there).
     const PAGE: usize = 4096;
     let give_back = |r: std::ops::Range<usize>| {
         let (start, end) = (r.start.next_multiple_of(PAGE), r.end / PAGE * PAGE);
-        if end > start {
+        if cfg!(target_arch = "x86_64") && end > start {
             // SAFETY: the mapping is of a file, read-only: a page given back is read again from
             // the file if touched, with the same bytes (artifacts are not modified while
             // loaded, above); and no tensor borrows these bytes (chunked weights are copies).

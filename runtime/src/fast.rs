@@ -261,8 +261,8 @@ impl Fast {
         }
     }
 
-    /// Finds the all-zero rows of the packed `f32` weights of the plan's float products (an
-    /// eighth of them or more: [`crate::kernels::PanelRuns`]), which [`Fast::product`] then
+    /// Finds the all-zero rows of the packed `f32` weights of the plan's float products that
+    /// walk them ([`min_zero`], [`crate::kernels::PanelRuns`]), which [`Fast::product`] then
     /// skips. Runs on the constants as they are once packed at load.
     pub fn prepare_sparse(&mut self, plan: &Plan, constants: &[(crate::plan::Slot, Tensor)]) {
         for step in &plan.steps {

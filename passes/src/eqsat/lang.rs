@@ -206,9 +206,7 @@ pub struct TlAnalysis {
 pub fn zero_block_share(f: &tcc_ir::op::FusedMatMul, w: &tcc_ir::Tensor) -> Option<f64> {
     let [k, n] = f.packed?;
     match f.int8 {
-        Some(_) => {
-            tcc_runtime::kernels::int8::Sparse::detect(k, n, w.as_slice::<i8>().ok()?, 0.0).map(|s| s.zero_fraction())
-        }
+        Some(_) => tcc_runtime::kernels::int8::Sparse::zero_share(k, n, w.as_slice::<i8>().ok()?),
         None => {
             tcc_runtime::kernels::PanelRuns::detect(k, n, w.as_slice::<f32>().ok()?, 0.0).map(|r| r.zero_fraction())
         }

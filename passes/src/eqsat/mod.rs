@@ -106,8 +106,8 @@ fn lift(g: &Graph) -> Lifted {
             (v.fact.clone(), scalar)
         })
         .collect();
-    // The packed weights of products, with their zero blocks (only the `formats` rules read
-    // them; counting is a pass over the weights).
+    // The packed weights of products, with the share of their blocks that are zero (what the
+    // cost model prices weight formats by; counting is a pass over the weights).
     let mut zero_blocks = HashMap::new();
     for node in &g.nodes {
         let (Op::FusedMatMul(f), Some(Some(w))) = (&node.op, node.inputs.get(1)) else { continue };

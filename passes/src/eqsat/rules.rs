@@ -439,7 +439,7 @@ pub fn fake_quant() -> Vec<Rewrite<Tl, TlAnalysis>> {
 }
 
 /// Weight formats: every product by packed constant weights may read them in each
-/// [`WeightFormat`] (dense panels, or a compact copy of the 64x32 blocks that are not all zero),
+/// [`WeightFormat`] (dense panels, or a walk over the 64x32 blocks that are not all zero),
 /// which compute the same; the cost model prices each by the share of its weights' blocks that
 /// are zero ([`super::cost`]), so extraction picks per product. The `formats` pass, which
 /// `tcc build` runs last.

@@ -108,11 +108,11 @@ struct Line([u8; 64]);
 /// VNNI kernels multiply only those ([`Sparse::detect`] at load; a block-sparse model from
 /// `tcc build --sparsity`, or any with such zeros). Where most steps are zero
 /// ([`COPY_MIN_ZERO`]) the live ones are also copied, one after another, which the kernels read
-/// a little faster than scattered steps, for a copy a fraction of the weights' size; otherwise
-/// they are read in place, so that a light sparsity does not double the weights' memory. Either
-/// way the zero steps are never read: the pages an artifact leaves out for them (its zero
-/// chunks) are never touched. The pair kernels of CPUs without VNNI read the dense panels,
-/// zeros and all.
+/// faster than scattered steps, for a copy a fraction of the weights' size; otherwise they are
+/// read in place, so that a light sparsity does not double the weights' memory. Either way the
+/// kernels never read the zero steps (finding them reads them once at load: the zero chunks an
+/// artifact leaves out are pages never written, which read as the one shared zero page). The
+/// pair kernels of CPUs without VNNI read the dense panels, zeros and all.
 pub struct Sparse {
     /// The live steps, panel after panel, [`STEP_BYTES`] each, on cache lines, or none (read
     /// in place).
@@ -128,12 +128,12 @@ pub struct Sparse {
 /// Cache lines of a step.
 const LINES: usize = STEP_BYTES / 64;
 
-/// A tile's prefetch of the next panel: its lines (dense, or the live steps copied), or its
-/// live steps in place. Which also tells the kernel how it reads its own panel's steps: a walk
-/// in place prefetches in place (the panels of a product are all read the same way).
-pub(crate) enum Pf {
+/// A tile's prefetch of a panel ahead: its lines (dense, or the live steps copied), or its
+/// live steps in place. Which also tells the VNNI kernel how it reads its own panel's steps: a
+/// walk in place prefetches in place (the panels of a product are all read the same way).
+pub(crate) enum Pf<'a> {
     Lines(crate::kernels::Prefetch),
-    Chunks(crate::kernels::ChunkPrefetch),
+    Chunks(crate::kernels::ChunkPrefetch<'a>),
 }
 
 /// The share of zero steps from which [`Sparse`] copies the live ones.
@@ -188,6 +188,18 @@ impl Sparse {
             data
         });
         Some(Sparse { copy, first, live, steps })
+    }
+
+    /// The share of the steps of [`pack_b_s8`]'s panels of `k x n` weights that are all zero,
+    /// as [`Sparse::detect`] counts them, without making anything (`None` where `k` does not
+    /// fill whole steps).
+    pub fn zero_share(k: usize, n: usize, packed: &[i8]) -> Option<f64> {
+        let (groups, panels) = (k_groups(k), n.div_ceil(NR));
+        if groups == 0 || panels == 0 || !groups.is_multiple_of(16) || packed.len() != panels * groups * NR * 4 {
+            return None;
+        }
+        let zero = packed.chunks(STEP_BYTES).filter(|s| s.iter().all(|&b| b == 0)).count();
+        Some(zero as f64 / (panels * groups / 16) as f64)
     }
 
     /// Whether the live steps are copied (else read in place).
@@ -644,8 +656,9 @@ mod vnni512 {
         c: Store,
         ldc: usize,
         cols: usize,
-        pf: super::Pf,
+        pf: super::Pf<'_>,
     ) {
+        debug_assert_eq!(matches!(pf, super::Pf::Chunks(_)), walk.is_some_and(|w| w.in_place));
         // The live steps' indices, and where their weights are (in place where the prefetch
         // is of chunks): a kernel for each (the choice out of the loop, whose registers are
         // all taken).
@@ -1223,6 +1236,7 @@ mod tests {
             let sparse = Sparse::detect(k, n, &packed, 0.0).expect("k fills AMX steps");
             assert_eq!(sparse.zero_fraction(), zeroed as f64 / (steps * panels) as f64);
             assert_eq!(sparse.copied(), sparse.zero_fraction() >= COPY_MIN_ZERO);
+            assert_eq!(Sparse::zero_share(k, n, &packed), Some(sparse.zero_fraction()));
             // The live steps copied, and read in place.
             let walks = [true, false].map(|copy| {
                 let s = Sparse::detect_with(k, n, &packed, 0.0, if copy { 0.0 } else { 2.0 }).expect("sparse");
@@ -1339,9 +1353,6 @@ mod tests {
         assert!(gemm_u8s8(Kernel::Vnni512, 1, 8, 4, &[1u8; 8], 8, &packed, Some(&sparse), &mut c, 4).is_none());
     }
 
-    /// Throughput on BERT shapes, one thread (a probe for performance work, run by hand:
-    /// `cargo test --release -p tcc-runtime --lib int8_speed -- --ignored --nocapture`;
-    /// `SHAPES=MxKxN,..`, `ROUNDS=N` interleaved rounds, medians printed).
     /// The sparse walk against the dense panels, its live steps copied or read in place,
     /// interleaved (`cargo test --release -p tcc-runtime int8_sparse_speed -- --ignored
     /// --nocapture`; `ZERO=0.125,0.5,0.8`, `ROUNDS=N`, `WEIGHT_COPIES=N` rotated as in
@@ -1402,6 +1413,9 @@ mod tests {
         }
     }
 
+    /// Throughput on BERT shapes, one thread (a probe for performance work, run by hand:
+    /// `cargo test --release -p tcc-runtime --lib int8_speed -- --ignored --nocapture`;
+    /// `SHAPES=MxKxN,..`, `ROUNDS=N` interleaved rounds, medians printed).
     #[test]
     #[ignore = "timing probe, asserts nothing"]
     fn int8_speed() {

@@ -107,9 +107,11 @@ impl Spread for Prefetch {
 /// [`Prefetch`] of the lines of chunks a list names (a sparse walk's live steps, read in place):
 /// its own type, so that only the kernels walking in place carry its state.
 #[cfg(target_arch = "x86_64")]
-pub(crate) struct ChunkPrefetch {
+pub(crate) struct ChunkPrefetch<'a> {
     base: *const i8,
+    /// The list's entries (borrowed for `'a`: read while lines are left).
     list: *const u32,
+    _list: std::marker::PhantomData<&'a [u32]>,
     shift: u32,
     line: usize,
     left: usize,
@@ -119,24 +121,25 @@ pub(crate) struct ChunkPrefetch {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl ChunkPrefetch {
+impl<'a> ChunkPrefetch<'a> {
     /// `lines` lines from line `first` on of the chunks of `chunk` lines (a power of two) at
     /// `base` that `list` names (chunk `i` at `base + i * chunk * 64`), spread over `k` steps as
     /// [`Prefetch::new`]. Lines past the list's end are not prefetched.
     #[inline(always)]
     pub(crate) fn new(
         base: *const u8,
-        (list, chunk): (&[u32], usize),
+        (list, chunk): (&'a [u32], usize),
         first: usize,
         lines: usize,
         k: usize,
-    ) -> ChunkPrefetch {
+    ) -> ChunkPrefetch<'a> {
         debug_assert!(chunk.is_power_of_two());
         let lines = lines.min((list.len() * chunk).saturating_sub(first));
         let Prefetch { every, burst, .. } = Prefetch::new(base, lines, k);
         ChunkPrefetch {
             base: base as *const i8,
             list: list.as_ptr(),
+            _list: std::marker::PhantomData,
             shift: chunk.trailing_zeros(),
             line: first,
             left: lines,
@@ -150,7 +153,8 @@ impl ChunkPrefetch {
     #[inline(always)]
     fn at(&self) -> *const i8 {
         // SAFETY: while lines are left, `line` stays under the list's chunks times the chunk's
-        // lines (`new` capped `left` so): the entry read is in the list.
+        // lines (`new` capped `left` so): the entry read is in the list, which the lifetime
+        // keeps alive.
         let c = unsafe { *self.list.add(self.line >> self.shift) } as usize;
         let within = self.line & ((1 << self.shift) - 1);
         self.base.wrapping_add(((c << self.shift) + within) * 64)
@@ -158,7 +162,7 @@ impl ChunkPrefetch {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl Spread for ChunkPrefetch {
+impl Spread for ChunkPrefetch<'_> {
     #[inline(always)]
     fn step(&mut self) {
         if self.left == 0 {

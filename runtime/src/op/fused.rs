@@ -165,9 +165,10 @@ pub struct FusedMatMul {
 pub enum WeightFormat {
     /// Every panel, zeros included.
     Dense,
-    /// Block-sparse: a compact copy made at load of the blocks of 64 rows of `k` by a 32-column
-    /// panel that hold a nonzero weight (int8: [`crate::kernels::int8::Sparse`]; f32: the runs of
-    /// such rows, [`crate::kernels::PanelRuns`]), which the kernels walk instead of the panels.
+    /// Block-sparse: the kernels walk the blocks of 64 rows of `k` by a 32-column panel that
+    /// hold a nonzero weight, found at load, instead of the panels (int8:
+    /// [`crate::kernels::int8::Sparse`], read in place, or from a compact copy where half the
+    /// blocks or more are zero; f32: the runs of such rows, [`crate::kernels::PanelRuns`]).
     Blocks,
 }
 
