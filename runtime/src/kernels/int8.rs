@@ -155,12 +155,17 @@ impl Sparse {
         Sparse::detect_with(k, n, packed, min_zero, COPY_MIN_ZERO)
     }
 
+    /// The groups and panels of [`pack_b_s8`]'s `k x n` weights `packed`, where `k` fills whole
+    /// AMX steps (else `None`: no step to skip).
+    fn shape(k: usize, n: usize, packed: &[i8]) -> Option<(usize, usize)> {
+        let (groups, panels) = (k_groups(k), n.div_ceil(NR));
+        let whole = groups > 0 && panels > 0 && groups.is_multiple_of(16);
+        (whole && packed.len() == panels * groups * NR * 4).then_some((groups, panels))
+    }
+
     /// [`Sparse::detect`], copying the live steps from `copy_min_zero` zero on (benchmarks).
     pub fn detect_with(k: usize, n: usize, packed: &[i8], min_zero: f64, copy_min_zero: f64) -> Option<Sparse> {
-        let (groups, panels) = (k_groups(k), n.div_ceil(NR));
-        if groups == 0 || panels == 0 || !groups.is_multiple_of(16) || packed.len() != panels * groups * NR * 4 {
-            return None;
-        }
+        let (groups, panels) = Sparse::shape(k, n, packed)?;
         let steps = groups / 16;
         let step = |p: usize, s: usize| &packed[p * groups * NR * 4 + s * STEP_BYTES..][..STEP_BYTES];
         let (mut first, mut live) = (Vec::with_capacity(panels + 1), Vec::new());
@@ -174,13 +179,12 @@ impl Sparse {
             return None;
         }
         let copy = (zero >= copy_min_zero).then(|| {
-            let lines = STEP_BYTES / 64;
-            let mut data = vec![Line([0; 64]); live.len() * lines];
+            let mut data = vec![Line([0; 64]); live.len() * LINES];
             let mut j = 0;
             for p in 0..panels {
                 for &s in &live[first[p]..first[p + 1]] {
                     for (l, src) in step(p, s as usize).chunks(64).enumerate() {
-                        data[j * lines + l].0.iter_mut().zip(src).for_each(|(d, &b)| *d = b as u8);
+                        data[j * LINES + l].0.iter_mut().zip(src).for_each(|(d, &b)| *d = b as u8);
                     }
                     j += 1;
                 }
@@ -194,10 +198,7 @@ impl Sparse {
     /// as [`Sparse::detect`] counts them, without making anything (`None` where `k` does not
     /// fill whole steps).
     pub fn zero_share(k: usize, n: usize, packed: &[i8]) -> Option<f64> {
-        let (groups, panels) = (k_groups(k), n.div_ceil(NR));
-        if groups == 0 || panels == 0 || !groups.is_multiple_of(16) || packed.len() != panels * groups * NR * 4 {
-            return None;
-        }
+        let (groups, panels) = Sparse::shape(k, n, packed)?;
         let zero = packed.chunks(STEP_BYTES).filter(|s| s.iter().all(|&b| b == 0)).count();
         Some(zero as f64 / (panels * groups / 16) as f64)
     }
@@ -219,7 +220,7 @@ impl Sparse {
         let (a, b) = (self.first[p], self.first[p + 1]);
         let walk = Walk { live: &self.live[a..b], in_place: self.copy.is_none() };
         match &self.copy {
-            Some(c) => (walk, c.as_ptr().wrapping_add(a * (STEP_BYTES / 64)) as *const i8),
+            Some(c) => (walk, c.as_ptr().wrapping_add(a * LINES) as *const i8),
             None => (walk, dense),
         }
     }
@@ -532,7 +533,7 @@ unsafe fn walk_panels(
         };
         let lines = match ahead_walk {
             _ if p + ahead >= p1 => 0,
-            Some(w) => w.live.len() * STEP_BYTES / 64,
+            Some(w) => w.live.len() * LINES,
             None => panel / 64,
         };
         let (mut line, mut left) = (0, lines);
